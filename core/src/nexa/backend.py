@@ -1,0 +1,198 @@
+"""The backend contract: what a plugin subclasses to serve models.
+
+A backend class declares what it serves (tasks, formats, devices, parallelism, priority)
+and may refuse a model in ``supports``. An instance is one loaded model. Backend authors
+write plain synchronous methods (``load``, ``chat``, ``embed``, ``generate_images``);
+this base class runs them on the model's own worker thread(s) and exposes the one async
+interface the server uses (``stream_chat``, ``run_embed``, ``run_images``): requests in,
+result chunks out, cancellable. A backend that is natively asynchronous (a batching
+engine, a remote worker) overrides the async methods instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any, ClassVar
+
+import attrs
+
+from nexa.errors import Cancelled, UnsupportedTask
+from nexa.types import (
+    BackendInfo,
+    ChatChunk,
+    ChatRequest,
+    Device,
+    EmbedRequest,
+    EmbedResult,
+    ImageRequest,
+    ImageResult,
+    Manifest,
+    Task,
+)
+
+
+class CancelToken:
+    """Set by the server when the client leaves, the request times out or the server stops.
+
+    Backends check it between units of work (a token, a diffusion step) and stop.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled()
+
+
+@attrs.frozen
+class LoadOptions:
+    """Server-wide settings a backend honours when loading a model."""
+
+    context_length: int | None = None
+    """Override of the manifest's context length (``nexa serve --ctx``)."""
+    parallel: int | None = None
+    """Override of the backend's ``parallel`` (``nexa serve --parallel``)."""
+    threads: int | None = None
+    """CPU threads for inference; None lets the backend choose."""
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+class Backend:
+    """Base class of every backend. Subclass it, set the class attributes, override methods."""
+
+    name: ClassVar[str] = ""
+    tasks: ClassVar[frozenset[Task]] = frozenset()
+    formats: ClassVar[frozenset[str]] = frozenset()
+    devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
+    parallel: ClassVar[int] = 1
+    """How many requests one loaded model runs at once (its worker threads)."""
+    priority: ClassVar[int] = 0
+    """Higher wins when several backends support a model."""
+
+    @classmethod
+    def supports(cls, manifest: Manifest, device: Device) -> str | None:
+        """Return None if this backend can serve ``manifest`` on ``device``, else the reason why not.
+
+        Called only after tasks, formats and devices matched; must be cheap (no model load,
+        no heavy import).
+        """
+        return None
+
+    @classmethod
+    def info(cls, plugin: str = "") -> BackendInfo:
+        return BackendInfo(
+            name=cls.name,
+            tasks=cls.tasks,
+            formats=cls.formats,
+            devices=cls.devices,
+            parallel=cls.parallel,
+            priority=cls.priority,
+            plugin=plugin,
+        )
+
+    def __init__(self, manifest: Manifest, device: Device, options: LoadOptions | None = None):
+        self.manifest = manifest
+        self.device = device
+        self.options = options or LoadOptions()
+        self.concurrency = self.options.parallel or self.parallel
+        # Long-lived worker threads: llama.cpp and torch are fastest when one model is
+        # always driven from the same thread(s), and load happens on them too.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.concurrency, thread_name_prefix=f"nexa-{self.name}"
+        )
+
+    # --- synchronous methods backend authors override --------------------------------
+
+    def load(self) -> None:
+        """Load the model's weights. Runs on a worker thread; raise to report a bad model."""
+
+    def close(self) -> None:
+        """Free the model. Called once, after the last request finished."""
+
+    def chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        """Yield the answer piece by piece; the last chunk has ``finish_reason`` and ``usage``."""
+        raise UnsupportedTask(f"model {self.manifest.name!r} does not support chat")
+
+    def embed(self, request: EmbedRequest, cancel: CancelToken) -> EmbedResult:
+        """Return one L2-normalised vector per input."""
+        raise UnsupportedTask(f"model {self.manifest.name!r} is not an embedding model")
+
+    def generate_images(self, request: ImageRequest, cancel: CancelToken) -> ImageResult:
+        """Return ``request.n`` PNG images."""
+        raise UnsupportedTask(f"model {self.manifest.name!r} does not generate images")
+
+    # --- the async interface the server uses -----------------------------------------
+
+    async def start(self) -> None:
+        """Load off the event loop, on the worker thread that will run requests."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.load)
+
+    async def stop(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.close)
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        """Chunks of the answer; closing the iterator (or cancelling) cancels the work."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancel = CancelToken()
+
+        def produce() -> None:
+            try:
+                for chunk in self.chat(request, cancel):
+                    loop.call_soon_threadsafe(queue.put_nowait, ("chunk", chunk))
+                    if cancel.cancelled:
+                        break
+            except Cancelled:
+                pass
+            except BaseException as exc:  # handed to the consumer, re-raised there
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+
+        done = loop.run_in_executor(self._executor, produce)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "chunk":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    break
+        finally:
+            cancel.cancel()
+            # The slot is only free once the worker thread has really stopped.
+            await asyncio.shield(done)
+
+    async def run_embed(self, request: EmbedRequest) -> EmbedResult:
+        return await self._run(self.embed, request)
+
+    async def run_images(self, request: ImageRequest) -> ImageResult:
+        return await self._run(self.generate_images, request)
+
+    async def _run(self, method: Any, request: Any) -> Any:
+        cancel = CancelToken()
+        future = asyncio.get_running_loop().run_in_executor(self._executor, method, request, cancel)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancel.cancel()
+            try:
+                await future
+            except BaseException:
+                pass
+            raise

@@ -1,0 +1,64 @@
+"""Server settings: one frozen value built by the CLI (or a test) and read everywhere else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 18181
+
+
+@attrs.frozen
+class ServerConfig:
+    """Everything ``nexa serve`` can be told. Defaults are what a laptop user wants."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    home: Path | None = None
+    """The store (``NEXA_HOME``); None: the default user cache dir."""
+    device: str | None = None
+    """Force ``cuda``/``metal``/``cpu``; None: detect."""
+    backend: str | None = None
+    """Pin every model to this backend name (``--backend``)."""
+    default_model: str | None = None
+    """Model loaded at start-up (``nexa serve MODEL``)."""
+    keepalive: float = 300.0
+    """Seconds an idle model stays loaded; 0 unloads after each request, <0 never."""
+    memory_budget: int | None = None
+    """Bytes of model files that may be resident at once; None: 70% of device memory."""
+    max_loaded: int = 4
+    """At most this many models resident at once."""
+    parallel: int | None = None
+    """Requests each loaded model runs at once; None: the backend's own default."""
+    context_length: int | None = None
+    """Override every model's context length (``--ctx``)."""
+    threads: int | None = None
+    queue_size: int = 64
+    """Requests that may wait per model; beyond that, 503 with Retry-After."""
+    request_timeout: float = 600.0
+    """Seconds one request may run before it is cancelled."""
+    shutdown_timeout: float = 30.0
+    """Seconds in-flight requests get to finish after SIGTERM."""
+    api_key: str | None = None
+    origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """CORS origins allowed; empty: CORS off."""
+    allow_insecure_bind: bool = False
+    """Allow a non-loopback bind without an API key."""
+    media_dirs: tuple[Path, ...] = attrs.field(default=(), converter=tuple)
+    """Folders local image paths may come from; empty: the working directory."""
+    allow_remote_images: bool = False
+    """Fetch http(s) image URLs (public addresses only)."""
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_images_per_request: int = 8
+    max_tokens_cap: int = 32768
+    max_image_n: int = 4
+    max_image_side: int = 2048
+    max_embed_batch: int = 512
+    max_embed_input_chars: int = 100_000
+    image_ttl: float = 3600.0
+    """Seconds a generated image stays fetchable by URL."""
+    image_store_bytes: int = 512 * 1024 * 1024

@@ -1,0 +1,101 @@
+"""Domain errors. The server maps each to one HTTP status and the OpenAI error shape.
+
+Backends raise these (or plain exceptions, which become 500) and never build HTTP
+responses themselves.
+"""
+
+from __future__ import annotations
+
+
+class NexaError(Exception):
+    """Base of every error the server reports to a client."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class BadRequest(NexaError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(BadRequest):
+    code = "context_length_exceeded"
+
+
+class UnsupportedTask(BadRequest):
+    """The model cannot do what the endpoint asks (embeddings from a chat model)."""
+
+    code = "model_not_supported"
+
+
+class ModelNotFound(NexaError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class Unauthorized(NexaError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(NexaError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
+class PayloadTooLarge(NexaError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class Busy(NexaError):
+    """The model's queue is full; the client should retry after ``retry_after`` seconds."""
+
+    status = 503
+    type = "server_error"
+    code = "server_busy"
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NoBackend(NexaError):
+    """No installed backend can serve this model on this device; the message says why."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "no_backend"
+
+
+class ModelLoadError(NexaError):
+    """The model's files could not be loaded (corrupt, truncated, wrong format)."""
+
+    status = 500
+    type = "server_error"
+    code = "model_load_failed"
+
+
+class StoreError(NexaError):
+    """A pull, import or removal failed."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "store_error"
+
+
+class Cancelled(Exception):
+    """Raised inside a backend's work when its request was cancelled."""

@@ -1,0 +1,174 @@
+"""Recognising model formats: from a list of files to a manifest (format, tasks, roles).
+
+Shared by ``nexa pull`` (hub repos) and ``nexa pull PATH`` (local imports). GGUF files
+are inspected with the ``gguf`` package (header only, memory-mapped) for architecture,
+context length, pooling and chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from nexa.errors import StoreError
+from nexa.types import Manifest, ModelFile, Task
+
+QUANT_RE = re.compile(
+    r"(?<![A-Za-z0-9])(I?Q[1-8](?:_[0-9A-Z]+)*|F16|F32|BF16|FP16|FP32)(?![A-Za-z0-9])", re.I
+)
+
+# Architectures llama.cpp runs as encoders: served for embeddings, never for chat.
+EMBEDDING_ARCHITECTURES = frozenset(
+    {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "xlm-roberta",
+     "t5encoder", "modern-bert", "neo-bert", "gte"}
+)
+
+
+def quant_of(filename: str) -> str | None:
+    match = QUANT_RE.search(Path(filename).stem)
+    return match.group(1).upper() if match else None
+
+
+def is_mmproj(filename: str) -> bool:
+    return "mmproj" in Path(filename).name.lower()
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """The GGUF header's key/values that matter for routing (strings and numbers only)."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path), "r")
+    except Exception as exc:
+        raise StoreError(f"{path.name} is not a readable GGUF file ({type(exc).__name__})") from exc
+    wanted = ("general.architecture", "general.name", "tokenizer.chat_template")
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key in wanted or key.endswith((".context_length", ".pooling_type", ".embedding_length")):
+            try:
+                out[key] = field.contents()
+            except Exception:
+                continue
+    return out
+
+
+def describe_gguf(weights: Path) -> dict[str, Any]:
+    """Format facts for a GGUF file: tasks, context length, options."""
+    meta = read_gguf_metadata(weights)
+    arch = str(meta.get("general.architecture", ""))
+    context = meta.get(f"{arch}.context_length")
+    pooling = meta.get(f"{arch}.pooling_type")
+    has_template = bool(meta.get("tokenizer.chat_template"))
+    options: dict[str, Any] = {"architecture": arch}
+    if pooling is not None:
+        options["pooling_type"] = int(pooling)
+    if arch in EMBEDDING_ARCHITECTURES or (pooling is not None and not has_template):
+        tasks = {Task.EMBED}
+    else:
+        tasks = {Task.CHAT}
+    if f"{arch}.embedding_length" in meta:
+        options["embedding_length"] = int(meta[f"{arch}.embedding_length"])
+    return {
+        "tasks": tasks,
+        "context_length": int(context) if context is not None else None,
+        "options": options,
+    }
+
+
+def _roles(files: Sequence[ModelFile]) -> list[ModelFile]:
+    out = []
+    for f in files:
+        name = f.path.lower()
+        if name.endswith(".gguf"):
+            role = "mmproj" if is_mmproj(name) else "weights"
+        elif name.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".npz")):
+            role = "weights"
+        elif "tokenizer" in name or name.endswith(("vocab.txt", "merges.txt", "vocab.json")):
+            role = "tokenizer"
+        elif name.endswith(".json"):
+            role = "config"
+        else:
+            role = "other"
+        out.append(attrs.evolve(f, role=role))
+    # Weights first: `Manifest.file_path("weights")` takes the first.
+    return sorted(out, key=lambda f: (f.role != "weights", f.path))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_folder(
+    name: str,
+    root: Path,
+    files: Sequence[ModelFile],
+    *,
+    source: str,
+    quant: str | None = None,
+    backend: str | None = None,
+) -> Manifest:
+    """Build the manifest of a model whose files are complete under ``root``."""
+    files = _roles(files)
+    paths = {f.path for f in files}
+    ggufs = [f for f in files if f.path.lower().endswith(".gguf") and f.role == "weights"]
+    if ggufs:
+        weights = ggufs[0]
+        facts = describe_gguf(root / weights.path)
+        tasks = set(facts["tasks"])
+        if any(f.role == "mmproj" for f in files) and Task.CHAT in tasks:
+            tasks.add(Task.VLM)
+        return Manifest(
+            name=name,
+            format="gguf",
+            tasks=tasks,
+            files=files,
+            root=root,
+            quant=quant or quant_of(weights.path),
+            backend=backend,
+            source=source,
+            context_length=facts["context_length"],
+            options=facts["options"],
+        )
+    if "model_index.json" in paths:
+        return Manifest(name=name, format="diffusers", tasks={Task.IMAGE}, files=files,
+                        root=root, backend=backend, source=source)
+    if "modules.json" in paths or "config_sentence_transformers.json" in paths:
+        return Manifest(name=name, format="sentence-transformers", tasks={Task.EMBED},
+                        files=files, root=root, backend=backend, source=source)
+    if "config.json" in paths:
+        config = _read_json(root / "config.json")
+        is_mlx = "mlx" in name.lower() or "quantization" in config or any(
+            f.path.endswith(".npz") for f in files
+        )
+        if is_mlx:
+            tasks = {Task.CHAT}
+            if "vision_config" in config:
+                tasks.add(Task.VLM)
+            return Manifest(name=name, format="mlx", tasks=tasks, files=files, root=root,
+                            backend=backend, source=source,
+                            context_length=config.get("max_position_embeddings"))
+        architectures = " ".join(config.get("architectures", []) or [])
+        if any(k in architectures for k in ("BertModel", "XLMRoberta", "MPNet", "NomicBert")):
+            return Manifest(name=name, format="sentence-transformers", tasks={Task.EMBED},
+                            files=files, root=root, backend=backend, source=source)
+        return Manifest(name=name, format="safetensors", tasks={Task.CHAT}, files=files,
+                        root=root, backend=backend, source=source,
+                        context_length=config.get("max_position_embeddings"))
+    single = [f for f in files if f.path.lower().endswith((".safetensors", ".ckpt"))]
+    if len(single) == 1:
+        # A single-file checkpoint with no config: Stable Diffusion's usual distribution.
+        return Manifest(name=name, format="diffusers-single-file", tasks={Task.IMAGE},
+                        files=files, root=root, backend=backend, source=source)
+    raise StoreError(
+        f"cannot tell the format of {name!r}: expected a .gguf file, a diffusers folder "
+        "(model_index.json), a sentence-transformers folder, or config.json with safetensors"
+    )

@@ -1,0 +1,284 @@
+"""Value types shared by the core and every backend.
+
+This module owns the task-level vocabulary: what a model is (``Manifest``), where it
+runs (``Device``), and the requests and results of each task, independent of HTTP.
+The HTTP layer has its own OpenAI wire schemas (``nexa.server.schemas``) and converts
+to these types at the edge, so backends never see JSON.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+MANIFEST_VERSION = 1
+
+
+class Task(str, enum.Enum):
+    """A kind of work a backend can do."""
+
+    CHAT = "chat"
+    VLM = "vlm"
+    IMAGE = "image"
+    EMBED = "embed"
+
+
+def _tasks(value: Any) -> frozenset[Task]:
+    return frozenset(Task(v) for v in value)
+
+
+@attrs.frozen
+class Device:
+    """Where models run."""
+
+    kind: str
+    """``cuda``, ``metal`` or ``cpu``."""
+    name: str = ""
+    """Human-readable name of the accelerator or CPU."""
+    memory_bytes: int = 0
+    """Memory usable for models on this device (0 when unknown)."""
+
+
+@attrs.frozen
+class ModelFile:
+    """One file of a model, relative to the model's folder."""
+
+    path: str
+    """Path relative to the manifest's root, with forward slashes."""
+    size: int
+    """Size in bytes."""
+    sha256: str | None = None
+    """Hex digest when known (LFS files from the hub, imported and packaged files)."""
+    role: str = "weights"
+    """``weights``, ``mmproj``, ``config``, ``tokenizer`` or ``other``."""
+
+
+@attrs.frozen
+class Manifest:
+    """Everything the server needs to know about one model, written as ``manifest.json``."""
+
+    name: str
+    """The id clients send as ``model``; ``ORG/REPO`` for pulled models."""
+    format: str
+    """``gguf``, ``mlx``, ``diffusers``, ``sentence-transformers``, ``safetensors``..."""
+    tasks: frozenset[Task] = attrs.field(converter=_tasks)
+    """The tasks the model can serve."""
+    files: tuple[ModelFile, ...] = attrs.field(converter=tuple, default=())
+    """The files of the model, weights first."""
+    root: Path | None = attrs.field(default=None, eq=False)
+    """The folder the file paths are relative to; set when read, never written."""
+    quant: str | None = None
+    """Quantisation label for GGUF models (``Q4_K_M``)."""
+    backend: str | None = None
+    """Backend hint: a backend name that should serve this model when it can."""
+    source: str = "local"
+    """Where it came from: ``hf:ORG/REPO@REVISION``, ``local:PATH`` or ``package:DIST``."""
+    context_length: int | None = None
+    """The model's trained context length when the format tells it."""
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+    """Format-specific settings a backend reads (e.g. ``pooling``, ``chat_template``)."""
+    version: int = MANIFEST_VERSION
+    """Manifest schema version."""
+
+    @property
+    def size(self) -> int:
+        """Total bytes of all files."""
+        return sum(f.size for f in self.files)
+
+    def file_path(self, role: str = "weights") -> Path:
+        """The absolute path of the first file with ``role``."""
+        for f in self.files:
+            if f.role == role:
+                assert self.root is not None, "manifest has no root"
+                return self.root / f.path
+        raise KeyError(f"model {self.name} has no {role} file")
+
+    def has_role(self, role: str) -> bool:
+        return any(f.role == role for f in self.files)
+
+    def to_json(self) -> str:
+        data = attrs.asdict(self, recurse=True, filter=lambda a, _v: a.name != "root")
+        data["tasks"] = sorted(t.value for t in self.tasks)
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], root: Path | None = None) -> Manifest:
+        data = dict(data)
+        files = tuple(ModelFile(**f) for f in data.pop("files", ()))
+        known = {a.name for a in attrs.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown manifest keys: {sorted(unknown)}")
+        return cls(files=files, root=root, **data)
+
+    @classmethod
+    def from_file(cls, path: Path) -> Manifest:
+        """Read ``manifest.json``; the model's root is the folder holding it."""
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), root=path.parent)
+
+
+@attrs.frozen
+class BackendInfo:
+    """What a backend declares about itself, shown by ``nexa plugins`` and over HTTP."""
+
+    name: str
+    tasks: frozenset[Task] = attrs.field(converter=_tasks)
+    formats: frozenset[str] = attrs.field(converter=frozenset)
+    devices: frozenset[str] = attrs.field(converter=frozenset)
+    parallel: int
+    """How many requests one loaded model runs at once."""
+    priority: int
+    plugin: str
+    """The plugin (distribution or module) that registered it."""
+
+
+# --- chat ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ImagePart:
+    """An image already fetched and checked by the server: raw bytes, never a URL."""
+
+    data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
+    mime: str = "image/png"
+
+    def data_uri(self) -> str:
+        import base64
+
+        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
+
+
+@attrs.frozen
+class TextPart:
+    text: str
+
+
+ContentPart = TextPart | ImagePart
+
+
+@attrs.frozen
+class ToolCall:
+    """A function call the model made."""
+
+    id: str
+    name: str
+    arguments: str
+    """JSON text, as OpenAI sends it."""
+
+
+@attrs.frozen
+class ChatMessage:
+    role: str
+    content: str | tuple[ContentPart, ...] | None = None
+    name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+    @property
+    def images(self) -> tuple[ImagePart, ...]:
+        if isinstance(self.content, tuple):
+            return tuple(p for p in self.content if isinstance(p, ImagePart))
+        return ()
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+@attrs.frozen
+class ChatRequest:
+    """One chat completion, as a backend sees it."""
+
+    messages: tuple[ChatMessage, ...] = attrs.field(converter=tuple)
+    max_tokens: int | None = None
+    """None: until the context is full or the model stops."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = attrs.field(converter=tuple, default=())
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float | None = None
+    tools: tuple[Mapping[str, Any], ...] = attrs.field(converter=tuple, default=())
+    """OpenAI tool definitions (``{"type": "function", "function": {...}}``)."""
+    tool_choice: str | Mapping[str, Any] | None = None
+    """``auto``, ``none``, ``required`` or ``{"type": "function", "function": {"name": ...}}``."""
+    response_format: Mapping[str, Any] | None = None
+    """``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
+    model: str = ""
+
+    @property
+    def has_images(self) -> bool:
+        return any(m.images for m in self.messages)
+
+
+@attrs.frozen
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@attrs.frozen
+class ChatChunk:
+    """One piece of a chat answer. The last chunk carries ``finish_reason`` and ``usage``."""
+
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: str | None = None
+    """``stop``, ``length`` or ``tool_calls`` on the last chunk."""
+    usage: Usage | None = None
+
+
+# --- embeddings ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class EmbedRequest:
+    inputs: tuple[str | tuple[int, ...], ...] = attrs.field(converter=tuple)
+    """Texts, or token id arrays where the backend accepts them."""
+    model: str = ""
+
+
+@attrs.frozen
+class EmbedResult:
+    vectors: tuple[tuple[float, ...], ...]
+    """One L2-normalised vector per input, in input order."""
+    prompt_tokens: int
+
+
+# --- images -------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ImageRequest:
+    prompt: str
+    n: int = 1
+    width: int = 512
+    height: int = 512
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    model: str = ""
+
+
+@attrs.frozen
+class ImageResult:
+    images: tuple[bytes, ...]
+    """PNG files, one per requested image."""
+    seed: int | None = None
