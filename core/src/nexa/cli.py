@@ -1,0 +1,296 @@
+"""The ``nexa`` command: pull, list, show, remove, clean, serve, run, plugins.
+
+Only the standard library is imported at start-up so ``nexa --help`` stays fast; each
+command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nexa import __version__
+from nexa.config import DEFAULT_HOST, DEFAULT_PORT
+
+DEFAULT_MODEL = "nexa/smollm2-135m-instruct"
+
+
+def _store(args: argparse.Namespace):
+    from nexa.plugins import load_plugins
+    from nexa.store import ModelStore
+
+    store = ModelStore(args.home) if args.home else ModelStore()
+    plugins = load_plugins()
+    store.packaged = list(plugins.models)
+    return store, plugins
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    store, _ = _store(args)
+    target = args.model
+    local = Path(target).expanduser()
+    if local.exists() and (local.is_dir() or local.is_file()):
+        manifest = store.import_path(local, name=args.name)
+    else:
+        from nexa.hub import pull
+
+        manifest = pull(store, target, progress=not args.quiet)
+    tasks = ", ".join(sorted(t.value for t in manifest.tasks))
+    print(f"pulled {manifest.name} ({manifest.format}, {tasks}, {_human(manifest.size)})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    store, _ = _store(args)
+    rows = [("NAME", "FORMAT", "QUANT", "TASKS", "SIZE", "SOURCE")]
+    for m in store.list():
+        rows.append((m.name, m.format, m.quant or "-", ",".join(sorted(t.value for t in m.tasks)),
+                     _human(m.size), m.source.split("@", 1)[0]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for folder, reason in store.broken():
+        print(f"warning: models/{folder} has a damaged manifest ({reason})", file=sys.stderr)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store, _ = _store(args)
+    manifest = store.get(args.model)
+    print(manifest.to_json())
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    store, _ = _store(args)
+    manifest = store.remove(args.model)
+    print(f"removed {manifest.name}")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    store, _ = _store(args)
+    print(f"freed {_human(store.clean())}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from nexa.plugins import load_plugins
+    from nexa.registry import BackendRegistry
+
+    plugins = load_plugins()
+    registry = BackendRegistry(plugins)
+    print("plugins loaded: " + (", ".join(sorted(plugins.loaded)) or "none"))
+    for name in plugins.disabled:
+        print(f"plugin disabled: {name} (NEXA_DISABLE_PLUGINS)")
+    for f in plugins.failures:
+        print(f"plugin FAILED: {f.plugin} at {f.stage}: {f.error}")
+        if args.verbose and f.detail:
+            print(f.detail)
+    print("backends:")
+    for b in registry.infos():
+        print(f"  {b.name:<22} tasks={','.join(sorted(t.value for t in b.tasks))} "
+              f"formats={','.join(sorted(b.formats))} devices={','.join(sorted(b.devices))} "
+              f"parallel={b.parallel} priority={b.priority} plugin={b.plugin}")
+    if plugins.models:
+        print("ready models from packages: " + ", ".join(m.name for m in plugins.models))
+    return 0
+
+
+def _server_config(args: argparse.Namespace):
+    from nexa.config import ServerConfig
+    from nexa.server.app import bind_is_loopback
+
+    api_key = args.api_key or os.environ.get("NEXA_API_KEY") or None
+    if not bind_is_loopback(args.host) and not api_key and not args.insecure:
+        raise SystemExit(
+            f"refusing to listen on {args.host} without an API key: anyone on the network "
+            "could use it. Pass --api-key (or set NEXA_API_KEY), or --insecure if you really mean it."
+        )
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        home=Path(args.home) if args.home else None,
+        device=args.device,
+        backend=args.backend,
+        default_model=args.model,
+        keepalive=args.keepalive,
+        parallel=args.parallel,
+        context_length=args.ctx,
+        threads=args.threads,
+        queue_size=args.queue_size,
+        api_key=api_key,
+        origins=tuple(args.origins or ()),
+        allow_insecure_bind=args.insecure,
+        media_dirs=tuple(Path(d) for d in args.media_dir or ()),
+        allow_remote_images=args.allow_remote_images,
+        max_loaded=args.max_loaded,
+        memory_budget=int(args.memory_budget * (1 << 30)) if args.memory_budget else None,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from nexa.server.app import create_app
+
+    config = _server_config(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config)
+    print(f"nexa {__version__} serving on http://{config.host}:{config.port} "
+          f"(default model: {config.default_model or 'none'})", flush=True)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="info" if args.verbose else "warning",
+        timeout_graceful_shutdown=int(config.shutdown_timeout),
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Interactive chat in the terminal, in-process (no HTTP)."""
+    import asyncio
+
+    from nexa.config import ServerConfig
+    from nexa.device import detect_device
+    from nexa.manager import ModelManager
+    from nexa.registry import BackendRegistry
+    from nexa.types import ChatMessage, ChatRequest, Task
+
+    store, plugins = _store(args)
+    config = ServerConfig(home=Path(args.home) if args.home else None, backend=args.backend,
+                          context_length=args.ctx, threads=args.threads)
+    manager = ModelManager(store, BackendRegistry(plugins, pin=args.backend),
+                           detect_device(args.device), config)
+
+    async def main() -> None:
+        history: list[ChatMessage] = []
+        if args.system:
+            history.append(ChatMessage("system", args.system))
+        interactive = sys.stdin.isatty()
+        try:
+            while True:
+                if interactive:
+                    print(">>> ", end="", flush=True)
+                line = await asyncio.to_thread(sys.stdin.readline)
+                if not line:
+                    break
+                line = line.strip()
+                if not line:
+                    continue
+                if line in ("/bye", "/exit", "/quit"):
+                    break
+                history.append(ChatMessage("user", line))
+                request = ChatRequest(messages=history, max_tokens=args.max_tokens,
+                                      temperature=args.temperature, seed=args.seed)
+                answer = []
+                async with manager.acquire(args.model, Task.CHAT) as backend:
+                    async for chunk in backend.stream_chat(request):
+                        print(chunk.content, end="", flush=True)
+                        answer.append(chunk.content)
+                print(flush=True)
+                history.append(ChatMessage("assistant", "".join(answer)))
+        finally:
+            await manager.shutdown()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nexa", description="Run AI models locally behind the OpenAI HTTP API.")
+    parser.add_argument("--version", action="version", version=f"nexa {__version__}")
+    parser.add_argument("--home", default=None, help="model store folder (default: NEXA_HOME or the user cache dir)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="download ORG/REPO[:QUANT] from the hub, or import a local file/folder")
+    p.add_argument("model")
+    p.add_argument("--name", help="store name for a local import (default: local/<file name>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pull)
+
+    sub.add_parser("list", help="list models in the store").set_defaults(func=cmd_list)
+    p = sub.add_parser("show", help="print a model's manifest")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("remove", help="delete a model from the store")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_remove)
+    sub.add_parser("clean", help="delete partial downloads and caches").set_defaults(func=cmd_clean)
+    p = sub.add_parser("plugins", help="installed plugins, failures and backends")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    def engine_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", choices=["cuda", "metal", "mps", "cpu"], default=None)
+        p.add_argument("--backend", default=None, help="force this backend for every model (e.g. mlx)")
+        p.add_argument("--ctx", type=int, default=None, help="context length for every model")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads per model")
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"model to load at start (default: {DEFAULT_MODEL})")
+    p.add_argument("--host", default=os.environ.get("NEXA_HOST", DEFAULT_HOST))
+    p.add_argument("--port", type=int, default=int(os.environ.get("NEXA_PORT", DEFAULT_PORT)))
+    engine_args(p)
+    p.add_argument("--keepalive", type=float, default=300.0, help="seconds an idle model stays loaded")
+    p.add_argument("--parallel", type=int, default=None, help="requests each model runs at once")
+    p.add_argument("--queue-size", type=int, default=64, help="requests that may wait per model")
+    p.add_argument("--max-loaded", type=int, default=4, help="models resident at once")
+    p.add_argument("--memory-budget", type=float, default=None, help="GiB of models resident at once")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or NEXA_API_KEY)")
+    p.add_argument("--origins", nargs="*", help="CORS origins to allow (default: CORS off)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without an API key")
+    p.add_argument("--media-dir", action="append", help="folder local image paths may come from (repeatable)")
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("run", help="chat with a model in the terminal")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    engine_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from nexa.errors import NexaError
+
+        if isinstance(exc, NexaError):
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Loaded models: single-flight loading, per-model slots and queues, keepalive, LRU eviction.
+
+The ``ModelManager`` turns a client's ``model`` string and a task into a loaded backend
+instance. Concurrent requests for an unloaded model cause exactly one load; each model
+runs ``backend.concurrency`` requests at once and lets at most ``queue_size`` more wait
+(the rest get 503 with Retry-After). Idle models unload after ``keepalive`` seconds, and
+loading a model that would exceed the memory budget evicts least-recently-used idle
+models first; a model in use is never evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import attrs
+
+from nexa.backend import Backend, LoadOptions
+from nexa.config import ServerConfig
+from nexa.errors import Busy, ModelLoadError, NexaError, UnsupportedTask
+from nexa.metrics import Metrics
+from nexa.registry import BackendRegistry
+from nexa.store import ModelStore
+from nexa.types import Device, Manifest, Task
+
+log = logging.getLogger("nexa.manager")
+
+_TASK_WORDS = {
+    Task.CHAT: "a chat model",
+    Task.VLM: "a vision (image+text) model",
+    Task.EMBED: "an embedding model",
+    Task.IMAGE: "an image generation model",
+}
+
+
+@attrs.define(eq=False)
+class LoadedModel:
+    """One model resident in memory, served by one backend instance."""
+
+    manifest: Manifest
+    backend: Backend
+    ready: asyncio.Future[None]
+    slots: asyncio.Semaphore
+    active: int = 0
+    waiting: int = 0
+    last_used: float = attrs.field(factory=time.monotonic)
+
+    @property
+    def busy(self) -> bool:
+        return self.active > 0 or self.waiting > 0 or not self.ready.done()
+
+
+class ModelManager:
+    def __init__(
+        self,
+        store: ModelStore,
+        registry: BackendRegistry,
+        device: Device,
+        config: ServerConfig,
+        metrics: Metrics | None = None,
+    ):
+        self.store = store
+        self.registry = registry
+        self.device = device
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self._models: dict[tuple[str, str], LoadedModel] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        budget = config.memory_budget
+        if budget is None:
+            budget = int(device.memory_bytes * 0.7) if device.memory_bytes else 8 << 30
+        self.memory_budget = budget
+
+    # --- resolution ------------------------------------------------------------------
+
+    def resolve(self, model: str, task: Task) -> tuple[Manifest, type[Backend]]:
+        manifest = self.store.get(model)
+        if task not in manifest.tasks:
+            have = ", ".join(sorted(t.value for t in manifest.tasks)) or "none"
+            raise UnsupportedTask(
+                f"model {manifest.name!r} is not {_TASK_WORDS[task]} (it serves: {have})",
+                param="model",
+            )
+        return manifest, self.registry.select(task, manifest, self.device)
+
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._models.values())
+
+    # --- acquiring a slot ------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, model: str, task: Task) -> AsyncIterator[Backend]:
+        """A loaded backend with one of its slots held for the duration of the block."""
+        manifest, cls = self.resolve(model, task)
+        key = (manifest.name, cls.name)
+        entry = self._models.get(key)
+        if entry is None:
+            entry = self._start_load(key, manifest, cls)
+        if entry.waiting >= self.config.queue_size:
+            raise Busy(
+                f"model {manifest.name!r} has {entry.waiting} requests waiting; try again shortly",
+                retry_after=max(1, entry.waiting // max(1, entry.backend.concurrency)),
+            )
+        entry.waiting += 1
+        self.metrics.queue_depth.labels(manifest.name).inc()
+        try:
+            await asyncio.shield(entry.ready)
+            await entry.slots.acquire()
+        finally:
+            entry.waiting -= 1
+            self.metrics.queue_depth.labels(manifest.name).dec()
+        entry.active += 1
+        self.metrics.active.labels(manifest.name).inc()
+        try:
+            yield entry.backend
+        finally:
+            entry.active -= 1
+            self.metrics.active.labels(manifest.name).dec()
+            entry.last_used = time.monotonic()
+            entry.slots.release()
+            if self.config.keepalive == 0 and not entry.busy:
+                await self._unload(key, "keepalive")
+
+    def _start_load(self, key: tuple[str, str], manifest: Manifest, cls: type[Backend]) -> LoadedModel:
+        options = LoadOptions(
+            context_length=self.config.context_length,
+            parallel=self.config.parallel,
+            threads=self.config.threads,
+        )
+        backend = cls(manifest, self.device, options)
+        loop = asyncio.get_running_loop()
+        entry = LoadedModel(
+            manifest=manifest,
+            backend=backend,
+            ready=loop.create_future(),
+            slots=asyncio.Semaphore(max(1, backend.concurrency)),
+        )
+        self._models[key] = entry
+        loop.create_task(self._load(key, entry), name=f"load {manifest.name}")
+        return entry
+
+    async def _load(self, key: tuple[str, str], entry: LoadedModel) -> None:
+        name = entry.manifest.name
+        try:
+            await self._make_room(entry.manifest, exclude=key)
+            started = time.monotonic()
+            log.info("loading %s with %s", name, entry.backend.name)
+            await entry.backend.start()
+        except BaseException as exc:
+            self._models.pop(key, None)
+            self.metrics.load_failures.labels(name).inc()
+            log.warning("loading %s failed: %s", name, exc, exc_info=not isinstance(exc, NexaError))
+            with contextlib.suppress(Exception):
+                await entry.backend.stop()
+            if isinstance(exc, NexaError):
+                error: BaseException = exc
+            else:
+                # The client learns which model and what kind of failure; paths and
+                # tracebacks stay in the server log.
+                error = ModelLoadError(
+                    f"model {name!r} could not be loaded by {entry.backend.name}: "
+                    f"{type(exc).__name__}; its files may be damaged or of an unsupported kind "
+                    "(pull it again or see the server log)"
+                )
+            entry.ready.set_exception(error)
+            entry.ready.exception()  # mark retrieved: waiters may all have gone
+            return
+        self.metrics.loads.labels(name, entry.backend.name).inc()
+        self.metrics.resident.set(len(self._models))
+        log.info("loaded %s in %.2fs", name, time.monotonic() - started)
+        entry.last_used = time.monotonic()
+        entry.ready.set_result(None)
+
+    async def _make_room(self, manifest: Manifest, exclude: tuple[str, str]) -> None:
+        """Unload idle models, least recently used first, until the new one fits."""
+        def resident() -> list[tuple[tuple[str, str], LoadedModel]]:
+            return [(k, e) for k, e in self._models.items() if k != exclude]
+
+        while True:
+            others = resident()
+            used = sum(e.manifest.size for _, e in others)
+            over_memory = used + manifest.size > self.memory_budget
+            over_count = len(others) + 1 > self.config.max_loaded
+            if not (over_memory or over_count):
+                return
+            idle = sorted((e.last_used, k) for k, e in others if not e.busy)
+            if not idle:
+                log.warning(
+                    "loading %s exceeds the memory budget, but every resident model is in use",
+                    manifest.name,
+                )
+                return
+            await self._unload(idle[0][1], "memory" if over_memory else "count")
+
+    async def _unload(self, key: tuple[str, str], reason: str) -> None:
+        entry = self._models.pop(key, None)
+        if entry is None:
+            return
+        log.info("unloading %s (%s)", entry.manifest.name, reason)
+        self.metrics.evictions.labels(entry.manifest.name, reason).inc()
+        self.metrics.resident.set(len(self._models))
+        try:
+            await entry.backend.stop()
+        except Exception:
+            log.exception("unloading %s failed", entry.manifest.name)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def preload(self, model: str) -> None:
+        """Load a model now (``nexa serve MODEL``) for whichever task it serves first."""
+        manifest = self.store.get(model)
+        task = next(t for t in (Task.CHAT, Task.EMBED, Task.IMAGE, Task.VLM) if t in manifest.tasks)
+        async with self.acquire(model, task):
+            pass
+
+    async def start(self) -> None:
+        if self.config.keepalive > 0:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="keepalive")
+
+    async def _reap(self) -> None:
+        interval = min(5.0, max(0.05, self.config.keepalive / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for key, entry in list(self._models.items()):
+                if not entry.busy and now - entry.last_used >= self.config.keepalive:
+                    await self._unload(key, "keepalive")
+
+    async def shutdown(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for key in list(self._models):
+            await self._unload(key, "shutdown")

@@ -1,0 +1,209 @@
+"""Conversions between the OpenAI wire schemas and the task-level types.
+
+Request checks that msgspec can't express (server caps, list shapes, ``size`` limits)
+live here too, so every handler gets a valid task request or a clear 4xx.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from collections.abc import Sequence
+
+from nexa.config import ServerConfig
+from nexa.errors import BadRequest, PayloadTooLarge
+from nexa.server import schemas as wire
+from nexa.server.media import fetch_image
+from nexa.types import (
+    ChatMessage,
+    ChatRequest,
+    ContentPart,
+    EmbedRequest,
+    ImagePart,
+    ImageRequest,
+    TextPart,
+    ToolCall,
+)
+
+
+def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> ChatRequest:
+    """The task request for a chat body; fetches images (blocking: call off the loop)."""
+    if body.n != 1:
+        raise BadRequest("only n=1 is supported for chat completions", param="n")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is not None and max_tokens > config.max_tokens_cap:
+        raise BadRequest(
+            f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens_cap}",
+            param="max_tokens",
+        )
+    image_count = 0
+    messages: list[ChatMessage] = []
+    for message in body.messages:
+        content: str | tuple[ContentPart, ...] | None
+        if isinstance(message.content, list):
+            parts: list[ContentPart] = []
+            for part in message.content:
+                if isinstance(part, wire.TextContentPart):
+                    parts.append(TextPart(part.text))
+                else:
+                    image_count += 1
+                    if image_count > config.max_images_per_request:
+                        raise BadRequest(
+                            f"at most {config.max_images_per_request} images per request",
+                            param="messages",
+                        )
+                    parts.append(fetch_image(part.image_url.url, config))
+            if any(isinstance(p, ImagePart) for p in parts) and message.role != "user":
+                raise BadRequest("images are only accepted in user messages", param="messages")
+            content = tuple(parts)
+        else:
+            content = message.content
+        messages.append(
+            ChatMessage(
+                role="system" if message.role == "developer" else message.role,
+                content=content,
+                name=message.name,
+                tool_calls=tuple(
+                    ToolCall(c.id, c.function.name, c.function.arguments)
+                    for c in message.tool_calls or ()
+                ),
+                tool_call_id=message.tool_call_id,
+            )
+        )
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    response_format = None
+    if body.response_format is not None and body.response_format.type != "text":
+        if body.response_format.type == "json_schema":
+            spec = body.response_format.json_schema
+            if spec is None or spec.schema is None:
+                raise BadRequest(
+                    "response_format json_schema needs json_schema.schema", param="response_format"
+                )
+            response_format = {"type": "json_schema", "json_schema": {"name": spec.name, "schema": spec.schema}}
+        else:
+            response_format = {"type": "json_object"}
+    tool_choice = body.tool_choice
+    if isinstance(tool_choice, wire.NamedToolChoice):
+        names = {t.function.name for t in body.tools or ()}
+        if tool_choice.function.name not in names:
+            raise BadRequest(
+                f"tool_choice names {tool_choice.function.name!r}, which is not in tools",
+                param="tool_choice",
+            )
+        tool_choice = {"type": "function", "function": {"name": tool_choice.function.name}}
+    elif tool_choice == "required" and not body.tools:
+        raise BadRequest("tool_choice 'required' needs tools", param="tool_choice")
+    tools = tuple(
+        {
+            "type": "function",
+            "function": {
+                "name": t.function.name,
+                "description": t.function.description or "",
+                "parameters": t.function.parameters or {"type": "object", "properties": {}},
+            },
+        }
+        for t in body.tools or ()
+    )
+    return ChatRequest(
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        seed=body.seed,
+        stop=stop,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repeat_penalty=body.repeat_penalty or body.repetition_penalty,
+        tools=tools,
+        tool_choice=tool_choice,
+        response_format=response_format,
+        model=body.model,
+    )
+
+
+def embed_request(body: wire.EmbeddingRequest, config: ServerConfig) -> EmbedRequest:
+    raw = body.input
+    inputs: list[str | tuple[int, ...]]
+    if isinstance(raw, str):
+        inputs = [raw]
+    elif all(isinstance(x, str) for x in raw):
+        inputs = list(raw)  # type: ignore[arg-type]
+    elif all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+        inputs = [tuple(raw)]  # type: ignore[arg-type]
+    elif all(isinstance(x, list) for x in raw):
+        inputs = [tuple(x) for x in raw]  # type: ignore[union-attr]
+        if any(not x for x in inputs):
+            raise BadRequest("token arrays must not be empty", param="input")
+    else:
+        raise BadRequest(
+            "input must be a string, a list of strings, a token array or a list of token arrays",
+            param="input",
+        )
+    if len(inputs) > config.max_embed_batch:
+        raise BadRequest(
+            f"input has {len(inputs)} items; the limit is {config.max_embed_batch}", param="input"
+        )
+    for item in inputs:
+        if isinstance(item, str):
+            if not item:
+                raise BadRequest("input strings must not be empty", param="input")
+            if len(item) > config.max_embed_input_chars:
+                raise PayloadTooLarge(
+                    f"an input is {len(item)} characters; the limit is "
+                    f"{config.max_embed_input_chars}",
+                    param="input",
+                )
+        elif any(t < 0 for t in item):
+            raise BadRequest("token ids must be non-negative", param="input")
+    return EmbedRequest(inputs=inputs, model=body.model)
+
+
+def shape_vector(vector: Sequence[float], dimensions: int | None) -> list[float]:
+    """Truncate to ``dimensions`` and renormalise (Matryoshka-style), as OpenAI does."""
+    values = [float(v) for v in vector]
+    if dimensions is None:
+        return values
+    if dimensions > len(values):
+        raise BadRequest(
+            f"dimensions is {dimensions}, but this model's vectors have {len(values)}",
+            param="dimensions",
+        )
+    values = values[:dimensions]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+def encode_vector(values: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        # Little-endian float32, as the openai client decodes with numpy.frombuffer.
+        return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
+    return values
+
+
+def image_request(body: wire.ImageGenerationRequest, config: ServerConfig) -> ImageRequest:
+    if body.n > config.max_image_n:
+        raise BadRequest(f"n is {body.n}; this server allows at most {config.max_image_n}", param="n")
+    width = height = 512
+    if body.size is not None:
+        w, _, h = body.size.partition("x")
+        width, height = int(w), int(h)
+        if not (8 <= width <= config.max_image_side and 8 <= height <= config.max_image_side):
+            raise BadRequest(
+                f"size {body.size} is out of range; each side must be between 8 and "
+                f"{config.max_image_side}",
+                param="size",
+            )
+    return ImageRequest(
+        prompt=body.prompt,
+        n=body.n,
+        width=width,
+        height=height,
+        seed=body.seed,
+        steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        negative_prompt=body.negative_prompt,
+        model=body.model,
+    )

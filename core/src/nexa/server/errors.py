@@ -1,0 +1,84 @@
+"""Every error the HTTP layer returns, in OpenAI's shape, mapped in one place.
+
+``{"error": {"message", "type", "param", "code"}}`` with the right status. Domain errors
+(``nexa.errors``) carry their own status; framework errors (validation, unknown route,
+body too large) are translated; anything else is a 500 whose message names no path and
+carries no traceback (those go to the server log).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from nexa.errors import Busy, NexaError
+
+log = logging.getLogger("nexa.server")
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+          415: "unsupported_media_type", 429: "rate_limit_exceeded"}
+
+
+def error_payload(exc: NexaError) -> dict[str, Any]:
+    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+
+
+def _response(status: int, message: str, type_: str, param: str | None, code: str | None,
+              headers: dict[str, str] | None = None) -> Response[dict[str, Any]]:
+    return Response(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}},
+        status_code=status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+def nexa_error(_: Request, exc: NexaError) -> Response[dict[str, Any]]:
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
+    if exc.status >= 500 and not isinstance(exc, Busy):
+        log.warning("request failed: %s", exc.message)
+    return _response(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
+
+
+def validation_error(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    param = None
+    message = str(exc.detail)
+    if extra and isinstance(extra[0], dict):
+        first = extra[0]
+        param = first.get("key") or None
+        detail = first.get("message") or ""
+        message = f"{detail}" + (f" (at {param})" if param else "")
+    if "JSON" in message and "decode" in message.lower() or message.startswith("Malformed"):
+        message = "the request body is not valid JSON"
+    return _response(400, message or "invalid request", "invalid_request_error", param, "invalid_request")
+
+
+def http_error(_: Request, exc: HTTPException) -> Response[dict[str, Any]]:
+    status = exc.status_code
+    message = str(exc.detail) if exc.detail else "error"
+    if status >= 500:
+        log.error("HTTP %s: %s", status, message)
+        message = "internal server error"
+    headers = dict(exc.headers or {})
+    return _response(status, message, _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                     None, _CODES.get(status), headers or None)
+
+
+def internal_error(_: Request, exc: Exception) -> Response[dict[str, Any]]:
+    log.exception("unhandled error", exc_info=exc)
+    return _response(500, f"internal server error ({type(exc).__name__})", "server_error", None, "internal_error")
+
+
+EXCEPTION_HANDLERS = {
+    NexaError: nexa_error,
+    ValidationException: validation_error,
+    HTTPException: http_error,
+    Exception: internal_error,
+}

@@ -1,0 +1,172 @@
+"""Fetching and checking images named in chat messages.
+
+Backends receive images only as bytes (``ImagePart``); this module is the one place that
+turns an ``image_url`` into bytes. ``data:`` URIs are always accepted; local paths only
+under the allowed media folders, resolved with symlinks so nothing escapes; http(s) only
+when enabled, to public addresses only (the resolved address is checked and pinned, no
+redirects), with size and time caps. Every image is decoded once to check it is an image
+within the pixel cap.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+import urllib.parse
+from pathlib import Path
+
+from nexa.config import ServerConfig
+from nexa.errors import BadRequest, PayloadTooLarge
+from nexa.types import ImagePart
+
+_FORMAT_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+def _bad(message: str) -> BadRequest:
+    return BadRequest(message, param="messages", code="invalid_image")
+
+
+def check_image(data: bytes, config: ServerConfig) -> ImagePart:
+    """Decode enough of the image to know it is one, within the byte and pixel caps."""
+    if len(data) > config.max_image_bytes:
+        raise PayloadTooLarge(
+            f"image is {len(data)} bytes; the limit is {config.max_image_bytes}", param="messages"
+        )
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > config.max_image_pixels:
+                raise PayloadTooLarge(
+                    f"image is {width}x{height} pixels; the limit is {config.max_image_pixels}",
+                    param="messages",
+                )
+            fmt = img.format or ""
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise _bad(f"image could not be decoded ({type(exc).__name__})") from None
+    mime = _FORMAT_MIME.get(fmt)
+    if mime is None:
+        # Formats backends may not read (BMP, TIFF...) are re-encoded once, here.
+        with Image.open(io.BytesIO(data)) as img:
+            out = io.BytesIO()
+            img.convert("RGB").save(out, format="PNG")
+        return ImagePart(out.getvalue(), "image/png")
+    return ImagePart(data, mime)
+
+
+def _from_data_uri(url: str, config: ServerConfig) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or ";base64" not in header:
+        raise _bad("a data: image URL must be base64 encoded (data:image/png;base64,...)")
+    if len(payload) > config.max_image_bytes * 4 // 3 + 8:
+        raise PayloadTooLarge(
+            f"image is larger than the limit of {config.max_image_bytes} bytes", param="messages"
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad("the data: image URL is not valid base64") from None
+
+
+def _allowed_dirs(config: ServerConfig) -> list[Path]:
+    dirs = config.media_dirs or (Path.cwd(),)
+    return [Path(d).expanduser().resolve() for d in dirs]
+
+
+def _from_path(raw: str, config: ServerConfig) -> bytes:
+    path = Path(urllib.parse.unquote(raw[7:]) if raw.startswith("file://") else raw).expanduser()
+    dirs = _allowed_dirs(config)
+    if not path.is_absolute():
+        path = dirs[0] / path
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(d) for d in dirs):
+        raise _bad(
+            "local image paths must be inside the server's media folders "
+            "(the folder `nexa serve` runs in, or --media-dir)"
+        )
+    if not resolved.is_file():
+        raise _bad("local image file not found")
+    if resolved.stat().st_size > config.max_image_bytes:
+        raise PayloadTooLarge(
+            f"image is larger than the limit of {config.max_image_bytes} bytes", param="messages"
+        )
+    return resolved.read_bytes()
+
+
+def is_public_address(address: str) -> bool:
+    """True only for globally routable unicast addresses (no loopback, private, metadata...)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        # ::ffff:127.0.0.1 and 2002:7f00:1:: (6to4) smuggle IPv4 targets inside IPv6.
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is not None:
+            ip = inner
+    return ip.is_global and not ip.is_multicast
+
+
+def _from_http(url: str, config: ServerConfig) -> bytes:
+    if not config.allow_remote_images:
+        raise _bad(
+            "http(s) image URLs are disabled on this server; send a data: URI or start it "
+            "with --allow-remote-images"
+        )
+    import httpx
+
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname
+    if not host:
+        raise _bad("image URL has no host")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise _bad("image URL host could not be resolved") from None
+    addresses = [info[4][0] for info in infos]
+    if not addresses or not all(is_public_address(a) for a in addresses):
+        raise _bad("image URL points at a private, loopback or link-local address")
+    pinned = addresses[0]
+    # Connect to the checked address, not a second DNS answer (DNS rebinding).
+    transport = httpx.HTTPTransport(retries=0)
+    target = parts._replace(netloc=f"[{pinned}]:{port}" if ":" in pinned else f"{pinned}:{port}")
+    headers = {"Host": parts.netloc.rsplit("@", 1)[-1]}
+    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    try:
+        with httpx.Client(
+            transport=transport, timeout=10.0, follow_redirects=False, trust_env=False
+        ) as client:
+            with client.stream(
+                "GET", urllib.parse.urlunsplit(target), headers=headers, extensions=extensions
+            ) as resp:
+                if resp.status_code != 200:
+                    raise _bad(f"image URL answered HTTP {resp.status_code}")
+                data = bytearray()
+                for chunk in resp.iter_bytes():
+                    data += chunk
+                    if len(data) > config.max_image_bytes:
+                        raise PayloadTooLarge(
+                            f"image is larger than the limit of {config.max_image_bytes} bytes",
+                            param="messages",
+                        )
+                return bytes(data)
+    except httpx.HTTPError as exc:
+        raise _bad(f"image URL could not be fetched ({type(exc).__name__})") from None
+
+
+def fetch_image(url: str, config: ServerConfig) -> ImagePart:
+    """Bytes of the image named by ``url``, checked; BadRequest/PayloadTooLarge otherwise."""
+    url = url.strip()
+    lowered = url[:16].lower()
+    if lowered.startswith("data:"):
+        data = _from_data_uri(url, config)
+    elif lowered.startswith(("http://", "https://")):
+        data = _from_http(url, config)
+    elif lowered.startswith("file://") or "://" not in url:
+        data = _from_path(url, config)
+    else:
+        raise _bad("unsupported image URL scheme; use data:, a local path, or http(s)")
+    return check_image(data, config)

@@ -1,0 +1,271 @@
+"""OpenAI wire schemas: the JSON bodies the HTTP API accepts and returns.
+
+msgspec Structs, so Litestar validates requests against them and the OpenAPI document at
+``/schema`` describes every endpoint truly. Unknown fields are ignored, as OpenAI's
+clients send many optional ones. Conversion to the task-level types lives in
+``nexa.server.convert``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+Float01 = Annotated[float, Meta(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+# --- chat ---------------------------------------------------------------------------
+
+
+class ImageUrl(msgspec.Struct, kw_only=True):
+    url: Annotated[str, Meta(min_length=1)]
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextContentPart(msgspec.Struct, tag="text", tag_field="type", kw_only=True):
+    text: str
+
+
+class ImageContentPart(msgspec.Struct, tag="image_url", tag_field="type", kw_only=True):
+    image_url: ImageUrl
+
+
+ContentPart = TextContentPart | ImageContentPart
+
+
+class FunctionCall(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str = ""
+
+
+class ToolCallWire(msgspec.Struct, kw_only=True):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(msgspec.Struct, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallWire] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(msgspec.Struct, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, kw_only=True):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(msgspec.Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JsonSchemaSpec(msgspec.Struct, kw_only=True):
+    name: str = "response"
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(msgspec.Struct, kw_only=True):
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: Float01 | None = None
+    top_k: Annotated[int, Meta(ge=0)] | None = None
+    min_p: Float01 | None = None
+    seed: Seed | None = None
+    stop: str | Annotated[list[str], Meta(max_length=16)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repeat_penalty: Annotated[float, Meta(ge=0.0, le=10.0)] | None = None
+    repetition_penalty: Annotated[float, Meta(ge=0.0, le=10.0)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] = 1
+    user: str | None = None
+
+
+class ChoiceMessage(msgspec.Struct, kw_only=True):
+    role: str = "assistant"
+    content: str | None = None
+    tool_calls: list[ToolCallWire] | None = None
+
+
+class Choice(msgspec.Struct, kw_only=True):
+    index: int
+    message: ChoiceMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class UsageWire(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: UsageWire
+    system_fingerprint: str | None = None
+
+
+# --- embeddings ---------------------------------------------------------------------
+
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    # A string, a list of strings, a token array, or a list of token arrays. msgspec allows
+    # one array type per union, so the list's shape is checked in ``convert``.
+    input: str | Annotated[list[str | int | list[int]], Meta(min_length=1)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+
+
+class EmbeddingData(msgspec.Struct, kw_only=True):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(msgspec.Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+# --- images -------------------------------------------------------------------------
+
+
+class ImageGenerationRequest(msgspec.Struct, kw_only=True):
+    prompt: Annotated[str, Meta(min_length=1, max_length=10_000)]
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    n: Annotated[int, Meta(ge=1, le=16)] = 1
+    size: Annotated[str, Meta(pattern=r"^\d{1,5}x\d{1,5}$")] | None = None
+    response_format: Literal["url", "b64_json"] = "url"
+    seed: Seed | None = None
+    num_inference_steps: Annotated[int, Meta(ge=1, le=500)] | None = None
+    guidance_scale: Annotated[float, Meta(ge=0.0, le=50.0)] | None = None
+    negative_prompt: Annotated[str, Meta(max_length=10_000)] | None = None
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+
+
+class ImageData(msgspec.Struct, kw_only=True, omit_defaults=True):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(msgspec.Struct, kw_only=True):
+    created: int
+    data: list[ImageData]
+
+
+# --- models, health, errors ---------------------------------------------------------
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    format: str
+    tasks: list[str]
+    size: int
+    quant: str | None = None
+    loaded: bool = False
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    error: ErrorBody
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: Literal["ok"]
+    version: str
+    device: str
+    models_loaded: list[str]
+
+
+class PluginFailureWire(msgspec.Struct, kw_only=True):
+    plugin: str
+    stage: str
+    error: str
+
+
+class BackendWire(msgspec.Struct, kw_only=True):
+    name: str
+    plugin: str
+    tasks: list[str]
+    formats: list[str]
+    devices: list[str]
+    parallel: int
+    priority: int
+
+
+class PluginsReport(msgspec.Struct, kw_only=True):
+    loaded: list[str]
+    failed: list[PluginFailureWire]
+    disabled: list[str]
+    backends: list[BackendWire]

@@ -1,0 +1,133 @@
+"""The echo backend: a declared TEST DOUBLE, never a model.
+
+It lets the core's tests (and plugin authors) exercise the server without weights: chat
+echoes the last user message back word by word, embeddings are a hash of the text, and
+images are flat colours. ``options["delay"]`` in its manifest slows each token so tests
+can exercise queues, cancellation and disconnects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import time
+from collections.abc import Iterator
+
+from nexa.backend import Backend, CancelToken
+from nexa.errors import ContextLengthExceeded, ModelLoadError
+from nexa.types import (
+    ChatChunk,
+    ChatRequest,
+    EmbedRequest,
+    EmbedResult,
+    ImageRequest,
+    ImageResult,
+    Manifest,
+    Task,
+    ToolCall,
+    Usage,
+)
+
+ECHO_FORMAT = "echo"
+ECHO_DIMENSIONS = 16
+
+
+def echo_manifest(name: str = "test/echo", **options: object) -> Manifest:
+    """A manifest for the echo backend (no files)."""
+    return Manifest(
+        name=name,
+        format=ECHO_FORMAT,
+        tasks={Task.CHAT, Task.VLM, Task.EMBED, Task.IMAGE},
+        source="package:nexa-core (test double)",
+        context_length=int(options.pop("context_length", 256)),  # type: ignore[call-overload]
+        options=options,
+    )
+
+
+class EchoBackend(Backend):
+    """Test double: answers with the words it was sent."""
+
+    name = "echo"
+    tasks = frozenset({Task.CHAT, Task.VLM, Task.EMBED, Task.IMAGE})
+    formats = frozenset({ECHO_FORMAT})
+    devices = frozenset({"cpu", "cuda", "metal"})
+    parallel = 2
+
+    def load(self) -> None:
+        if self.manifest.options.get("fail_load"):
+            raise ModelLoadError(f"echo model {self.manifest.name!r} was told to fail loading")
+        time.sleep(float(self.manifest.options.get("load_delay", 0.0)))  # type: ignore[arg-type]
+        self.loads = getattr(self, "loads", 0) + 1
+
+    def chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        delay = float(self.manifest.options.get("delay", 0.0))  # type: ignore[arg-type]
+        last_user = next((m for m in reversed(request.messages) if m.role == "user"), None)
+        text = last_user.text if last_user else ""
+        words = text.split()
+        prompt_tokens = sum(len(m.text.split()) + len(m.images) for m in request.messages)
+        context = self.options.context_length or self.manifest.context_length or 256
+        if prompt_tokens > context:
+            raise ContextLengthExceeded(
+                f"the prompt is {prompt_tokens} tokens; the context is {context}", param="messages"
+            )
+        if request.tools and request.tool_choice not in (None, "none", "auto"):
+            tool = request.tools[0]["function"]["name"]
+            if isinstance(request.tool_choice, dict):
+                tool = request.tool_choice["function"]["name"]
+            call = ToolCall(id="call_echo0", name=tool, arguments='{"text": "%s"}' % " ".join(words))
+            yield ChatChunk(tool_calls=(call,), finish_reason="tool_calls",
+                            usage=Usage(prompt_tokens, 1))
+            return
+        images = sum(len(m.images) for m in request.messages)
+        if images:
+            words = [f"[{images} image(s)]"] + words
+        limit = request.max_tokens if request.max_tokens is not None else len(words)
+        produced = 0
+        emitted = ""
+        for i, word in enumerate(words[:limit]):
+            cancel.raise_if_cancelled()
+            if delay:
+                time.sleep(delay)
+            piece = word if i == 0 else " " + word
+            candidate = emitted + piece
+            hit = next((s for s in request.stop if s and s in candidate), None)
+            if hit is not None:
+                cut = candidate[: candidate.index(hit)]
+                if len(cut) > len(emitted):
+                    yield ChatChunk(content=cut[len(emitted):])
+                yield ChatChunk(finish_reason="stop", usage=Usage(prompt_tokens, produced + 1))
+                return
+            emitted = candidate
+            produced += 1
+            yield ChatChunk(content=piece)
+        finish = "length" if len(words) > limit else "stop"
+        yield ChatChunk(finish_reason=finish, usage=Usage(prompt_tokens, produced))
+
+    def embed(self, request: EmbedRequest, cancel: CancelToken) -> EmbedResult:
+        vectors = []
+        tokens = 0
+        for item in request.inputs:
+            text = item if isinstance(item, str) else " ".join(map(str, item))
+            tokens += len(text.split()) if isinstance(item, str) else len(item)
+            digest = hashlib.sha256(text.encode()).digest()
+            raw = [b - 127.5 for b in digest[:ECHO_DIMENSIONS]]
+            norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+            vectors.append(tuple(v / norm for v in raw))
+        return EmbedResult(tuple(vectors), tokens)
+
+    def generate_images(self, request: ImageRequest, cancel: CancelToken) -> ImageResult:
+        from PIL import Image
+
+        delay = float(self.manifest.options.get("delay", 0.0))  # type: ignore[arg-type]
+        images = []
+        for i in range(request.n):
+            cancel.raise_if_cancelled()
+            if delay:
+                time.sleep(delay)
+            seed = f"{request.prompt}|{request.seed}|{i}"
+            colour = tuple(hashlib.sha256(seed.encode()).digest()[:3])
+            out = io.BytesIO()
+            Image.new("RGB", (request.width, request.height), colour).save(out, format="PNG")
+            images.append(out.getvalue())
+        return ImageResult(tuple(images), request.seed)
