@@ -1,0 +1,409 @@
+"""The MLX chat backend: MLX-format models (``mlx-community/...``) on mlx-lm.
+
+Owns loading a model folder with ``mlx_lm.load``, rendering the model's own chat
+template, the per-token generation loop (sampling, penalties, seed, stop strings, tool
+calls, length, cancellation) and the refusal reasons selection shows. ``mlx`` and
+``mlx_lm`` are imported only inside ``load``/``chat``: importing this module is cheap,
+so ``nexa --help`` and plugin discovery never pay for them.
+
+Vision: mlx-lm serves text only. Images are refused at selection time by
+``MlxVisionBackend`` with the reason (see its docstring).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import attrs
+from nexa.backend import Backend, CancelToken, LoadOptions
+from nexa.errors import (
+    BadRequest,
+    Cancelled,
+    ContextLengthExceeded,
+    ModelLoadError,
+    UnsupportedTask,
+)
+from nexa.types import (
+    ChatChunk,
+    ChatMessage,
+    ChatRequest,
+    Device,
+    Manifest,
+    Task,
+    ToolCall,
+    Usage,
+)
+
+from nexa_mlx.text import AnswerParser, Stop, Text, ToolSpan
+
+APPLE_SILICON = sys.platform == "darwin" and platform.machine() == "arm64"
+
+# Tokens the repetition/presence/frequency penalties look back over. llama.cpp's default
+# `repeat_last_n` is 64; using the same window keeps answers comparable across backends.
+PENALTY_WINDOW = 64
+
+# Without max_tokens and without a known context length, stop somewhere finite.
+FALLBACK_MAX_TOKENS = 4096
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def missing_runtime() -> str | None:
+    """Why MLX can't run in this environment, or None. Cheap: no import of mlx."""
+    if importlib.util.find_spec("mlx_lm") is None:
+        return "mlx-lm is not installed (pip install nexa-mlx)"
+    if sys.platform == "darwin":
+        if platform.machine() != "arm64":
+            return "MLX needs Apple Silicon; this Mac is Intel"
+        if not _installed("mlx"):
+            return "mlx is not installed (pip install nexa-mlx)"
+        return None
+    if sys.platform.startswith("linux"):
+        # Plain mlx-lm on Linux installs no mlx at all; the CPU build is the `cpu` extra.
+        if not _installed("mlx-cpu"):
+            return "MLX on Linux needs its CPU build: pip install 'mlx-lm[cpu]' (nexa-mlx does)"
+        return None
+    return f"MLX does not run on {sys.platform}"
+
+
+class MlxBackend(Backend):
+    """Text chat on MLX-format models with mlx-lm, on Metal (Apple Silicon) or CPU."""
+
+    name: ClassVar[str] = "mlx"
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.CHAT})
+    formats: ClassVar[frozenset[str]] = frozenset({"mlx"})
+    devices: ClassVar[frozenset[str]] = frozenset({"metal", "cpu"})
+    # MLX drives one model from one stream; sampling uses MLX's global RNG (that is how
+    # `seed` is honoured), so one request at a time per loaded model.
+    parallel: ClassVar[int] = 1
+    # The backend made for MLX models: wins over any generic backend that also accepts
+    # the format (e.g. a transformers backend reading safetensors).
+    priority: ClassVar[int] = 50
+
+    @classmethod
+    def supports(cls, manifest: Manifest, device: Device) -> str | None:
+        missing = missing_runtime()
+        if missing:
+            return missing
+        if device.kind == "metal" and not APPLE_SILICON:
+            return "the metal device exists only on Apple Silicon Macs"
+        if not manifest.has_role("weights"):
+            return "the model has no weights file (*.safetensors)"
+        return None
+
+    def __init__(self, manifest: Manifest, device: Device, options: LoadOptions | None = None):
+        options = options or LoadOptions()
+        if options.parallel not in (None, 1):
+            # See `parallel` above: the global RNG and one stream per model.
+            options = attrs.evolve(options, parallel=1)
+        super().__init__(manifest, device, options)
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._stream: Any = None
+
+    # --- load -------------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int | None:
+        return self.options.context_length or self.manifest.context_length
+
+    def load(self) -> None:
+        if self.manifest.root is None:
+            raise ModelLoadError(f"model {self.manifest.name!r} has no folder")
+        try:
+            import mlx.core as mx
+            from mlx_lm import load as mlx_load
+        except ImportError as exc:
+            raise ModelLoadError(f"MLX is not usable here: {exc}") from exc
+        if self.device.kind == "metal":
+            if not mx.metal.is_available():
+                raise ModelLoadError("the metal device was asked for but MLX sees no Metal GPU")
+            device = mx.gpu
+        else:
+            device = mx.cpu
+        # A thread-local stream: requests may run on another worker thread than the load.
+        self._stream = mx.new_thread_local_stream(device)
+        try:
+            with mx.stream(self._stream):
+                self.model, self.tokenizer = mlx_load(str(self.manifest.root))
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot load MLX model {self.manifest.name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def close(self) -> None:
+        self.model = None
+        self.tokenizer = None
+        self._stream = None
+        try:
+            import mlx.core as mx
+
+            mx.clear_cache()
+        except Exception:
+            pass
+
+    # --- prompt -----------------------------------------------------------------------
+
+    def _tools(self, request: ChatRequest) -> list[Mapping[str, Any]]:
+        """The tool definitions the template sees, after ``tool_choice``."""
+        if not request.tools or request.tool_choice == "none":
+            return []
+        choice = request.tool_choice
+        if isinstance(choice, Mapping):
+            wanted = (choice.get("function") or {}).get("name")
+            chosen = [t for t in request.tools if (t.get("function") or {}).get("name") == wanted]
+            if not chosen:
+                raise BadRequest(
+                    f"tool_choice names function {wanted!r}, which is not in tools",
+                    param="tool_choice",
+                )
+            # Without grammar-constrained decoding, offering only that tool is how the
+            # model is steered to it.
+            return chosen
+        return list(request.tools)
+
+    def prompt_tokens(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> list[int]:
+        messages = [_template_message(m) for m in request.messages]
+        kwargs: dict[str, Any] = {"add_generation_prompt": True}
+        if tools:
+            kwargs["tools"] = tools
+        if not getattr(self.tokenizer, "has_chat_template", False):
+            # A base model with no template: a plain transcript, as mlx-lm's server does.
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return list(self.tokenizer.encode(text))
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+        except Exception as exc:
+            # Jinja templates reject conversations they can't render (roles out of order,
+            # a system message where none is allowed): the client's request, not a crash.
+            raise BadRequest(
+                f"the model's chat template rejected the messages: {type(exc).__name__}: {exc}",
+                param="messages",
+            ) from exc
+        if isinstance(ids, Mapping):  # some tokenizers return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    # --- generation -------------------------------------------------------------------
+
+    def chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        if self.model is None:
+            raise ModelLoadError(f"model {self.manifest.name!r} is not loaded")
+        if request.has_images:
+            raise UnsupportedTask(
+                f"the mlx backend serves text only; model {self.manifest.name!r} got images"
+            )
+        fmt = (request.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise BadRequest(
+                f"response_format {fmt!r} is not supported by the mlx backend "
+                "(mlx-lm has no constrained decoding)",
+                param="response_format",
+            )
+        if request.repeat_penalty is not None and request.repeat_penalty <= 0:
+            raise BadRequest("repeat_penalty must be > 0", param="repeat_penalty")
+
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        tools = self._tools(request)
+        prompt = self.prompt_tokens(request, tools)
+        context = self.context_length
+        if context is not None and len(prompt) >= context:
+            raise ContextLengthExceeded(
+                f"the prompt is {len(prompt)} tokens; model {self.manifest.name!r} has a "
+                f"context of {context} tokens",
+                param="messages",
+            )
+        budget = context - len(prompt) if context is not None else FALLBACK_MAX_TOKENS
+        max_tokens = min(request.max_tokens, budget) if request.max_tokens else budget
+        cancel.raise_if_cancelled()
+
+        # Unseeded requests reseed from the OS so they never replay an earlier seeded one.
+        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
+        mx.random.seed(seed % 2**64)
+        sampler = make_sampler(
+            temp=max(float(request.temperature), 0.0),
+            top_p=float(request.top_p),
+            min_p=float(request.min_p or 0.0),
+            top_k=int(request.top_k or 0),
+        )
+        repeat = request.repeat_penalty if request.repeat_penalty not in (None, 1.0) else None
+        processors = make_logits_processors(
+            repetition_penalty=repeat,
+            repetition_context_size=PENALTY_WINDOW,
+            presence_penalty=request.presence_penalty or None,
+            presence_context_size=PENALTY_WINDOW,
+            frequency_penalty=request.frequency_penalty or None,
+            frequency_context_size=PENALTY_WINDOW,
+        )
+
+        tokenizer = self.tokenizer
+        parse_tools = bool(tools) and tokenizer.has_tool_calling
+        parser = AnswerParser(
+            request.stop,
+            tool_start=tokenizer.tool_call_start if parse_tools else None,
+            tool_end=tokenizer.tool_call_end if parse_tools else None,
+        )
+        tool_parser = tokenizer.tool_parser if parse_tools else None
+        detokenizer = tokenizer.detokenizer
+        eos = tokenizer.eos_token_ids
+
+        def check_prefill(_done: int, _total: int) -> None:
+            # Called between prefill chunks: a long prompt is cancellable too.
+            cancel.raise_if_cancelled()
+
+        steps = generate_step(
+            mx.array(prompt),
+            self.model,
+            self._stream,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=processors or None,
+            prompt_progress_callback=check_prefill,
+            prefill_step_size=2048 if self.device.kind == "metal" else 512,
+        )
+        generated = 0
+        finish = "length"
+        made_tool_call = False
+        try:
+            for token, _logprobs in steps:
+                # generate_step already runs the next token while we handle this one, so
+                # a cancel lands within about one token.
+                cancel.raise_if_cancelled()
+                if token in eos:
+                    finish = "stop"
+                    break
+                generated += 1
+                detokenizer.add_token(token)
+                for chunk in self._chunks(parser.feed(detokenizer.last_segment), tool_parser, tools):
+                    made_tool_call |= bool(chunk.tool_calls)
+                    yield chunk
+                if parser.stopped:
+                    finish = "stop"
+                    break
+        finally:
+            steps.close()
+        if not parser.stopped:
+            detokenizer.finalize()
+            events = parser.feed(detokenizer.last_segment)
+            if parser.stopped:
+                finish = "stop"
+            events += parser.finish()
+            for chunk in self._chunks(events, tool_parser, tools):
+                made_tool_call |= bool(chunk.tool_calls)
+                yield chunk
+        if made_tool_call and finish == "stop":
+            finish = "tool_calls"
+        yield ChatChunk(finish_reason=finish, usage=Usage(len(prompt), generated))
+
+    def _chunks(self, events: list, tool_parser: Any, tools: list) -> Iterator[ChatChunk]:
+        for event in events:
+            if isinstance(event, Text) and event.text:
+                yield ChatChunk(content=event.text)
+            elif isinstance(event, ToolSpan):
+                calls = _parse_tool_calls(tool_parser, event.text, tools)
+                if calls:
+                    yield ChatChunk(tool_calls=calls)
+                else:
+                    # Not a call the parser understands (or cut off by max_tokens): the
+                    # client still gets the text the model wrote, markers included.
+                    parser_start = self.tokenizer.tool_call_start or ""
+                    end = (self.tokenizer.tool_call_end or "") if event.closed else ""
+                    yield ChatChunk(content=f"{parser_start}{event.text}{end}")
+            elif isinstance(event, Stop):
+                return
+
+
+class MlxVisionBackend(MlxBackend):
+    """Declares the ``vlm`` task for MLX models so selection can explain its refusal.
+
+    Vision for MLX models lives in mlx-vlm, a separate package this plugin does not
+    drive yet: on Linux the brief for this plugin declares it unsupported, and on macOS
+    no machine was available to verify it. Rather than leaving image requests to fail
+    with "no backend serves vlm", this class is registered for ``vlm`` and refuses
+    every model with the reason, which selection shows to the client.
+    """
+
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.VLM})
+
+    @classmethod
+    def supports(cls, manifest: Manifest, device: Device) -> str | None:
+        if sys.platform.startswith("linux"):
+            return (
+                "images need mlx-vlm, which nexa-mlx does not support on Linux "
+                "(serve a GGUF vision model with the llama-cpp backend instead)"
+            )
+        return "images on MLX models (mlx-vlm) are not implemented by nexa-mlx yet"
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    """An OpenAI-style message as Hugging Face chat templates expect it."""
+    out: dict[str, Any] = {"role": message.role, "content": message.text}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                # Templates render arguments with `tojson`; a JSON string would be
+                # double-encoded, so hand them the object.
+                "function": {"name": call.name, "arguments": _json_or_text(call.arguments)},
+            }
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _parse_tool_calls(tool_parser: Any, text: str, tools: list) -> tuple[ToolCall, ...]:
+    if tool_parser is None:
+        return ()
+    try:
+        parsed = tool_parser(text, tools)
+    except Exception:
+        # Malformed JSON / unknown function: the caller falls back to plain content.
+        return ()
+    items = parsed if isinstance(parsed, list) else [parsed]
+    calls = []
+    for item in items:
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+            return ()
+        arguments = item.get("arguments", {})
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        calls.append(
+            ToolCall(
+                id=str(item.get("id") or f"call_{uuid.uuid4().hex[:24]}"),
+                name=item["name"],
+                arguments=arguments,
+            )
+        )
+    return tuple(calls)
