@@ -38,7 +38,7 @@ from nexa.plugins import PluginSet, load_plugins
 from nexa.registry import BackendRegistry
 from nexa.server import convert
 from nexa.server import schemas as wire
-from nexa.server.errors import EXCEPTION_HANDLERS, error_payload
+from nexa.server.errors import EXCEPTION_HANDLERS, GUARDED, INFERENCE, error_payload, error_responses
 from nexa.server.images import ImageFiles
 from nexa.store import ModelStore
 from nexa.types import ChatChunk, Task
@@ -99,14 +99,22 @@ def _tool_calls_wire(chunk: ChatChunk) -> list[wire.ToolCallWire]:
     ]
 
 
+class EventStream(Stream):
+    """A Server-Sent Events stream. The handler's JSON media type must not override it."""
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["media_type"] = "text/event-stream"
+        return super().to_asgi_response(*args, **kwargs)
+
+
 class ChatController(Controller):
     path = "/v1/chat/completions"
     tags = ["chat"]
 
-    @post(status_code=200, summary="Create a chat completion (text or image+text)")
+    @post(status_code=200, summary="Create a chat completion (text or image+text)", responses=error_responses(*INFERENCE))
     async def create(
         self, data: wire.ChatCompletionRequest, state: State, request: Request
-    ) -> wire.ChatCompletion | Stream:
+    ) -> wire.ChatCompletion | EventStream:
         config: ServerConfig = state.config
         manager: ModelManager = state.manager
         if any(isinstance(m.content, list) for m in data.messages):
@@ -128,7 +136,7 @@ class ChatController(Controller):
                 include_usage = bool(data.stream_options and data.stream_options.include_usage)
                 gen = self._stream(state, data.model, chunks, first, include_usage, stack, started)
                 stack = None  # the stream owns it now
-                return Stream(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                return EventStream(gen, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             return await until_disconnected(
                 request, asyncio.wait_for(self._collect(state, data.model, chunks, started), config.request_timeout)
             )
@@ -280,7 +288,7 @@ class EmbeddingsController(Controller):
     path = "/v1/embeddings"
     tags = ["embeddings"]
 
-    @post(status_code=200, summary="Create embeddings")
+    @post(status_code=200, summary="Create embeddings", responses=error_responses(*INFERENCE))
     async def create(
         self, data: wire.EmbeddingRequest, state: State, request: Request
     ) -> wire.EmbeddingResponse:
@@ -311,7 +319,7 @@ class ImagesController(Controller):
     path = "/v1/images"
     tags = ["images"]
 
-    @post("/generations", status_code=200, summary="Create images from a prompt")
+    @post("/generations", status_code=200, summary="Create images from a prompt", responses=error_responses(*INFERENCE))
     async def create(
         self, data: wire.ImageGenerationRequest, state: State, request: Request
     ) -> wire.ImagesResponse:
@@ -335,7 +343,7 @@ class ImagesController(Controller):
                 out.append(wire.ImageData(url=str(request.url.with_replacements(path=f"/v1/images/files/{name}", query=""))))
         return wire.ImagesResponse(created=_now(), data=out)
 
-    @get("/files/{name:str}", summary="Fetch a generated image", include_in_schema=True)
+    @get("/files/{name:str}", summary="Fetch a generated image", responses=error_responses(404, *GUARDED))
     async def file(self, name: str, state: State) -> File:
         files: ImageFiles = state.images
         path = files.path(name)
@@ -366,20 +374,20 @@ class ModelsController(Controller):
             loaded=manifest.name in loaded,
         )
 
-    @get(summary="List the models this server can serve")
+    @get(summary="List the models this server can serve", responses=error_responses(*GUARDED))
     async def list_models(self, state: State) -> wire.ModelList:
         store: ModelStore = state.store
         manifests = await asyncio.to_thread(store.list)
         return wire.ModelList(data=[self._card(state, m) for m in manifests])
 
-    @get("/{model_id:path}", summary="Describe one model")
+    @get("/{model_id:path}", summary="Describe one model", responses=error_responses(400, 404, *GUARDED))
     async def get_model(self, model_id: str, state: State) -> wire.ModelCard:
         store: ModelStore = state.store
         manifest = await asyncio.to_thread(store.get, model_id.lstrip("/"))
         return self._card(state, manifest)
 
 
-@get("/health", tags=["server"], summary="Liveness and loaded models")
+@get("/health", tags=["server"], summary="Liveness and loaded models", responses=error_responses(403, 500))
 async def health(state: State) -> wire.Health:
     return wire.Health(
         status="ok",
@@ -389,7 +397,8 @@ async def health(state: State) -> wire.Health:
     )
 
 
-@get("/v1/plugins", tags=["server"], summary="Installed plugins, failures and backends")
+@get("/v1/plugins", tags=["server"], summary="Installed plugins, failures and backends",
+     responses=error_responses(*GUARDED))
 async def plugins_report(state: State) -> wire.PluginsReport:
     plugins: PluginSet = state.plugins
     registry: BackendRegistry = state.registry
@@ -412,7 +421,8 @@ async def plugins_report(state: State) -> wire.PluginsReport:
     )
 
 
-@get("/metrics", tags=["server"], summary="Prometheus metrics", media_type=CONTENT_TYPE_LATEST)
+@get("/metrics", tags=["server"], summary="Prometheus metrics", media_type=CONTENT_TYPE_LATEST,
+     responses=error_responses(*GUARDED))
 async def metrics_endpoint(state: State) -> Response[bytes]:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -1,0 +1,133 @@
+"""Plugin discovery: entry points, a plugin that fails to import, and the disable switch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pytest
+
+from nexa.plugins import load_plugins
+
+
+@pytest.fixture
+def plugin_path(tmp_path):
+    """A folder on sys.path with two installed distributions: one good, one broken."""
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / "nexa_goodplugin.py").write_text(textwrap.dedent("""
+        from nexa.hookspecs import hookimpl
+        from nexa.testing.echo import EchoBackend, echo_manifest
+
+        @hookimpl
+        def register_chat_backends(register):
+            register(EchoBackend)
+
+        @hookimpl
+        def register_models(register):
+            register(echo_manifest("good/echo"))
+    """))
+    (root / "nexa_brokenplugin.py").write_text("raise ImportError('libfoo.so: cannot open shared object file')\n")
+    for dist, module in (("good", "nexa_goodplugin"), ("broken", "nexa_brokenplugin")):
+        info = root / f"nexa_{dist}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: nexa-{dist}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[nexa]\n{dist} = {module}\n")
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+    for module in ("nexa_goodplugin", "nexa_brokenplugin"):
+        sys.modules.pop(module, None)
+
+
+def test_broken_plugin_is_recorded_not_fatal(plugin_path):
+    plugins = load_plugins()
+    assert "good" in plugins.loaded
+    failure = next(f for f in plugins.failures if f.plugin == "broken")
+    assert failure.stage == "import"
+    assert "libfoo.so" in failure.error
+    assert [m.name for m in plugins.models] == ["good/echo"]
+
+
+def test_disable_env_skips_named_plugins(plugin_path, monkeypatch):
+    monkeypatch.setenv("NEXA_DISABLE_PLUGINS", "broken, good")
+    plugins = load_plugins()
+    assert "good" not in plugins.loaded
+    assert not [f for f in plugins.failures if f.plugin == "broken"]
+    assert sorted(plugins.disabled) == ["broken", "good"]
+
+
+def test_hook_that_raises_is_contained():
+    from nexa.hookspecs import hookimpl
+
+    class Bad:
+        @hookimpl
+        def register_chat_backends(self, register):
+            raise RuntimeError("plugin bug")
+
+    plugins = load_plugins(load_entry_points=False, extra_plugins=[Bad()])
+    assert plugins.failures[0].stage == "register_chat_backends"
+    assert "plugin bug" in plugins.failures[0].error
+
+
+def test_registering_a_non_backend_is_refused():
+    from nexa.hookspecs import hookimpl
+
+    class Wrong:
+        @hookimpl
+        def register_embed_backends(self, register):
+            register(object)
+
+    plugins = load_plugins(load_entry_points=False, extra_plugins=[Wrong()])
+    assert "not a Backend subclass" in plugins.failures[0].error
+
+
+def _env(plugin_path, home):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(plugin_path), env.get("PYTHONPATH", "")])
+    env["NEXA_HOME"] = str(home)
+    return env
+
+
+def test_cli_plugins_and_serve_survive_a_broken_plugin(plugin_path, home):
+    env = _env(plugin_path, home)
+    out = subprocess.run([sys.executable, "-m", "nexa.cli", "plugins"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "plugin FAILED: broken at import: ImportError: libfoo.so" in out.stdout
+    assert "echo" in out.stdout
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexa.cli", "serve", "good/echo", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        report = httpx.get(base + "/v1/plugins").json()
+        assert report["failed"][0]["plugin"] == "broken"
+        assert "good" in report["loaded"]
+        answer = httpx.post(base + "/v1/chat/completions", json={
+            "model": "good/echo", "messages": [{"role": "user", "content": "still works"}]}).json()
+        assert answer["choices"][0]["message"]["content"] == "still works"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

