@@ -343,7 +343,7 @@ class ImagesController(Controller):
                 out.append(wire.ImageData(url=str(request.url.with_replacements(path=f"/v1/images/files/{name}", query=""))))
         return wire.ImagesResponse(created=_now(), data=out)
 
-    @get("/files/{name:str}", summary="Fetch a generated image", responses=error_responses(404, *GUARDED))
+    @get("/files/{name:str}", summary="Fetch a generated image", responses=error_responses(400, 404, *GUARDED))
     async def file(self, name: str, state: State) -> File:
         files: ImageFiles = state.images
         path = files.path(name)

@@ -13,8 +13,10 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 
 from nexa.errors import Busy, NexaError
+from nexa.server.schemas import ErrorResponse
 
 log = logging.getLogger("nexa.server")
 
@@ -71,6 +73,11 @@ def http_error(_: Request, exc: HTTPException) -> Response[dict[str, Any]]:
                      None, _CODES.get(status), headers or None)
 
 
+def timeout_error(_: Request, exc: TimeoutError) -> Response[dict[str, Any]]:
+    # asyncio.wait_for(..., request_timeout) ends here; the work was already cancelled.
+    return _response(504, "the request ran past the server's request timeout", "server_error", None, "timeout")
+
+
 def internal_error(_: Request, exc: Exception) -> Response[dict[str, Any]]:
     log.exception("unhandled error", exc_info=exc)
     return _response(500, f"internal server error ({type(exc).__name__})", "server_error", None, "internal_error")
@@ -80,5 +87,36 @@ EXCEPTION_HANDLERS = {
     NexaError: nexa_error,
     ValidationException: validation_error,
     HTTPException: http_error,
+    TimeoutError: timeout_error,
     Exception: internal_error,
 }
+
+_DESCRIPTIONS = {
+    400: "Invalid request (bad JSON, a field out of range, a server cap exceeded, context overflow)",
+    401: "Missing or wrong API key (only when the server has one)",
+    403: "Host header not a loopback name on a loopback-bound server (DNS rebinding)",
+    404: "No such model or resource",
+    413: "Request body, image or input larger than the server allows",
+    500: "The model could not be loaded, or an unexpected error (no paths or tracebacks are shown)",
+    503: "The model's queue is full; retry after the Retry-After header's seconds",
+    504: "The request ran past the server's request timeout",
+}
+
+# Every route may meet the access guard and an unexpected failure.
+GUARDED = (401, 403, 500)
+INFERENCE = (400, 404, 413, 503, 504, *GUARDED)
+"""Statuses an inference endpoint (chat, embeddings, images) can answer with."""
+
+
+def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI ``responses`` entries so the document states every error and its OpenAI shape.
+
+    Without them Litestar documents only its own 400 body, and a client generated from
+    the document (or a fuzzer reading it) expects the wrong error shape.
+    """
+    return {
+        status: ResponseSpec(
+            data_container=ErrorResponse, description=_DESCRIPTIONS[status], generate_examples=False
+        )
+        for status in sorted(set(statuses))
+    }
