@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import shutil
+import os
 import sys
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_model  # noqa: E402
-
-MODEL_NAME = "mlx-community/tiny-test"
+from tiny_model import MODEL_NAME  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,20 +38,18 @@ def manifest(store):
 
 
 @pytest.fixture(scope="session")
-def backend(manifest):
+def device():
+    """Where the tests run models: Metal in the nox Metal session (NEXA_DEVICE=metal), else CPU."""
     from nexa.types import Device
+
+    return Device("metal" if os.environ.get("NEXA_DEVICE") == "metal" else "cpu")
+
+
+@pytest.fixture(scope="session")
+def backend(manifest, device):
     from nexa_mlx.backend import MlxBackend
 
-    backend = MlxBackend(manifest, Device("cpu"))
+    backend = MlxBackend(manifest, device)
     backend.load()
     yield backend
     backend.close()
-
-
-def variant(folder: Path, dest: Path, **config_changes) -> Path:
-    """A copy of the model folder with config.json changed."""
-    shutil.copytree(folder, dest)
-    config = json.loads((dest / "config.json").read_text())
-    config.update(config_changes)
-    (dest / "config.json").write_text(json.dumps(config))
-    return dest

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import nexa_mlx.plugin
 import pytest
 from nexa.backend import CancelToken, LoadOptions
 from nexa.errors import (
@@ -22,11 +23,8 @@ from nexa.plugins import load_plugins
 from nexa.registry import BackendRegistry
 from nexa.store import ModelStore
 from nexa.types import ChatMessage, ChatRequest, Device, ImagePart, Task, TextPart
-
-import nexa_mlx.plugin
 from nexa_mlx.backend import APPLE_SILICON, MlxBackend, MlxVisionBackend
-
-from conftest import variant
+from tiny_model import variant
 
 HELLO = (ChatMessage("user", "Hello world"),)
 
@@ -108,12 +106,12 @@ def test_importing_the_plugin_does_not_import_mlx():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_broken_weights_are_a_load_error(tiny_folder, tmp_path):
+def test_broken_weights_are_a_load_error(tiny_folder, tmp_path, device):
     folder = variant(tiny_folder, tmp_path / "broken")
     (folder / "model.safetensors").write_bytes(b"not safetensors")
     manifest = ModelStore(tmp_path / "home").import_path(folder, name="mlx-community/broken")
     with pytest.raises(ModelLoadError, match="broken"):
-        MlxBackend(manifest, Device("cpu")).load()
+        MlxBackend(manifest, device).load()
 
 
 # --- generation -----------------------------------------------------------------------
@@ -168,14 +166,14 @@ def test_earliest_of_several_stops_wins(backend):
     assert content(chunks) == full[: full.index(early)]
 
 
-def test_end_of_sequence_token_finishes_with_stop(tiny_folder, tmp_path, backend):
+def test_end_of_sequence_token_finishes_with_stop(tiny_folder, tmp_path, backend, device):
     # Make the third token the model says greedily its end-of-sequence token.
     tokens = backend.tokenizer.encode(content(ask(backend, max_tokens=10)))
     eos = tokens[2]
     assert eos not in tokens[:2]
     folder = variant(tiny_folder, tmp_path / "eos", eos_token_id=[2, eos])
     manifest = ModelStore(tmp_path / "home").import_path(folder, name="mlx-community/tiny-eos")
-    other = MlxBackend(manifest, Device("cpu"))
+    other = MlxBackend(manifest, device)
     other.load()
     chunks = ask(other, max_tokens=10)
     assert chunks[-1].finish_reason == "stop"
@@ -218,16 +216,16 @@ def test_presence_and_frequency_penalties_change_the_answer(backend):
     assert content(ask(backend, max_tokens=30, frequency_penalty=2.0)) != greedy
 
 
-def test_prompt_longer_than_context_is_a_400(manifest):
-    small = MlxBackend(manifest, Device("cpu"), LoadOptions(context_length=10))
+def test_prompt_longer_than_context_is_a_400(manifest, device):
+    small = MlxBackend(manifest, device, LoadOptions(context_length=10))
     small.load()
     with pytest.raises(ContextLengthExceeded) as exc:
         ask(small)
     assert exc.value.status == 400 and exc.value.code == "context_length_exceeded"
 
 
-def test_without_max_tokens_generation_stops_at_the_context(manifest):
-    small = MlxBackend(manifest, Device("cpu"), LoadOptions(context_length=20))
+def test_without_max_tokens_generation_stops_at_the_context(manifest, device):
+    small = MlxBackend(manifest, device, LoadOptions(context_length=20))
     small.load()
     chunks = ask(small)
     assert chunks[-1].finish_reason == "length"
@@ -255,9 +253,9 @@ def test_cancel_before_start_does_no_work(backend):
         ask(backend, cancel)
 
 
-def test_closing_the_async_stream_cancels_the_work(manifest):
+def test_closing_the_async_stream_cancels_the_work(manifest, device):
     async def main() -> tuple[list, list]:
-        model = MlxBackend(manifest, Device("cpu"))
+        model = MlxBackend(manifest, device)
         await model.start()
         try:
             stream = model.stream_chat(ChatRequest(messages=HELLO, temperature=0.0, max_tokens=400))
@@ -307,7 +305,7 @@ TOOL_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def tool_backend(tiny_folder, tmp_path_factory):
+def tool_backend(tiny_folder, tmp_path_factory, device):
     folder = variant(tiny_folder, tmp_path_factory.mktemp("tools") / "tiny-tools")
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["chat_template"] = TOOL_TEMPLATE
@@ -315,7 +313,7 @@ def tool_backend(tiny_folder, tmp_path_factory):
     manifest = ModelStore(tmp_path_factory.mktemp("home")).import_path(
         folder, name="mlx-community/tiny-tools"
     )
-    model = MlxBackend(manifest, Device("cpu"))
+    model = MlxBackend(manifest, device)
     model.load()
     return model
 

@@ -8,7 +8,10 @@ Random weights: the text it generates is gibberish, but deterministic under a se
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+MODEL_NAME = "mlx-community/tiny-test"
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -89,3 +92,12 @@ def write_model(folder: Path, *, seed: int = 0, vocab_size: int = 400, **overrid
     save_model(folder, model)
     save_config(dict(config), folder / "config.json")
     return folder
+
+
+def variant(folder: Path, dest: Path, **config_changes) -> Path:
+    """A copy of the model folder with config.json changed."""
+    shutil.copytree(folder, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config.update(config_changes)
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest

@@ -26,7 +26,6 @@ import attrs
 from nexa.backend import Backend, CancelToken, LoadOptions
 from nexa.errors import (
     BadRequest,
-    Cancelled,
     ContextLengthExceeded,
     ModelLoadError,
     UnsupportedTask,
