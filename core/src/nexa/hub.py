@@ -1,0 +1,670 @@
+"""Pulling models from the Hugging Face Hub into the store: ``nexa pull ORG/REPO[:QUANT]``.
+
+This module owns three things:
+
+1. **Which files make the model.** A GGUF repo gives one quant (``:QUANT`` or the first of
+   ``QUANT_PREFERENCE`` present, else the smallest), all parts of a split GGUF
+   (``-00001-of-0000N``), and one ``mmproj`` file when the repo has any (vision models;
+   ``MMPROJ_PREFERENCE``). A diffusers repo gives ``model_index.json`` and the folders of
+   the components it names. Sentence-transformers, MLX and transformers repos give their
+   configs, tokenizer files and weights. Everywhere, safetensors win over the same weights
+   as ``.bin``/``.pt``/``.ckpt``; ONNX/TF/Flax/OpenVINO exports, READMEs, images and
+   remote code are left out.
+2. **Resumable, verified download.** huggingface_hub's own ``hf_hub_download`` neither
+   resumes across processes nor checks sha256 (see the environment notes), so each file
+   is fetched here from the repo's ``resolve`` URL (built by ``hf_hub_url`` at the commit
+   the repo info named) through huggingface_hub's HTTP session (proxies, token, offline
+   mode, user agent), with ``Range`` requests appending to
+   ``partial/blobs/<algo>-<hash>.part``. A pull that is cut off, even by a killed process,
+   goes on from the last byte on disk. Every file is checked against the Hub's hash (the
+   LFS sha256, or the git blob sha1 of small files) while it streams; a mismatch deletes
+   the file and raises ``StoreError``.
+3. **Atomic install.** Verified blobs are linked into a staging folder, the manifest is
+   built by ``nexa.formats.describe_folder``, and ``ModelStore.install`` renames the folder
+   into place: a model is visible complete or not at all.
+
+File names from the Hub are untrusted: any unsafe name in a repo listing (``..``,
+absolute, backslashes, control characters) refuses the whole pull.
+
+The endpoint is ``endpoint=``, else ``HF_ENDPOINT`` read at call time (huggingface_hub reads
+it once at import), else huggingface.co. ``HF_TOKEN`` is honoured by huggingface_hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import attrs
+
+from nexa.errors import StoreError
+from nexa.formats import is_mmproj, quant_of
+from nexa.store import MANIFEST_NAME, ModelStore, split_quant, validate_name
+from nexa.types import Manifest, ModelFile
+
+__all__ = [
+    "MMPROJ_PREFERENCE",
+    "QUANT_PREFERENCE",
+    "RemoteFile",
+    "choose_files",
+    "pull",
+]
+
+log = logging.getLogger(__name__)
+
+QUANT_PREFERENCE: tuple[str, ...] = (
+    # 4-bit K-quants: the usual best size/quality trade-off on CPU and GPU alike.
+    "Q4_K_M", "Q4_K_S", "Q4_K_XL", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS",
+    # Bigger and better, then smaller and worse.
+    "Q5_K_M", "Q5_K_S", "Q5_0", "Q6_K", "Q8_0", "Q3_K_M", "Q3_K_L",
+    # Unquantised last: several times the size.
+    "F16", "BF16", "F32",
+)
+"""Default GGUF quant, first present wins; a repo with none of these gives its smallest."""
+
+MMPROJ_PREFERENCE: tuple[str, ...] = ("F16", "BF16", "F32", "Q8_0")
+"""Vision projector precision, first present wins; then the model's own quant, then smallest.
+Projectors are small, and llama.cpp's vision path is tested mostly at F16."""
+
+RETRIES = 4
+"""Attempts per file after a network error that made no progress (progress resets it)."""
+RETRY_WAIT = 1.0
+"""Seconds before the first retry; doubles each time."""
+
+_CHUNK = 1 << 20
+_SPLIT_RE = re.compile(r"^(?P<base>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.I)
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+
+# Non-GGUF repos: what a model folder needs, and what to leave on the Hub.
+_KEEP_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".vocab", ".spm", ".npz")
+_PREFERRED_WEIGHTS = (".safetensors",)
+_FALLBACK_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
+_WEIGHT_SUFFIXES = _PREFERRED_WEIGHTS + _FALLBACK_WEIGHTS + (".npz",)
+_SKIP_DIRS = frozenset(
+    {"onnx", "openvino", "coreml", "tflite", "tensorrt", "flax", "tf", "runs", "logs",
+     "checkpoints", "images", "samples", "assets", "original"}
+)
+# Training state that shares the weights' suffixes but is never needed for inference.
+_TRAINING_FILES = re.compile(r"^(training_args|optimizer|scheduler|rng_state[^/]*)\.(bin|pt|pth)$")
+_VARIANT_RE = re.compile(r"\.(fp16|bf16|fp32|fp8|non_ema|ema)(?=\.|-\d)", re.I)
+_VARIANT_PREFERENCE = ("fp16", "bf16", "fp32")
+
+
+@attrs.frozen
+class RemoteFile:
+    """One file of a Hub repo as its listing describes it."""
+
+    path: str
+    size: int | None = None
+    sha256: str | None = None
+    """Content sha256 of an LFS file."""
+    git_sha1: str | None = None
+    """Git blob id; the content hash of a non-LFS file."""
+
+
+# --- choosing files ----------------------------------------------------------------------
+
+
+def _unsafe_reason(path: str) -> str | None:
+    if not path or len(path) > 1024:
+        return "empty or too long"
+    if any(ord(c) < 32 or c in '\\:*?"<>|' for c in path):
+        return "a control character, backslash or reserved character"
+    if path.startswith("/"):
+        return "an absolute path"
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "an empty, '.' or '..' path segment"
+    if any(len(p) > 255 for p in parts):
+        return "a path segment over 255 characters"
+    return None
+
+
+def _check_names(files: Sequence[RemoteFile], repo: str) -> None:
+    for f in files:
+        reason = _unsafe_reason(f.path)
+        if reason:
+            raise StoreError(
+                f"the hub listed a file of {repo} with an unsafe name ({reason}): {f.path[:200]!r}; "
+                "refusing to pull from it"
+            )
+
+
+def _quant_label(stem: str) -> str | None:
+    label = quant_of(stem + ".gguf")
+    return {"FP16": "F16", "FP32": "F32"}.get(label, label) if label else None
+
+
+def _total_size(files: Sequence[RemoteFile]) -> float:
+    if any(f.size is None for f in files):
+        return float("inf")
+    return float(sum(f.size or 0 for f in files))
+
+
+def _gguf_variants(ggufs: Sequence[RemoteFile]) -> dict[str, list[RemoteFile]]:
+    """Model GGUFs grouped into variants (one file, or all parts of a split), by quant label."""
+    groups: dict[str, list[RemoteFile]] = defaultdict(list)
+    for f in ggufs:
+        match = _SPLIT_RE.match(f.path)
+        groups[match["base"] if match else f.path[: -len(".gguf")]].append(f)
+    variants: dict[str, list[RemoteFile]] = {}
+    for key in sorted(groups, key=lambda k: (len(k), k)):
+        members = sorted(groups[key], key=lambda f: f.path)
+        splits = [_SPLIT_RE.match(f.path) for f in members]
+        if all(splits):
+            totals = {int(m["total"]) for m in splits if m}
+            parts = sorted(int(m["part"]) for m in splits if m)
+            if len(totals) != 1 or parts != list(range(1, totals.pop() + 1)):
+                log.warning("skipping %s: its split parts are incomplete", key)
+                continue
+        elif len(members) > 1:
+            continue  # a plain file and a split of the same name: ambiguous, leave it
+        name = PurePosixPath(key).name
+        label = _quant_label(name) or name
+        # Two files with one label (e.g. an "-imat" copy): the shorter name wins.
+        variants.setdefault(label.upper(), members)
+    return variants
+
+
+def _choose_gguf(
+    files: Sequence[RemoteFile], quant: str | None, repo: str
+) -> tuple[list[RemoteFile], str | None]:
+    ggufs = [f for f in files if f.path.lower().endswith(".gguf")]
+    models = [f for f in ggufs if not is_mmproj(f.path)]
+    projectors = [f for f in ggufs if is_mmproj(f.path)]
+    variants = _gguf_variants(models)
+    if not variants:
+        raise StoreError(f"{repo} has mmproj files but no complete model GGUF")
+    if quant:
+        label = quant.upper()
+        if label not in variants:
+            raise StoreError(
+                f"{repo} has no {quant} GGUF; available: {', '.join(sorted(variants))}",
+                param="model",
+            )
+    else:
+        label = next((q for q in QUANT_PREFERENCE if q in variants), None) or min(
+            variants, key=lambda q: (_total_size(variants[q]), q)
+        )
+    chosen = list(variants[label])
+    if projectors:
+        by_label: dict[str, RemoteFile] = {}
+        for f in sorted(projectors, key=lambda f: (_total_size([f]), f.path)):
+            by_label.setdefault(_quant_label(PurePosixPath(f.path).stem) or "", f)
+        pick = next((by_label[q] for q in (*MMPROJ_PREFERENCE, label) if q in by_label), None)
+        chosen.append(pick or min(projectors, key=lambda f: (_total_size([f]), f.path)))
+    return chosen, (label if _quant_label(label) == label else None)
+
+
+def _weights_in_folder(files: list[RemoteFile]) -> list[RemoteFile]:
+    """Drop duplicate weights within one folder: safetensors over pickles, one variant."""
+    names = [PurePosixPath(f.path).name for f in files]
+    has_safetensors = any(n.endswith(_PREFERRED_WEIGHTS) for n in names)
+    out = []
+    for f, name in zip(files, names, strict=True):
+        if has_safetensors and (
+            name.endswith(_FALLBACK_WEIGHTS) or re.search(r"\.(bin|pt|pth)\.index\.json$", name)
+        ):
+            continue
+        out.append(f)
+    # diffusers-style variants (x.fp16.safetensors beside x.safetensors): keep the
+    # unsuffixed weights when present (what loaders take by default), else one variant.
+    variants = {f.path: m.group(1).lower() for f in out if (m := _VARIANT_RE.search(f.path))}
+    if not variants:
+        return out
+    plain_weights = any(
+        f.path not in variants and PurePosixPath(f.path).name.endswith(_WEIGHT_SUFFIXES)
+        for f in out
+    )
+    if plain_weights:
+        return [f for f in out if f.path not in variants]
+    present = set(variants.values())
+    keep = next((v for v in _VARIANT_PREFERENCE if v in present), min(present))
+    return [f for f in out if variants.get(f.path, keep) == keep]
+
+
+def _choose_folder(files: Sequence[RemoteFile], *, roots: set[str] | None = None) -> list[RemoteFile]:
+    """The files a transformers / sentence-transformers / MLX / diffusers folder needs.
+
+    ``roots``: when given (diffusers), only files inside these top-level folders are taken,
+    plus ``model_index.json``.
+    """
+    kept: dict[str, list[RemoteFile]] = defaultdict(list)
+    for f in files:
+        parts = PurePosixPath(f.path).parts
+        name = parts[-1]
+        folder = "/".join(parts[:-1])
+        if name == MANIFEST_NAME and not folder:
+            continue  # would clash with the store's own manifest
+        if any(p.startswith(".") or p.lower() in _SKIP_DIRS for p in parts):
+            continue
+        if roots is not None and not (f.path == "model_index.json" or (folder and parts[0] in roots)):
+            continue
+        lowered = name.lower()
+        if _TRAINING_FILES.match(lowered):
+            continue
+        if not lowered.endswith(_KEEP_SUFFIXES + _PREFERRED_WEIGHTS + _FALLBACK_WEIGHTS):
+            continue
+        kept[folder].append(f)
+    out: list[RemoteFile] = []
+    for folder in sorted(kept):
+        out.extend(_weights_in_folder(kept[folder]))
+    return out
+
+
+def choose_files(
+    files: Sequence[RemoteFile],
+    quant: str | None = None,
+    *,
+    repo: str = "repo",
+    model_index: dict[str, Any] | None = None,
+) -> tuple[list[RemoteFile], str | None]:
+    """The files to download from a repo listing, and the GGUF quant label chosen.
+
+    ``model_index``: the parsed ``model_index.json`` of a diffusers repo (its components
+    decide which folders are needed).
+    """
+    _check_names(files, repo)
+    if any(f.path.lower().endswith(".gguf") for f in files):
+        return _choose_gguf(files, quant, repo)
+    if quant:
+        raise StoreError(
+            f"{repo} has no GGUF files; ':{quant}' picks a quant in GGUF repos only", param="model"
+        )
+    if model_index is not None:
+        components = {
+            key for key, value in model_index.items()
+            if not key.startswith("_") and isinstance(value, list) and len(value) == 2
+            and value[0] is not None
+        }
+        chosen = _choose_folder(files, roots=components)
+    else:
+        chosen = _choose_folder(files)
+    if not any(PurePosixPath(f.path).name.lower().endswith(_WEIGHT_SUFFIXES) for f in chosen):
+        raise StoreError(
+            f"{repo} has no weights nexa can use (expected .gguf, or .safetensors/.bin beside a "
+            "config.json or model_index.json)"
+        )
+    return chosen, None
+
+
+# --- downloading -------------------------------------------------------------------------
+
+
+def _hasher(algo: str, size: int | None) -> Any:
+    if algo == "sha256":
+        return hashlib.sha256()
+    digest = hashlib.sha1()
+    digest.update(b"blob %d\0" % (size or 0))
+    return digest
+
+
+class _Downloader:
+    """Fetches files of one repo commit into ``partial/blobs``, verified."""
+
+    def __init__(self, store: ModelStore, repo: str, commit: str, endpoint: str, progress: bool):
+        from huggingface_hub.utils import build_hf_headers, get_session
+
+        self.repo = repo
+        self.commit = commit
+        self.endpoint = endpoint
+        self.progress = progress
+        self.blobs = store.partial_dir / "blobs"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.session = get_session()
+        # identity: byte offsets for Range must be offsets in the file, not a gzip stream.
+        self.headers = build_hf_headers(headers={"Accept-Encoding": "identity"})
+
+    def url(self, path: str) -> str:
+        from huggingface_hub import hf_hub_url
+
+        return hf_hub_url(self.repo, path, revision=self.commit, endpoint=self.endpoint)
+
+    def expect(self, f: RemoteFile) -> tuple[int | None, str, str]:
+        """(size, algo, hex digest) that the file's bytes must match."""
+        size, algo, digest = f.size, None, None
+        if f.sha256:
+            algo, digest = "sha256", f.sha256.lower()
+        elif f.git_sha1:
+            algo, digest = "gitsha1", f.git_sha1.lower()
+        if digest is None or size is None:
+            from huggingface_hub import get_hf_file_metadata
+
+            meta = _hub_call(
+                lambda: get_hf_file_metadata(self.url(f.path), endpoint=self.endpoint),
+                self.repo, self.endpoint,
+            )
+            size = size if size is not None else meta.size
+            etag = (meta.etag or "").lower()
+            if digest is None and _HEX64.match(etag):
+                algo, digest = "sha256", etag
+            elif digest is None and _HEX40.match(etag):
+                algo, digest = "gitsha1", etag
+        if algo is None or digest is None:
+            raise StoreError(f"the hub gave no checksum for {f.path}; refusing an unverifiable file")
+        # The digest becomes a file name below: only well-formed hex gets that far.
+        if not (_HEX64 if algo == "sha256" else _HEX40).match(digest):
+            raise StoreError(f"the hub gave a malformed checksum for {f.path}: {digest[:80]!r}")
+        return size, algo, digest
+
+    def remaining(self, f: RemoteFile) -> int:
+        """Bytes still to fetch (for the disk-space check), from what is on disk."""
+        if f.size is None:
+            return 0
+        digest = (f.sha256 or f.git_sha1 or "").lower()
+        algo = "sha256" if f.sha256 else "gitsha1"
+        final = self.blobs / f"{algo}-{digest}"
+        if digest and final.is_file():
+            return 0
+        part = final.with_name(final.name + ".part")
+        have = part.stat().st_size if digest and part.is_file() else 0
+        return max(0, f.size - have)
+
+    def fetch(self, f: RemoteFile) -> Path:
+        """The verified blob for ``f`` (downloaded or resumed as needed)."""
+        from filelock import FileLock
+
+        size, algo, digest = self.expect(f)
+        final = self.blobs / f"{algo}-{digest}"
+        part = final.with_name(final.name + ".part")
+        # Another pull (another model sharing the blob) may be fetching it: wait for it.
+        with FileLock(str(final) + ".lock"):
+            if final.is_file() and (size is None or final.stat().st_size == size):
+                return final
+            actual = self._download(f, part, size, algo)
+            if actual != digest:
+                part.unlink(missing_ok=True)
+                kind = "sha256" if algo == "sha256" else "git blob sha1"
+                raise StoreError(
+                    f"{f.path} from {self.repo} failed verification: expected {kind} {digest}, "
+                    f"got {actual}; the file was deleted and nothing was installed"
+                )
+            os.replace(part, final)
+        return final
+
+    def _download(self, f: RemoteFile, part: Path, size: int | None, algo: str) -> str:
+        import httpx2
+        from huggingface_hub import constants
+        from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.utils import hf_raise_for_status
+        from huggingface_hub.utils import tqdm as hf_tqdm
+
+        hasher = _hasher(algo, size)
+        offset = part.stat().st_size if part.is_file() else 0
+        if size is not None and offset > size:
+            part.unlink()
+            offset = 0
+        if offset:
+            # Resuming: the bytes already on disk are part of the hash.
+            with part.open("rb") as fh:
+                while block := fh.read(_CHUNK):
+                    hasher.update(block)
+            log.info("resuming %s at byte %d of %s", f.path, offset, size)
+        url = self.url(f.path)
+        failures = 0
+        with part.open("ab") as out, hf_tqdm(
+            total=size, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=_short(f.path), disable=None if self.progress else True,
+        ) as bar:
+            while size is None or offset < size:
+                headers = dict(self.headers)
+                if offset:
+                    headers["Range"] = f"bytes={offset}-"
+                before = offset
+                try:
+                    with self.session.stream(
+                        "GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
+                    ) as response:
+                        hf_raise_for_status(response)
+                        if offset and response.status_code == 200:
+                            # The server ignored Range and sends the whole file: start over.
+                            out.truncate(0)
+                            hasher = _hasher(algo, size)
+                            bar.update(-offset)
+                            offset = before = 0
+                        elif response.status_code == 206:
+                            start = _content_range_start(response.headers.get("Content-Range"))
+                            if start != offset:
+                                raise StoreError(
+                                    f"the hub answered a request for {f.path} from byte {offset} "
+                                    f"with bytes from {start}"
+                                )
+                        for chunk in response.iter_bytes():
+                            if size is not None and offset + len(chunk) > size:
+                                raise StoreError(
+                                    f"the hub sent more than the {size} bytes of {f.path}"
+                                )
+                            out.write(chunk)
+                            # Flushed per chunk so a killed process leaves every byte it got.
+                            out.flush()
+                            hasher.update(chunk)
+                            offset += len(chunk)
+                            bar.update(len(chunk))
+                    if size is None:
+                        size = offset
+                    elif offset < size:
+                        raise httpx2.RemoteProtocolError("connection closed early")
+                except (httpx2.TransportError, HfHubHTTPError) as exc:
+                    status = getattr(getattr(exc, "response", None), "status_code", None)
+                    transient = status is None or status == 429 or status >= 500
+                    failures = 0 if offset > before else failures + 1
+                    if not transient or failures > RETRIES:
+                        raise StoreError(
+                            f"download of {f.path} from {self.repo} stopped at byte {offset} of "
+                            f"{size if size is not None else '?'} ({_describe(exc)}); "
+                            "run the same pull again to resume"
+                        ) from exc
+                    log.warning("download of %s interrupted (%s); retrying", f.path, _describe(exc))
+                    time.sleep(RETRY_WAIT * (2 ** max(0, failures - 1)) if failures else 0)
+        return hasher.hexdigest()
+
+
+def _content_range_start(header: str | None) -> int | None:
+    match = re.match(r"^\s*bytes\s+(\d+)-\d+/(?:\d+|\*)\s*$", header or "")
+    return int(match.group(1)) if match else None
+
+
+def _short(path: str) -> str:
+    return path if len(path) <= 40 else "…" + path[-39:]
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+# --- the pull ----------------------------------------------------------------------------
+
+
+def _resolve_endpoint(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _hub_call(fn: Any, repo: str, endpoint: str) -> Any:
+    """Run a huggingface_hub call, turning its errors into StoreError with a next step."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return fn()
+    except GatedRepoError as exc:
+        raise StoreError(
+            f"{repo} is gated: accept its terms on the hub, then set HF_TOKEN", param="model"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise StoreError(
+            f"no model repo {repo!r} on {endpoint} (if it is private or gated, set HF_TOKEN)",
+            param="model",
+        ) from exc
+    except (RevisionNotFoundError, RemoteEntryNotFoundError) as exc:
+        raise StoreError(f"{repo}: {_describe(exc)}", param="model") from exc
+    except OfflineModeIsEnabled as exc:
+        raise StoreError("HF_HUB_OFFLINE is set: pulling from the hub is disabled") from exc
+    except HfHubHTTPError as exc:
+        raise StoreError(f"the hub at {endpoint} answered an error for {repo}: {_describe(exc)}") from exc
+    except (httpx2.HTTPError, OSError) as exc:
+        raise StoreError(f"cannot reach the hub at {endpoint}: {_describe(exc)}") from exc
+
+
+def _parse_spec(spec: str) -> tuple[str, str | None]:
+    text = spec.strip()
+    for prefix in ("https://", "http://"):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+    for host in ("hf.co/", "huggingface.co/"):
+        if text.startswith(host):
+            text = text[len(host) :]
+    repo, quant = split_quant(text)
+    if quant is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", quant):
+        raise StoreError(f"invalid quant {quant!r} in {spec!r}", param="model")
+    return validate_name(repo.strip("/")), quant
+
+
+@contextlib.contextmanager
+def _pull_lock(store: ModelStore, name: str) -> Iterator[None]:
+    from filelock import FileLock, Timeout
+
+    locks = store.partial_dir / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(locks / (name.replace("/", "--") + ".lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise StoreError(f"another pull of {name} is running; wait for it to finish") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _link_or_move(blob: Path, target: Path) -> None:
+    # A hard link keeps the verified blob until install succeeds, so a failure after this
+    # point (say, an unreadable GGUF header) costs no re-download.
+    try:
+        os.link(blob, target)
+    except OSError:
+        os.replace(blob, target)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pull(
+    store: ModelStore,
+    spec: str,
+    *,
+    progress: bool = True,
+    endpoint: str | None = None,
+) -> Manifest:
+    """Download ``ORG/REPO[:QUANT]`` from the Hub into ``store``; return its manifest.
+
+    Raises ``StoreError`` (with what to do next) for unknown repos, missing quants, network
+    failures (run again to resume), and files that fail verification (deleted; nothing
+    installed).
+    """
+    from huggingface_hub import HfApi
+
+    repo, quant = _parse_spec(spec)
+    endpoint = _resolve_endpoint(endpoint)
+    api = HfApi(endpoint=endpoint)
+    info = _hub_call(lambda: api.model_info(repo, files_metadata=True), repo, endpoint)
+    commit = info.sha or "main"
+    if not re.fullmatch(r"[0-9a-f]{40}|main", commit):
+        raise StoreError(f"the hub gave a malformed commit id for {repo}: {commit[:80]!r}")
+    listing = [
+        RemoteFile(
+            path=s.rfilename,
+            size=s.size,
+            sha256=s.lfs.sha256 if s.lfs else None,
+            git_sha1=None if s.lfs else s.blob_id,
+        )
+        for s in info.siblings or []
+    ]
+    _check_names(listing, repo)
+    name = repo
+    if isinstance(info.id, str) and info.id.lower() == repo.lower():
+        name = validate_name(info.id)  # the hub's own spelling of the name
+
+    with _pull_lock(store, name):
+        downloader = _Downloader(store, repo, commit, endpoint, progress)
+        model_index = None
+        is_gguf = any(f.path.lower().endswith(".gguf") for f in listing)
+        index_file = next((f for f in listing if f.path == "model_index.json"), None)
+        if index_file is not None and not is_gguf:
+            blob = downloader.fetch(index_file)
+            try:
+                model_index = json.loads(blob.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"{repo}'s model_index.json is not valid JSON") from exc
+            if not isinstance(model_index, dict):
+                raise StoreError(f"{repo}'s model_index.json is not a JSON object")
+        chosen, label = choose_files(listing, quant, repo=repo, model_index=model_index)
+
+        needed = sum(downloader.remaining(f) for f in chosen)
+        free = shutil.disk_usage(store.partial_dir).free
+        if needed > free:
+            raise StoreError(
+                f"{repo} needs {needed / 1e9:.1f} GB more disk space; {free / 1e9:.1f} GB free "
+                f"under {store.home}"
+            )
+        log.info("pulling %s@%s: %d files", repo, commit[:12], len(chosen))
+        try:
+            blobs = [(f, downloader.fetch(f)) for f in chosen]
+        except OSError as exc:  # disk full, permissions: not the hub's fault
+            raise StoreError(f"cannot write the download under {store.partial_dir}: {exc}") from exc
+
+        staged = store.staging_dir(name)
+        try:
+            root = staged.resolve()
+            files = []
+            placed: dict[Path, Path] = {}
+            for f, blob in blobs:
+                target = staged / f.path
+                if not target.resolve().is_relative_to(root):
+                    raise StoreError(f"file name {f.path!r} escapes the model folder")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if blob.exists():
+                    _link_or_move(blob, target)
+                else:  # identical bytes under two names, and the blob was moved already
+                    shutil.copyfile(placed[blob], target)
+                placed.setdefault(blob, target)
+                sha = f.sha256.lower() if f.sha256 else _sha256(target)
+                files.append(ModelFile(f.path, target.stat().st_size, sha))
+            from nexa.formats import describe_folder
+
+            manifest = describe_folder(
+                name, staged, files, source=f"hf:{repo}@{commit}", quant=label
+            )
+            installed = store.install(manifest, staged)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        # Lock files stay: deleting one that another pull waits on would split the lock.
+        for _, blob in blobs:
+            blob.unlink(missing_ok=True)
+        return installed
