@@ -70,7 +70,7 @@ def _pytest(session: nox.Session, *paths: str, env: dict[str, str] | None = None
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff==0.14.4")
+    session.install("ruff==0.17.6")
     session.run("ruff", "check", "core", "plugins", "tests", "bench", "noxfile.py")
 
 

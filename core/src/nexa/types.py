@@ -19,7 +19,7 @@ import attrs
 MANIFEST_VERSION = 1
 
 
-class Task(str, enum.Enum):
+class Task(enum.StrEnum):
     """A kind of work a backend can do."""
 
     CHAT = "chat"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -75,7 +76,7 @@ class EchoBackend(Backend):
             tool = request.tools[0]["function"]["name"]
             if isinstance(request.tool_choice, dict):
                 tool = request.tool_choice["function"]["name"]
-            call = ToolCall(id="call_echo0", name=tool, arguments='{"text": "%s"}' % " ".join(words))
+            call = ToolCall(id="call_echo0", name=tool, arguments=json.dumps({"text": " ".join(words)}))
             yield ChatChunk(tool_calls=(call,), finish_reason="tool_calls",
                             usage=Usage(prompt_tokens, 1))
             return
