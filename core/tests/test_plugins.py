@@ -131,3 +131,11 @@ def test_cli_plugins_and_serve_survive_a_broken_plugin(plugin_path, home):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_nexa_run_chats_in_the_terminal(plugin_path, home):
+    env = _env(plugin_path, home)
+    out = subprocess.run([sys.executable, "-m", "nexa.cli", "run", "good/echo"], env=env,
+                         input="hello from the terminal\n/bye\n", capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "hello from the terminal" in out.stdout

@@ -15,7 +15,7 @@ import pytest
 
 from nexa.backend import Backend
 from nexa.testing import EchoBackend, echo_manifest, serve
-from nexa.types import Manifest, Task
+from nexa.types import Manifest, ModelFile, Task
 
 USER = [{"role": "user", "content": "one two three four"}]
 
@@ -255,8 +255,6 @@ class CountingBackend(EchoBackend):
 
 
 def counting(name, size=100, **options):
-    from nexa.types import ModelFile
-
     return Manifest(name=name, format="counting", tasks={Task.CHAT}, options=options, context_length=999,
                     files=[ModelFile("weights.bin", size)])
 
@@ -383,3 +381,20 @@ def test_metrics_count_requests(server, client):
     assert 'nexa_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
     assert "nexa_time_to_first_token_seconds_bucket" in text
     assert 'nexa_generated_tokens_total{model="test/echo"} 4.0' in text
+
+
+def test_model_in_use_is_never_evicted(home):
+    SlowStream.stopped.clear()
+    forever = Manifest(name="test/forever", format="forever", tasks={Task.CHAT}, files=[ModelFile("w", 900)])
+    with serve([SlowStream, CountingBackend], home=home, models=[forever, counting("test/b", 900)],
+               memory_budget=1000) as handle:
+        with httpx.stream("POST", handle.base_url + "/v1/chat/completions", json={
+                "model": "test/forever", "messages": USER, "stream": True}) as resp:
+            lines = (line for line in resp.iter_lines() if line)
+            next(lines)
+            # B does not fit beside the busy model, which must stay loaded anyway.
+            assert post(handle, "/v1/chat/completions", {"model": "test/b", "messages": USER}).status_code == 200
+            assert not SlowStream.stopped.is_set()
+            loaded = httpx.get(handle.base_url + "/health").json()["models_loaded"]
+            assert "test/forever" in loaded
+            assert next(lines).startswith("data: ")
