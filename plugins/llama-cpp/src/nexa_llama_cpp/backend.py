@@ -1,0 +1,711 @@
+"""The llama.cpp backend: chat, vision chat and embeddings on GGUF models.
+
+One ``LlamaCppBackend`` is one loaded GGUF (plus its ``mmproj`` for vision) driven
+through llama-cpp-python, always from the model's own worker thread. The chat path is
+layered so each concern lives in one place:
+
+1. ``_plan``: the GGUF's chat template rendered in the Jinja sandboxed environment
+   (``chat_template``), tools given to the template (or described in a system prompt
+   when the template ignores them), the grammar for forced tool calls and
+   ``response_format``.
+2. Prompt tokens: text is tokenized here; for images, MTMD tokenizes and evaluates the
+   prompt with the images (``_prefill_images``), fed with the images' bytes only.
+3. ``_generate(prompt_tokens, sampling, cancel)``: **the one generation boundary** for
+   text chat. It yields ``(text, None)`` once per generated token (text may be empty
+   while a UTF-8 character is incomplete) and finally ``(text, finish_reason)`` with
+   ``"stop"`` (end-of-generation token) or ``"length"``, which is not a token. Closing
+   the iterator early must stop generation and free the sequence. A batching engine
+   can replace this method alone; everything around it (templates, tools, grammars,
+   stop strings, usage) stays. The default is ``_generate_llama`` (high-level
+   ``Llama.generate``), which vision chat always uses.
+4. ``_chunks``: stop strings (``textstream.StopMatcher``), tool-call parsing
+   (``textstream.ToolCallStream``), finish reason and usage.
+
+Heavy imports (llama_cpp, numpy) happen only inside methods.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import importlib.util
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from nexa.backend import Backend, CancelToken, LoadOptions
+from nexa.errors import BadRequest, ContextLengthExceeded, ModelLoadError, UnsupportedTask
+from nexa.types import (
+    ChatChunk,
+    ChatMessage,
+    ChatRequest,
+    Device,
+    EmbedRequest,
+    EmbedResult,
+    ImagePart,
+    Manifest,
+    Task,
+    ToolCall,
+    Usage,
+)
+
+from nexa_llama_cpp.chat_template import ChatTemplate
+from nexa_llama_cpp.textstream import (
+    CLOSE_TAG,
+    OPEN_TAG,
+    Sampling,
+    StopMatcher,
+    ToolCallStream,
+    tool_functions,
+    tools_system_prompt,
+)
+
+if TYPE_CHECKING:
+    import llama_cpp
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHAT_CONTEXT = 4096
+"""Context when the server sets none: the KV cache of a model's full trained context
+(32k-128k) would cost gigabytes for requests that rarely need it."""
+DEFAULT_EMBED_CONTEXT = 8192
+POOLING_RANK = 4
+Generation = Iterator[tuple[str, str | None]]
+
+
+def default_threads() -> int:
+    """CPU threads for decoding: every core on small machines, half (SMT) on big ones."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        n = os.cpu_count() or 1
+    return max(1, n if n <= 4 else n // 2)
+
+
+def _library_files() -> list[str]:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(list(spec.submodule_search_locations)[0]) / "lib"
+    try:
+        return [p.name for p in folder.iterdir()]
+    except OSError:
+        return []
+
+
+@attrs.frozen
+class _Plan:
+    prompt: str
+    grammar: str | None
+    tool_names: tuple[str, ...]
+    """Non-empty when the output is parsed for tool calls."""
+
+
+class LlamaCppBackend(Backend):
+    """GGUF models on llama.cpp: chat (with tools and JSON grammars), vision, embeddings."""
+
+    name = "llama-cpp"
+    tasks = frozenset({Task.CHAT, Task.VLM, Task.EMBED})
+    formats = frozenset({"gguf"})
+    devices = frozenset({"cpu", "cuda", "metal"})
+    parallel = 1
+    priority = 10
+
+    @classmethod
+    def supports(cls, manifest: Manifest, device: Device) -> str | None:
+        if not manifest.has_role("weights"):
+            return "the model has no GGUF weights file"
+        if Task.VLM in manifest.tasks and not manifest.has_role("mmproj"):
+            return "vision needs an mmproj GGUF beside the model, and this model has none"
+        if manifest.options.get("pooling_type") == POOLING_RANK:
+            return "reranking models (pooling type rank) are not served"
+        if device.kind in ("cuda", "metal"):
+            libs = _library_files()
+            # A CPU-only wheel on a GPU machine would silently run on the CPU; refuse so a
+            # backend built for the device (or the CPU device) is chosen instead.
+            if libs and not any(f"ggml-{device.kind}" in f for f in libs):
+                return f"llama-cpp-python is installed without {device.kind} support"
+        return None
+
+    def __init__(self, manifest: Manifest, device: Device, options: LoadOptions | None = None):
+        options = options or LoadOptions()
+        # One llama context serves one request at a time; a batching engine raises this.
+        self.requested_parallel = options.parallel
+        super().__init__(manifest, device, attrs.evolve(options, parallel=1))
+        self._llama: llama_cpp.Llama | None = None
+        self._template: ChatTemplate | None = None
+        self._mtmd: Any = None
+        self._media_marker = ""
+        self._bos_text = ""
+        self._pieces: dict[int, bytes] = {}
+        self._kv_has_images = False
+        self._lock = threading.Lock()
+        self.is_embedder = Task.EMBED in manifest.tasks and Task.CHAT not in manifest.tasks
+
+    # --- loading ---------------------------------------------------------------------
+
+    def context_length(self) -> int:
+        """n_ctx: the server's override, else the trained context capped at a default."""
+        if self.options.context_length:
+            return int(self.options.context_length)
+        trained = self.manifest.context_length or 0
+        cap = DEFAULT_EMBED_CONTEXT if self.is_embedder else DEFAULT_CHAT_CONTEXT
+        return min(trained, cap) if trained > 0 else (512 if self.is_embedder else cap)
+
+    def load(self) -> None:
+        import llama_cpp
+
+        _quiet_native_logs()
+        path = self.manifest.file_path("weights")
+        n_ctx = self.context_length()
+        threads = self.options.threads or default_threads()
+        kwargs: dict[str, Any] = {
+            "n_ctx": n_ctx,
+            "n_threads": threads,
+            "n_threads_batch": self.options.threads or max(threads, os.cpu_count() or 1),
+            "n_gpu_layers": -1 if self.device.kind in ("cuda", "metal") else 0,
+            "verbose": False,
+        }
+        if self.is_embedder:
+            # Non-causal encoders need each input whole in one micro-batch.
+            kwargs.update(embedding=True, n_batch=n_ctx, n_ubatch=n_ctx)
+            if "pooling_type" not in self.manifest.options:
+                # No pooling in the GGUF: mean pooling rather than per-token vectors.
+                kwargs["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        else:
+            kwargs.update(n_batch=min(512, n_ctx))
+        try:
+            self._llama = llama_cpp.Llama(str(path), **kwargs)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(
+                f"llama.cpp could not load {path.name} for {self.manifest.name!r}: {exc}"
+            ) from exc
+        if self.is_embedder:
+            if self._llama.pooling_type() == POOLING_RANK:
+                raise ModelLoadError(f"{self.manifest.name!r} is a reranker, not an embedding model")
+            return
+        llama = self._llama
+        self._bos_text = self._special_text(llama.token_bos())
+        source = self.manifest.options.get("chat_template") or llama.metadata.get(
+            "tokenizer.chat_template"
+        )
+        self._template = ChatTemplate(
+            source, bos_token=self._bos_text, eos_token=self._special_text(llama.token_eos())
+        )
+        if self._template.is_fallback:
+            log.warning("%s has no chat template; using ChatML", self.manifest.name)
+        if self.manifest.has_role("mmproj"):
+            self._load_mmproj(self.manifest.file_path("mmproj"))
+
+    def _load_mmproj(self, path: Path) -> None:
+        import llama_cpp.mtmd_cpp as mtmd_cpp
+        from llama_cpp.llama_chat_format import MTMDChatHandler
+
+        class BytesOnlyMTMD(MTMDChatHandler):
+            def load_image(self, image_url: str) -> bytes:
+                # The library fetches any non-data URL with urlopen (local files, SSRF).
+                # This backend hands it decoded bytes only; anything else is refused.
+                if not image_url.startswith("data:"):
+                    raise BadRequest("images reach the model only as data URIs")
+                return super().load_image(image_url)
+
+        handler = BytesOnlyMTMD(
+            clip_model_path=str(path), verbose=False, use_gpu=self.device.kind != "cpu"
+        )
+        try:
+            handler._init_mtmd_context(self._llama)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"the mmproj {path.name} could not be loaded: {exc}") from exc
+        self._mtmd = handler
+        self._media_marker = mtmd_cpp.mtmd_default_marker().decode("utf-8")
+
+    def close(self) -> None:
+        llama, self._llama, self._mtmd = self._llama, None, None
+        if llama is not None:
+            llama.close()  # also frees the mtmd context (registered on the Llama's stack)
+
+    # --- small helpers ---------------------------------------------------------------
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._llama.detokenize([token], special=True).decode("utf-8", "ignore")
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            import llama_cpp
+
+            vocab = self._llama._model.vocab
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, False)
+            piece = buf.raw[:n]
+            self._pieces[token] = piece
+        return piece
+
+    def tokenize_prompt(self, prompt: str) -> list[int]:
+        """Tokens of a rendered prompt; BOS added unless the template already wrote it."""
+        add_special = not (self._bos_text and prompt.startswith(self._bos_text))
+        return self._llama.tokenize(prompt.encode("utf-8"), add_bos=add_special, special=True)
+
+    def _sampling(self, request: ChatRequest, n_prompt: int, grammar: str | None) -> Sampling:
+        n_ctx = self._llama.n_ctx()
+        if n_prompt >= n_ctx:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {n_ctx} tokens. However, your "
+                f"messages resulted in {n_prompt} tokens. Shorten the messages, or serve "
+                "the model with a larger context.",
+                param="messages",
+            )
+        room = n_ctx - n_prompt
+        if request.max_tokens is not None and request.max_tokens < 1:
+            raise BadRequest("max_tokens must be at least 1", param="max_tokens")
+        return Sampling(
+            max_tokens=min(request.max_tokens or room, room),
+            temperature=max(0.0, float(request.temperature)),
+            top_p=float(request.top_p),
+            top_k=int(request.top_k or 0),
+            min_p=float(request.min_p or 0.0),
+            seed=request.seed,
+            presence_penalty=float(request.presence_penalty),
+            frequency_penalty=float(request.frequency_penalty),
+            repeat_penalty=float(request.repeat_penalty or 1.0),
+            grammar=grammar,
+        )
+
+    # --- chat ------------------------------------------------------------------------
+
+    def chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        if self.is_embedder or self._template is None:
+            raise UnsupportedTask(
+                f"model {self.manifest.name!r} is an embedding model and cannot chat"
+            )
+        with self._lock:
+            yield from self._chat_locked(request, cancel)
+
+    def _chat_locked(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        images = [img for m in request.messages for img in m.images]
+        if images and self._mtmd is None:
+            raise UnsupportedTask(
+                f"model {self.manifest.name!r} has no vision projector (mmproj) and "
+                "cannot read images",
+                param="messages",
+            )
+        plan = self._plan(request, with_images=bool(images))
+        if images:
+            prompt_tokens = self._prefill_images(plan.prompt, images, cancel)
+            sampling = self._sampling(request, len(prompt_tokens), plan.grammar)
+            pieces = self._generate_llama(prompt_tokens, sampling, cancel, prefilled=True)
+        else:
+            prompt_tokens = self.tokenize_prompt(plan.prompt)
+            sampling = self._sampling(request, len(prompt_tokens), plan.grammar)
+            pieces = self._generate(prompt_tokens, sampling, cancel)
+        yield from self._chunks(pieces, len(prompt_tokens), plan, request.stop)
+
+    def _plan(self, request: ChatRequest, *, with_images: bool) -> _Plan:
+        template = self._template
+        assert template is not None
+        choice = request.tool_choice
+        named: str | None = None
+        if isinstance(choice, Mapping):
+            function = choice.get("function")
+            named = function.get("name") if isinstance(function, Mapping) else None
+            if not named:
+                raise BadRequest("tool_choice must name a function", param="tool_choice")
+            choice = "named"
+        elif choice is None:
+            choice = "auto"
+        elif choice not in ("auto", "none", "required"):
+            raise BadRequest(f"unknown tool_choice {choice!r}", param="tool_choice")
+        tools = tuple(request.tools) if choice != "none" else ()
+        if choice in ("required", "named") and not tools:
+            raise BadRequest(f"tool_choice {choice!r} needs tools", param="tool_choice")
+
+        messages = tuple(request.messages)
+        template_tools = None
+        if tools:
+            if template.caps.tools:
+                template_tools = tools
+            else:
+                messages = _describe_tools(messages, tools)
+        prompt = template.render(
+            messages,
+            tools=template_tools,
+            media_marker=self._media_marker if with_images else None,
+        )
+
+        grammar = None
+        if choice in ("required", "named"):
+            from nexa_llama_cpp.grammar import forced_call_gbnf
+
+            # Our own tool prompt teaches the tagged form too.
+            tagged = template.caps.tool_call_tags or not template.caps.tools
+            grammar = forced_call_gbnf(tools, named, tagged=tagged)
+        elif request.response_format:
+            from nexa_llama_cpp.grammar import response_format_gbnf
+
+            grammar = response_format_gbnf(request.response_format)
+        names = tuple(f.get("name", "") for f in tool_functions(tools))
+        return _Plan(prompt=prompt, grammar=grammar, tool_names=names)
+
+    def _chunks(
+        self, pieces: Generation, n_prompt: int, plan: _Plan, stops: Sequence[str]
+    ) -> Iterator[ChatChunk]:
+        stop = StopMatcher(stops)
+        tool_stream = ToolCallStream(plan.tool_names) if plan.tool_names else None
+
+        def emit(text: str) -> Iterator[ChatChunk]:
+            if not text:
+                return
+            if tool_stream is None:
+                yield ChatChunk(content=text)
+                return
+            for event in tool_stream.feed(text):
+                yield _chunk_of(event)
+
+        n_generated = 0
+        finish = "stop"
+        try:
+            for text, reason in pieces:
+                if reason is None:
+                    n_generated += 1
+                yield from emit(stop.feed(text) if text else "")
+                if stop.stopped:
+                    finish = "stop"
+                    break
+                if reason is not None:
+                    finish = reason
+                    break
+        finally:
+            pieces.close()  # type: ignore[attr-defined]
+        yield from emit(stop.flush())
+        if tool_stream is not None:
+            for event in tool_stream.finish():
+                yield _chunk_of(event)
+            if tool_stream.calls:
+                finish = "tool_calls"
+        yield ChatChunk(finish_reason=finish, usage=Usage(n_prompt, n_generated))
+
+    # --- generation ------------------------------------------------------------------
+
+    def _generate(self, prompt_tokens: list[int], sampling: Sampling, cancel: CancelToken) -> Generation:
+        """The text-chat generation boundary (see the module docstring)."""
+        return self._generate_llama(prompt_tokens, sampling, cancel)
+
+    def _prefill(self, prompt: list[int], cancel: CancelToken) -> None:
+        """Evaluate ``prompt`` into the KV cache, reusing the longest cached prefix.
+
+        Done here rather than inside ``Llama.generate`` so a long prompt can be
+        cancelled between batches. At least the last prompt token is always evaluated,
+        so sampling starts from fresh logits.
+        """
+        llama = self._llama
+        keep = 0
+        if not self._kv_has_images:
+            cached = llama.input_ids[: llama.n_tokens]
+            limit = min(len(cached), len(prompt) - 1)
+            while keep < limit and cached[keep] == prompt[keep]:
+                keep += 1
+        if keep == 0 or not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
+            keep = 0
+            llama.reset()
+            llama._ctx.kv_cache_clear()
+        self._kv_has_images = False
+        llama.n_tokens = keep
+        for start in range(keep, len(prompt), llama.n_batch):
+            cancel.raise_if_cancelled()
+            llama.eval(prompt[start : start + llama.n_batch])
+
+    def _generate_llama(
+        self,
+        prompt_tokens: list[int],
+        sampling: Sampling,
+        cancel: CancelToken,
+        *,
+        prefilled: bool = False,
+    ) -> Generation:
+        import llama_cpp
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        llama = self._llama
+        grammar = None
+        if sampling.grammar:
+            _check_grammar(llama, sampling.grammar)
+            grammar = LlamaGrammar.from_string(sampling.grammar, verbose=False)
+        if not prefilled:
+            self._prefill(prompt_tokens, cancel)
+        llama.set_seed(sampling.seed if sampling.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
+        vocab = llama._model.vocab
+        is_eog = llama_cpp.llama_vocab_is_eog
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        # The prompt is in the KV cache, so generate() samples at once, no re-evaluation.
+        tokens = llama.generate(
+            prompt_tokens,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            min_p=sampling.min_p,
+            typical_p=1.0,
+            temp=sampling.temperature,
+            repeat_penalty=sampling.repeat_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            presence_penalty=sampling.presence_penalty,
+            grammar=grammar,
+        )
+        return self._decode_tokens(tokens, sampling.max_tokens, cancel, vocab, is_eog, decoder)
+
+    def _decode_tokens(
+        self, tokens: Iterator[int], max_tokens: int, cancel: CancelToken, vocab: Any,
+        is_eog: Any, decoder: codecs.IncrementalDecoder,
+    ) -> Generation:
+        n = 0
+        try:
+            for token in tokens:
+                if is_eog(vocab, token):
+                    yield decoder.decode(b"", final=True), "stop"
+                    return
+                n += 1
+                yield decoder.decode(self._piece(token)), None
+                if n >= max_tokens:
+                    yield decoder.decode(b"", final=True), "length"
+                    return
+                # Checked before the next decode: a disconnect costs at most this token.
+                cancel.raise_if_cancelled()
+        finally:
+            tokens.close()  # type: ignore[attr-defined]
+
+    # --- vision ----------------------------------------------------------------------
+
+    def _prefill_images(
+        self, prompt: str, images: Sequence[ImagePart], cancel: CancelToken
+    ) -> list[int]:
+        """Tokenize text + images with MTMD and evaluate them; the prompt's token ids.
+
+        Images go to the library as their bytes (``mtmd_helper_bitmap_init_from_buf``),
+        never as a URL or path.
+        """
+        import llama_cpp
+        import llama_cpp.mtmd_cpp as mtmd
+
+        llama = self._llama
+        handler = self._mtmd
+        bitmaps = []
+        try:
+            for i, image in enumerate(images):
+                try:
+                    bitmaps.append(handler._create_bitmap_from_bytes(image.data))
+                except ValueError as exc:
+                    raise BadRequest(
+                        f"image {i + 1} could not be decoded ({image.mime})", param="messages"
+                    ) from exc
+            text = prompt.encode("utf-8")
+            input_text = mtmd.mtmd_input_text()
+            input_text.text = text
+            input_text.text_len = len(text)
+            input_text.add_special = not (self._bos_text and prompt.startswith(self._bos_text))
+            input_text.parse_special = True
+            chunks = mtmd.mtmd_input_chunks_init()
+            if chunks is None:
+                raise RuntimeError("mtmd_input_chunks_init failed")
+            try:
+                array = (mtmd.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
+                rc = mtmd.mtmd_tokenize(
+                    handler.mtmd_ctx, chunks, ctypes.byref(input_text), array, len(bitmaps)
+                )
+                if rc == 1:
+                    raise BadRequest(
+                        "the number of images does not match the image markers in the "
+                        f"prompt (do not write {self._media_marker!r} in text)",
+                        param="messages",
+                    )
+                if rc != 0:
+                    raise BadRequest(f"the images could not be preprocessed (code {rc})",
+                                     param="messages")
+                n_chunks = mtmd.mtmd_input_chunks_size(chunks)
+                parts = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(n_chunks)]
+                total = sum(mtmd.mtmd_input_chunk_get_n_tokens(c) for c in parts if c)
+                if total >= llama.n_ctx():
+                    raise ContextLengthExceeded(
+                        f"This model's maximum context length is {llama.n_ctx()} tokens. "
+                        f"However, your messages and images resulted in {total} tokens.",
+                        param="messages",
+                    )
+                # Image positions leave stale ids in input_ids: never reuse this cache.
+                self._kv_has_images = True
+                llama.reset()
+                llama._ctx.kv_cache_clear()
+                for chunk in parts:
+                    if chunk is None:
+                        continue
+                    cancel.raise_if_cancelled()
+                    kind = mtmd.mtmd_input_chunk_get_type(chunk)
+                    if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                        count = ctypes.c_size_t()
+                        ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+                        ids = [ptr[j] for j in range(count.value)]
+                        for start in range(0, len(ids), llama.n_batch):
+                            llama.eval(ids[start : start + llama.n_batch])
+                    else:
+                        new_past = llama_cpp.llama_pos(0)
+                        rc = mtmd.mtmd_helper_eval_chunk_single(
+                            handler.mtmd_ctx, llama._ctx.ctx, chunk,
+                            llama_cpp.llama_pos(llama.n_tokens), llama_cpp.llama_seq_id(0),
+                            llama.n_batch, False, ctypes.byref(new_past),
+                        )
+                        if rc != 0:
+                            raise RuntimeError(f"llama.cpp failed to evaluate an image ({rc})")
+                        llama.n_tokens = new_past.value
+                return llama.input_ids[: llama.n_tokens].tolist()
+            finally:
+                mtmd.mtmd_input_chunks_free(chunks)
+        finally:
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
+
+    # --- embeddings ------------------------------------------------------------------
+
+    def embed(self, request: EmbedRequest, cancel: CancelToken) -> EmbedResult:
+        if not self.is_embedder:
+            raise UnsupportedTask(
+                f"model {self.manifest.name!r} is not an embedding model; use a model made "
+                "for embeddings (e.g. a GGUF of jina-embeddings or nomic-embed)",
+                param="model",
+            )
+        with self._lock:
+            return self._embed_locked(request, cancel)
+
+    def _embed_locked(self, request: EmbedRequest, cancel: CancelToken) -> EmbedResult:
+        import llama_cpp
+        import numpy as np
+
+        llama = self._llama
+        n_ctx = llama.n_ctx()
+        n_vocab = llama.n_vocab()
+        sequences: list[list[int]] = []
+        for i, item in enumerate(request.inputs):
+            if isinstance(item, str):
+                ids = llama.tokenize(item.encode("utf-8"), add_bos=True, special=False)
+            else:
+                ids = [int(t) for t in item]
+                if any(t < 0 or t >= n_vocab for t in ids):
+                    raise BadRequest(
+                        f"input {i} has token ids outside the model's vocabulary (0..{n_vocab - 1})",
+                        param="input",
+                    )
+            if not ids:
+                raise BadRequest(f"input {i} is empty", param="input")
+            if len(ids) > n_ctx:
+                raise ContextLengthExceeded(
+                    f"input {i} has {len(ids)} tokens; this model's maximum context length "
+                    f"is {n_ctx} tokens",
+                    param="input",
+                )
+            sequences.append(ids)
+
+        n_embd = llama.n_embd()
+        max_seqs = max(1, int(llama.context_params.n_seq_max))
+        vectors: list[tuple[float, ...]] = [()] * len(sequences)
+
+        def run(group: list[int]) -> None:
+            cancel.raise_if_cancelled()
+            llama._ctx.kv_cache_clear()
+            llama._batch.reset()
+            for seq, index in enumerate(group):
+                llama._batch.add_sequence(sequences[index], seq, True)
+            llama._ctx.decode(llama._batch)
+            for seq, index in enumerate(group):
+                ptr = llama_cpp.llama_get_embeddings_seq(llama._ctx.ctx, seq)
+                vec = np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(np.float64)
+                norm = float(np.linalg.norm(vec))
+                if norm > 0:
+                    vec /= norm
+                vectors[index] = tuple(vec.tolist())
+            llama._batch.reset()
+
+        # As many inputs per decode as the batch and the sequence limit allow.
+        group: list[int] = []
+        used = 0
+        for index, ids in enumerate(sequences):
+            if group and (used + len(ids) > llama.n_batch or len(group) >= max_seqs):
+                run(group)
+                group, used = [], 0
+            group.append(index)
+            used += len(ids)
+        if group:
+            run(group)
+        llama._ctx.kv_cache_clear()
+        return EmbedResult(vectors=tuple(vectors), prompt_tokens=sum(len(s) for s in sequences))
+
+
+def _chunk_of(event: str | ToolCall) -> ChatChunk:
+    if isinstance(event, ToolCall):
+        return ChatChunk(tool_calls=(event,))
+    return ChatChunk(content=event)
+
+
+def _describe_tools(
+    messages: tuple[ChatMessage, ...], tools: Sequence[Mapping[str, Any]]
+) -> tuple[ChatMessage, ...]:
+    """For templates that ignore ``tools``: a system prompt, and calls/results as text."""
+    import json
+
+    instructions = tools_system_prompt(tools)
+    out: list[ChatMessage] = []
+    for m in messages:
+        if m.role == "assistant" and m.tool_calls:
+            calls = "\n".join(
+                f'{OPEN_TAG}\n{{"name": {json.dumps(c.name)}, "arguments": {c.arguments or "{}"}}}\n{CLOSE_TAG}'
+                for c in m.tool_calls
+            )
+            text = (m.text + "\n" if m.text else "") + calls
+            out.append(ChatMessage(role="assistant", content=text))
+        elif m.role == "tool":
+            out.append(ChatMessage(role="user", content=f"<tool_response>\n{m.text}\n</tool_response>"))
+        else:
+            out.append(m)
+    if out and out[0].role == "system":
+        out[0] = ChatMessage(role="system", content=f"{out[0].text}\n\n{instructions}")
+    else:
+        out.insert(0, ChatMessage(role="system", content=instructions))
+    return tuple(out)
+
+
+def _check_grammar(llama: Any, gbnf: str) -> None:
+    """A grammar llama.cpp rejects would crash the sampler chain; refuse it first."""
+    import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(llama._model.vocab, gbnf.encode(), b"root")
+    if not sampler:
+        raise BadRequest("the requested output format could not be turned into a grammar")
+    llama_cpp.llama_sampler_free(sampler)
+
+
+_log_hooks: list[Any] = []
+
+
+def _quiet_native_logs() -> None:
+    """Route MTMD's native logs through llama-cpp-python's logger (quiet unless verbose)."""
+    if _log_hooks:
+        return
+    import llama_cpp._logger as llama_logger
+    import llama_cpp.mtmd_cpp as mtmd
+
+    callback = llama_logger.llama_log_callback
+    _log_hooks.append(callback)
+    for setter in ("mtmd_log_set", "mtmd_helper_log_set"):
+        fn = getattr(mtmd, setter, None)
+        if fn is not None:
+            try:
+                fn(callback, ctypes.c_void_p(0))
+            except Exception:  # an older library without it just stays chatty
+                pass
+
+
+__all__ = ["LlamaCppBackend", "default_threads"]

@@ -1,0 +1,278 @@
+"""Tiny GGUF models written from numpy random weights, for fast tests.
+
+Owned here so every test suite that drives llama.cpp (this plugin's, the batching
+engine's, the top-level end-to-end tests) builds the same models the same way:
+
+- ``write_tiny_llama``: a 2-layer llama with a byte-fallback SentencePiece vocab and a
+  ChatML template that accepts string or list content (optionally tool-aware).
+- ``write_tiny_embedder``: the same network with ``pooling_type`` set and no chat
+  template, which ``nexa.formats`` classifies as an embedding model.
+- ``write_tiny_mmproj``: a random CLIP vision tower + LLaVA MLP projector that
+  llama.cpp's MTMD loads and runs on a small PNG (``png_bytes``).
+
+Weights are random, so the text is gibberish; what the tests check is mechanics
+(streaming, stop, grammar, cancellation, context limits, image encoding), not quality.
+Only ``gguf`` and ``numpy`` are needed (no llama_cpp import).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+# ChatML that renders string content and OpenAI-style list content (text parts; image
+# parts are replaced by the backend with the media marker before rendering).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% elif message['content'] is not none %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# ChatML with Hermes/Qwen-style tools, like Qwen2.5's template (shortened).
+CHATML_TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "# Tools\n\nYou may call one or more functions. Function signatures within "
+    "<tools></tools>:\n<tools>"
+    "{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n\n"
+    "For each function call, return a json object within <tool_call></tool_call> tags:\n"
+    "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"
+    "<|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}"
+    "<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "<|im_start|>assistant\n{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% for tc in message['tool_calls'] %}\n<tool_call>\n"
+    "{\"name\": \"{{ tc['function']['name'] }}\", \"arguments\": "
+    "{{ tc['function']['arguments'] | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif message['role'] == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Token ids fixed by the writer: handy for tests that need to know them.
+UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = 0, 1, 2, 3, 4
+_SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+_USER_DEFINED = ["<tool_call>", "</tool_call>"]
+_WORDS = ["hello", "world", "the", "cat", "paris", "capital", "answer", "yes", "no"]
+
+
+def _vocab() -> tuple[list[str], list[float], list[int]]:
+    from gguf import TokenType
+
+    tokens: list[str] = []
+    scores: list[float] = []
+    types: list[int] = []
+
+    def add(text: str, score: float, kind: int) -> None:
+        tokens.append(text)
+        scores.append(score)
+        types.append(int(kind))
+
+    add(_SPECIAL[0], 0.0, TokenType.UNKNOWN)
+    for text in _SPECIAL[1:]:
+        add(text, 0.0, TokenType.CONTROL)
+    for text in _USER_DEFINED:
+        add(text, 0.0, TokenType.USER_DEFINED)
+    # Byte fallback: any text tokenizes, and random sampling can produce invalid UTF-8,
+    # which the backend's incremental decoder must survive.
+    for b in range(256):
+        add(f"<0x{b:02X}>", 0.0, TokenType.BYTE)
+    # Printable ASCII and a few words as normal pieces, so output is mostly readable.
+    add("\u2581", -1.0, TokenType.NORMAL)
+    for c in range(0x21, 0x7F):
+        add(chr(c), -2.0, TokenType.NORMAL)
+    for word in _WORDS:
+        add(word, -0.5, TokenType.NORMAL)
+        add("\u2581" + word, -0.4, TokenType.NORMAL)
+    return tokens, scores, types
+
+
+def write_tiny_llama(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    context_length: int = 1024,
+    chat_template: str | None = CHATML_TEMPLATE,
+    pooling_type: int | None = None,
+    name: str = "tiny-llama",
+    add_bos: bool = True,
+) -> Path:
+    """Write a random 2-layer llama GGUF (F32, ~200 KB) and return its path."""
+    from gguf import GGUFWriter
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tokens, scores, types = _vocab()
+    n_vocab = len(tokens)
+    head_dim = n_embd // n_head
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_context_length(context_length)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(n_vocab)
+    if pooling_type is not None:
+        from gguf import PoolingType
+
+        w.add_pooling_type(PoolingType(pooling_type))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(UNK_ID)
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(IM_END_ID if chat_template else EOS_ID)
+    w.add_add_bos_token(add_bos)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+    if chat_template:
+        w.add_chat_template(chat_template)
+
+    def t(*shape: int, scale: float = 0.2) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    # numpy shapes are (rows=out, cols=in); gguf stores them reversed as ggml's ne.
+    w.add_tensor("token_embd.weight", t(n_vocab, n_embd, scale=1.0))
+    kv = head_dim * n_head_kv
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.attn_q.weight", t(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.attn_k.weight", t(kv, n_embd))
+        w.add_tensor(f"blk.{i}.attn_v.weight", t(kv, n_embd))
+        w.add_tensor(f"blk.{i}.attn_output.weight", t(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", t(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", t(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", t(n_embd, n_ff))
+    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    out = t(n_vocab, n_embd, scale=1.0)
+    # Damp the byte tokens so greedy output is mostly printable pieces (stop-string
+    # tests pick substrings of it); sampling still produces stray bytes now and then.
+    byte_rows = [i for i, kind in enumerate(types) if kind == 6]
+    out[byte_rows] *= 0.3
+    w.add_tensor("output.weight", out)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_tiny_embedder(path: str | Path, *, seed: int = 1, pooling_type: int = 1) -> Path:
+    """A llama network with mean pooling (1) and no chat template: an embedding model."""
+    return write_tiny_llama(
+        path, seed=seed, chat_template=None, pooling_type=pooling_type, name="tiny-embedder"
+    )
+
+
+def write_tiny_mmproj(
+    path: str | Path,
+    *,
+    text_n_embd: int = 64,
+    seed: int = 2,
+    n_embd: int = 32,
+    n_head: int = 4,
+    n_ff: int = 64,
+    n_layer: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+) -> Path:
+    """A random CLIP vision tower with a LLaVA ``mlp`` projector into ``text_n_embd``.
+
+    The file name should contain ``mmproj`` so the store gives it that role.
+    """
+    from gguf import GGUFWriter
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n_patches = (image_size // patch_size) ** 2
+    w = GGUFWriter(str(path), "clip")
+    w.add_name("tiny-mmproj")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_string("clip.projector_type", "mlp")
+    w.add_uint32("clip.vision.embedding_length", n_embd)
+    w.add_uint32("clip.vision.feed_forward_length", n_ff)
+    w.add_uint32("clip.vision.block_count", n_layer)
+    w.add_uint32("clip.vision.projection_dim", text_n_embd)
+    w.add_uint32("clip.vision.attention.head_count", n_head)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    w.add_uint32("clip.vision.image_size", image_size)
+    w.add_uint32("clip.vision.patch_size", patch_size)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    w.add_bool("clip.use_gelu", True)
+
+    def t(*shape: int, scale: float = 0.1) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    w.add_tensor("v.patch_embd.weight", t(n_embd, 3, patch_size, patch_size))
+    w.add_tensor("v.class_embd", t(n_embd))
+    w.add_tensor("v.position_embd.weight", t(n_patches + 1, n_embd))
+    w.add_tensor("v.pre_ln.weight", np.ones(n_embd, dtype=np.float32))
+    w.add_tensor("v.pre_ln.bias", np.zeros(n_embd, dtype=np.float32))
+    for i in range(n_layer):
+        for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            w.add_tensor(f"v.blk.{i}.{proj}.weight", t(n_embd, n_embd))
+            w.add_tensor(f"v.blk.{i}.{proj}.bias", np.zeros(n_embd, dtype=np.float32))
+        for ln in ("ln1", "ln2"):
+            w.add_tensor(f"v.blk.{i}.{ln}.weight", np.ones(n_embd, dtype=np.float32))
+            w.add_tensor(f"v.blk.{i}.{ln}.bias", np.zeros(n_embd, dtype=np.float32))
+        w.add_tensor(f"v.blk.{i}.ffn_up.weight", t(n_ff, n_embd))
+        w.add_tensor(f"v.blk.{i}.ffn_up.bias", np.zeros(n_ff, dtype=np.float32))
+        w.add_tensor(f"v.blk.{i}.ffn_down.weight", t(n_embd, n_ff))
+        w.add_tensor(f"v.blk.{i}.ffn_down.bias", np.zeros(n_embd, dtype=np.float32))
+    w.add_tensor("mm.0.weight", t(text_n_embd, n_embd))
+    w.add_tensor("mm.0.bias", np.zeros(text_n_embd, dtype=np.float32))
+    w.add_tensor("mm.2.weight", t(text_n_embd, text_n_embd))
+    w.add_tensor("mm.2.bias", np.zeros(text_n_embd, dtype=np.float32))
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def png_bytes(width: int = 32, height: int = 32, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    """A small solid-colour PNG made with Pillow."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tiny_vlm(folder: str | Path, *, seed: int = 0) -> Path:
+    """A folder with a tiny llama and a matching mmproj: what a VLM repo looks like."""
+    folder = Path(folder)
+    write_tiny_llama(folder / "tiny-vlm-F32.gguf", seed=seed)
+    write_tiny_mmproj(folder / "mmproj-tiny-vlm-F32.gguf")
+    return folder

