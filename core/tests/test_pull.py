@@ -161,7 +161,11 @@ def test_split_gguf_takes_every_part_of_the_chosen_quant(env, store):
         (["m-Q8_0.gguf", "m-Q4_K_S.gguf", "m-Q4_K_M.gguf"], None, ["m-Q4_K_M.gguf"]),
         (["m-Q8_0.gguf", "m-Q6_K.gguf", "m-BF16.gguf"], None, ["m-Q6_K.gguf"]),
         (["m.Q2_K.gguf", "m.TQ1_0.gguf"], None, ["m.TQ1_0.gguf"]),  # none preferred: smallest
+        (["m.Q2_K.gguf", "m.TQ1_0.gguf"], "tq1_0", ["m.TQ1_0.gguf"]),
+        (["gpt-oss-20b-mxfp4.gguf", "gpt-oss-20b-F16.gguf"], "MXFP4", ["gpt-oss-20b-mxfp4.gguf"]),
         (["m-f16.gguf", "m-q5_k_m.gguf"], "F16", ["m-f16.gguf"]),
+        (["m-f16.gguf", "m-q5_k_m.gguf"], "fp16", ["m-f16.gguf"]),
+        (["m-UD-Q4_K_XL.gguf", "m-Q8_0.gguf"], "UD-Q4_K_XL", ["m-UD-Q4_K_XL.gguf"]),
         (["model.gguf"], None, ["model.gguf"]),
         (["m-Q4_K_M.gguf", "mmproj-Q8_0.gguf", "mmproj-BF16.gguf", "mmproj-F32.gguf"], None,
          ["m-Q4_K_M.gguf", "mmproj-BF16.gguf"]),
@@ -208,7 +212,16 @@ def test_cut_off_pull_resumes_in_a_new_call_from_the_last_byte(hub, store, ggufs
     assert leftover_partials(store) == []
 
 
-def test_dropped_connection_is_retried_within_one_call(hub, store, ggufs):
+def test_dropped_connection_is_resumed_within_one_call(hub, store, ggufs):
+    path = "Vision-Q4_K_M.gguf"
+    hub.drop_once_at[(GGUF_REPO, path)] = 50_001
+    manifest = pull(store, GGUF_REPO, progress=False)
+    assert hub.range_starts[(GGUF_REPO, path)] == [0, 50_001]
+    assert hub.bytes_served[(GGUF_REPO, path)] == len(ggufs[path])
+    assert manifest.file_path("weights").read_bytes() == ggufs[path]
+
+
+def test_server_errors_are_retried_then_reported(hub, store, ggufs):
     path = "Vision-Q4_K_M.gguf"
     hub.fail_status[(GGUF_REPO, path)] = 503
     with pytest.raises(StoreError, match="run the same pull again"):
@@ -512,3 +525,30 @@ def test_cli_pull_from_the_hub(hub, home, ggufs):
     assert result.returncode == 0, result.stderr
     assert f"pulled {GGUF_REPO}" in result.stdout
     assert ModelStore(home).get(GGUF_REPO).quant == "Q8_0"
+
+
+# --- the loopback hub speaks the protocol huggingface_hub expects -----------------------
+
+
+def test_hubserver_serves_huggingface_hub_own_calls(ggufs, env, tmp_path):
+    """The test double is checked against the client's own downloader and tree listing.
+
+    It also pins why ``nexa.hub`` verifies hashes itself: ``hf_hub_download`` stores a
+    corrupted LFS file without complaint.
+    """
+    from huggingface_hub import HfApi, hf_hub_download
+
+    with HubServer({GGUF_REPO: ggufs}) as server:
+        api = HfApi(endpoint=server.url)
+        tree = {e.path: e for e in api.list_repo_tree(GGUF_REPO, recursive=True)}
+        assert set(tree) == set(ggufs)
+        assert tree["Vision-F16.gguf"].lfs.sha256 == sha256(ggufs["Vision-F16.gguf"])
+        assert tree["README.md"].lfs is None
+        readme = hf_hub_download(GGUF_REPO, "README.md", endpoint=server.url,
+                                 cache_dir=tmp_path / "cache")
+        assert Path(readme).read_bytes() == ggufs["README.md"]
+        server.corrupt.add((GGUF_REPO, "Vision-F16.gguf"))
+        weights = hf_hub_download(GGUF_REPO, "Vision-F16.gguf", endpoint=server.url,
+                                  cache_dir=tmp_path / "cache")
+        assert Path(weights).stat().st_size == len(ggufs["Vision-F16.gguf"])
+        assert Path(weights).read_bytes() != ggufs["Vision-F16.gguf"]

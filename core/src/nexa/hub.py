@@ -141,8 +141,13 @@ def _check_names(files: Sequence[RemoteFile], repo: str) -> None:
             )
 
 
+# Labels nexa.formats.quant_of doesn't know: ternary and MXFP4 quants, ARM repacks.
+_MORE_QUANTS = re.compile(r"(?<![A-Za-z0-9])(TQ[12]_0|MXFP4(?:_MOE)?|Q4_0_[48]_[48])(?![A-Za-z0-9])", re.I)
+
+
 def _quant_label(stem: str) -> str | None:
-    label = quant_of(stem + ".gguf")
+    extra = _MORE_QUANTS.search(stem)
+    label = extra.group(1).upper() if extra else quant_of(stem + ".gguf")
     return {"FP16": "F16", "FP32": "F32"}.get(label, label) if label else None
 
 
@@ -185,9 +190,12 @@ def _choose_gguf(
     projectors = [f for f in ggufs if is_mmproj(f.path)]
     variants = _gguf_variants(models)
     if not variants:
-        raise StoreError(f"{repo} has mmproj files but no complete model GGUF")
+        raise StoreError(
+            f"{repo} has no complete model GGUF (only projector files or incomplete split parts)"
+        )
     if quant:
-        label = quant.upper()
+        # Same labelling as the files get: "fp16" finds F16, "UD-Q4_K_XL" finds Q4_K_XL.
+        label = _quant_label(quant) or quant.upper()
         if label not in variants:
             raise StoreError(
                 f"{repo} has no {quant} GGUF; available: {', '.join(sorted(variants))}",

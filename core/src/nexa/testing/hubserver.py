@@ -18,8 +18,9 @@ It speaks the part of the Hub HTTP API that huggingface_hub 2.4 (and ``nexa.hub`
 Repos are built from a dict ``{repo_id: {path: bytes}}``. Knobs for tests (all keyed by
 ``(repo_id, path)``): ``corrupt`` (serve wrong bytes under the right hash), ``drop_at``
 (the connection dies when the file offset reaches N, on every request, until cleared),
-``stall_at`` (send up to offset N, then hang until ``release()``: for killing a client
-mid-download), ``fail_status`` (answer that HTTP status). Counters: ``requests``,
+``drop_once_at`` (the same, for one request only: a blip), ``stall_at`` (send up to offset
+N, set ``stalled``, then hang until ``release()``, which lets every stall go on from then:
+for killing a client mid-download), ``fail_status`` (answer that HTTP status). Counters: ``requests``,
 ``bytes_served`` and ``range_starts`` per file, to prove what a client fetched.
 """
 
@@ -124,6 +125,7 @@ class HubServer:
         self.cdn_host = cdn_host
         self.corrupt: set[tuple[str, str]] = set()
         self.drop_at: dict[tuple[str, str], int] = {}
+        self.drop_once_at: dict[tuple[str, str], int] = {}
         self.stall_at: dict[tuple[str, str], int] = {}
         self.fail_status: dict[tuple[str, str], int] = {}
         self.stalled = threading.Event()
@@ -449,12 +451,18 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
+        with hub._lock:
+            once = hub.drop_once_at.get(key)
+            if once is not None and start <= once <= end:
+                del hub.drop_once_at[key]
+            else:
+                once = None
         drop_at = hub.drop_at.get(key)
         stall_at = hub.stall_at.get(key)
         offset = start
         while offset <= end:
             limit = end + 1
-            for cut in (drop_at, stall_at):
+            for cut in (drop_at, once, stall_at):
                 if cut is not None and offset <= cut < limit:
                     limit = cut
             chunk = data[offset : min(limit, offset + CHUNK)]
