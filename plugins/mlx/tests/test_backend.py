@@ -8,8 +8,10 @@ import subprocess
 import sys
 import textwrap
 
-import nexa_mlx.plugin
 import pytest
+from tiny_model import variant
+
+import nexa_mlx.plugin
 from nexa.backend import CancelToken, LoadOptions
 from nexa.errors import (
     BadRequest,
@@ -24,7 +26,6 @@ from nexa.registry import BackendRegistry
 from nexa.store import ModelStore
 from nexa.types import ChatMessage, ChatRequest, Device, ImagePart, Task, TextPart
 from nexa_mlx.backend import APPLE_SILICON, MlxBackend, MlxVisionBackend
-from tiny_model import variant
 
 HELLO = (ChatMessage("user", "Hello world"),)
 

@@ -6,9 +6,10 @@ import os
 
 import openai
 import pytest
+from tiny_model import MODEL_NAME
+
 from nexa.testing import serve
 from nexa_mlx.backend import MlxBackend, MlxVisionBackend
-from tiny_model import MODEL_NAME
 
 HELLO = [{"role": "user", "content": "Hello world"}]
 

@@ -12,6 +12,7 @@ Vision: mlx-lm serves text only. Images are refused at selection time by
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -23,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import attrs
+
 from nexa.backend import Backend, CancelToken, LoadOptions
 from nexa.errors import (
     BadRequest,
@@ -40,7 +42,6 @@ from nexa.types import (
     ToolCall,
     Usage,
 )
-
 from nexa_mlx.text import AnswerParser, Stop, Text, ToolSpan
 
 APPLE_SILICON = sys.platform == "darwin" and platform.machine() == "arm64"
@@ -217,7 +218,7 @@ class MlxBackend(Backend):
             raise BadRequest("repeat_penalty must be > 0", param="repeat_penalty")
 
         import mlx.core as mx
-        from mlx_lm.generate import generate_step
+        from mlx_lm.generate import generate_step, wired_limit
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
         tools = self._tools(request)
@@ -280,7 +281,9 @@ class MlxBackend(Backend):
         generated = 0
         finish = "length"
         made_tool_call = False
-        try:
+        # On Metal, pin the weights in memory for the duration (as mlx-lm's own
+        # stream_generate does); a no-op on CPU.
+        with wired_limit(self.model, [self._stream]), contextlib.closing(steps):
             for token, _logprobs in steps:
                 # generate_step already runs the next token while we handle this one, so
                 # a cancel lands within about one token.
@@ -296,8 +299,6 @@ class MlxBackend(Backend):
                 if parser.stopped:
                     finish = "stop"
                     break
-        finally:
-            steps.close()
         if not parser.stopped:
             detokenizer.finalize()
             events = parser.feed(detokenizer.last_segment)
