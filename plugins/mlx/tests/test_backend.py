@@ -372,3 +372,14 @@ def test_generates_on_metal(manifest):
     a = ask(model, temperature=1.0, seed=11, max_tokens=16)
     assert a[-1].usage.completion_tokens == 16
     assert content(a) == content(ask(model, temperature=1.0, seed=11, max_tokens=16))
+
+
+def test_passes_the_core_chat_conformance_checks(manifest, device):
+    from nexa.testing import conformance
+
+    model = MlxBackend(manifest, device)
+    asyncio.run(model.start())
+    try:
+        conformance.check_chat(model)
+    finally:
+        asyncio.run(model.stop())
