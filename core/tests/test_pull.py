@@ -113,6 +113,47 @@ def test_full_pull_takes_default_quant_and_projector_only(hub, store, ggufs):
     assert not any(store.partial_dir.glob("staged-*"))
 
 
+def test_pulling_again_is_a_no_op_until_the_repo_or_quant_changes(hub, store, ggufs):
+    first = pull(store, GGUF_REPO, progress=False)
+    hub.reset_counters()
+    again = pull(store, GGUF_REPO, progress=False)
+    assert again == first
+    assert file_requests(hub, GGUF_REPO) == set()  # only the repo info was asked for
+    # A deleted file is fetched again.
+    (first.root / "mmproj-Vision-F16.gguf").unlink()
+    repaired = pull(store, GGUF_REPO, progress=False)
+    assert (repaired.root / "mmproj-Vision-F16.gguf").read_bytes() == ggufs["mmproj-Vision-F16.gguf"]
+    # A new commit on the hub is pulled again.
+    hub.add_repo(GGUF_REPO, {**ggufs, "README.md": b"# changed"})
+    hub.reset_counters()
+    updated = pull(store, GGUF_REPO, progress=False)
+    assert updated.source == f"hf:{GGUF_REPO}@{hub.commits[GGUF_REPO]}" != first.source
+    assert "Vision-Q4_K_M.gguf" in file_requests(hub, GGUF_REPO)
+
+
+def test_a_second_pull_of_the_same_model_at_once_is_refused(hub, store, ggufs):
+    import threading
+
+    path = "Vision-Q4_K_M.gguf"
+    hub.stall_at[(GGUF_REPO, path)] = 10_000
+    results: list[object] = []
+    first = threading.Thread(
+        target=lambda: results.append(pull(store, GGUF_REPO, progress=False)), daemon=True
+    )
+    first.start()
+    try:
+        assert hub.stalled.wait(30)
+        with pytest.raises(StoreError, match="another pull of acme/Vision-GGUF is running"):
+            pull(store, GGUF_REPO, progress=False)
+    finally:
+        hub.stall_at.clear()
+        hub.release()
+        first.join(60)
+    # The first pull was not disturbed: it resumed after the stall and finished.
+    (manifest,) = results
+    assert manifest.file_path("weights").read_bytes() == ggufs[path]
+
+
 def test_explicit_quant_is_case_insensitive(hub, store, ggufs):
     manifest = pull(store, f"{GGUF_REPO}:q8_0", progress=False)
     assert manifest.quant == "Q8_0"

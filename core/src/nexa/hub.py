@@ -582,6 +582,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _up_to_date(
+    store: ModelStore, name: str, source: str, chosen: Sequence[RemoteFile], label: str | None
+) -> Manifest | None:
+    """The installed manifest when it already holds exactly these files of this commit."""
+    from nexa.errors import NexaError
+
+    try:
+        manifest = store.get(name)
+    except NexaError:
+        return None
+    if manifest.source != source or manifest.quant != label or manifest.root is None:
+        return None
+    have = {f.path: f.size for f in manifest.files}
+    if have != {f.path: f.size for f in chosen}:
+        return None
+    # Sizes only: re-hashing gigabytes on every pull would make "already there" slow.
+    if not all((manifest.root / p).is_file() and (manifest.root / p).stat().st_size == n
+               for p, n in have.items()):
+        return None
+    return manifest
+
+
 def pull(
     store: ModelStore,
     spec: str,
@@ -632,6 +654,11 @@ def pull(
             if not isinstance(model_index, dict):
                 raise StoreError(f"{repo}'s model_index.json is not a JSON object")
         chosen, label = choose_files(listing, quant, repo=repo, model_index=model_index)
+        source = f"hf:{repo}@{commit}"
+        current = _up_to_date(store, name, source, chosen, label)
+        if current is not None:
+            log.info("%s is up to date (%s)", name, commit[:12])
+            return current
 
         needed = sum(downloader.remaining(f) for f in chosen)
         free = shutil.disk_usage(store.partial_dir).free
@@ -665,9 +692,7 @@ def pull(
                 files.append(ModelFile(f.path, target.stat().st_size, sha))
             from nexa.formats import describe_folder
 
-            manifest = describe_folder(
-                name, staged, files, source=f"hf:{repo}@{commit}", quant=label
-            )
+            manifest = describe_folder(name, staged, files, source=source, quant=label)
             installed = store.install(manifest, staged)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
