@@ -349,6 +349,21 @@ def test_lfs_file_with_wrong_bytes_is_rejected_and_nothing_is_visible(hub, store
     assert manifest.file_path("weights").read_bytes() == ggufs[path]
 
 
+def test_hashes_come_from_the_file_headers_when_the_listing_has_none(ggufs, env, store):
+    with HubServer({GGUF_REPO: ggufs}, sibling_metadata=False) as server:
+        env.setenv("HF_ENDPOINT", server.url)
+        server.corrupt.add((GGUF_REPO, "mmproj-Vision-F16.gguf"))
+        with pytest.raises(StoreError, match="mmproj-Vision-F16.gguf .*failed verification"):
+            pull(store, GGUF_REPO, progress=False)
+        assert store.list() == []
+        server.corrupt.clear()
+        manifest = pull(store, GGUF_REPO, progress=False)
+        assert server.requests[("HEAD", GGUF_REPO, "Vision-Q4_K_M.gguf")] >= 1
+    assert {f.path: f.sha256 for f in manifest.files} == {
+        p: sha256(ggufs[p]) for p in ("Vision-Q4_K_M.gguf", "mmproj-Vision-F16.gguf")
+    }
+
+
 def test_small_git_file_with_wrong_bytes_is_rejected(env, store):
     repo = "acme/tiny-llama"
     files = {"config.json": json.dumps({"architectures": ["LlamaForCausalLM"]}).encode(),

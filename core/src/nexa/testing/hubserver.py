@@ -116,12 +116,15 @@ class HubServer:
         *,
         lfs_redirect: bool = True,
         cdn_host: str = "localhost",
+        sibling_metadata: bool = True,
     ):
         self.repos: dict[str, dict[str, _File]] = {}
         self.commits: dict[str, str] = {}
         for repo_id, files in repos.items():
             self.add_repo(repo_id, files)
         self.lfs_redirect = lfs_redirect
+        self.sibling_metadata = sibling_metadata
+        """False: repo info never carries sizes or hashes (clients must HEAD each file)."""
         self.cdn_host = cdn_host
         self.corrupt: set[tuple[str, str]] = set()
         self.drop_at: dict[tuple[str, str], int] = {}
@@ -358,7 +361,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._known_repo(repo_id) or not self._known_revision(repo_id, rev):
             return
         hub._count(self.command, repo_id, "api")
-        blobs = query.get("blobs", "").lower() in ("1", "true")
+        blobs = hub.sibling_metadata and query.get("blobs", "").lower() in ("1", "true")
         self._json(hub.repo_info(repo_id, blobs=blobs))
 
     def _resolve(self, path: str) -> None:
