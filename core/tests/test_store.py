@@ -131,3 +131,15 @@ def test_manifest_round_trip(tmp_path):
     path.write_text(m.to_json())
     again = Manifest.from_file(path)
     assert again == m and again.root == tmp_path
+
+
+def test_mlx_folder_recognised_by_safetensors_metadata(home, tmp_path):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "qwen2"}')
+    header = json.dumps({"__metadata__": {"format": "mlx"}}).encode()
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert ModelStore(home).import_path(folder, name="me/plain-name").format == "mlx"
+    header = json.dumps({"__metadata__": {"format": "pt"}}).encode()
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert ModelStore(home).import_path(folder, name="me/other").format == "safetensors"

@@ -107,6 +107,19 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def safetensors_format(path: Path) -> str | None:
+    """The ``format`` a safetensors header's metadata names (mlx_lm writes ``mlx``)."""
+    try:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return None
+            header = json.loads(fh.read(size))
+        return (header.get("__metadata__") or {}).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def describe_folder(
     name: str,
     root: Path,
@@ -146,8 +159,12 @@ def describe_folder(
                         files=files, root=root, backend=backend, source=source)
     if "config.json" in paths:
         config = _read_json(root / "config.json")
-        is_mlx = "mlx" in name.lower() or "quantization" in config or any(
-            f.path.endswith(".npz") for f in files
+        first_weights = next((f for f in files if f.path.endswith(".safetensors")), None)
+        is_mlx = (
+            "mlx" in name.lower()
+            or "quantization" in config
+            or any(f.path.endswith(".npz") for f in files)
+            or (first_weights is not None and safetensors_format(root / first_weights.path) == "mlx")
         )
         if is_mlx:
             tasks = {Task.CHAT}
