@@ -98,6 +98,20 @@ def _library_files() -> list[str]:
         return []
 
 
+def missing_device_support(kind: str, library_files: Sequence[str]) -> str | None:
+    """Why the installed llama.cpp libraries can't use device ``kind`` (None if they can).
+
+    A CPU-only wheel on a GPU machine would silently run on the CPU; refusing lets a
+    backend built for the device win, or tells the user to rebuild. Unknown layouts
+    (no library folder found) are given the benefit of the doubt.
+    """
+    if kind not in ("cuda", "metal") or not library_files:
+        return None
+    if any(f"ggml-{kind}" in name for name in library_files):
+        return None
+    return f"llama-cpp-python is installed without {kind} support (rebuild it with {kind} on)"
+
+
 @attrs.frozen
 class _Plan:
     prompt: str
@@ -124,13 +138,7 @@ class LlamaCppBackend(Backend):
             return "vision needs an mmproj GGUF beside the model, and this model has none"
         if manifest.options.get("pooling_type") == POOLING_RANK:
             return "reranking models (pooling type rank) are not served"
-        if device.kind in ("cuda", "metal"):
-            libs = _library_files()
-            # A CPU-only wheel on a GPU machine would silently run on the CPU; refuse so a
-            # backend built for the device (or the CPU device) is chosen instead.
-            if libs and not any(f"ggml-{device.kind}" in f for f in libs):
-                return f"llama-cpp-python is installed without {device.kind} support"
-        return None
+        return missing_device_support(device.kind, _library_files())
 
     def __init__(self, manifest: Manifest, device: Device, options: LoadOptions | None = None):
         options = options or LoadOptions()
