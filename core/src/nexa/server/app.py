@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import logging
@@ -25,6 +26,7 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Reference, Schema
 from litestar.response import File, Stream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -107,11 +109,41 @@ class EventStream(Stream):
         return super().to_asgi_response(*args, **kwargs)
 
 
+@dataclasses.dataclass
+class ChatOperation(Operation):
+    """The chat 200 answer is JSON or, with ``stream: true``, an event stream; say both.
+
+    Litestar documents the ``ChatCompletion | EventStream`` annotation as a JSON oneOf
+    with an empty schema, which every body matches twice (so no body is valid).
+    """
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if ok is None or not ok.content:
+            return
+        schema = ok.content["application/json"].schema
+        ref = next((s for s in getattr(schema, "one_of", None) or () if isinstance(s, Reference)), schema)
+        ok.content = {
+            "application/json": OpenAPIMediaType(schema=ref),
+            # OpenAPI 3.1: the schema of an event stream describes one event.
+            "text/event-stream": OpenAPIMediaType(
+                schema=Schema(
+                    type=OpenAPIType.OBJECT,
+                    required=["data"],
+                    properties={"data": Schema(type=OpenAPIType.STRING)},
+                    description="Each event's data is a chat.completion.chunk (or an error) as JSON; "
+                    "the last is `[DONE]`",
+                )
+            ),
+        }
+
+
 class ChatController(Controller):
     path = "/v1/chat/completions"
     tags = ["chat"]
 
-    @post(status_code=200, summary="Create a chat completion (text or image+text)", responses=error_responses(*INFERENCE))
+    @post(status_code=200, summary="Create a chat completion (text or image+text)", responses=error_responses(*INFERENCE),
+          operation_class=ChatOperation)
     async def create(
         self, data: wire.ChatCompletionRequest, state: State, request: Request
     ) -> wire.ChatCompletion | EventStream:

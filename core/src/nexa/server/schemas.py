@@ -11,12 +11,36 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import msgspec
+from litestar.openapi.spec import OpenAPIType, Schema
+from litestar.params import KwargDefinition
 from msgspec import Meta
 
-Float01 = Annotated[float, Meta(ge=0.0, le=1.0)]
+from nexa.config import ServerConfig
+
+# The server's default caps are part of the document (and enforced at decoding), so a
+# client or fuzzer reading it knows the limits; a ServerConfig may only lower them
+# (checked in ``convert``).
+_CAPS = ServerConfig()
+
+
+
+class _SchemaExtra(dict):
+    """Extra OpenAPI keywords; hashable so Litestar accepts it inside a union member."""
+
+    __hash__ = object.__hash__  # type: ignore[assignment]
+
+
+# Litestar leaves out a constraint whose value is 0 (it tests the value for truth), so a
+# documented ``ge=0`` has to be stated again; without it the document allows negatives.
+MIN0 = KwargDefinition(schema_extra=_SchemaExtra(minimum=0))
+# Litestar also leaves out the constraints of a list in a union of three or more.
+MAX16 = KwargDefinition(schema_extra=_SchemaExtra(max_items=16))
+
+Float01 = Annotated[float, Meta(ge=0.0, le=1.0), MIN0]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
-Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+MaxTokens = Annotated[int, Meta(ge=1, le=_CAPS.max_tokens_cap)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0), MIN0]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 
 
@@ -98,25 +122,25 @@ class StreamOptions(msgspec.Struct, kw_only=True):
 class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     model: Annotated[str, Meta(min_length=1, max_length=256)]
     messages: Annotated[list[Message], Meta(min_length=1)]
-    max_tokens: PositiveInt | None = None
-    max_completion_tokens: PositiveInt | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: Float01 | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
+    top_k: Annotated[int, Meta(ge=0), MIN0] | None = None
     min_p: Float01 | None = None
     seed: Seed | None = None
-    stop: str | Annotated[list[str], Meta(max_length=16)] | None = None
+    stop: str | Annotated[list[str], Meta(max_length=16), MAX16] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repeat_penalty: Annotated[float, Meta(ge=0.0, le=10.0)] | None = None
-    repetition_penalty: Annotated[float, Meta(ge=0.0, le=10.0)] | None = None
+    repeat_penalty: Annotated[float, Meta(ge=0.0, le=10.0), MIN0] | None = None
+    repetition_penalty: Annotated[float, Meta(ge=0.0, le=10.0), MIN0] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    n: Annotated[int, Meta(ge=1, le=128)] = 1
+    n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
     user: str | None = None
 
 
@@ -153,11 +177,33 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
 
 
 
+EmbedText = Annotated[str, Meta(min_length=1, max_length=_CAPS.max_embed_input_chars)]
+TokenId = Annotated[int, Meta(ge=0), MIN0]
+TokenArray = Annotated[list[TokenId], Meta(min_length=1)]
+_TEXT = Schema(type=OpenAPIType.STRING, min_length=1, max_length=_CAPS.max_embed_input_chars)
+_TOKENS = Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.INTEGER, minimum=0), min_items=1)
+# msgspec allows one array type per union, so decoding accepts a mixed list and ``convert``
+# rejects it; the document states the four real shapes.
+_EMBED_INPUT = KwargDefinition(
+    schema_extra={
+        "one_of": [
+            _TEXT,
+            Schema(type=OpenAPIType.ARRAY, items=_TEXT, min_items=1, max_items=_CAPS.max_embed_batch),
+            _TOKENS,
+            Schema(type=OpenAPIType.ARRAY, items=_TOKENS, min_items=1, max_items=_CAPS.max_embed_batch),
+        ],
+        "type": None,
+    }
+)
+
+
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
     model: Annotated[str, Meta(min_length=1, max_length=256)]
-    # A string, a list of strings, a token array, or a list of token arrays. msgspec allows
-    # one array type per union, so the list's shape is checked in ``convert``.
-    input: str | Annotated[list[str | int | list[int]], Meta(min_length=1)]
+    # A string, a list of strings, a token array, or a list of token arrays.
+    input: Annotated[
+        EmbedText | Annotated[list[EmbedText | TokenId | TokenArray], Meta(min_length=1, max_length=_CAPS.max_embed_batch)],
+        _EMBED_INPUT,
+    ]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
     user: str | None = None
@@ -184,15 +230,20 @@ class EmbeddingResponse(msgspec.Struct, kw_only=True):
 # --- images -------------------------------------------------------------------------
 
 
+# WIDTHxHEIGHT, each side 8..2048 (the default max_image_side), no leading zeros.
+_SIDE = r"(?:[89]|[1-9][0-9]|[1-9][0-9]{2}|1[0-9]{3}|20[0-3][0-9]|204[0-8])"
+IMAGE_SIZE_RE = rf"^{_SIDE}x{_SIDE}$"
+
+
 class ImageGenerationRequest(msgspec.Struct, kw_only=True):
     prompt: Annotated[str, Meta(min_length=1, max_length=10_000)]
     model: Annotated[str, Meta(min_length=1, max_length=256)]
-    n: Annotated[int, Meta(ge=1, le=16)] = 1
-    size: Annotated[str, Meta(pattern=r"^\d{1,5}x\d{1,5}$")] | None = None
+    n: Annotated[int, Meta(ge=1, le=_CAPS.max_image_n)] = 1
+    size: Annotated[str, Meta(pattern=IMAGE_SIZE_RE)] | None = None
     response_format: Literal["url", "b64_json"] = "url"
     seed: Seed | None = None
     num_inference_steps: Annotated[int, Meta(ge=1, le=500)] | None = None
-    guidance_scale: Annotated[float, Meta(ge=0.0, le=50.0)] | None = None
+    guidance_scale: Annotated[float, Meta(ge=0.0, le=50.0), MIN0] | None = None
     negative_prompt: Annotated[str, Meta(max_length=10_000)] | None = None
     quality: str | None = None
     style: str | None = None
