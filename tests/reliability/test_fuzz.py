@@ -1,0 +1,187 @@
+"""Property-based fuzzing of every endpoint from the app's own OpenAPI document.
+
+schemathesis reads the document the app serves at ``/schema/openapi.json`` and sends
+schema-valid and schema-breaking requests to a real server on loopback (echo test double
+as the backend). Every response must pass schemathesis' own checks (no 5xx, status codes,
+content types and bodies as documented, valid data accepted, invalid data rejected),
+every error must be in the OpenAI error shape and leak no server path or traceback, every
+stream must be complete, and the server must be healthy afterwards.
+
+``NEXA_FUZZ_CASES`` sets the cases per endpoint (default 50; the ``fuzz`` nox session
+runs 1000). ``NEXA_FUZZ_REPORT=path.json`` writes the per-endpoint status counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings
+
+import relkit
+from nexa.config import ServerConfig
+from nexa.plugins import load_plugins
+from nexa.server.app import create_app
+from nexa.testing import EchoBackend, StaticPlugin, echo_manifest, serve
+
+CASES = int(os.environ.get("NEXA_FUZZ_CASES", "50"))
+MODEL = "test/echo"
+PNG_URI = relkit.data_uri(relkit.tiny_png())
+pytestmark = pytest.mark.fuzz
+
+
+def _app_document() -> dict:
+    """The app's OpenAPI document, built as the server builds it (compared with the served one below)."""
+    with tempfile.TemporaryDirectory() as home:
+        plugins = load_plugins(load_entry_points=False, extra_plugins=[StaticPlugin([EchoBackend])])
+        app = create_app(ServerConfig(home=Path(home)), plugins=plugins)
+        return json.loads(json.dumps(app.openapi_schema.to_schema()))
+
+
+DOCUMENT = _app_document()
+schema = schemathesis.openapi.from_dict(DOCUMENT)
+COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+
+@pytest.fixture(scope="module")
+def fuzz_home():
+    with tempfile.TemporaryDirectory(prefix="nexa-fuzz-") as home:
+        yield Path(home)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(fuzz_home):
+    # A huge context so that schema-valid prompts are never a context overflow.
+    models = [echo_manifest(MODEL, context_length=10**9)]
+    with serve([EchoBackend], home=fuzz_home, models=models) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def http(fuzz_server):
+    with requests.Session() as session:
+        yield session
+
+
+def _pick(body: object, salt: str, out_of: int) -> bool:
+    """A deterministic 1-in-``out_of`` choice per body (reproducible, shrinks with it)."""
+    return zlib.crc32((salt + json.dumps(body, sort_keys=True, default=str)).encode()) % out_of != 0
+
+
+def ground(case) -> None:
+    """Give a schema-valid body the resources it names, as a real client would.
+
+    The document can't say which models exist, which image files exist or which tool a
+    ``tool_choice`` may name; without this, schema-valid requests would mostly stop at a
+    404 and never reach a backend. One body in four keeps its random model name.
+    """
+    body = case.body
+    if not isinstance(body, dict):
+        return
+    if isinstance(body.get("model"), str) and _pick(body, "model", 4):
+        body["model"] = MODEL
+    if isinstance(body.get("dimensions"), (int, float)) and not isinstance(body["dimensions"], bool):
+        body["dimensions"] = min(int(body["dimensions"]), 16)  # the echo model's vector size
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, list):
+                continue
+            for i, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    if message.get("role") == "user":
+                        part["image_url"]["url"] = PNG_URI
+                    else:
+                        # OpenAI accepts image parts in user messages only.
+                        content[i] = {"type": "text", "text": "an image was here"}
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        if tools:
+            choice["function"]["name"] = tools[0]["function"]["name"]
+        else:
+            body["tool_choice"] = "auto"
+    elif choice == "required" and not tools:
+        body["tool_choice"] = "auto"
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema") or {}
+        if not isinstance(spec.get("schema"), dict):
+            spec["schema"] = {"type": "object"}
+        fmt["json_schema"] = spec
+
+
+def openai_errors(ctx, response, case) -> None:
+    """Errors in the OpenAI shape without paths or tracebacks; streams complete."""
+    content_type = response.headers.get("content-type", [""])
+    content_type = content_type[0] if isinstance(content_type, list) else content_type
+    if response.status_code >= 400:
+        assert content_type.startswith("application/json"), f"error with content-type {content_type!r}"
+        relkit.check_error_body(response.json(), case.operation.schema.location)
+    elif content_type.startswith("text/event-stream"):
+        relkit.parse_sse(response.text)
+
+
+@schema.parametrize()
+@settings(
+    max_examples=CASES,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+    phases=[Phase.explicit, Phase.generate, Phase.target],
+)
+def test_fuzz_endpoint(case, fuzz_server, http, fuzz_home):
+    if case.meta is not None and case.meta.generation.mode.is_positive:
+        ground(case)
+    response = case.call_and_validate(
+        base_url=fuzz_server.base_url,
+        session=http,
+        additional_checks=[openai_errors],
+        timeout=60,
+    )
+    text = response.text
+    assert not relkit.leaks(text, fuzz_home) or response.status_code < 400
+    COUNTS[case.operation.label][response.status_code] += 1
+
+
+def test_fuzz_document_is_the_served_one(fuzz_server):
+    served = httpx.get(fuzz_server.base_url + "/schema/openapi.json", timeout=30)
+    assert served.status_code == 200
+    assert served.json() == DOCUMENT
+
+
+def test_fuzz_left_the_server_healthy(fuzz_server):
+    """After the fuzzing: healthy, a normal request works at once, nothing stuck in a slot."""
+    base = fuzz_server.base_url
+    started = time.monotonic()
+    health = httpx.get(base + "/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    r = httpx.post(base + "/v1/chat/completions", timeout=10, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "still here"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "still here"
+    assert time.monotonic() - started < 5
+    manager = fuzz_server.app.state.manager
+    for entry in manager.loaded():
+        assert entry.active == 0 and entry.waiting == 0, (entry.manifest.name, entry.active, entry.waiting)
+    total = sum(sum(c.values()) for c in COUNTS.values())
+    summary = {op: dict(sorted(c.items())) for op, c in sorted(COUNTS.items())}
+    print(f"\nfuzzed {total} cases over {len(COUNTS)} operations: {json.dumps(summary)}")
+    if os.environ.get("NEXA_FUZZ_REPORT"):
+        Path(os.environ["NEXA_FUZZ_REPORT"]).write_text(
+            json.dumps({"cases_per_endpoint_setting": CASES, "total": total, "statuses": summary}, indent=1)
+        )
+    if COUNTS:
+        # Every documented operation was fuzzed (this test runs after the fuzz test).
+        documented = {f"{m.upper()} {p}" for p, ops in DOCUMENT["paths"].items() for m in ops}
+        assert documented <= set(COUNTS), documented - set(COUNTS)
