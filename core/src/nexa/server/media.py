@@ -47,7 +47,12 @@ def check_image(data: bytes, config: ServerConfig) -> ImagePart:
                 )
             fmt = img.format or ""
             img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        # Pillow refuses a header claiming over twice its own limit before we see the size.
+        raise PayloadTooLarge(
+            f"image claims more pixels than the limit of {config.max_image_pixels}", param="messages"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise _bad(f"image could not be decoded ({type(exc).__name__})") from None
     mime = _FORMAT_MIME.get(fmt)
     if mime is None:
