@@ -12,6 +12,7 @@ from pathlib import Path
 import attrs
 import pytest
 from PIL import Image
+from tiny_pipeline import import_copy
 
 from nexa.backend import CancelToken
 from nexa.errors import BadRequest, Cancelled, ModelLoadError, NoBackend
@@ -21,7 +22,6 @@ from nexa.store import ModelStore
 from nexa.testing import StaticPlugin, conformance
 from nexa.types import Device, ImageRequest, Manifest, Task
 from nexa_diffusers.backend import DiffusersBackend
-from tiny_pipeline import import_copy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CPU = Device("cpu")
@@ -243,3 +243,32 @@ def test_entry_point_registers_the_backend() -> None:
     plugins = load_plugins(load_entry_points=True)
     assert "diffusers" in plugins.loaded, plugins.failures
     assert (DiffusersBackend, "diffusers") in plugins.backends[Task.IMAGE]
+
+
+# --- accelerators (skipped where the hardware is absent) ---------------------------
+
+
+def _accelerator_available(kind: str) -> bool:
+    import torch
+
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    return torch.backends.mps.is_available()
+
+
+@pytest.mark.parametrize("kind", [pytest.param("cuda", marks=pytest.mark.cuda),
+                                  pytest.param("metal", marks=pytest.mark.metal)])
+def test_accelerator_generates_in_fp16_reproducibly(tiny_manifest: Manifest, kind: str) -> None:
+    if not _accelerator_available(kind):
+        pytest.skip(f"needs a {kind} device (torch sees none here)")
+    backend = DiffusersBackend(tiny_manifest, Device(kind))
+    assert backend.dtype_name == "float16"
+    backend.load()
+    try:
+        first = backend.generate_images(request(n=2, seed=9), CancelToken())
+        again = backend.generate_images(request(n=2, seed=9), CancelToken())
+        assert [png_size(p) for p in first.images] == [(64, 64), (64, 64)]
+        assert first.images[0] != first.images[1]
+        assert first.images == again.images
+    finally:
+        backend.close()

@@ -12,10 +12,10 @@ import httpx
 import openai
 import pytest
 from PIL import Image
+from tiny_pipeline import import_copy
 
 from nexa.testing import serve
 from nexa_diffusers.backend import DiffusersBackend
-from tiny_pipeline import import_copy
 
 TINY = "test/tiny-sd"
 SEED_MODEL = "NexaAI/Prefect-illustrious-XL-v2.0p-fp16-cuda"

@@ -236,3 +236,25 @@ def test_loading_never_contacts_a_hub(tmp_path: Path, minilm_folder: Path) -> No
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# --- accelerators (skipped where the hardware is absent) ---------------------------
+
+
+@pytest.mark.parametrize("kind", [pytest.param("cuda", marks=pytest.mark.cuda),
+                                  pytest.param("metal", marks=pytest.mark.metal)])
+def test_accelerator_vectors_match_the_cpu_reference(minilm: Manifest, reference, kind: str) -> None:
+    import torch
+
+    available = torch.cuda.is_available() if kind == "cuda" else torch.backends.mps.is_available()
+    if not available:
+        pytest.skip(f"needs a {kind} device (torch sees none here)")
+    backend = SentenceTransformersBackend(minilm, Device(kind))
+    backend.load()
+    try:
+        texts = flat_texts()
+        ours = embed(backend, texts)
+        theirs = reference.encode(texts, normalize_embeddings=True)
+        assert all(cosine(a, b.tolist()) >= 0.999 for a, b in zip(ours, theirs, strict=True))
+    finally:
+        backend.close()
