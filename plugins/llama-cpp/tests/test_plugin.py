@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from nexa.plugins import load_plugins
 from nexa.registry import BackendRegistry
 from nexa.types import Device, Manifest, ModelFile, Task
@@ -80,3 +82,22 @@ def test_gpu_devices_need_a_gpu_build_of_the_library():
     chat = Manifest(name="a/b", format="gguf", tasks={Task.CHAT}, files=(ModelFile("m.gguf", 1),))
     has_cuda = any("ggml-cuda" in f for f in files)
     assert (LlamaCppBackend.supports(chat, Device("cuda")) is None) == has_cuda
+
+
+@pytest.mark.cuda
+def test_cuda_build_offloads_and_generates(store, device):
+    if device.kind != "cuda":
+        pytest.skip("needs NEXA_DEVICE=cuda (the nox CUDA session) and a CUDA build")
+    import llama_cpp
+    from nexa.backend import CancelToken
+    from nexa.types import ChatMessage, ChatRequest
+
+    assert llama_cpp.llama_supports_gpu_offload()
+    backend = LlamaCppBackend(store.get("test/tiny-chat"), device)
+    backend.load()
+    try:
+        chunks = list(backend.chat(ChatRequest(messages=[ChatMessage("user", "hi")], max_tokens=4,
+                                               temperature=0), CancelToken()))
+        assert chunks[-1].usage.completion_tokens == 4
+    finally:
+        backend.close()

