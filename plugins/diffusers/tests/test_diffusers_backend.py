@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import shutil
 import subprocess
 import sys
 import threading
@@ -12,7 +14,7 @@ from pathlib import Path
 import attrs
 import pytest
 from PIL import Image
-from tiny_pipeline import import_copy
+from tiny_pipeline import import_copy, write_tiny_single_file
 
 from nexa.backend import CancelToken
 from nexa.errors import BadRequest, Cancelled, ModelLoadError, NoBackend
@@ -225,6 +227,61 @@ def test_single_file_without_configs_fails_clearly_and_offline(
         DiffusersBackend(manifest, CPU).load()
     message = err.value.message
     assert "stable-diffusion-v1-5" in message and "options.config" in message
+
+
+def _copy_configs(source: Path, target: Path) -> None:
+    """The folder's JSON configs and tokenizer, no weights: what a family's config repo holds."""
+    for path in source.rglob("*.json"):
+        dest = target / path.relative_to(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
+
+
+def test_single_file_with_configs_beside_it_equals_the_folder_model(
+    tmp_path: Path, tiny_sd_folder: Path, loaded_backend: DiffusersBackend
+) -> None:
+    # An original-format (LDM) checkpoint of the same weights, plus the family's config
+    # folder beside it: imported as a user would, loaded through from_single_file.
+    user = tmp_path / "my-checkpoint"
+    user.mkdir()
+    write_tiny_single_file(tiny_sd_folder, user / "tiny-sd.safetensors")
+    _copy_configs(tiny_sd_folder, user / "config")
+    store = ModelStore(tmp_path / "home")
+    manifest = store.import_path(user, name="local/tiny-single")
+    assert manifest.format == "diffusers-single-file" and manifest.tasks == {Task.IMAGE}
+    backend = DiffusersBackend(manifest, CPU)
+    backend.load()
+    try:
+        single = backend.generate_images(request(seed=21), CancelToken())
+        folder = loaded_backend.generate_images(request(seed=21), CancelToken())
+        assert png_size(single.images[0]) == (64, 64)
+        assert single.images == folder.images
+    finally:
+        backend.close()
+
+
+def test_single_file_config_named_in_the_manifest(
+    tmp_path: Path, tiny_sd_folder: Path, tiny_manifest: Manifest
+) -> None:
+    ckpt = write_tiny_single_file(tiny_sd_folder, tmp_path / "alone.safetensors")
+    store = ModelStore(tmp_path / "home")
+    manifest = store.import_path(ckpt, name="local/alone")
+    # The user points the manifest at a diffusers model of the same family already in a store.
+    path = store.model_dir(manifest.name) / "manifest.json"
+    data = json.loads(path.read_text())
+    data["options"] = {"config": str(tiny_manifest.root)}
+    path.write_text(json.dumps(data))
+    manifest = store.get("local/alone")
+    backend = DiffusersBackend(manifest, CPU)
+    backend.load()
+    try:
+        assert png_size(backend.generate_images(request(), CancelToken()).images[0]) == (64, 64)
+    finally:
+        backend.close()
+    data["options"] = {"config": str(tmp_path / "missing")}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match="options.config"):
+        DiffusersBackend(store.get("local/alone"), CPU).load()
 
 
 # --- packaging ----------------------------------------------------------------------

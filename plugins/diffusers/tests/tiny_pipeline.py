@@ -91,6 +91,109 @@ def import_copy(store, source: Path, name: str, tmp_path: Path):  # noqa: ANN001
     return store.import_path(copy, name=name)
 
 
+# --- the same pipeline as one original-format (LDM) checkpoint ------------------------
+
+_RESNET_TO_LDM = (
+    ("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"),
+)
+_VAE_ATTENTION_TO_LDM = (
+    ("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"),
+)
+
+
+def _rename(rest: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    head, _, leaf = rest.rpartition(".")
+    for new, old in pairs:
+        if head == new:
+            return f"{old}.{leaf}"
+    return rest
+
+
+def _unet_to_ldm(key: str, layers: int, attention_up_blocks: set[int]) -> str:
+    """A diffusers UNet2DConditionModel key as Stable Diffusion's original name."""
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+    }
+    head, _, leaf = key.rpartition(".")
+    if head in fixed:
+        return f"{fixed[head]}.{leaf}"
+    parts = key.split(".")
+    if parts[0] == "down_blocks":
+        block, kind = int(parts[1]), parts[2]
+        if kind == "downsamplers":
+            return f"input_blocks.{(block + 1) * (layers + 1)}.0.op.{leaf}"
+        index = block * (layers + 1) + int(parts[3]) + 1
+        rest = ".".join(parts[4:])
+        if kind == "resnets":
+            return f"input_blocks.{index}.0.{_rename(rest, _RESNET_TO_LDM)}"
+        return f"input_blocks.{index}.1.{rest}"
+    if parts[0] == "up_blocks":
+        block, kind = int(parts[1]), parts[2]
+        if kind == "upsamplers":
+            slot = 2 if block in attention_up_blocks else 1
+            return f"output_blocks.{block * (layers + 1) + layers}.{slot}.conv.{leaf}"
+        index = block * (layers + 1) + int(parts[3])
+        rest = ".".join(parts[4:])
+        if kind == "resnets":
+            return f"output_blocks.{index}.0.{_rename(rest, _RESNET_TO_LDM)}"
+        return f"output_blocks.{index}.1.{rest}"
+    if parts[0] == "mid_block":
+        rest = ".".join(parts[3:])
+        if parts[1] == "resnets":
+            return f"middle_block.{2 * int(parts[2])}.{_rename(rest, _RESNET_TO_LDM)}"
+        return f"middle_block.1.{rest}"
+    raise KeyError(key)
+
+
+def _vae_to_ldm(key: str, blocks: int) -> str:
+    """A diffusers AutoencoderKL key as Stable Diffusion's original name."""
+    key = key.replace("conv_norm_out", "norm_out")
+    parts = key.split(".")
+    coder = parts[0]
+    if len(parts) < 3:
+        return key
+    if parts[1] in {"down_blocks", "up_blocks"}:
+        block = int(parts[2])
+        ldm_block = block if coder == "encoder" else blocks - 1 - block
+        where = "down" if coder == "encoder" else "up"
+        if parts[3] in {"downsamplers", "upsamplers"}:
+            sampler = "downsample" if coder == "encoder" else "upsample"
+            return f"{coder}.{where}.{ldm_block}.{sampler}.conv.{parts[-1]}"
+        rest = ".".join(parts[5:]).replace("conv_shortcut", "nin_shortcut")
+        return f"{coder}.{where}.{ldm_block}.block.{parts[4]}.{rest}"
+    if parts[1] == "mid_block":
+        rest = ".".join(parts[4:])
+        if parts[2] == "resnets":
+            return f"{coder}.mid.block_{int(parts[3]) + 1}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+        return f"{coder}.mid.attn_1.{_rename(rest, _VAE_ATTENTION_TO_LDM)}"
+    return key
+
+
+def write_tiny_single_file(folder: Path, target: Path) -> Path:
+    """The pipeline in ``folder`` as one SD1-style ``.safetensors`` (UNet, VAE, CLIP text)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    layers = unet_config["layers_per_block"]
+    attention_up = {i for i, t in enumerate(unet_config["up_block_types"]) if "CrossAttn" in t}
+    blocks = len(json.loads((folder / "vae" / "config.json").read_text())["down_block_types"])
+    state = {}
+    for key, value in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items():
+        state["model.diffusion_model." + _unet_to_ldm(key, layers, attention_up)] = value
+    for key, value in load_file(folder / "vae" / "diffusion_pytorch_model.safetensors").items():
+        state["first_stage_model." + _vae_to_ldm(key, blocks)] = value
+    for key, value in load_file(folder / "text_encoder" / "model.safetensors").items():
+        # transformers >= 5.6 saves CLIPTextModel flattened; originals say `text_model.`.
+        key = key if key.startswith("text_model.") else "text_model." + key
+        state["cond_stage_model.transformer." + key] = value
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+    return target
+
+
 if __name__ == "__main__":
     import sys
 

@@ -43,6 +43,8 @@ _SINGLE_FILE_PIPELINES = {
     "flux-schnell": "FluxPipeline",
 }
 
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
 MIN_SIDE = 64
 DEFAULT_MAX_SIDE = 2048
 DEFAULT_MAX_PIXELS = 2048 * 2048
@@ -244,20 +246,26 @@ class DiffusersBackend(Backend):
                 path = self._root() / path
             if path.is_dir():
                 return str(path)
-            if "/" in str(configured) and self._cached(str(configured)):
+            if _REPO_ID_RE.match(str(configured)) and self._cached(str(configured)):
                 return str(configured)
             raise ModelLoadError(
                 f"model {self.manifest.name!r}: options.config {configured!r} is neither a "
                 "folder nor a hub repo in the local cache"
             )
+        # A diffusers config folder shipped beside the checkpoint (`model.safetensors` +
+        # `config/model_index.json`, ...) needs no manifest edit.
+        beside = sorted(p.parent for p in self._root().glob("*/model_index.json"))
+        if beside:
+            return str(beside[0])
         repo = defaults.get(model_type, {}).get("pretrained_model_name_or_path")
         if repo and self._cached(repo):
             return repo
         raise ModelLoadError(
             f"single-file checkpoint {self.manifest.name!r} ({model_type}) needs the component "
-            f"configs of {repo or 'its model family'}, which are not available offline; "
-            "pull that repo's diffusers folder, or set options.config in the model's manifest "
-            "to a local diffusers folder of the same family"
+            f"configs of {repo or 'its model family'}, which are not available offline; put "
+            "that family's diffusers config folder (model_index.json and the component "
+            "configs) beside the checkpoint, or set options.config in the model's manifest to "
+            "a local diffusers folder of the same family"
         )
 
     @staticmethod
