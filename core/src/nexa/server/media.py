@@ -15,6 +15,7 @@ import binascii
 import io
 import ipaddress
 import socket
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -103,15 +104,46 @@ def _from_path(raw: str, config: ServerConfig) -> bytes:
     return resolved.read_bytes()
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits and can reach it:
+# IPv4-compatible (Linux routes ::/96 through a sit tunnel), IPv4-translated (SIIT) and
+# NAT64 (a NAT64 gateway on the network forwards 64:ff9b::10.0.0.1 to 10.0.0.1).
+_V4_IN_LAST_32 = tuple(
+    ipaddress.ip_network(n) for n in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48")
+)
+
+REMOTE_TIMEOUT = 10.0
+"""Seconds a remote image may take: each network step, and the whole download."""
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if any(ip in net for net in _V4_IN_LAST_32):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def is_public_address(address: str) -> bool:
-    """True only for globally routable unicast addresses (no loopback, private, metadata...)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    """True only for globally routable unicast addresses (no loopback, private, metadata...).
+
+    An IPv6 address that embeds an IPv4 one (``::ffff:127.0.0.1``, ``::127.0.0.1``,
+    ``2002:7f00:1::``, NAT64, Teredo) must be public both ways.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if not ip.is_global or ip.is_multicast:
+        return False
     if isinstance(ip, ipaddress.IPv6Address):
-        # ::ffff:127.0.0.1 and 2002:7f00:1:: (6to4) smuggle IPv4 targets inside IPv6.
-        inner = ip.ipv4_mapped or ip.sixtofour
-        if inner is not None:
-            ip = inner
-    return ip.is_global and not ip.is_multicast
+        inner = _embedded_ipv4(ip)
+        if inner is not None and (not inner.is_global or inner.is_multicast):
+            return False
+    return True
 
 
 def _from_http(url: str, config: ServerConfig) -> bytes:
@@ -122,41 +154,52 @@ def _from_http(url: str, config: ServerConfig) -> bytes:
         )
     import httpx
 
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        raise _bad("image URL is malformed (host or port)") from None
     if not host:
         raise _bad("image URL has no host")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
+    except (socket.gaierror, UnicodeError, OSError):
         raise _bad("image URL host could not be resolved") from None
     addresses = [info[4][0] for info in infos]
+    # Every answer must be public: an attacker's DNS may mix a public and a private one.
     if not addresses or not all(is_public_address(a) for a in addresses):
         raise _bad("image URL points at a private, loopback or link-local address")
     pinned = addresses[0]
-    # Connect to the checked address, not a second DNS answer (DNS rebinding).
+    # Connect to the checked address, never a second DNS answer (DNS rebinding).
     transport = httpx.HTTPTransport(retries=0)
     target = parts._replace(netloc=f"[{pinned}]:{port}" if ":" in pinned else f"{pinned}:{port}")
     headers = {"Host": parts.netloc.rsplit("@", 1)[-1]}
-    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    extensions = {"sni_hostname": host} if parts.scheme.lower() == "https" else {}
+    too_big = PayloadTooLarge(
+        f"image is larger than the limit of {config.max_image_bytes} bytes", param="messages"
+    )
+    deadline = time.monotonic() + REMOTE_TIMEOUT
     try:
         with httpx.Client(
-            transport=transport, timeout=10.0, follow_redirects=False, trust_env=False
+            transport=transport, timeout=REMOTE_TIMEOUT, follow_redirects=False, trust_env=False
         ) as client:
             with client.stream(
                 "GET", urllib.parse.urlunsplit(target), headers=headers, extensions=extensions
             ) as resp:
                 if resp.status_code != 200:
+                    # Redirects too: following one would skip the address check.
                     raise _bad(f"image URL answered HTTP {resp.status_code}")
+                declared = resp.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > config.max_image_bytes:
+                    raise too_big
                 data = bytearray()
                 for chunk in resp.iter_bytes():
                     data += chunk
                     if len(data) > config.max_image_bytes:
-                        raise PayloadTooLarge(
-                            f"image is larger than the limit of {config.max_image_bytes} bytes",
-                            param="messages",
-                        )
+                        raise too_big
+                    if time.monotonic() > deadline:
+                        raise _bad(f"image URL took longer than {REMOTE_TIMEOUT:g} s")
                 return bytes(data)
     except httpx.HTTPError as exc:
         raise _bad(f"image URL could not be fetched ({type(exc).__name__})") from None
