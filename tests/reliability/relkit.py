@@ -14,11 +14,13 @@ import os
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 SMOLLM2 = "nexa/smollm2-135m-instruct"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 # Text that only a server-side path or a Python traceback would put into a message.
 _LEAK_MARKERS = ("Traceback (most recent call last)", 'File "/', "site-packages", "\\site-packages")
@@ -152,7 +154,8 @@ class RecordingListener:
     """
 
     def __init__(self, host: str = "127.0.0.1", body: bytes = b"", status: bytes = b"200 OK",
-                 headers: bytes = b"Content-Type: image/png\r\n") -> None:
+                 headers: bytes = b"Content-Type: image/png\r\n", *, length: bool = True,
+                 stall: float = 0.0) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -164,6 +167,8 @@ class RecordingListener:
         self.body = body
         self.status = status
         self.headers = headers
+        self.length = length
+        self.stall = stall
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -184,10 +189,15 @@ class RecordingListener:
                         break
                     data += chunk
                 self.requests.append(data)
+                if self.stall:
+                    # A server that accepts and then says nothing (or far too slowly).
+                    conn.sendall(b"HTTP/1.1 " + self.status + b"\r\n")
+                    time.sleep(self.stall)
+                    continue
+                length = b"Content-Length: " + str(len(self.body)).encode() + b"\r\n" if self.length else b""
                 conn.sendall(
-                    b"HTTP/1.1 " + self.status + b"\r\n" + self.headers
-                    + b"Content-Length: " + str(len(self.body)).encode() + b"\r\nConnection: close\r\n\r\n"
-                    + self.body
+                    b"HTTP/1.1 " + self.status + b"\r\n" + self.headers + length
+                    + b"Connection: close\r\n\r\n" + self.body
                 )
             except OSError:
                 pass
