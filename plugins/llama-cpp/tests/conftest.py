@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from nexa.backend import LoadOptions
 from nexa.store import ModelStore
 from nexa.types import Device

@@ -6,17 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 
 import jsonschema
 import pytest
+from conftest import CHAT
+
 from nexa.backend import CancelToken, LoadOptions
 from nexa.errors import BadRequest, Cancelled, ContextLengthExceeded, UnsupportedTask
 from nexa.testing import conformance
 from nexa.types import ChatMessage, ChatRequest
 from nexa_llama_cpp.backend import LlamaCppBackend
-
-from conftest import CHAT
 
 HELLO = (ChatMessage("user", "hello world"),)
 
@@ -75,7 +74,7 @@ def test_cancel_stops_within_a_token(chat_backend):
     request = ChatRequest(messages=HELLO, max_tokens=500, temperature=0)
     seen = 0
     with pytest.raises(Cancelled):
-        for chunk in chat_backend.chat(request, cancel):
+        for _chunk in chat_backend.chat(request, cancel):
             seen += 1
             if seen == 3:
                 cancel.cancel()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+
 from nexa.errors import BadRequest
 from nexa.types import ChatMessage, ImagePart, TextPart, ToolCall
 from nexa_llama_cpp import testing as tiny
 from nexa_llama_cpp.chat_template import ChatTemplate
+
 
 # The published CVE-2024-34359 proof of concept (llama-cpp-python < 0.2.72 rendered GGUF
 # templates unsandboxed), pointed at a marker file instead of a shell command's output.

@@ -7,13 +7,13 @@ import math
 
 import attrs
 import pytest
+from conftest import EMBED
+
 from nexa.backend import CancelToken
 from nexa.errors import BadRequest, ContextLengthExceeded
 from nexa.testing import conformance
 from nexa.types import EmbedRequest, Task
 from nexa_llama_cpp.backend import LlamaCppBackend
-
-from conftest import EMBED
 
 
 def embed(backend, *inputs):

@@ -89,6 +89,7 @@ def test_cuda_build_offloads_and_generates(store, device):
     if device.kind != "cuda":
         pytest.skip("needs NEXA_DEVICE=cuda (the nox CUDA session) and a CUDA build")
     import llama_cpp
+
     from nexa.backend import CancelToken
     from nexa.types import ChatMessage, ChatRequest
 

@@ -9,6 +9,7 @@ import json
 import jsonschema
 import openai
 import pytest
+
 from nexa.formats import describe_folder
 from nexa.store import sha256_file
 from nexa.testing import serve

@@ -10,12 +10,12 @@ import math
 import jsonschema
 import openai
 import pytest
+from conftest import CHAT, EMBED, TOOLS, VLM
+
 from nexa.testing import serve
 from nexa_llama_cpp import plugin
 from nexa_llama_cpp.backend import LlamaCppBackend
 from nexa_llama_cpp.testing import png_bytes
-
-from conftest import CHAT, EMBED, TOOLS, VLM
 
 SMOL = plugin.SMOLLM2_NAME
 FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from nexa.types import ToolCall
 from nexa_llama_cpp.textstream import StopMatcher, ToolCallStream, call_schema, parse_bare_calls
 

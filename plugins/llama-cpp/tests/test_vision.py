@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from conftest import VLM
+
 from nexa.backend import CancelToken
 from nexa.errors import BadRequest
 from nexa.types import ChatMessage, ChatRequest, ImagePart, Task, TextPart
 from nexa_llama_cpp.testing import png_bytes
-
-from conftest import VLM
 
 
 def ask(backend, *parts, **kwargs):

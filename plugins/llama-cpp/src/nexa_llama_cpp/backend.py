@@ -53,7 +53,6 @@ from nexa.types import (
     ToolCall,
     Usage,
 )
-
 from nexa_llama_cpp.chat_template import ChatTemplate
 from nexa_llama_cpp.textstream import (
     CLOSE_TAG,

@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nexa.errors import BadRequest
-
 from nexa_llama_cpp.textstream import CLOSE_TAG, OPEN_TAG, call_schema, tool_functions
 
 

