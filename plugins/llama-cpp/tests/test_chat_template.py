@@ -59,6 +59,11 @@ def test_string_only_template_gets_flattened_content_with_media_markers():
     assert template.render([message], media_marker="<M>") == "<user>look: <M> ok"
 
 
+def test_none_content_is_empty_for_string_templates():
+    template = ChatTemplate("{% for m in messages %}{{ m['role'] + ':' + m['content'] }};{% endfor %}")
+    assert template.render([ChatMessage("assistant", None), ChatMessage("user", "x")]) == "assistant:;user:x;"
+
+
 def test_list_only_template_gets_parts():
     template = ChatTemplate(
         "{% for m in messages %}{% for p in m['content'] %}[{{ p['text'] }}]{% endfor %}{% endfor %}"

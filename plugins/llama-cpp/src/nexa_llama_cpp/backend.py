@@ -184,6 +184,10 @@ class LlamaCppBackend(Backend):
             if "pooling_type" not in self.manifest.options:
                 # No pooling in the GGUF: mean pooling rather than per-token vectors.
                 kwargs["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        elif self.manifest.has_role("mmproj"):
+            # Some projectors (Gemma 3) attend bidirectionally over an image's tokens,
+            # which must then fit one micro-batch; 2048 is llama-server's default.
+            kwargs.update(n_batch=min(2048, n_ctx), n_ubatch=min(2048, n_ctx))
         else:
             kwargs.update(n_batch=min(512, n_ctx))
         try:

@@ -181,6 +181,10 @@ class ChatTemplate:
                 # `'...' + message['content']`), and a string is what llama.cpp's own
                 # server gives them: flatten the parts, images as markers in place.
                 content = "".join(p["text"] for p in parts)
+        if content is None and not self.caps.list_content:
+            # String-only templates concatenate content ('...' + content): None would
+            # raise, and an empty string renders the same as nothing.
+            content = ""
         out: dict[str, Any] = {"role": message.role, "content": content}
         if message.name:
             out["name"] = message.name
