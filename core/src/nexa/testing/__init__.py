@@ -95,7 +95,10 @@ def serve(
     plugins = load_plugins(
         load_entry_points=load_entry_points, extra_plugins=[StaticPlugin(backends, models)]
     )
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only when the
+    # listening socket says TCP; with proto 0 every keep-alive response waited ~40 ms for
+    # a delayed ACK (Nagle), as `nexa serve` (uvicorn binding itself) never does.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
