@@ -147,3 +147,26 @@ def test_forced_tool_call_streams_as_tool_call_deltas(client):
     assert len(deltas) == 1 and deltas[0].function.name == "add" and deltas[0].id
     jsonschema.validate(json.loads(deltas[0].function.arguments), tool["function"]["parameters"])
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_client_disconnect_frees_the_model_at_once(server, client):
+    import time
+
+    import httpx
+
+    body = {"model": SMOL, "messages": STORY, "max_tokens": 3000, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            events = 0
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events += 1
+                if events >= 5:
+                    break  # leaving the block closes the connection mid-generation
+    # One request at a time per model: this one waits unless generation really stopped
+    # (3000 tokens would take half a minute or more on this machine).
+    started = time.monotonic()
+    answer = client.chat.completions.create(model=SMOL, messages=FRANCE, max_tokens=3, temperature=0)
+    assert answer.usage.completion_tokens <= 3
+    assert time.monotonic() - started < 10
