@@ -268,8 +268,9 @@ class EmbedResult:
 class ImageRequest:
     prompt: str
     n: int = 1
-    width: int = 512
-    height: int = 512
+    width: int | None = None
+    """None: the model's native resolution (the request named no ``size``)."""
+    height: int | None = None
     seed: int | None = None
     steps: int | None = None
     guidance_scale: float | None = None

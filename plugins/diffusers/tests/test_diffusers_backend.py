@@ -329,3 +329,15 @@ def test_accelerator_generates_in_fp16_reproducibly(tiny_manifest: Manifest, kin
         assert first.images == again.images
     finally:
         backend.close()
+
+
+def test_no_size_means_the_native_resolution(loaded_backend):
+    from nexa.types import ImageRequest
+
+    pipe = loaded_backend.pipe
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert loaded_backend.native_size() == native
+    request = loaded_backend.resolve_size(ImageRequest(prompt="a cat"))
+    assert (request.width, request.height) == (native, native)
+    explicit = loaded_backend.resolve_size(ImageRequest(prompt="a cat", width=64, height=128))
+    assert (explicit.width, explicit.height) == (64, 128)

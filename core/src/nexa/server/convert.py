@@ -186,7 +186,7 @@ def encode_vector(values: list[float], encoding_format: str) -> list[float] | st
 def image_request(body: wire.ImageGenerationRequest, config: ServerConfig) -> ImageRequest:
     if body.n > config.max_image_n:
         raise BadRequest(f"n is {body.n}; this server allows at most {config.max_image_n}", param="n")
-    width = height = 512
+    width = height = None
     if body.size is not None:
         w, _, h = body.size.partition("x")
         width, height = int(w), int(h)

@@ -129,6 +129,6 @@ class EchoBackend(Backend):
             seed = f"{request.prompt}|{request.seed}|{i}"
             colour = tuple(hashlib.sha256(seed.encode()).digest()[:3])
             out = io.BytesIO()
-            Image.new("RGB", (request.width, request.height), colour).save(out, format="PNG")
+            Image.new("RGB", (request.width or 512, request.height or 512), colour).save(out, format="PNG")
             images.append(out.getvalue())
         return ImageResult(tuple(images), request.seed)

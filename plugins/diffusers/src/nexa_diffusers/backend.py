@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+import attrs
+
 from nexa.backend import Backend, CancelToken
 from nexa.errors import BadRequest, Cancelled, ModelLoadError
 from nexa.types import Device, ImageRequest, ImageResult, Manifest, Task
@@ -285,6 +287,25 @@ class DiffusersBackend(Backend):
 
     # --- generation ------------------------------------------------------------------
 
+    def native_size(self) -> int:
+        """The side the pipeline was trained at (512 for SD 1.x, 1024 for SDXL and Flux)."""
+        pipe = self.pipe
+        scale = getattr(pipe, "vae_scale_factor", 8) or 8
+        sample = getattr(pipe, "default_sample_size", None)
+        if sample is None:
+            unet = getattr(pipe, "unet", None)
+            sample = getattr(getattr(unet, "config", None), "sample_size", None)
+        if isinstance(sample, (list, tuple)):
+            sample = sample[0]
+        return int(sample * scale) if isinstance(sample, int) else 512
+
+    def resolve_size(self, request: ImageRequest) -> ImageRequest:
+        """A request with no size gets the model's native resolution."""
+        if request.width is not None and request.height is not None:
+            return request
+        side = self.native_size()
+        return attrs.evolve(request, width=request.width or side, height=request.height or side)
+
     def check_request(self, request: ImageRequest) -> None:
         """Refuse what the loaded pipeline cannot do, before any work starts."""
         w, h, step = request.width, request.height, self.size_step
@@ -319,6 +340,7 @@ class DiffusersBackend(Backend):
     def generate_images(self, request: ImageRequest, cancel: CancelToken) -> ImageResult:
         if self.pipe is None:
             raise ModelLoadError(f"model {self.manifest.name!r} is not loaded")
+        request = self.resolve_size(request)
         self.check_request(request)
         cancel.raise_if_cancelled()
         import torch
