@@ -25,7 +25,8 @@ import httpx
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 import relkit
 from nexa.config import ServerConfig
@@ -92,6 +93,7 @@ def ground(case) -> None:
     if isinstance(body.get("dimensions"), (int, float)) and not isinstance(body["dimensions"], bool):
         body["dimensions"] = min(int(body["dimensions"]), 16)  # the echo model's vector size
     messages = body.get("messages")
+    images = 0
     if isinstance(messages, list):
         for message in messages:
             content = message.get("content") if isinstance(message, dict) else None
@@ -99,10 +101,12 @@ def ground(case) -> None:
                 continue
             for i, part in enumerate(content):
                 if isinstance(part, dict) and part.get("type") == "image_url":
-                    if message.get("role") == "user":
+                    # OpenAI accepts image parts in user messages only, and the server at
+                    # most max_images_per_request (8) in one request.
+                    if message.get("role") == "user" and images < 8:
                         part["image_url"]["url"] = PNG_URI
+                        images += 1
                     else:
-                        # OpenAI accepts image parts in user messages only.
                         content[i] = {"type": "text", "text": "an image was here"}
     tools = body.get("tools") or []
     choice = body.get("tool_choice")
@@ -154,6 +158,51 @@ def test_fuzz_endpoint(case, fuzz_server, http, fuzz_home):
     COUNTS[case.operation.label][response.status_code] += 1
 
 
+# --- beyond the schema: any method, query, content type and body on every path --------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_BODY_KEYS = st.sampled_from(["model", "messages", "input", "prompt", "stream", "max_tokens", "n", "size", "role",
+                              "content", "image_url", "tools", "dimensions", "encoding_format"])
+_LIKELY = st.fixed_dictionaries(
+    {"model": st.sampled_from([MODEL, "", "../../etc/passwd", "nope/nope", MODEL + ":Q4"])},
+    optional={"messages": _JSON, "input": _JSON, "prompt": _JSON, "stream": _JSON, "n": _JSON, "size": _JSON},
+).flatmap(lambda d: st.dictionaries(_BODY_KEYS, _JSON, max_size=3).map(lambda extra: {**extra, **d}))
+_BODIES = st.one_of(
+    st.none(),
+    st.binary(max_size=512),
+    _JSON.map(lambda v: json.dumps(v).encode()),
+    _LIKELY.map(lambda v: json.dumps(v).encode()),
+    st.text(max_size=64).map(lambda t: t.encode("utf-8", "surrogatepass")),
+)
+_CONTENT_TYPES = st.sampled_from([None, "application/json", "application/json; charset=utf-8", "text/plain",
+                                  "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                                  "application/octet-stream", "image/png", ";;;", "application/json; charset=latin-1"])
+_PATHS = sorted({p.split("{")[0] + ("x" if "{" in p else "") for p in DOCUMENT["paths"]})
+
+
+@pytest.mark.parametrize("path", _PATHS)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
+    suffix=st.sampled_from(["", "/", "/x", "/%2e%2e/%2e%2e", "/../..", "?a=1", "?model=test%2Fecho", "//"]),
+    query=st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=16), max_size=3),
+    content_type=_CONTENT_TYPES,
+    body=_BODIES,
+)
+@settings(max_examples=CASES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+def test_fuzz_raw_requests(fuzz_server, http, fuzz_home, path, method, suffix, query, content_type, body):
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = http.request(method, fuzz_server.base_url + path + suffix, params=query or None, data=body,
+                     headers=headers, timeout=60)
+    assert r.status_code < 500, f"{method} {path}{suffix}: {r.status_code} {r.text[:300]}"
+    if r.status_code >= 400 and method != "HEAD":
+        relkit.check_error_body(r.json(), fuzz_home)
+    COUNTS[f"raw {path}"][r.status_code] += 1
+
+
 def test_fuzz_document_is_the_served_one(fuzz_server):
     served = httpx.get(fuzz_server.base_url + "/schema/openapi.json", timeout=30)
     assert served.status_code == 200
@@ -184,4 +233,5 @@ def test_fuzz_left_the_server_healthy(fuzz_server):
     if COUNTS:
         # Every documented operation was fuzzed (this test runs after the fuzz test).
         documented = {f"{m.upper()} {p}" for p, ops in DOCUMENT["paths"].items() for m in ops}
+        documented |= {f"raw {p}" for p in _PATHS}
         assert documented <= set(COUNTS), documented - set(COUNTS)
