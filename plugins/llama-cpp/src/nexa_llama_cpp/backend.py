@@ -396,7 +396,10 @@ class LlamaCppBackend(Backend):
                     finish = reason
                     break
         finally:
-            pieces.close()  # type: ignore[attr-defined]
+            # Stops generation when we leave early (stop string, cancel, client gone).
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
         yield from emit(stop.flush())
         if tool_stream is not None:
             for event in tool_stream.finish():
