@@ -9,6 +9,7 @@ carries no traceback (those go to the server log).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from litestar import Request, Response
@@ -27,14 +28,30 @@ _CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
           415: "unsupported_media_type", 429: "rate_limit_exceeded"}
 
 
+# An absolute path (POSIX or Windows) inside a message. Backends and libraries put the
+# files they failed on into their messages; clients get the last component only. The
+# server's own API paths (/v1/..., /health) are left alone.
+_POSIX_PATH = re.compile(r"(?<![\w.:/~-])(?!/(?:v1|health|metrics|schema)\b)(?:/[^\s/'\"`()<>,;:]+)+/?")
+_WINDOWS_PATH = re.compile(r"(?<![\w])[A-Za-z]:\\(?:[^\s\\'\"`()<>,;]+\\?)*")
+
+
+def _last_part(match: re.Match[str]) -> str:
+    return re.split(r"[/\\]", match.group(0).rstrip("/\\"))[-1]
+
+
+def scrub(message: str) -> str:
+    """``message`` with every absolute path cut to its last component."""
+    return _WINDOWS_PATH.sub(_last_part, _POSIX_PATH.sub(_last_part, message))
+
+
 def error_payload(exc: NexaError) -> dict[str, Any]:
-    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+    return {"error": {"message": scrub(exc.message), "type": exc.type, "param": exc.param, "code": exc.code}}
 
 
 def _response(status: int, message: str, type_: str, param: str | None, code: str | None,
               headers: dict[str, str] | None = None) -> Response[dict[str, Any]]:
     return Response(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}},
+        {"error": {"message": scrub(message), "type": type_, "param": param, "code": code}},
         status_code=status,
         headers=headers,
         media_type="application/json",
