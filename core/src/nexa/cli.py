@@ -75,7 +75,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     store, _ = _store(args)
     manifest = store.remove(args.model)
-    print(f"removed {manifest.name}")
+    print(f"removed {manifest.name if manifest is not None else args.model}")
     return 0
 
 

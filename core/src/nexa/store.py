@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import attrs
 
@@ -89,6 +89,30 @@ class ModelStore:
 
     # --- reading ---------------------------------------------------------------------
 
+    def _read(self, path: Path) -> Manifest:
+        """One local manifest, checked so that a hand-edited one can't misdirect anything.
+
+        Its name must be its folder's (``remove`` deletes by name), and its files must be
+        plain relative paths inside the folder (backends open ``root / path``).
+        """
+        manifest = Manifest.from_file(path)
+        folder = path.parent.relative_to(self.models_dir).as_posix()
+        if not isinstance(manifest.name, str) or manifest.name != folder:
+            raise ValueError(f"its name {manifest.name!r} is not its folder's ({folder!r})")
+        if not isinstance(manifest.format, str):
+            raise ValueError("format must be a string")
+        length = manifest.context_length
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length <= 0):
+            raise ValueError("context_length must be a positive integer")
+        for f in manifest.files:
+            parts = PurePosixPath(f.path).parts if isinstance(f.path, str) else ()
+            if (not parts or f.path.startswith(("/", "\\")) or "\\" in f.path or ".." in parts
+                    or ":" in parts[0] or any(ord(c) < 32 for c in f.path)):
+                raise ValueError(f"file {f.path!r} is not a plain path inside the model folder")
+            if isinstance(f.size, bool) or not isinstance(f.size, int) or f.size < 0:
+                raise ValueError(f"file {f.path!r} has no valid size")
+        return manifest
+
     def _local(self) -> Iterator[Manifest]:
         if not self.models_dir.is_dir():
             return
@@ -96,7 +120,7 @@ class ModelStore:
             self.models_dir.glob(f"*/*/{MANIFEST_NAME}")
         ):
             try:
-                yield Manifest.from_file(path)
+                yield self._read(path)
             except Exception:
                 # A hand-edited or damaged manifest hides that model only; `nexa list`
                 # and the server keep working for the rest.
@@ -114,7 +138,7 @@ class ModelStore:
         if self.models_dir.is_dir():
             for path in sorted(self.models_dir.glob(f"**/{MANIFEST_NAME}")):
                 try:
-                    Manifest.from_file(path)
+                    self._read(path)
                 except Exception as exc:
                     out.append((str(path.parent.relative_to(self.models_dir)), str(exc)[:200]))
         return out
@@ -126,7 +150,7 @@ class ModelStore:
             path = self.models_dir / name / MANIFEST_NAME
             if path.is_file():
                 try:
-                    manifest = Manifest.from_file(path)
+                    manifest = self._read(path)
                 except Exception as exc:
                     raise StoreError(
                         f"the manifest of model {name!r} is damaged ({type(exc).__name__}); "
@@ -174,9 +198,20 @@ class ModelStore:
         path.mkdir(parents=True)
         return path
 
-    def remove(self, spec: str) -> Manifest:
+    def remove(self, spec: str) -> Manifest | None:
+        """Delete a model's folder; returns its manifest (None when that was damaged)."""
         name, _ = split_quant(spec)
-        manifest = self.get(name)
+        try:
+            manifest = self.get(name)
+        except StoreError:
+            # A damaged manifest must not make its model impossible to remove: the
+            # validated name alone says which folder to delete.
+            target = self.model_dir(name)
+            if not (target / MANIFEST_NAME).is_file():
+                raise
+            shutil.rmtree(target)
+            self._drop_empty_org(target)
+            return None
         if manifest.source.startswith("package:"):
             raise StoreError(
                 f"model {manifest.name!r} comes with the package {manifest.source[8:]}; "
@@ -184,10 +219,13 @@ class ModelStore:
             )
         target = self.model_dir(manifest.name)
         shutil.rmtree(target)
+        self._drop_empty_org(target)
+        return manifest
+
+    def _drop_empty_org(self, target: Path) -> None:
         org = target.parent
         if org != self.models_dir.resolve() and org.is_dir() and not any(org.iterdir()):
             org.rmdir()
-        return manifest
 
     def clean(self) -> int:
         """Delete partial downloads and the hub cache; return bytes freed."""
