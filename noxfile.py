@@ -134,6 +134,7 @@ def e2e(session: nox.Session) -> None:
     """Cross-package tests: the CLI, real models over HTTP, reliability and security."""
     flavour = "cuda" if HAS_CUDA and os.environ.get("NEXA_DEVICE") == "cuda" else "cpu"
     _install(session, "llama-cpp", "sentence-transformers", "diffusers", llama=flavour, torch=True)
+    session.install("-r", str(ROOT / "tests" / "requirements.txt"))
     _pytest(session, "tests")
 
 
@@ -141,6 +142,7 @@ def e2e(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     """The full property-based fuzz run (>=1000 cases per endpoint)."""
     _install(session, "llama-cpp", "sentence-transformers", llama="cpu", torch=True)
+    session.install("-r", str(ROOT / "tests" / "requirements.txt"))
     _pytest(session, "tests/reliability", "-k", "fuzz", env={"NEXA_FUZZ_CASES": "1000"})
 
 
@@ -148,4 +150,5 @@ def fuzz(session: nox.Session) -> None:
 def load(session: nox.Session) -> None:
     """The full overload run: 16 clients x 200 mixed requests on the real SmolLM2."""
     _install(session, "llama-cpp", "sentence-transformers", llama="cpu", torch=True)
+    session.install("-r", str(ROOT / "tests" / "requirements.txt"))
     _pytest(session, "tests/reliability", "-k", "load", env={"NEXA_LOAD_REQUESTS": "200"})
