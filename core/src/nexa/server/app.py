@@ -316,6 +316,17 @@ def _record(state: State, model: str, usage: Any, started: float, first_at: floa
             metrics.tokens_per_second.labels(model).observe((usage.completion_tokens - 1) / elapsed)
 
 
+async def run_task(state: State, request: Request, model: str, task: Task, call: Any) -> Any:
+    """One non-streaming request on a model slot, cancelled on disconnect or timeout."""
+    manager: ModelManager = state.manager
+
+    async def work() -> Any:
+        async with manager.acquire(model, task) as backend:
+            return await call(backend)
+
+    return await until_disconnected(request, asyncio.wait_for(work(), state.config.request_timeout))
+
+
 class EmbeddingsController(Controller):
     path = "/v1/embeddings"
     tags = ["embeddings"]
@@ -324,14 +335,8 @@ class EmbeddingsController(Controller):
     async def create(
         self, data: wire.EmbeddingRequest, state: State, request: Request
     ) -> wire.EmbeddingResponse:
-        manager: ModelManager = state.manager
         embed = convert.embed_request(data, state.config)
-
-        async def work():
-            async with manager.acquire(data.model, Task.EMBED) as backend:
-                return await backend.run_embed(embed)
-
-        result = await until_disconnected(request, asyncio.wait_for(work(), state.config.request_timeout))
+        result = await run_task(state, request, data.model, Task.EMBED, lambda backend: backend.run_embed(embed))
         if len(result.vectors) != len(embed.inputs):
             raise NexaError("the backend returned a wrong number of vectors")
         items = []
@@ -355,14 +360,8 @@ class ImagesController(Controller):
     async def create(
         self, data: wire.ImageGenerationRequest, state: State, request: Request
     ) -> wire.ImagesResponse:
-        manager: ModelManager = state.manager
         spec = convert.image_request(data, state.config)
-
-        async def work():
-            async with manager.acquire(data.model, Task.IMAGE) as backend:
-                return await backend.run_images(spec)
-
-        result = await until_disconnected(request, asyncio.wait_for(work(), state.config.request_timeout))
+        result = await run_task(state, request, data.model, Task.IMAGE, lambda backend: backend.run_images(spec))
         files: ImageFiles = state.images
         out = []
         for png in result.images:
