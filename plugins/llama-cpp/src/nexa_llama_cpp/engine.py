@@ -23,6 +23,8 @@ import asyncio
 import codecs
 import collections
 import ctypes
+import itertools
+import logging
 import math
 import os
 import queue
@@ -94,6 +96,9 @@ class TextPiece:
     """Newly generated text (never part of a stop string, never a broken UTF-8 character)."""
 
     text: str
+    n_tokens: int = 1
+    """Generated tokens since the previous piece (a character can span several tokens,
+    and text held back for a stop string is counted where it is finally emitted)."""
 
 
 @attrs.frozen
@@ -135,6 +140,8 @@ class EngineStats:
     decode_steps: int
     embed_requests: int
 
+
+_admission_order = itertools.count()
 
 # --- internal state ---------------------------------------------------------------------
 
@@ -228,7 +235,10 @@ class _Sequence:
     n_prompt_left: int
     """How many of ``pending`` are still prompt tokens."""
     n_reused: int
+    order: int = attrs.field(factory=lambda: next(_admission_order))
     n_generated: int = 0
+    n_unreported: int = 0
+    """Generated tokens not yet counted in a TextPiece."""
     i_batch: int = -1
     """Index of this sequence's output row in the current batch, -1 when none."""
     decoder: Any = attrs.field(factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
@@ -305,12 +315,21 @@ class BatchEngine:
     ``model_path`` is a GGUF file; alternatively pass ``model`` (a ``llama_model*`` loaded
     elsewhere, e.g. ``Llama._model.model``), which the engine then does not free.
 
-    KV budget: the cache has ``kv_size`` cells shared by all sequences (a unified KV
-    cache). A request is admitted only when a sequence id is free and its worst case
-    (prompt + max new tokens, capped at ``n_ctx``) fits beside the worst cases of the
-    running ones; otherwise it waits, first come first served. Cells of finished
-    sequences stay cached for prefix reuse and are dropped (least recently used first)
-    when a new request needs the room.
+    KV budget, default layout (``kv_unified=False``): every sequence id owns its own
+    ``n_ctx`` cells, so a request needs a free sequence id and nothing else; it waits
+    (first come, first served) while all ``n_seq`` are busy. In this layout a token's
+    logits are bit-for-bit the same whatever else shares the batch and however the prompt
+    was cut into chunks (measured with flash attention off, which is why it is off by
+    default here), so a seeded or greedy request gives the same text alone or batched.
+
+    ``kv_unified=True`` puts all sequences in one pool of ``kv_size`` cells: a request is
+    admitted only when its worst case (prompt + max new tokens) fits beside the worst
+    cases of the running ones, else it waits. Denser when requests are short, but the
+    numbers then depend slightly on the batch (texts may differ from a solo run).
+
+    Prefix reuse: a finished sequence's cells stay cached. A new request whose tokens
+    start like a cached or running sequence keeps (or copies) that prefix and computes
+    only the rest.
     """
 
     def __init__(
@@ -321,6 +340,7 @@ class BatchEngine:
         n_seq: int = 4,
         n_ctx: int = 4096,
         kv_size: int | None = None,
+        kv_unified: bool = False,
         n_threads: int | None = None,
         n_batch: int = 512,
         prompt_chunk: int = 64,
@@ -337,10 +357,17 @@ class BatchEngine:
         self.n_seq = n_seq
         self.n_ctx = n_ctx
         """Most tokens (prompt + generated) one request may hold."""
-        self.kv_size = max(kv_size or n_ctx * n_seq, n_ctx)
+        self.kv_unified = kv_unified
+        if kv_unified:
+            self.kv_size = max(kv_size or n_ctx * n_seq, n_ctx)
+        else:
+            self.kv_size = n_ctx * n_seq
+        self.min_copy = 16
+        """Shortest prefix worth copying from another sequence's own cells (the copy
+        moves that sequence's whole KV buffer, so a few tokens are cheaper to recompute)."""
         self.n_threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
         self.n_batch = max(n_batch, n_seq)
-        self.prompt_chunk = max(1, prompt_chunk)
+        self.prompt_chunk = max(4, prompt_chunk)
         """Prompt tokens per step while other sequences are generating: a long prompt is
         taken in bites so the running streams keep flowing. With nothing else running a
         prompt goes in ``n_batch`` at a time."""
@@ -417,6 +444,7 @@ class BatchEngine:
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of ``text`` with this model's vocabulary (safe from any thread)."""
+        self._check_open()
         L, raw = self._L, text.encode("utf-8")
         n_max = len(raw) + 16
         buf = (L.llama_token * n_max)()
@@ -426,6 +454,10 @@ class BatchEngine:
             buf = (L.llama_token * n_max)()
             n = L.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, add_special, parse_special)
         return list(buf[:n])
+
+    def _check_open(self) -> None:
+        if self._thread is None or self._model is None:
+            raise RuntimeError("the engine is not running")
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         L = self._L
@@ -447,8 +479,7 @@ class BatchEngine:
         sink: Callable[[Event | BaseException], None],
         cancelled: Callable[[], bool],
     ) -> None:
-        if self._thread is None or self._ctx is None:
-            raise RuntimeError("the engine is not started")
+        self._check_open()
         prompt = request.prompt_tokens
         if not prompt:
             raise BadRequest("the prompt is empty", param="messages")
@@ -568,8 +599,7 @@ class BatchEngine:
             gone.set()
 
     def _submit_embed(self, inputs: Sequence[Sequence[int]], normalize: bool, done: Any, cancel: Any) -> None:
-        if self._thread is None:
-            raise RuntimeError("the engine is not started")
+        self._check_open()
         token_lists = [list(t) for t in inputs]
         for tokens in token_lists:
             if not tokens:
@@ -645,8 +675,12 @@ class BatchEngine:
 
     def _load(self) -> None:
         import llama_cpp.llama_cpp as L  # heavy: only on the engine thread
+        from llama_cpp._logger import logger as native_log
 
         self._L = L
+        if native_log.level == logging.NOTSET:
+            # llama.cpp logs every tensor at load unless told otherwise (as Llama(verbose=False) does).
+            native_log.setLevel(logging.ERROR)
         L.llama_backend_init()
         if self._model is None:
             params = L.llama_model_default_params()
@@ -667,13 +701,12 @@ class BatchEngine:
         cparams.n_seq_max = self.n_seq
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
-        # One cache shared by all sequences: a sequence may use up to n_ctx cells
-        # whatever the others hold, and copying a cached prefix to another sequence is
-        # only metadata (no tensor copy).
-        cparams.kv_unified = True
+        cparams.kv_unified = self.kv_unified
         cparams.no_perf = True
-        if self._flash_attn is not None:
-            cparams.flash_attn_type = 1 if self._flash_attn else 0
+        # With per-sequence caches, flash attention (llama.cpp's CPU kernel) made the
+        # numbers depend on the batch and ran slower here; off unless asked for.
+        flash = self._flash_attn if self._flash_attn is not None else self.kv_unified
+        cparams.flash_attn_type = 1 if flash else 0
         self._ctx = L.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             raise ModelLoadError("llama.cpp could not create a context (out of memory?)")
@@ -728,10 +761,24 @@ class BatchEngine:
         self._drop_cancelled_waiting()
         self._retire_cancelled()
         self._admit()
-        running = [s.active for s in self._slots if s.active is not None]
-        if not running:
-            return
-        self._decode(running)
+        running = sorted((s.active for s in self._slots if s.active is not None), key=lambda q: q.order)
+        # Generated tokens of all sequences go in one batch; a prompt goes in its own
+        # call, one sequence at a time. llama.cpp's CPU kernels give a token slightly
+        # different numbers when it is its sequence's only row in a batch than when it
+        # comes with others of the same sequence (measured), and a mixed batch is cut
+        # into ubatches in ways that can leave such lone rows; this split keeps every
+        # sequence's numbers the same whatever runs beside it.
+        generating = [(q, 1) for q in running if not q.n_prompt_left]
+        if generating:
+            self._decode(generating)
+        prefilling = next((q for q in running if q.n_prompt_left and q.slot.active is q), None)
+        if prefilling is not None:
+            budget = self.prompt_chunk if generating else self.n_batch
+            left = prefilling.n_prompt_left
+            take = min(budget, left)
+            if left - take == 1:
+                take -= 1  # never leave a lone last prompt token (see above)
+            self._decode([(prefilling, take)])
 
     def _drop_cancelled_waiting(self) -> None:
         with self._cv:
@@ -766,7 +813,7 @@ class BatchEngine:
         slot.tokens = []
 
     def _admit(self) -> None:
-        """Bind waiting requests to free sequence ids while their worst case fits the cache."""
+        """Bind waiting requests, first come first served, to free sequence ids."""
         while True:
             with self._cv:
                 if not self._waiting:
@@ -776,50 +823,56 @@ class BatchEngine:
             if not free:
                 return
             reserved = sum(s.active.job.reserve for s in self._slots if s.active is not None)
-            if reserved + job.reserve > self.kv_size:
-                return  # first come, first served: wait for running sequences to end
+            if self.kv_unified and reserved + job.reserve > self.kv_size:
+                return  # the pool can't promise this request its worst case yet
             prompt = job.request.prompt_tokens
 
-            # The longest cached prefix, from any sequence (running ones too: their
-            # decoded tokens' cells can be shared).
+            # The longest cached prefix, from any sequence (running ones too: the cells of
+            # the tokens they have decoded can be shared or copied). Ties go to a free one.
             best, best_key = None, (0, False)
             for slot in self._slots:
                 key = (_common_prefix(slot.tokens, prompt), slot.active is None)
                 if key[0] > 0 and key > best_key:
                     best, best_key = slot, key
-            best_len = best_key[0]
+            # At least one prompt token must be computed to get logits to sample from,
+            # and two when there are two: a lone last row gets different numbers (_step).
+            n_reuse = min(best_key[0], len(prompt) - min(2, len(prompt)))
             if best is not None and self._L.llama_memory_seq_pos_min(self._mem, best.seq_id) > 0:
-                best_len = 0  # a sliding-window cache has dropped the start of that sequence
-            # At least one prompt token must be computed to get logits to sample from.
-            n_reuse = min(best_len, len(prompt) - 1)
+                n_reuse = 0  # a sliding-window cache has dropped the start of that sequence
+            if best is not None and best.active is not None and not self.kv_unified and n_reuse < self.min_copy:
+                n_reuse = 0
 
             if best is not None and best.active is None and n_reuse > 0:
-                target = best
+                target = best  # keep its cells, cut what differs
             else:
-                # An empty free slot, else the least recently used one.
                 target = min(free, key=lambda s: (len(s.tokens) > 0, s.last_used))
 
-            # Keep idle caches only while the worst cases of everything still fit.
-            idle = [s for s in free if s is not target and s.tokens]
-            idle.sort(key=lambda s: s.last_used)
-            cached = sum(len(s.tokens) for s in idle)
-            while idle and reserved + job.reserve + cached > self.kv_size:
-                victim = idle.pop(0)
-                cached -= len(victim.tokens)
-                self._clear_slot(victim)
+            if self.kv_unified:
+                # Idle caches stay only while the worst cases of everything still fit.
+                idle = sorted((s for s in free if s is not target and s.tokens), key=lambda s: s.last_used)
+                cached = sum(len(s.tokens) for s in idle)
+                while idle and reserved + job.reserve + cached > self.kv_size:
+                    victim = idle.pop(0)
+                    cached -= len(victim.tokens)
+                    self._clear_slot(victim)
 
-            L = self._L
+            L, mem = self._L, self._mem
             if target is best and n_reuse > 0:
-                if not L.llama_memory_seq_rm(self._mem, target.seq_id, n_reuse, -1):
-                    self._clear_slot(target)  # the memory cannot cut a sequence (recurrent)
-                    n_reuse = 0
-                else:
+                if L.llama_memory_seq_rm(mem, target.seq_id, n_reuse, -1):
                     del target.tokens[n_reuse:]
+                else:  # this memory cannot cut a sequence (recurrent models)
+                    self._clear_slot(target)
+                    n_reuse = 0
             else:
                 self._clear_slot(target)
                 if n_reuse > 0 and best is not None:
-                    # Shares the cells (unified cache): no tensor copy.
-                    L.llama_memory_seq_cp(self._mem, best.seq_id, target.seq_id, 0, n_reuse)
+                    if self.kv_unified:
+                        # One pool: the cells are shared, only their metadata changes.
+                        L.llama_memory_seq_cp(mem, best.seq_id, target.seq_id, 0, n_reuse)
+                    else:
+                        # Separate buffers: llama.cpp copies whole buffers only; cut after.
+                        L.llama_memory_seq_cp(mem, best.seq_id, target.seq_id, -1, -1)
+                        L.llama_memory_seq_rm(mem, target.seq_id, n_reuse, -1)
                     target.tokens = list(prompt[:n_reuse])
 
             with self._cv:
@@ -836,55 +889,39 @@ class BatchEngine:
             self._counters["requests_started"] += 1
             self._counters["prompt_tokens_reused"] += n_reuse
 
-    def _decode(self, running: list[_Sequence]) -> None:
+    def _decode(self, feeds: list[tuple[_Sequence, int]]) -> None:
+        """One ``llama_decode``: the next ``k`` pending tokens of each sequence given."""
         L, batch = self._L, self._batch
         n = 0
-        fed: list[tuple[_Sequence, int]] = []
-        generating = [s for s in running if s.n_prompt_left == 0]
-        prefilling = [s for s in running if s.n_prompt_left > 0]
-        for seq in generating:
-            self._put(n, seq.pending[0], len(seq.slot.tokens), seq.slot.seq_id, True)
-            seq.i_batch = n
-            fed.append((seq, 1))
-            n += 1
-        budget = self.n_batch - n if not generating else min(self.prompt_chunk, self.n_batch - n)
-        for seq in prefilling:
-            seq.i_batch = -1
-            if budget <= 0:
-                continue
-            take = min(budget, seq.n_prompt_left)
+        for seq, k in feeds:
             pos0 = len(seq.slot.tokens)
-            last = take == seq.n_prompt_left
-            for k in range(take):
-                self._put(n, seq.pending[k], pos0 + k, seq.slot.seq_id, last and k == take - 1)
+            # Logits only where a token gets sampled: a generated token, or a prompt's last.
+            last = k == len(seq.pending) if seq.n_prompt_left else True
+            for j in range(k):
+                self._put(n, seq.pending[j], pos0 + j, seq.slot.seq_id, last and j == k - 1)
                 n += 1
-            if last:
-                seq.i_batch = n - 1
-            fed.append((seq, take))
-            budget -= take
+            seq.i_batch = n - 1 if last else -1
         batch.n_tokens = n
 
         ret = L.llama_decode(self._ctx, batch)
         if ret == 1:
             # No room in the cache (the budget should prevent this): drop the idle
-            # prefix caches and try once more; on failure the cache is unchanged.
+            # prefix caches and try once more; a failed call leaves the cache unchanged.
             for slot in self._slots:
                 if slot.active is None and slot.tokens:
                     self._clear_slot(slot)
             ret = L.llama_decode(self._ctx, batch)
         if ret != 0:
-            # 1: no KV slot (the budget should prevent it); others: fatal. Either way the
-            # cache may hold part of this batch: drop the running sequences' caches.
             raise RuntimeError(f"llama_decode failed with status {ret}")
         self._counters["decode_steps"] += 1
 
-        for seq, k in fed:
+        for seq, k in feeds:
             seq.slot.tokens.extend(seq.pending[:k])
             del seq.pending[:k]
             if seq.n_prompt_left:
                 seq.n_prompt_left -= k
                 self._counters["prompt_tokens_evaluated"] += k
-        for seq, _k in fed:
+        for seq, _k in feeds:
             if seq.i_batch >= 0:
                 self._sample_and_emit(seq)
                 seq.i_batch = -1
@@ -956,11 +993,13 @@ class BatchEngine:
             self._finish(seq, "stop")
             return
         seq.n_generated += 1
+        seq.n_unreported += 1
         self._counters["tokens_generated"] += 1
         text = seq.held + seq.decoder.decode(self.token_bytes(token, special=job.request.render_special))
         emit, seq.held, stopped = _split_stop(text, job.request.stop)
         if emit:
-            self._emit(job, TextPiece(emit))
+            self._emit(job, TextPiece(emit, seq.n_unreported))
+            seq.n_unreported = 0
         if stopped:
             self._finish(seq, "stop", flush=False)
         elif seq.n_generated >= job.max_new:
@@ -976,7 +1015,8 @@ class BatchEngine:
             emit, _held, _stopped = _split_stop(seq.held + seq.decoder.decode(b"", final=True), job.request.stop)
             seq.held = ""
             if emit:
-                self._emit(job, TextPiece(emit))
+                self._emit(job, TextPiece(emit, seq.n_unreported))
+                seq.n_unreported = 0
         self._release(seq)
         self._counters["requests_finished"] += 1
         self._emit(
