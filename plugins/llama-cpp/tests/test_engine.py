@@ -483,3 +483,41 @@ def test_a_bad_model_file_is_a_load_error(tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(ModelLoadError):
         BatchEngine(bad, n_seq=1, n_ctx=128, n_threads=1).start()
+
+
+# --- the backend's generation boundary -----------------------------------------------------
+
+
+def test_token_stream_yields_once_per_token_then_the_reason(engine):
+    from nexa_llama_cpp.textstream import Sampling
+
+    prompt = chat_prompt(engine, "hello")
+    sampling = Sampling(max_tokens=12, temperature=0.0, grammar='root ::= "é" "日本" "ü"')
+    stream = engine.token_stream(GenerationRequest.from_sampling(prompt, sampling))
+    items = list(stream)
+    assert items[-1] == ("", "stop")
+    assert len(items) - 1 == 10 == stream.finished.completion_tokens  # one item per byte token
+    assert "".join(text for text, _ in items) == "é日本ü"
+
+    endless = Sampling(max_tokens=5, temperature=0.7, top_k=0, min_p=0.0, repeat_penalty=1.0, seed=3, grammar=ENDLESS)
+    request = GenerationRequest.from_sampling(prompt, endless)
+    assert (request.top_k, request.min_p, request.seed) == (None, None, 3)
+    items = list(engine.token_stream(request))
+    assert [reason for _, reason in items] == [None] * 5 + ["length"]
+
+
+def test_closing_a_token_stream_cancels_it(engine):
+    before = engine.stats().requests_cancelled
+    stream = engine.token_stream(GenerationRequest(chat_prompt(engine, "hi"), max_tokens=900, grammar=ENDLESS))
+    next(stream)
+    stream.close()
+    assert list(stream) == []
+    dropped = engine.token_stream(GenerationRequest(chat_prompt(engine, "ho"), max_tokens=900, grammar=ENDLESS))
+    next(dropped)
+    del dropped  # a consumer that just lets go
+    for _ in range(500):
+        if engine.stats().requests_cancelled == before + 2:
+            break
+        time.sleep(0.01)
+    assert engine.stats().requests_cancelled == before + 2
+    assert engine.stats().active_sequences == 0

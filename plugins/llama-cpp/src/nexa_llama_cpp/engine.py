@@ -44,6 +44,7 @@ __all__ = [
     "Finished",
     "GenerationRequest",
     "TextPiece",
+    "TokenStream",
 ]
 
 
@@ -89,6 +90,23 @@ class GenerationRequest:
     the generated text (a tool call that starts after free text)."""
     render_special: bool = False
     """Emit the text of control tokens (``<|im_start|>``...) instead of dropping it."""
+
+    @classmethod
+    def from_sampling(cls, prompt_tokens: Sequence[int], sampling: Any) -> GenerationRequest:
+        """From the backend's resolved ``textstream.Sampling`` (0 / 1.0 mean "off" there)."""
+        return cls(
+            prompt_tokens=tuple(prompt_tokens),
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or None,
+            min_p=sampling.min_p or None,
+            seed=sampling.seed,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repeat_penalty=sampling.repeat_penalty,
+            grammar=sampling.grammar,
+        )
 
 
 @attrs.frozen
@@ -342,6 +360,7 @@ class BatchEngine:
         kv_size: int | None = None,
         kv_unified: bool = False,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
         n_batch: int = 512,
         prompt_chunk: int = 64,
         max_waiting: int | None = None,
@@ -366,6 +385,7 @@ class BatchEngine:
         """Shortest prefix worth copying from another sequence's own cells (the copy
         moves that sequence's whole KV buffer, so a few tokens are cheaper to recompute)."""
         self.n_threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
+        self.n_threads_batch = n_threads_batch or self.n_threads
         self.n_batch = max(n_batch, n_seq)
         self.prompt_chunk = max(4, prompt_chunk)
         """Prompt tokens per step while other sequences are generating: a long prompt is
@@ -560,6 +580,11 @@ class BatchEngine:
         finally:
             gone.set()
 
+    def token_stream(self, request: GenerationRequest, cancel: Any = None) -> TokenStream:
+        """The generation as ``(text, None)`` once per generated token, then
+        ``(text, finish_reason)``: the llama-cpp backend's generation boundary."""
+        return TokenStream(self, request, cancel)
+
     # --- embeddings on the chat model ---------------------------------------------------
 
     def embed(
@@ -700,7 +725,7 @@ class BatchEngine:
         cparams.n_ubatch = self.n_batch
         cparams.n_seq_max = self.n_seq
         cparams.n_threads = self.n_threads
-        cparams.n_threads_batch = self.n_threads
+        cparams.n_threads_batch = self.n_threads_batch
         cparams.kv_unified = self.kv_unified
         cparams.no_perf = True
         # With per-sequence caches, flash attention (llama.cpp's CPU kernel) made the
@@ -1069,7 +1094,7 @@ class BatchEngine:
             p.n_ubatch = n_ctx
             p.n_seq_max = 1
             p.n_threads = self.n_threads
-            p.n_threads_batch = self.n_threads
+            p.n_threads_batch = self.n_threads_batch
             p.embeddings = True
             p.no_perf = True
             pooling = self._embed_pooling
@@ -1120,6 +1145,57 @@ class BatchEngine:
         return out
 
 
+class TokenStream:
+    """One generation in the per-token shape of ``LlamaCppBackend._generate``.
+
+    Yields ``(text, None)`` once per generated token (the text is empty for tokens whose
+    text came out with a later token) and finally ``("", finish_reason)``, which is not a
+    token. ``close()`` cancels the generation; the engine frees its sequence within a step.
+    """
+
+    def __init__(self, engine: BatchEngine, request: GenerationRequest, cancel: Any = None) -> None:
+        self._events: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
+        self._gone = threading.Event()
+        self._pending: collections.deque[tuple[str, str | None]] = collections.deque()
+        self._counted = 0
+        self._done = False
+        self.finished: Finished | None = None
+        """The final event (usage, cached prompt tokens) once the stream has ended."""
+        # Only the flag and the caller's token are handed over, so a dropped stream is
+        # collected (and cancelled in __del__) even while its generation runs.
+        engine._submit(request, self._events.put, _Either(cancel, self._gone))
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> tuple[str, str | None]:
+        if self._pending:
+            return self._pending.popleft()
+        if self._done:
+            raise StopIteration
+        event = self._events.get()
+        if isinstance(event, BaseException):
+            self.close()
+            raise event
+        if isinstance(event, TextPiece):
+            self._counted += event.n_tokens
+            self._pending.extend([("", None)] * (event.n_tokens - 1))
+            return event.text, None
+        self.finished = event
+        self._done = True
+        self._pending.extend([("", None)] * (event.completion_tokens - self._counted))
+        self._pending.append(("", event.finish_reason))
+        return self._pending.popleft()
+
+    def close(self) -> None:
+        self._done = True
+        self._pending.clear()
+        self._gone.set()
+
+    def __del__(self) -> None:
+        self._gone.set()
+
+
 class _Either:
     """Cancelled when either the caller's token or the consumer's own flag is set."""
 
@@ -1129,4 +1205,7 @@ class _Either:
     @property
     def cancelled(self) -> bool:
         return self._flag.is_set() or (self._token is not None and self._token.cancelled)
+
+    def __call__(self) -> bool:
+        return self.cancelled
 
