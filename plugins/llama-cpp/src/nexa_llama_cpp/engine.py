@@ -541,12 +541,15 @@ class BatchEngine:
             return gone.is_set() or (cancel is not None and cancel.cancelled)
 
         self._submit(request, events.put, cancelled)
-        return self._drain(events, gone)
+        return self._drain(events, gone, cancel)
 
     @staticmethod
-    def _drain(events: queue.SimpleQueue[Event | BaseException], gone: threading.Event) -> Iterator[Event]:
+    def _drain(events: queue.SimpleQueue[Event | BaseException], gone: threading.Event, cancel: Any) -> Iterator[Event]:
         try:
             while True:
+                # Events the engine made before it saw the cancel are not delivered.
+                if cancel is not None and cancel.cancelled:
+                    raise Cancelled()
                 event = events.get()
                 if isinstance(event, BaseException):
                     raise event
@@ -1159,6 +1162,7 @@ class TokenStream:
         self._pending: collections.deque[tuple[str, str | None]] = collections.deque()
         self._counted = 0
         self._done = False
+        self._cancel = cancel
         self.finished: Finished | None = None
         """The final event (usage, cached prompt tokens) once the stream has ended."""
         # Only the flag and the caller's token are handed over, so a dropped stream is
@@ -1169,6 +1173,9 @@ class TokenStream:
         return self
 
     def __next__(self) -> tuple[str, str | None]:
+        if self._cancel is not None and self._cancel.cancelled and not self._done:
+            self.close()
+            raise Cancelled()
         if self._pending:
             return self._pending.popleft()
         if self._done:
