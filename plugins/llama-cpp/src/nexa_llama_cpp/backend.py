@@ -73,6 +73,9 @@ DEFAULT_CHAT_CONTEXT = 4096
 """Context when the server sets none: the KV cache of a model's full trained context
 (32k-128k) would cost gigabytes for requests that rarely need it."""
 DEFAULT_EMBED_CONTEXT = 8192
+DEFAULT_PARALLEL = 4
+"""Text chats one model runs at once by continuous batching (``nexa_llama_cpp.engine``)
+when neither ``nexa serve --parallel`` nor the manifest's ``options.parallel`` says."""
 POOLING_RANK = 4
 Generation = Iterator[tuple[str, str | None]]
 
@@ -126,7 +129,7 @@ class LlamaCppBackend(Backend):
     tasks = frozenset({Task.CHAT, Task.VLM, Task.EMBED})
     formats = frozenset({"gguf"})
     devices = frozenset({"cpu", "cuda", "metal"})
-    parallel = 1
+    parallel = DEFAULT_PARALLEL
     priority = 10
 
     @classmethod
@@ -141,9 +144,14 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, manifest: Manifest, device: Device, options: LoadOptions | None = None):
         options = options or LoadOptions()
-        # One llama context serves one request at a time; a batching engine raises this.
         self.requested_parallel = options.parallel
-        super().__init__(manifest, device, attrs.evolve(options, parallel=1))
+        is_embedder = Task.EMBED in manifest.tasks and Task.CHAT not in manifest.tasks
+        # Text chat runs on the batching engine, N at once; `--parallel 1` or
+        # LoadOptions.extra["batching"] = False keep one request at a time on Llama.
+        parallel = options.parallel or int(manifest.options.get("parallel") or self.parallel)
+        self.batching = not is_embedder and parallel > 1 and options.extra.get("batching", True) is not False
+        super().__init__(manifest, device, attrs.evolve(options, parallel=parallel if self.batching else 1))
+        self._engine: Any = None
         self._llama: llama_cpp.Llama | None = None
         self._template: ChatTemplate | None = None
         self._mtmd: Any = None
@@ -212,6 +220,19 @@ class LlamaCppBackend(Backend):
             log.warning("%s has no chat template; using ChatML", self.manifest.name)
         if self.manifest.has_role("mmproj"):
             self._load_mmproj(self.manifest.file_path("mmproj"))
+        if self.batching:
+            from nexa_llama_cpp.engine import BatchEngine
+
+            # Same weights (no second load), its own context with one KV sequence per slot.
+            self._engine = BatchEngine(
+                model=llama._model.model,
+                n_seq=self.concurrency,
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=kwargs["n_threads_batch"],
+                n_batch=min(512, n_ctx),
+            )
+            self._engine.start()
 
     def _load_mmproj(self, path: Path) -> None:
         import llama_cpp.mtmd_cpp as mtmd_cpp
@@ -236,6 +257,9 @@ class LlamaCppBackend(Backend):
         self._media_marker = mtmd_cpp.mtmd_default_marker().decode("utf-8")
 
     def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()  # before the Llama: the engine's context uses its weights
         llama, self._llama, self._mtmd = self._llama, None, None
         if llama is not None:
             llama.close()  # also frees the mtmd context (registered on the Llama's stack)
@@ -299,6 +323,10 @@ class LlamaCppBackend(Backend):
             raise UnsupportedTask(
                 f"model {self.manifest.name!r} is an embedding model and cannot chat"
             )
+        if self._engine is not None and not request.has_images:
+            # Batched: the engine serializes what needs serializing; no lock.
+            yield from self._chat_locked(request, cancel)
+            return
         with self._lock:
             yield from self._chat_locked(request, cancel)
 
@@ -412,7 +440,15 @@ class LlamaCppBackend(Backend):
 
     def _generate(self, prompt_tokens: list[int], sampling: Sampling, cancel: CancelToken) -> Generation:
         """The text-chat generation boundary (see the module docstring)."""
+        if self._engine is not None:
+            from nexa_llama_cpp.engine import GenerationRequest
+
+            return self._engine.token_stream(GenerationRequest.from_sampling(prompt_tokens, sampling), cancel)
         return self._generate_llama(prompt_tokens, sampling, cancel)
+
+    def engine_stats(self) -> Any:
+        """The batching engine's counters (``engine.EngineStats``), None when batching is off."""
+        return self._engine.stats() if self._engine is not None else None
 
     def _prefill(self, prompt: list[int], cancel: CancelToken) -> None:
         """Evaluate ``prompt`` into the KV cache, reusing the longest cached prefix.
