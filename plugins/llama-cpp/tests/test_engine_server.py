@@ -1,0 +1,96 @@
+"""Continuous batching through the real server: the llama-cpp backend on the engine.
+
+Concurrent streaming clients (the official ``openai`` client) on one loaded model run at
+once, each gets the text it gets alone, and usage, stop strings, seeds and JSON output
+keep working beside other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from openai import AsyncOpenAI
+
+from nexa.backend import LoadOptions
+from nexa.testing import serve
+from nexa.types import Device
+from nexa_llama_cpp import testing as tiny
+from nexa_llama_cpp.backend import DEFAULT_PARALLEL, LlamaCppBackend
+
+MODEL = "test/tiny-batch"
+WORDS = ["hello world", "the cat", "paris", "yes or no", "count", "answer me", "no", "tell a story"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    src = tiny.write_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-batch-F32.gguf", seed=5)
+    with serve([LlamaCppBackend], home=tmp_path_factory.mktemp("home"), threads=1, parallel=8) as handle:
+        handle.store.import_path(src, name=MODEL)
+        yield handle
+
+
+def client(server) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+async def stream_text(c: AsyncOpenAI, **kw) -> tuple[str, object, float]:
+    started = time.monotonic()
+    parts, usage = [], None
+    stream = await c.chat.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True}, **kw)
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                parts.append(choice.delta.content)
+    return "".join(parts), usage, time.monotonic() - started
+
+
+def test_backend_batches_by_default_and_can_be_switched_off(tmp_path):
+    manifest = tiny.write_tiny_llama(tmp_path / "m.gguf")
+    from nexa.store import ModelStore
+
+    m = ModelStore(tmp_path / "home").import_path(manifest, name="t/m")
+    cpu = Device("cpu")
+    on = LlamaCppBackend(m, cpu, LoadOptions(threads=1))
+    assert (on.batching, on.concurrency) == (True, DEFAULT_PARALLEL)
+    assert LlamaCppBackend(m, cpu, LoadOptions(parallel=6)).concurrency == 6
+    for off in (LoadOptions(parallel=1), LoadOptions(extra={"batching": False})):
+        b = LlamaCppBackend(m, cpu, off)
+        assert (b.batching, b.concurrency) == (False, 1)
+    on.load()
+    try:
+        assert on.engine_stats().n_seq == DEFAULT_PARALLEL
+    finally:
+        on.close()
+
+
+def test_concurrent_streams_get_their_solo_texts_and_usage(server):
+    requests = [
+        {"messages": [{"role": "user", "content": w}], "max_tokens": 40, "temperature": 0} for w in WORDS
+    ]
+    requests[1] |= {"temperature": 0.9, "seed": 11}
+    requests[2] |= {"stop": ["a", "e"]}
+    requests[3] |= {"response_format": {"type": "json_object"}}
+
+    async def main():
+        c = client(server)
+        solo = [await stream_text(c, **r) for r in requests]
+        together = await asyncio.gather(*(stream_text(c, **r) for r in requests))
+        return solo, together
+
+    solo, together = asyncio.run(main())
+    for (text_s, usage_s, _), (text_t, usage_t, _) in zip(solo, together, strict=True):
+        assert text_t == text_s
+        assert usage_t.completion_tokens == usage_s.completion_tokens
+        assert usage_t.prompt_tokens == usage_s.prompt_tokens
+    assert not any(s in solo[2][0] for s in ("a", "e"))
+    assert isinstance(json.loads(solo[3][0]), dict)
+    # All eight ran at once: together they took far less than one after the other.
+    assert max(t for _, _, t in together) < sum(t for _, _, t in solo)
+    backend = server.app.state.manager.loaded()[0].backend
+    stats = backend.engine_stats()
+    assert stats.requests_finished >= 16 and stats.active_sequences == 0
