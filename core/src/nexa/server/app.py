@@ -91,7 +91,12 @@ async def until_disconnected(request: Request, awaitable: Any) -> Any:
     finally:
         watcher.cancel()
         if not work.done():
+            # We are being cancelled (server shutdown past its grace period): let the
+            # work unwind before the caller closes what it was using (an async
+            # generator closed while still running raises RuntimeError, sent as a 500).
             work.cancel()
+            with contextlib.suppress(BaseException):
+                await work
 
 
 def _tool_calls_wire(chunk: ChatChunk) -> list[wire.ToolCallWire]:
@@ -504,16 +509,32 @@ def _metrics_middleware(metrics: Metrics):
                 return
             path = scope.get("path", "")
             endpoint = next((e for e in _ENDPOINTS if path.startswith(e)), "other")
-            status = {"code": 500}
+            status = {"code": 500, "sent": False}
             started = time.monotonic()
 
             async def send_wrapper(message: Any) -> None:
                 if message["type"] == "http.response.start":
                     status["code"] = message["status"]
+                    status["sent"] = True
                 await send(message)
 
             try:
                 await app(scope, receive, send_wrapper)
+            except asyncio.CancelledError:
+                # The request was cancelled: its client left, or uvicorn cut it off past
+                # the shutdown grace period. A client still there gets an OpenAI-shaped
+                # 503 instead of uvicorn's plain-text 500 (and no traceback in the log).
+                if status["sent"]:
+                    raise
+                status["code"] = 503
+                body = msgspec.json.encode(error_payload(NexaError(
+                    "the server is shutting down or the request was cancelled; try again",
+                    code="shutting_down")))
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.start", "status": 503, "headers": [
+                        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        (b"retry-after", b"1"), (b"connection", b"close")]})
+                    await send({"type": "http.response.body", "body": body})
             finally:
                 metrics.requests.labels(endpoint, str(status["code"])).inc()
                 metrics.latency.labels(endpoint).observe(time.monotonic() - started)
