@@ -153,13 +153,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(config)
     print(f"nexa {__version__} serving on http://{config.host}:{config.port} "
           f"(default model: {config.default_model or 'none'})", flush=True)
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level="info" if args.verbose else "warning",
-        timeout_graceful_shutdown=int(config.shutdown_timeout),
-    )
+    import signal
+
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; with the default
+    # action that kills the process (status -15) after a graceful shutdown. A no-op
+    # handler of our own turns it into a normal exit with status 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="info" if args.verbose else "warning",
+            timeout_graceful_shutdown=int(config.shutdown_timeout),
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
