@@ -521,3 +521,28 @@ def test_closing_a_token_stream_cancels_it(engine):
         time.sleep(0.01)
     assert engine.stats().requests_cancelled == before + 2
     assert engine.stats().active_sequences == 0
+
+
+def test_running_sequences_move_down_when_a_lower_one_ends(tiny_gguf):
+    with BatchEngine(tiny_gguf, n_seq=1, n_ctx=512, n_threads=1) as engine:
+        requests = [
+            GenerationRequest(chat_prompt(engine, q), temperature=0.0, max_tokens=n, grammar=ENDLESS)
+            for q, n in zip(QUESTIONS, (150, 10, 150, 150), strict=False)
+        ]
+        solo = [collect(engine, r)[0] for r in requests]
+    with BatchEngine(tiny_gguf, n_seq=4, n_ctx=512, n_threads=1) as engine:
+        # Submitted in order to an empty engine, so they get ids 0..3; the short one
+        # (id 1) ends first and a higher one then moves into its place.
+        streams = [engine.generate(r) for r in requests]
+        texts: dict[int, str] = {}
+
+        def drain(i):
+            texts[i] = "".join(e.text for e in streams[i] if isinstance(e, TextPiece))
+
+        threads = [threading.Thread(target=drain, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [texts[i] for i in range(4)] == solo
+        assert engine.stats().sequences_moved >= 1

@@ -157,6 +157,8 @@ class EngineStats:
     tokens_generated: int
     decode_steps: int
     embed_requests: int
+    sequences_moved: int
+    """Running sequences moved to a lower id to keep the ids contiguous."""
 
 
 _admission_order = itertools.count()
@@ -426,6 +428,7 @@ class BatchEngine:
                 "tokens_generated",
                 "decode_steps",
                 "embed_requests",
+                "sequences_moved",
             ),
             0,
         )
@@ -789,6 +792,7 @@ class BatchEngine:
         self._drop_cancelled_waiting()
         self._retire_cancelled()
         self._admit()
+        self._compact()
         running = sorted((s.active for s in self._slots if s.active is not None), key=lambda q: q.order)
         # Generated tokens of all sequences go in one batch; a prompt goes in its own
         # call, one sequence at a time. llama.cpp's CPU kernels give a token slightly
@@ -796,17 +800,25 @@ class BatchEngine:
         # comes with others of the same sequence (measured), and a mixed batch is cut
         # into ubatches in ways that can leave such lone rows; this split keeps every
         # sequence's numbers the same whatever runs beside it.
-        generating = [(q, 1) for q in running if not q.n_prompt_left]
+        # In sequence-id order: llama.cpp puts per-sequence caches' tokens in one ubatch
+        # only while the ids go up by one (split_equal, sequential), so 0,1,2,3 is one
+        # graph run and 3,1,0,2 would be four.
+        generating = [(q, 1) for q in sorted(running, key=lambda q: q.slot.seq_id) if not q.n_prompt_left]
         if generating:
             self._decode(generating)
-        prefilling = next((q for q in running if q.n_prompt_left and q.slot.active is q), None)
-        if prefilling is not None:
-            budget = self.prompt_chunk if generating else self.n_batch
-            left = prefilling.n_prompt_left
-            take = min(budget, left)
-            if left - take == 1:
+        # Prompts, oldest first, until this step's budget is spent: several short prompts
+        # start together, a long one is taken in bites while the others keep streaming.
+        budget = self.prompt_chunk if generating else self.n_batch
+        for q in running:
+            if budget <= 0:
+                break
+            if not q.n_prompt_left or q.slot.active is not q or q.job.dead or q.job.cancelled():
+                continue
+            take = min(budget, q.n_prompt_left)
+            if q.n_prompt_left - take == 1:
                 take -= 1  # never leave a lone last prompt token (see above)
-            self._decode([(prefilling, take)])
+            self._decode([(q, take)])
+            budget -= take
 
     def _drop_cancelled_waiting(self) -> None:
         with self._cv:
@@ -872,8 +884,11 @@ class BatchEngine:
 
             if best is not None and best.active is None and n_reuse > 0:
                 target = best  # keep its cells, cut what differs
-            else:
+            elif self.kv_unified:
                 target = min(free, key=lambda s: (len(s.tokens) > 0, s.last_used))
+            else:
+                # The lowest free id keeps running ids contiguous (one ubatch, see _step).
+                target = free[0]
 
             if self.kv_unified:
                 # Idle caches stay only while the worst cases of everything still fit.
@@ -916,6 +931,36 @@ class BatchEngine:
             target.last_used = time.monotonic()
             self._counters["requests_started"] += 1
             self._counters["prompt_tokens_reused"] += n_reuse
+
+    def _compact(self) -> None:
+        """Move running sequences down into free lower ids so the ids stay contiguous.
+
+        With per-sequence caches a gap (0, 1, 3) costs a second graph run every step (see
+        _step). A move is one buffer copy inside llama.cpp (done at the next decode, before
+        anything is computed), far cheaper than that; the free id's cached prefix is lost.
+        """
+        if self.kv_unified:
+            return
+        L, mem = self._L, self._mem
+        while True:
+            active = [s for s in self._slots if s.active is not None]
+            if not active:
+                return
+            high = active[-1]
+            low = next((s for s in self._slots if s.active is None), None)
+            if low is None or low.seq_id > high.seq_id:
+                return
+            L.llama_memory_seq_rm(mem, low.seq_id, -1, -1)
+            L.llama_memory_seq_cp(mem, high.seq_id, low.seq_id, -1, -1)
+            L.llama_memory_seq_rm(mem, high.seq_id, -1, -1)
+            seq = high.active
+            assert seq is not None
+            with self._cv:
+                low.active, high.active = seq, None
+            low.tokens, high.tokens = high.tokens, []
+            low.last_used = high.last_used
+            seq.slot = low
+            self._counters["sequences_moved"] += 1
 
     def _decode(self, feeds: list[tuple[_Sequence, int]]) -> None:
         """One ``llama_decode``: the next ``k`` pending tokens of each sequence given."""
