@@ -81,9 +81,11 @@ def _pick(body: object, salt: str, out_of: int) -> bool:
 def ground(case) -> None:
     """Give a schema-valid body the resources it names, as a real client would.
 
-    The document can't say which models exist, which image files exist or which tool a
-    ``tool_choice`` may name; without this, schema-valid requests would mostly stop at a
-    404 and never reach a backend. One body in four keeps its random model name.
+    The document can't say which models exist, which image files exist, the model's
+    vector size, or rules across fields (images only in user messages and at most 8 per
+    request, ``tool_choice`` naming a listed tool, ``json_schema`` with a schema). Without
+    this, schema-valid requests would mostly stop at a 404 or a 400 and never reach a
+    backend. One body in four keeps its random model name.
     """
     body = case.body
     if not isinstance(body, dict):
