@@ -70,7 +70,7 @@ def _ask(server, model, stream=False):
 @pytest.mark.parametrize("stream", [False, True])
 def test_errors_show_no_paths_or_tracebacks(server, model, status, stream):
     r = _ask(server, model, stream)
-    err = relkit.assert_error(r, status, None, SECRET, "/srv/private", "owner-name", "C:\\Users")
+    relkit.assert_error(r, status, None, SECRET, "/srv/private", "owner-name", "C:\\Users")
     assert "Traceback" not in r.text and 'File "' not in r.text
 
 
