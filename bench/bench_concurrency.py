@@ -4,10 +4,12 @@
     (b) `nexa serve --parallel 1`: batching off, one request at a time
     (c) llama-cpp-python's own server (`python -m llama_cpp.server`, its [server] extra)
 
-Same GGUF, threads and context for all three; each server runs alone (started, warmed,
-measured, stopped) so they never compete for the CPU. For every level (1, 2, 4, 8
-clients) and run, that many clients each stream one chat completion of up to --tokens
-tokens (temperature 0, distinct prompts) with the official `openai` client. Per level it
+Same GGUF, threads and context for all three. All three servers are started and warmed
+first (an idle server uses no CPU), then the measurements interleave: run by run, level
+by level, each server in turn, so a change in machine load hits all three alike. For
+every level (1, 2, 4, 8 clients), that many clients each stream one chat completion of
+up to --tokens tokens (temperature 0, distinct prompts) with the official `openai`
+client, and the next measurement starts when all have finished. Per level it
 prints the aggregate generated tokens/s (all tokens / wall time of the level), time to
 first token and request latency p50/p95 over all requests of all runs, how many requests
 completed, and the ratios (level vs one client, nexa vs the others). Not a timed test:
@@ -197,23 +199,29 @@ async def level(base: str, model: str, n: int, tokens: int, usage_option: bool, 
         await client.close()
 
 
-def measure(target: str, path: Path, model: str, home: Path, args: argparse.Namespace) -> dict[int, list[LevelRun]]:
-    proc, base, name = start(target, path, model, home, args)
-    usage_option = target != "llama-cpp-python"  # its server ignores stream_options; it streams one token per chunk
+def measure_all(targets: list[str], path: Path, model: str, home: Path, args: argparse.Namespace) -> dict[str, dict[int, list[LevelRun]]]:
+    servers = {}
     try:
-        asyncio.run(level(base, name, 1, 8, usage_option, 0))  # warm up
-        out: dict[int, list[LevelRun]] = {n: [] for n in args.levels}
+        for target in targets:
+            servers[target] = start(target, path, model, home, args)
+            _proc, base, name = servers[target]
+            asyncio.run(level(base, name, 1, 8, target != "llama-cpp-python", 0))  # warm up
+        # llama-cpp-python's server ignores stream_options; it streams one token per chunk.
+        out = {t: {n: [] for n in args.levels} for t in targets}
         for run in range(args.runs):
             for n in args.levels:
-                result = asyncio.run(level(base, name, n, args.tokens, usage_option, run))
-                out[n].append(result)
-                done = sum(s.ok for s in result.samples)
-                print(f"  {target:17s} run {run + 1} x{n}: {result.tok_per_s:7.1f} tok/s, "
-                      f"{sum(s.tokens for s in result.samples)} tok in {result.wall:6.2f} s, {done}/{n} complete, "
-                      f"load {load()}", flush=True)
+                for target in targets:
+                    _proc, base, name = servers[target]
+                    result = asyncio.run(level(base, name, n, args.tokens, target != "llama-cpp-python", run))
+                    out[target][n].append(result)
+                    done = sum(s.ok for s in result.samples)
+                    print(f"  run {run + 1} x{n} {target:17s}: {result.tok_per_s:7.1f} tok/s, "
+                          f"{sum(s.tokens for s in result.samples)} tok in {result.wall:6.2f} s, "
+                          f"{done}/{n} complete, load {load()}", flush=True)
         return out
     finally:
-        stop(proc)
+        for proc, _base, _name in servers.values():
+            stop(proc)
 
 
 def summarize(target: str, runs: dict[int, list[LevelRun]]) -> dict[int, dict[str, float]]:
@@ -269,10 +277,10 @@ def main() -> None:
     print(f"model:   {path.name} ({path.stat().st_size / 1e6:.0f} MB), threads {args.threads}, n_ctx {args.ctx}, "
           f"up to {args.tokens} tokens per request, temperature 0, {args.runs} runs per level")
     print(f"library: llama-cpp-python {llama_cpp.__version__}")
-    results = {}
     for target in targets:
-        print(f"{target}: {TARGETS[target]}", flush=True)
-        results[target] = summarize(target, measure(target, path, model, home, args))
+        print(f"{target}: {TARGETS[target]}")
+    runs = measure_all(targets, path, model, home, args)
+    results = {target: summarize(target, runs[target]) for target in targets}
 
     print()
     print("| server | clients | aggregate tok/s | vs 1 client | TTFT p50 / p95 (s) | latency p50 / p95 (s) | complete |")

@@ -161,9 +161,10 @@ class EngineStats:
     """Running sequences moved to a lower id to keep the ids contiguous."""
 
 
+# --- internal state ---------------------------------------------------------------------
+
 _admission_order = itertools.count()
 
-# --- internal state ---------------------------------------------------------------------
 
 class _Sampler:
     """Per-sequence sampler chain plus an optional grammar sampler (owned C objects)."""
