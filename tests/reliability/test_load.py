@@ -49,15 +49,17 @@ def _chat(client, i, stream):
             if r.status_code != 200:
                 return r.status_code, r.headers, text
         events = relkit.parse_sse(text)
-        relkit.check_chat_stream(text)
+        content = relkit.check_chat_stream(text)
+        assert "\ufffd" not in content, f"broken UTF-8 in {content!r}"
         usage = events[-1]["usage"]
         assert events[-1]["choices"] == [] and usage["completion_tokens"] <= 16
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
         return 200, r.headers, text
     r = client.post("/v1/chat/completions", json=body)
     if r.status_code == 200:
-        relkit.check_chat_completion(r.json())
+        text = relkit.check_chat_completion(r.json())
         assert r.json()["usage"]["completion_tokens"] <= 16
+        assert "\ufffd" not in text, f"broken UTF-8 in {text!r}"
     return r.status_code, r.headers, r.text
 
 
