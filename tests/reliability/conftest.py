@@ -29,7 +29,8 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("NEXA_HOME", str(tmp_path / "home"))
     for var in ("NEXA_API_KEY", "NEXA_DISABLE_PLUGINS", "NEXA_HOST", "NEXA_PORT", "NEXA_DEVICE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # HF_HUB_OFFLINE is left alone: huggingface_hub reads it once, at import, so setting it
+    # here would switch pulls off for every later test in this process.
 
 
 @pytest.fixture

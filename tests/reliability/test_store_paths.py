@@ -118,8 +118,13 @@ def test_http_refuses_bad_names_without_leaking_paths(home, canary, name):
 def test_hub_file_names_never_escape(home, canary, monkeypatch, evil):
     from nexa.hub import pull
 
+    from huggingface_hub import constants
+
     for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
+    # huggingface_hub read HF_HUB_OFFLINE at import; a machine that sets it must not turn
+    # this loopback pull into an "offline" error.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     before = _snapshot(canary)
     store = ModelStore(home)
     with HubServer({"acme/Evil-GGUF": {"Evil-Q4_K_M.gguf": tiny_gguf_bytes(), evil: tiny_gguf_bytes()}}) as hub:
