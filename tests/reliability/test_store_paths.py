@@ -116,9 +116,9 @@ def test_http_refuses_bad_names_without_leaking_paths(home, canary, name):
 @pytest.mark.parametrize("evil", ["../victim/evil.gguf", "../../evil.gguf", "/tmp/evil.gguf", "a/../../evil.gguf",
                                   "..\\evil.gguf", "a\x01.gguf", "a/./b.gguf", "C:evil.gguf"])
 def test_hub_file_names_never_escape(home, canary, monkeypatch, evil):
-    from nexa.hub import pull
-
     from huggingface_hub import constants
+
+    from nexa.hub import pull
 
     for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
