@@ -50,7 +50,7 @@ def test_broken_plugin_is_recorded_not_fatal(plugin_path):
     failure = next(f for f in plugins.failures if f.plugin == "broken")
     assert failure.stage == "import"
     assert "libfoo.so" in failure.error
-    assert [m.name for m in plugins.models] == ["good/echo"]
+    assert "good/echo" in [m.name for m in plugins.models]
 
 
 def test_disable_env_skips_named_plugins(plugin_path, monkeypatch):
