@@ -383,6 +383,39 @@ def test_metrics_count_requests(server, client):
     assert 'nexa_generated_tokens_total{model="test/echo"} 4.0' in text
 
 
+def test_metrics_include_backend_figures(server, client):
+    client.chat.completions.create(model="test/echo", messages=USER)
+    client.chat.completions.create(model="test/echo", messages=USER)
+    text = httpx.get(server.base_url + "/metrics").text
+    assert "# TYPE nexa_backend_echo_chats_started_total counter" in text
+    assert 'nexa_backend_echo_chats_started_total{backend="echo",model="test/echo"} 2.0' in text
+
+
+class BrokenFigures(EchoBackend):
+    """The echo double whose runtime_metrics raises or misnames: scrapes must still work."""
+
+    name = "broken-figures"
+
+    def runtime_metrics(self):
+        if self.manifest.name == "test/raises":
+            raise RuntimeError("no figures today")
+        from nexa.types import BackendMetric
+
+        return [BackendMetric("Bad Name", 1.0), BackendMetric("fine", 3.0)]
+
+
+def test_metrics_survive_a_backend_that_fails_to_report(home):
+    models = [echo_manifest("test/raises"), echo_manifest("test/misnamed")]
+    with serve([BrokenFigures], home=home, models=models) as handle:
+        for name in ("test/raises", "test/misnamed"):
+            assert post(handle, "/v1/chat/completions", {"model": name, "messages": USER}).status_code == 200
+        resp = httpx.get(handle.base_url + "/metrics")
+        assert resp.status_code == 200
+        assert 'nexa_backend_fine{backend="broken-figures",model="test/misnamed"} 3.0' in resp.text
+        assert "Bad Name" not in resp.text
+        assert 'model="test/raises"' not in resp.text.split("nexa_backend_fine")[-1]
+
+
 def test_model_in_use_is_never_evicted(home):
     SlowStream.stopped.clear()
     forever = Manifest(name="test/forever", format="forever", tasks={Task.CHAT}, files=[ModelFile("w", 900)])

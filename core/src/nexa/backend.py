@@ -22,6 +22,7 @@ import attrs
 from nexa.errors import Cancelled, UnsupportedTask
 from nexa.types import (
     BackendInfo,
+    BackendMetric,
     ChatChunk,
     ChatRequest,
     Device,
@@ -131,6 +132,13 @@ class Backend:
     def generate_images(self, request: ImageRequest, cancel: CancelToken) -> ImageResult:
         """Return ``request.n`` PNG images."""
         raise UnsupportedTask(f"model {self.manifest.name!r} does not generate images")
+
+    def runtime_metrics(self) -> list[BackendMetric]:
+        """Figures about this loaded model for ``GET /metrics`` (a batching engine's active
+        sequences, cache reuse...). Called on the event loop at each scrape: return numbers
+        already at hand, never block. The server already counts requests, tokens and
+        latency for every backend; report only what only the backend knows."""
+        return []
 
     # --- the async interface the server uses -----------------------------------------
 

@@ -21,7 +21,7 @@ import attrs
 from nexa.backend import Backend, LoadOptions
 from nexa.config import ServerConfig
 from nexa.errors import Busy, ModelLoadError, NexaError, UnsupportedTask
-from nexa.metrics import Metrics
+from nexa.metrics import BackendCollector, Metrics
 from nexa.registry import BackendRegistry
 from nexa.store import ModelStore
 from nexa.types import Device, Manifest, Task
@@ -67,6 +67,7 @@ class ModelManager:
         self.device = device
         self.config = config
         self.metrics = metrics or Metrics()
+        self.metrics.registry.register(BackendCollector(self.loaded))
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._reaper: asyncio.Task[None] | None = None
         budget = config.memory_budget

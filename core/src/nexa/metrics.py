@@ -1,13 +1,23 @@
 """Prometheus metrics for one server instance (``GET /metrics``).
 
 Each app gets its own ``CollectorRegistry`` so several servers in one process (tests)
-don't collide. Backends may add their own collectors to ``Metrics.registry``.
+don't collide. Figures only a backend knows (``Backend.runtime_metrics``) are collected
+from every loaded model at scrape time by ``BackendCollector``.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
@@ -55,3 +65,46 @@ class Metrics:
             "nexa_model_evictions", "Models unloaded", ["model", "reason"], registry=r
         )
         self.resident = Gauge("nexa_models_resident", "Models loaded now", registry=r)
+
+
+_METRIC_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+class BackendCollector(Collector):
+    """``nexa_backend_<name>{model, backend}`` from each loaded model's ``runtime_metrics``.
+
+    ``loaded`` returns the resident models (``LoadedModel``s) at scrape time. A backend
+    whose figures can't be read (it raised, or a name is malformed) is skipped and
+    logged: a scrape never fails because of one backend.
+    """
+
+    def __init__(self, loaded: Callable[[], Iterable[Any]]) -> None:
+        self._loaded = loaded
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for entry in self._loaded():
+            if not entry.ready.done() or entry.ready.cancelled() or entry.ready.exception() is not None:
+                continue
+            backend = entry.backend
+            try:
+                figures = list(backend.runtime_metrics())
+            except Exception:
+                log.exception("backend %s could not report its metrics", backend.name)
+                continue
+            for m in figures:
+                if not _METRIC_NAME.fullmatch(m.name) or (m.kind == "counter" and m.name.endswith("_total")):
+                    log.warning("backend %s reported a badly named metric %r", backend.name, m.name)
+                    continue
+                name = "nexa_backend_" + m.name
+                family = families.get(name)
+                if family is None:
+                    cls = CounterMetricFamily if m.kind == "counter" else GaugeMetricFamily
+                    family = families[name] = cls(name, m.help or m.name, labels=["model", "backend"])
+                elif family.type != ("counter" if m.kind == "counter" else "gauge"):
+                    continue  # two backends disagree on the kind: keep the first
+                family.add_metric([entry.manifest.name, backend.name], float(m.value))
+        yield from families.values()
+
+    def describe(self) -> list[Metric]:
+        return []  # names depend on what is loaded: collected lazily, never at registration

@@ -137,6 +137,22 @@ class BackendInfo:
     """The plugin (distribution or module) that registered it."""
 
 
+@attrs.frozen
+class BackendMetric:
+    """One figure a loaded backend reports about itself, exported on ``GET /metrics``.
+
+    The server names it ``nexa_backend_<name>`` and labels it with the model and backend,
+    so a backend author only says what the number is.
+    """
+
+    name: str
+    """Lowercase ``[a-z0-9_]``; a counter's name has no ``_total`` (Prometheus adds it)."""
+    value: float
+    kind: str = attrs.field(default="gauge", validator=attrs.validators.in_(("gauge", "counter")))
+    """``gauge`` (a level now) or ``counter`` (only ever goes up while the model is loaded)."""
+    help: str = ""
+
+
 # --- chat ---------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from nexa.backend import Backend, CancelToken
 from nexa.errors import ContextLengthExceeded, ModelLoadError
 from nexa.types import (
+    BackendMetric,
     ChatChunk,
     ChatRequest,
     EmbedRequest,
@@ -54,6 +55,7 @@ class EchoBackend(Backend):
     formats = frozenset({ECHO_FORMAT})
     devices = frozenset({"cpu", "cuda", "metal"})
     parallel = 2
+    chats_started = 0
 
     def load(self) -> None:
         if self.manifest.options.get("fail_load"):
@@ -61,7 +63,12 @@ class EchoBackend(Backend):
         time.sleep(float(self.manifest.options.get("load_delay", 0.0)))  # type: ignore[arg-type]
         self.loads = getattr(self, "loads", 0) + 1
 
+    def runtime_metrics(self) -> list[BackendMetric]:
+        # Shows how a backend reports its own figures; tests read them back from /metrics.
+        return [BackendMetric("echo_chats_started", self.chats_started, "counter", "Chats the echo double began")]
+
     def chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        self.chats_started += 1
         delay = float(self.manifest.options.get("delay", 0.0))  # type: ignore[arg-type]
         last_user = next((m for m in reversed(request.messages) if m.role == "user"), None)
         text = last_user.text if last_user else ""
