@@ -209,9 +209,13 @@ def describe_folder(
             tasks = {Task.CHAT}
             if "vision_config" in config:
                 tasks.add(Task.VLM)
+            # Vision models (LLaVA, Gemma 3, ...) keep the language model's settings in
+            # text_config; Qwen2-VL keeps them at the top.
+            text_config = config.get("text_config")
+            text_config = text_config if isinstance(text_config, dict) else {}
+            context = config.get("max_position_embeddings") or text_config.get("max_position_embeddings")
             return Manifest(name=name, format="mlx", tasks=tasks, files=files, root=root,
-                            backend=backend, source=source,
-                            context_length=config.get("max_position_embeddings"))
+                            backend=backend, source=source, context_length=context)
         architectures = " ".join(config.get("architectures", []) or [])
         if any(k in architectures for k in ("BertModel", "XLMRoberta", "MPNet", "NomicBert")):
             return Manifest(name=name, format="sentence-transformers", tasks={Task.EMBED},

@@ -53,3 +53,28 @@ def backend(manifest, device):
     backend.load()
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="session")
+def vision_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import tiny_vision
+
+    return tiny_vision.write_model(tmp_path_factory.mktemp("src") / "tiny-qwen2-vl")
+
+
+@pytest.fixture(scope="session")
+def vision_manifest(store, vision_folder):
+    from tiny_vision import VISION_MODEL_NAME
+
+    # Imported the way a user would, beside the text model.
+    return store.import_path(vision_folder, name=VISION_MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
+def vision_backend(vision_manifest, device):
+    from nexa_mlx.vision import MlxVisionBackend
+
+    backend = MlxVisionBackend(vision_manifest, device)
+    backend.load()
+    yield backend
+    backend.close()

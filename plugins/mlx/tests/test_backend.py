@@ -25,7 +25,7 @@ from nexa.plugins import load_plugins
 from nexa.registry import BackendRegistry
 from nexa.store import ModelStore
 from nexa.types import ChatMessage, ChatRequest, Device, ImagePart, Task, TextPart
-from nexa_mlx.backend import APPLE_SILICON, MlxBackend, MlxVisionBackend
+from nexa_mlx.backend import APPLE_SILICON, MlxBackend
 
 HELLO = (ChatMessage("user", "Hello world"),)
 
@@ -59,21 +59,6 @@ def test_selection_picks_mlx_for_mlx_models_and_honours_a_pin(manifest):
         BackendRegistry(plugins, pin="llama-cpp").select(Task.CHAT, manifest, Device("cpu"))
 
 
-def test_selection_explains_why_mlx_vision_is_refused(tiny_folder, tmp_path):
-    folder = variant(tiny_folder, tmp_path / "vlm", vision_config={"model_type": "siglip"})
-    vlm = ModelStore(tmp_path / "home").import_path(folder, name="mlx-community/tiny-vlm")
-    assert vlm.tasks == {Task.CHAT, Task.VLM}
-    plugins = load_plugins(load_entry_points=False, extra_plugins=[nexa_mlx.plugin])
-    registry = BackendRegistry(plugins)
-    with pytest.raises(NoBackend, match="mlx: images") as refused:
-        registry.select(Task.VLM, vlm, Device("cpu"))
-    if sys.platform.startswith("linux"):
-        assert "Linux" in refused.value.message
-    # Text chat on the same model is still served.
-    assert registry.select(Task.CHAT, vlm, Device("cpu")) is MlxBackend
-    assert MlxVisionBackend.name == MlxBackend.name == "mlx"
-
-
 def test_a_gguf_or_cuda_device_is_not_ours(manifest):
     plugins = load_plugins(load_entry_points=False, extra_plugins=[nexa_mlx.plugin])
     with pytest.raises(NoBackend, match="device 'cuda'"):
@@ -97,10 +82,10 @@ def test_importing_the_plugin_does_not_import_mlx():
         """
         import sys
         from nexa.plugins import load_plugins
-        import nexa_mlx.plugin, nexa_mlx.backend
+        import nexa_mlx.plugin, nexa_mlx.backend, nexa_mlx.vision
         plugins = load_plugins(load_entry_points=False, extra_plugins=[nexa_mlx.plugin])
         nexa_mlx.backend.MlxBackend.supports
-        heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'transformers'))
+        heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'mlx_vlm', 'transformers'))
         assert not heavy, heavy
         """
     )

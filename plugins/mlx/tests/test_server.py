@@ -9,7 +9,8 @@ import pytest
 from tiny_model import MODEL_NAME
 
 from nexa.testing import serve
-from nexa_mlx.backend import MlxBackend, MlxVisionBackend
+from nexa_mlx.backend import MlxBackend
+from nexa_mlx.vision import MlxVisionBackend
 
 HELLO = [{"role": "user", "content": "Hello world"}]
 

@@ -31,7 +31,9 @@ CORPUS = [
 ] * 20
 
 
-def write_tokenizer(folder: Path, vocab_size: int = 400) -> None:
+def write_tokenizer(
+    folder: Path, vocab_size: int = 400, special_tokens: list[str] = SPECIAL_TOKENS
+) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -39,7 +41,7 @@ def write_tokenizer(folder: Path, vocab_size: int = 400) -> None:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -56,7 +58,7 @@ def write_tokenizer(folder: Path, vocab_size: int = 400) -> None:
         "added_tokens_decoder": {
             str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
                      "normalized": False, "single_word": False}
-            for i, t in enumerate(SPECIAL_TOKENS)
+            for i, t in enumerate(special_tokens)
         },
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -6,8 +6,8 @@ calls, length, cancellation) and the refusal reasons selection shows. ``mlx`` an
 ``mlx_lm`` are imported only inside ``load``/``chat``: importing this module is cheap,
 so ``nexa --help`` and plugin discovery never pay for them.
 
-Vision: mlx-lm serves text only. Images are refused at selection time by
-``MlxVisionBackend`` with the reason (see its docstring).
+Vision: mlx-lm serves text only; MLX vision models are served by
+``nexa_mlx.vision.MlxVisionBackend`` on mlx-vlm.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -66,6 +66,11 @@ def missing_runtime() -> str | None:
     """Why MLX can't run in this environment, or None. Cheap: no import of mlx."""
     if importlib.util.find_spec("mlx_lm") is None:
         return "mlx-lm is not installed (pip install nexa-mlx)"
+    return missing_mlx()
+
+
+def missing_mlx() -> str | None:
+    """Why mlx itself can't run on this platform, or None. Cheap: no import of mlx."""
     if sys.platform == "darwin":
         if platform.machine() != "arm64":
             return "MLX needs Apple Silicon; this Mac is Intel"
@@ -207,42 +212,17 @@ class MlxBackend(Backend):
             raise UnsupportedTask(
                 f"the mlx backend serves text only; model {self.manifest.name!r} got images"
             )
-        fmt = (request.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise BadRequest(
-                f"response_format {fmt!r} is not supported by the mlx backend "
-                "(mlx-lm has no constrained decoding)",
-                param="response_format",
-            )
-        if request.repeat_penalty is not None and request.repeat_penalty <= 0:
-            raise BadRequest("repeat_penalty must be > 0", param="repeat_penalty")
+        check_request(request)
 
         import mlx.core as mx
         from mlx_lm.generate import generate_step, wired_limit
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+        from mlx_lm.sample_utils import make_logits_processors
 
         tools = self._tools(request)
         prompt = self.prompt_tokens(request, tools)
-        context = self.context_length
-        if context is not None and len(prompt) >= context:
-            raise ContextLengthExceeded(
-                f"the prompt is {len(prompt)} tokens; model {self.manifest.name!r} has a "
-                f"context of {context} tokens",
-                param="messages",
-            )
-        budget = context - len(prompt) if context is not None else FALLBACK_MAX_TOKENS
-        max_tokens = min(request.max_tokens, budget) if request.max_tokens else budget
+        max_tokens = self.token_budget(request, len(prompt))
         cancel.raise_if_cancelled()
-
-        # Unseeded requests reseed from the OS so they never replay an earlier seeded one.
-        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
-        mx.random.seed(seed % 2**64)
-        sampler = make_sampler(
-            temp=max(float(request.temperature), 0.0),
-            top_p=float(request.top_p),
-            min_p=float(request.min_p or 0.0),
-            top_k=int(request.top_k or 0),
-        )
+        sampler = seeded_sampler(request)
         repeat = request.repeat_penalty if request.repeat_penalty not in (None, 1.0) else None
         processors = make_logits_processors(
             repetition_penalty=repeat,
@@ -255,13 +235,6 @@ class MlxBackend(Backend):
 
         tokenizer = self.tokenizer
         parse_tools = bool(tools) and tokenizer.has_tool_calling
-        parser = AnswerParser(
-            request.stop,
-            tool_start=tokenizer.tool_call_start if parse_tools else None,
-            tool_end=tokenizer.tool_call_end if parse_tools else None,
-        )
-        tool_parser = tokenizer.tool_parser if parse_tools else None
-        detokenizer = tokenizer.detokenizer
         eos = tokenizer.eos_token_ids
 
         def check_prefill(_done: int, _total: int) -> None:
@@ -276,32 +249,78 @@ class MlxBackend(Backend):
             sampler=sampler,
             logits_processors=processors or None,
             prompt_progress_callback=check_prefill,
-            prefill_step_size=2048 if self.device.kind == "metal" else 512,
+            prefill_step_size=self.prefill_step_size,
+        )
+        # On Metal, pin the weights in memory for the duration (as mlx-lm's own
+        # stream_generate does); a no-op on CPU.
+        with wired_limit(self.model, [self._stream]), contextlib.closing(steps):
+            yield from self.answer(
+                (token for token, _logprobs in steps),
+                request=request,
+                cancel=cancel,
+                prompt_tokens=len(prompt),
+                is_eos=lambda token: token in eos,
+                detokenizer=tokenizer.detokenizer,
+                tools=tools,
+                tool_parser=tokenizer.tool_parser if parse_tools else None,
+            )
+
+    @property
+    def prefill_step_size(self) -> int:
+        return 2048 if self.device.kind == "metal" else 512
+
+    def token_budget(self, request: ChatRequest, prompt_tokens: int) -> int:
+        """How many tokens may be generated: max_tokens within what the context leaves."""
+        context = self.context_length
+        if context is not None and prompt_tokens >= context:
+            raise ContextLengthExceeded(
+                f"the prompt is {prompt_tokens} tokens; model {self.manifest.name!r} has a "
+                f"context of {context} tokens",
+                param="messages",
+            )
+        budget = context - prompt_tokens if context is not None else FALLBACK_MAX_TOKENS
+        return min(request.max_tokens, budget) if request.max_tokens else budget
+
+    def answer(
+        self,
+        tokens: Iterator[int],
+        *,
+        request: ChatRequest,
+        cancel: CancelToken,
+        prompt_tokens: int,
+        is_eos: Callable[[int], bool],
+        detokenizer: Any,
+        tools: list[Mapping[str, Any]],
+        tool_parser: Any,
+    ) -> Iterator[ChatChunk]:
+        """Turn generated token ids into chunks: text, stop strings, tool calls, finish."""
+        start, end = self.tool_markers()
+        parser = AnswerParser(
+            request.stop,
+            tool_start=start if tool_parser else None,
+            tool_end=end if tool_parser else None,
         )
         generated = 0
         finish = "length"
         made_tool_call = False
-        # On Metal, pin the weights in memory for the duration (as mlx-lm's own
-        # stream_generate does); a no-op on CPU.
-        with wired_limit(self.model, [self._stream]), contextlib.closing(steps):
-            for token, _logprobs in steps:
-                # generate_step already runs the next token while we handle this one, so
-                # a cancel lands within about one token.
-                cancel.raise_if_cancelled()
-                if token in eos:
-                    finish = "stop"
-                    break
-                generated += 1
-                detokenizer.add_token(token)
-                for chunk in self._chunks(parser.feed(detokenizer.last_segment), tool_parser, tools):
-                    made_tool_call |= bool(chunk.tool_calls)
-                    yield chunk
-                if parser.stopped:
-                    finish = "stop"
-                    break
+        for token in tokens:
+            # The generators already run the next token while we handle this one, so
+            # a cancel lands within about one token.
+            cancel.raise_if_cancelled()
+            if is_eos(token):
+                finish = "stop"
+                break
+            generated += 1
+            detokenizer.add_token(token)
+            for chunk in self._chunks(parser.feed(detokenizer.last_segment), tool_parser, tools):
+                made_tool_call |= bool(chunk.tool_calls)
+                yield chunk
+            if parser.stopped:
+                finish = "stop"
+                break
         if not parser.stopped:
             detokenizer.finalize()
-            events = parser.feed(detokenizer.last_segment)
+            events = parser.feed(_remaining_text(detokenizer))
             if parser.stopped:
                 finish = "stop"
             events += parser.finish()
@@ -310,7 +329,11 @@ class MlxBackend(Backend):
                 yield chunk
         if made_tool_call and finish == "stop":
             finish = "tool_calls"
-        yield ChatChunk(finish_reason=finish, usage=Usage(len(prompt), generated))
+        yield ChatChunk(finish_reason=finish, usage=Usage(prompt_tokens, generated))
+
+    def tool_markers(self) -> tuple[str, str]:
+        """The model's tool-call start and end markers ("" where it has none)."""
+        return self.tokenizer.tool_call_start or "", self.tokenizer.tool_call_end or ""
 
     def _chunks(self, events: list, tool_parser: Any, tools: list) -> Iterator[ChatChunk]:
         for event in events:
@@ -323,36 +346,43 @@ class MlxBackend(Backend):
                 else:
                     # Not a call the parser understands (or cut off by max_tokens): the
                     # client still gets the text the model wrote, markers included.
-                    parser_start = self.tokenizer.tool_call_start or ""
-                    end = (self.tokenizer.tool_call_end or "") if event.closed else ""
-                    yield ChatChunk(content=f"{parser_start}{event.text}{end}")
+                    start, end = self.tool_markers()
+                    end = end if event.closed else ""
+                    yield ChatChunk(content=f"{start}{event.text}{end}")
             elif isinstance(event, Stop):
                 return
 
 
-class MlxVisionBackend(MlxBackend):
-    """Declares the ``vlm`` task for MLX models so selection can explain its refusal.
-
-    Vision for MLX models lives in mlx-vlm, a separate package this plugin does not
-    drive yet: on Linux the brief for this plugin declares it unsupported, and on macOS
-    no machine was available to verify it. Rather than leaving image requests to fail
-    with "no backend serves vlm", this class is registered for ``vlm`` and refuses
-    every model with the reason, which selection shows to the client.
-    """
-
-    tasks: ClassVar[frozenset[Task]] = frozenset({Task.VLM})
-
-    @classmethod
-    def supports(cls, manifest: Manifest, device: Device) -> str | None:
-        if sys.platform.startswith("linux"):
-            return (
-                "images need mlx-vlm, which nexa-mlx does not support on Linux "
-                "(serve a GGUF vision model with the llama-cpp backend instead)"
-            )
-        return "images on MLX models (mlx-vlm) are not implemented by nexa-mlx yet"
-
-
 # --- helpers --------------------------------------------------------------------------
+
+
+def check_request(request: ChatRequest) -> None:
+    """Refuse, with a 400, request features MLX can't honour (rather than ignoring them)."""
+    fmt = (request.response_format or {}).get("type", "text")
+    if fmt != "text":
+        raise BadRequest(
+            f"response_format {fmt!r} is not supported by the mlx backend "
+            "(it has no constrained decoding)",
+            param="response_format",
+        )
+    if request.repeat_penalty is not None and request.repeat_penalty <= 0:
+        raise BadRequest("repeat_penalty must be > 0", param="repeat_penalty")
+
+
+def seeded_sampler(request: ChatRequest) -> Callable[[Any], Any]:
+    """The request's sampler, with MLX's global RNG seeded for it."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
+    # Unseeded requests reseed from the OS so they never replay an earlier seeded one.
+    seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
+    mx.random.seed(seed % 2**64)
+    return make_sampler(
+        temp=max(float(request.temperature), 0.0),
+        top_p=float(request.top_p),
+        min_p=float(request.min_p or 0.0),
+        top_k=int(request.top_k or 0),
+    )
 
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:
@@ -374,6 +404,20 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
     return out
+
+
+def _remaining_text(detokenizer: Any) -> str:
+    """All text not yet read, after ``finalize``.
+
+    mlx-vlm's ``last_segment`` holds back text that ends in U+FFFD (it may be half a
+    UTF-8 character); at the end nothing more is coming, so take it all.
+    """
+    text = getattr(detokenizer, "text", None)
+    offset = getattr(detokenizer, "offset", None)
+    if not isinstance(text, str) or not isinstance(offset, int):
+        return detokenizer.last_segment
+    detokenizer.offset = len(text)
+    return text[offset:]
 
 
 def _json_or_text(text: str) -> Any:

@@ -1,0 +1,249 @@
+"""The MLX vision backend: image+text chat on MLX vision models with mlx-vlm.
+
+Owns loading a vision model folder with ``mlx_vlm.load`` (model + processor), turning a
+request's messages and images into the processor's inputs (the model's own chat
+template through mlx-vlm's prompt utilities; images decoded from the bytes the server
+already fetched, never a URL or a path), and driving mlx-vlm's ``generate_step`` through
+the same answer loop as the text backend (sampling, penalties, seed, stop strings, tool
+calls, length, cancellation). ``mlx`` and ``mlx_vlm`` are imported only inside
+``load``/``chat``.
+
+A vision model is served by this class for text-only requests too: the server keeps one
+loaded instance per (model, backend name), and both classes are called ``mlx``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+from nexa.backend import CancelToken
+from nexa.errors import BadRequest, ModelLoadError
+from nexa.types import ChatChunk, ChatMessage, ChatRequest, Device, ImagePart, Manifest, Task
+from nexa_mlx.backend import (
+    APPLE_SILICON,
+    PENALTY_WINDOW,
+    MlxBackend,
+    _template_message,
+    check_request,
+    missing_mlx,
+    seeded_sampler,
+)
+
+
+def missing_vision_runtime() -> str | None:
+    """Why mlx-vlm can't run here, or None. Cheap: no import of mlx or mlx_vlm."""
+    if importlib.util.find_spec("mlx_vlm") is None:
+        return "images on MLX models need mlx-vlm, which is not installed (pip install nexa-mlx)"
+    missing = missing_mlx()
+    return f"images on MLX models need mlx-vlm, and {missing}" if missing else None
+
+
+class MlxVisionBackend(MlxBackend):
+    """Image+text chat on MLX vision models (config.json with ``vision_config``) with mlx-vlm."""
+
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.CHAT, Task.VLM})
+    # Above MlxBackend, so that text chat on a vision model also lands here (see the
+    # module docstring); supports() refuses every model without a vision tower.
+    priority: ClassVar[int] = MlxBackend.priority + 1
+
+    @classmethod
+    def supports(cls, manifest: Manifest, device: Device) -> str | None:
+        missing = missing_vision_runtime()
+        if missing:
+            return missing
+        if Task.VLM not in manifest.tasks:
+            return "the model has no vision tower (its config.json has no vision_config)"
+        if device.kind == "metal" and not APPLE_SILICON:
+            return "the metal device exists only on Apple Silicon Macs"
+        if device.kind == "cpu" and APPLE_SILICON:
+            # mlx-vlm runs on its own stream on MLX's default device (the GPU on a Mac).
+            return "on a Mac, mlx-vlm runs on Metal only; use the metal device for images"
+        if not manifest.has_role("weights"):
+            return "the model has no weights file (*.safetensors)"
+        return None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.processor: Any = None
+        self._tool_module: Any = None
+
+    def load(self) -> None:
+        if self.manifest.root is None:
+            raise ModelLoadError(f"model {self.manifest.name!r} has no folder")
+        try:
+            import mlx.core as mx
+            from mlx_vlm.tools import _infer_tool_parser_from_processor, load_tool_module
+            from mlx_vlm.utils import load as vlm_load
+        except ImportError as exc:
+            raise ModelLoadError(f"mlx-vlm is not usable here: {exc}") from exc
+        if self.device.kind == "metal" and not mx.metal.is_available():
+            raise ModelLoadError("the metal device was asked for but MLX sees no Metal GPU")
+        try:
+            self.model, self.processor = vlm_load(str(self.manifest.root))
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot load MLX vision model {self.manifest.name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        # The tool-call format follows the chat template (Hermes <tool_call>, Mistral, ...).
+        with contextlib.suppress(Exception):
+            name = _infer_tool_parser_from_processor(self.processor)
+            self._tool_module = load_tool_module(name) if name else None
+
+    def close(self) -> None:
+        self.processor = None
+        self._tool_module = None
+        super().close()
+
+    def tool_markers(self) -> tuple[str, str]:
+        module = self._tool_module
+        if module is None:
+            return "", ""
+        return getattr(module, "tool_call_start", "") or "", getattr(module, "tool_call_end", "") or ""
+
+    # --- prompt -----------------------------------------------------------------------
+
+    def prompt_text(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> str:
+        """The rendered prompt: the model's template, one image marker per image part."""
+        from mlx_vlm.prompt_utils import apply_chat_template
+
+        messages = [_vision_message(m) for m in request.messages]
+        images = sum(len(m.images) for m in request.messages)
+        kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+        try:
+            prompt = apply_chat_template(
+                self.processor, self.model.config, messages, num_images=images, **kwargs
+            )
+        except Exception as exc:
+            # Templates reject conversations they can't render; single-image models
+            # refuse several images: the client's request, not a crash.
+            raise BadRequest(
+                f"the model's chat template rejected the messages: {type(exc).__name__}: {exc}",
+                param="messages",
+            ) from exc
+        if isinstance(prompt, Mapping):
+            # Prompt-only models (PaliGemma, Florence-2) get the last message's text.
+            prompt = prompt.get("content", "")
+        return prompt if isinstance(prompt, str) else str(prompt)
+
+    def model_inputs(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> dict[str, Any]:
+        """Token ids, pixel values and the model's extra inputs (e.g. image grid sizes)."""
+        from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
+
+        images = [_decode(image) for m in request.messages for image in m.images]
+        config = self.model.config
+        try:
+            return dict(prepare_inputs(
+                self.processor,
+                images=images or None,
+                prompts=self.prompt_text(request, tools),
+                image_token_index=getattr(config, "image_token_index", None)
+                or getattr(config, "image_token_id", None),
+                add_special_tokens=should_add_special_tokens(config.model_type, self.processor),
+            ))
+        except BadRequest:
+            raise
+        except Exception as exc:
+            raise BadRequest(
+                f"the model's processor could not take these images: {type(exc).__name__}: {exc}",
+                param="messages",
+            ) from exc
+
+    # --- generation -------------------------------------------------------------------
+
+    def chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        if self.model is None:
+            raise ModelLoadError(f"model {self.manifest.name!r} is not loaded")
+        check_request(request)
+        for message in request.messages:
+            if message.images and message.role != "user":
+                raise BadRequest(
+                    f"images are accepted in user messages only, not in a {message.role!r} message",
+                    param="messages",
+                )
+
+        from mlx_vlm.generate import generate_step, generation_stream, wired_limit
+        from mlx_vlm.tokenizer_utils import make_streaming_detokenizer
+
+        tools = self._tools(request)
+        inputs = self.model_inputs(request, tools)
+        input_ids = inputs.pop("input_ids")
+        pixel_values = inputs.pop("pixel_values", None)
+        mask = inputs.pop("attention_mask", None)
+        prompt_tokens = int(input_ids.size)
+        max_tokens = self.token_budget(request, prompt_tokens)
+        cancel.raise_if_cancelled()
+        sampler = seeded_sampler(request)
+        repeat = request.repeat_penalty if request.repeat_penalty not in (None, 1.0) else None
+
+        step = self.prefill_step_size
+
+        def check_prefill(_done: int, _cache: Any) -> None:
+            # mlx-vlm calls this at the given prompt lengths between prefill chunks (a
+            # hook meant for prompt caching): a long prompt is cancellable too.
+            cancel.raise_if_cancelled()
+
+        steps = generate_step(
+            input_ids,
+            self.model,
+            pixel_values,
+            mask,
+            max_tokens=max_tokens,
+            temperature=max(float(request.temperature), 0.0),
+            sampler=sampler,
+            repetition_penalty=repeat,
+            repetition_context_size=PENALTY_WINDOW,
+            presence_penalty=request.presence_penalty or None,
+            presence_context_size=PENALTY_WINDOW,
+            frequency_penalty=request.frequency_penalty or None,
+            frequency_context_size=PENALTY_WINDOW,
+            prefill_step_size=step,
+            prompt_cache_checkpoint=check_prefill,
+            prompt_cache_checkpoint_lengths=list(range(step, prompt_tokens, step)),
+            **inputs,
+        )
+        tokenizer = self.tokenizer
+        module = self._tool_module if tools else None
+        with wired_limit(self.model, [generation_stream]), contextlib.closing(steps):
+            yield from self.answer(
+                (int(token) for token, _logprobs in steps),
+                request=request,
+                cancel=cancel,
+                prompt_tokens=prompt_tokens,
+                is_eos=tokenizer.stopping_criteria,
+                detokenizer=make_streaming_detokenizer(self.processor),
+                tools=tools,
+                tool_parser=module.parse_tool_call if module is not None else None,
+            )
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _vision_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as mlx-vlm's prompt utilities take it: content parts in order."""
+    out = _template_message(message)
+    if message.images:
+        out["content"] = [
+            {"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
+            for part in message.content
+        ]
+    return out
+
+
+def _decode(image: ImagePart) -> Any:
+    """A Pillow RGB image from the request's bytes (upright, as EXIF says)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(image.data)) as opened:
+            return ImageOps.exif_transpose(opened).convert("RGB")
+    except Exception as exc:
+        raise BadRequest(
+            f"an image could not be decoded ({image.mime}): {type(exc).__name__}",
+            param="messages",
+        ) from exc
