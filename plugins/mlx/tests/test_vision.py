@@ -59,6 +59,23 @@ def test_imported_vision_folder_is_an_mlx_vlm_model(vision_manifest):
     assert roles["model.safetensors"] == "weights"
 
 
+def test_a_pulled_mlx_vision_repo_routes_to_mlx_vlm_and_answers(vision_folder, tmp_path, device):
+    from nexa.hub import pull
+    from nexa.testing.hubserver import HubServer
+
+    repo = "mlx-community/Tiny-Qwen2-VL-4bit"
+    files = {f.name: f.read_bytes() for f in vision_folder.iterdir()}
+    store = ModelStore(tmp_path / "home")
+    with HubServer({repo: {**files, "README.md": b"# tiny"}}) as hub:
+        manifest = pull(store, repo, progress=False, endpoint=hub.url)
+    assert manifest.format == "mlx" and manifest.tasks == {Task.CHAT, Task.VLM}
+    assert {f.path for f in manifest.files} == set(files)
+    assert registry().select(Task.VLM, manifest, Device("cpu")) is MlxVisionBackend
+    model = MlxVisionBackend(manifest, device)
+    model.load()
+    assert ask(model, RED, max_tokens=2)[-1].usage.completion_tokens == 2
+
+
 def test_selection_sends_vision_models_to_mlx_vlm_and_text_models_to_mlx_lm(vision_manifest, manifest):
     cpu = Device("cpu")
     assert registry().select(Task.VLM, vision_manifest, cpu) is MlxVisionBackend
@@ -267,3 +284,60 @@ def test_passes_the_core_chat_conformance_checks(vision_manifest, device):
         conformance.check_chat(model)
     finally:
         asyncio.run(model.stop())
+
+
+# --- tools ------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tool_vision_backend(vision_folder, tmp_path_factory, device):
+    import json
+
+    from test_backend import TOOL_TEMPLATE
+    from tiny_vision import VISION_TEMPLATE
+
+    # The vision template plus a Hermes-style tools block and <tool_call> rendering.
+    template = TOOL_TEMPLATE.split("{% for message")[0] + VISION_TEMPLATE.replace(
+        "{% if message['content'] is string %}",
+        "{% if message.tool_calls %}{% for tool_call in message.tool_calls %}"
+        "{% set tool_call = tool_call.function %}<tool_call>{{ tool_call.name }}</tool_call>"
+        "{% endfor %}{% elif message['content'] is string %}",
+    )
+    folder = variant(vision_folder, tmp_path_factory.mktemp("tools") / "tiny-vl-tools")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    manifest = ModelStore(tmp_path_factory.mktemp("home")).import_path(folder, name="mlx-community/tiny-vl-tools")
+    model = MlxVisionBackend(manifest, device)
+    model.load()
+    return model
+
+
+def test_tools_reach_the_template_and_tool_calls_are_parsed(tool_vision_backend):
+    from nexa_mlx.text import AnswerParser
+
+    model = tool_vision_backend
+    assert model.tool_markers() == ("<tool_call>", "</tool_call>")
+    request = ChatRequest(messages=look(RED), tools=[WEATHER])
+    assert "get_weather" in model.prompt_text(request, model._tools(request))
+    none = ChatRequest(messages=look(RED), tools=[WEATHER], tool_choice="none")
+    assert "get_weather" not in model.prompt_text(none, model._tools(none))
+    # A model's tool-call span becomes a tool call; text that isn't one stays content.
+    parser = AnswerParser(tool_start="<tool_call>", tool_end="</tool_call>")
+    said = 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    events = parser.feed(said) + parser.finish()
+    chunks = list(model._chunks(events, model._tool_module.parse_tool_call, [WEATHER]))
+    assert chunks[0].content == "Checking."
+    (call,) = chunks[1].tool_calls
+    assert call.name == "get_weather" and call.arguments == '{"city": "Oslo"}'
+    # The whole request runs with tools offered (the random model rarely calls one).
+    assert ask(model, RED, tools=[WEATHER], max_tokens=4)[-1].finish_reason in {"length", "stop", "tool_calls"}
