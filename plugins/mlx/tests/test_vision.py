@@ -18,7 +18,7 @@ from nexa.plugins import load_plugins
 from nexa.registry import BackendRegistry
 from nexa.store import ModelStore
 from nexa.types import ChatMessage, ChatRequest, Device, ImagePart, Task, TextPart
-from nexa_mlx.backend import MlxBackend
+from nexa_mlx.backend import APPLE_SILICON, MlxBackend
 from nexa_mlx.vision import MlxVisionBackend
 
 RED = png(64, 64, (255, 0, 0))
@@ -70,14 +70,14 @@ def test_a_pulled_mlx_vision_repo_routes_to_mlx_vlm_and_answers(vision_folder, t
         manifest = pull(store, repo, progress=False, endpoint=hub.url)
     assert manifest.format == "mlx" and manifest.tasks == {Task.CHAT, Task.VLM}
     assert {f.path for f in manifest.files} == set(files)
-    assert registry().select(Task.VLM, manifest, Device("cpu")) is MlxVisionBackend
+    assert registry().select(Task.VLM, manifest, device) is MlxVisionBackend
     model = MlxVisionBackend(manifest, device)
     model.load()
     assert ask(model, RED, max_tokens=2)[-1].usage.completion_tokens == 2
 
 
-def test_selection_sends_vision_models_to_mlx_vlm_and_text_models_to_mlx_lm(vision_manifest, manifest):
-    cpu = Device("cpu")
+def test_selection_sends_vision_models_to_mlx_vlm_and_text_models_to_mlx_lm(vision_manifest, manifest, device):
+    cpu = device  # Metal in the Mac session: there mlx-vlm refuses the cpu device
     assert registry().select(Task.VLM, vision_manifest, cpu) is MlxVisionBackend
     # Text-only requests to a vision model use the same loaded model (one per name).
     assert registry().select(Task.CHAT, vision_manifest, cpu) is MlxVisionBackend
@@ -103,7 +103,7 @@ def test_without_mlx_vlm_selection_explains_the_refusal(tiny_folder, tmp_path):
         from nexa.registry import BackendRegistry
         from nexa.store import ModelStore
         from nexa.types import Device, Task
-        from nexa_mlx.backend import MlxBackend
+        from nexa_mlx.backend import APPLE_SILICON, MlxBackend
         vlm = ModelStore({str(tmp_path / "home")!r}).get("mlx-community/tiny-vlm")
         registry = BackendRegistry(load_plugins(load_entry_points=False, extra_plugins=[nexa_mlx.plugin]))
         try:
@@ -118,6 +118,18 @@ def test_without_mlx_vlm_selection_explains_the_refusal(tiny_folder, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert "mlx: images on MLX models need mlx-vlm, which is not installed" in out.stdout
+
+
+@pytest.mark.skipif(not APPLE_SILICON, reason="the refusal is for Apple Silicon Macs")
+def test_on_a_mac_vision_refuses_the_cpu_device(vision_manifest):
+    assert "Metal only" in MlxVisionBackend.supports(vision_manifest, Device("cpu"))
+
+
+def test_metal_is_refused_off_apple_silicon(vision_manifest):
+    if APPLE_SILICON:
+        assert MlxVisionBackend.supports(vision_manifest, Device("metal")) is None
+    else:
+        assert "Apple Silicon" in MlxVisionBackend.supports(vision_manifest, Device("metal"))
 
 
 def test_importing_the_vision_backend_does_not_import_mlx_vlm():
