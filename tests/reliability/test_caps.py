@@ -244,9 +244,6 @@ def test_context_overflow_on_smollm2(needs_smollm2, home):
 
 
 @pytest.mark.smollm2
-@pytest.mark.xfail(strict=True, reason=(
-    "the llama.cpp plugin ends an answer cut at max_tokens in the middle of a UTF-8 character "
-    "with U+FFFD (and once produced max_tokens + 1 tokens finishing the character); reported"))
 def test_max_tokens_cut_mid_character_on_smollm2(needs_smollm2, home):
     """An answer cut by ``max_tokens`` inside an emoji: no more tokens than asked, no U+FFFD."""
     bad = []

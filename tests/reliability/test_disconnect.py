@@ -178,10 +178,6 @@ def test_smollm2_disconnect_mid_stream_frees_the_slot(smollm2):
 
 
 @pytest.mark.smollm2
-@pytest.mark.xfail(strict=True, reason=(
-    "the llama.cpp plugin checks the cancel token only between prompt batches (n_batch=512 "
-    "tokens, seconds each); freeing the slot within a token needs llama.cpp's abort "
-    "callback or smaller prefill batches (reported to the plugin's owner)"))
 def test_smollm2_disconnect_during_prompt_processing_frees_the_slot(smollm2):
     server, entry, token = smollm2
     # A fresh prompt (no cached prefix) of ~800 tokens: seconds of prompt processing.

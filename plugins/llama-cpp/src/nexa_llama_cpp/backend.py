@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from nexa.backend import Backend, CancelToken, LoadOptions
-from nexa.errors import BadRequest, ContextLengthExceeded, ModelLoadError, UnsupportedTask
+from nexa.errors import BadRequest, Cancelled, ContextLengthExceeded, ModelLoadError, UnsupportedTask
 from nexa.types import (
     ChatChunk,
     ChatMessage,
@@ -152,6 +152,7 @@ class LlamaCppBackend(Backend):
         self.batching = not is_embedder and parallel > 1 and options.extra.get("batching", True) is not False
         super().__init__(manifest, device, attrs.evolve(options, parallel=parallel if self.batching else 1))
         self._engine: Any = None
+        self._abort: Any = None
         self._llama: llama_cpp.Llama | None = None
         self._template: ChatTemplate | None = None
         self._mtmd: Any = None
@@ -209,6 +210,11 @@ class LlamaCppBackend(Backend):
                 raise ModelLoadError(f"{self.manifest.name!r} is a reranker, not an embedding model")
             return
         llama = self._llama
+        import llama_cpp.llama_cpp as lib
+
+        from nexa_llama_cpp.engine import PrefillAbort
+
+        self._abort = PrefillAbort(lib, llama._ctx.ctx)
         self._bos_text = self._special_text(llama.token_bos())
         source = self.manifest.options.get("chat_template") or llama.metadata.get(
             "tokenizer.chat_template"
@@ -263,6 +269,7 @@ class LlamaCppBackend(Backend):
         llama, self._llama, self._mtmd = self._llama, None, None
         if llama is not None:
             llama.close()  # also frees the mtmd context (registered on the Llama's stack)
+        self._abort = None  # after the context that could call it
 
     # --- small helpers ---------------------------------------------------------------
 
@@ -454,8 +461,8 @@ class LlamaCppBackend(Backend):
         """Evaluate ``prompt`` into the KV cache, reusing the longest cached prefix.
 
         Done here rather than inside ``Llama.generate`` so a long prompt can be
-        cancelled between batches. At least the last prompt token is always evaluated,
-        so sampling starts from fresh logits.
+        cancelled, within a batch too (``_eval``). At least the last prompt token is
+        always evaluated, so sampling starts from fresh logits.
         """
         llama = self._llama
         keep = 0
@@ -472,7 +479,26 @@ class LlamaCppBackend(Backend):
         llama.n_tokens = keep
         for start in range(keep, len(prompt), llama.n_batch):
             cancel.raise_if_cancelled()
-            llama.eval(prompt[start : start + llama.n_batch])
+            self._eval(prompt[start : start + llama.n_batch], cancel)
+
+    def _eval(self, tokens: list[int], cancel: CancelToken) -> None:
+        """``Llama.eval`` of prompt tokens that a cancel stops mid-batch (llama.cpp's abort
+        callback, armed for prompt batches only: see ``engine.PrefillAbort``)."""
+        llama = self._llama
+        try:
+            with self._abort.armed(lambda: cancel.cancelled):
+                llama.eval(tokens)
+        except RuntimeError:
+            if not cancel.cancelled:
+                raise
+            self._after_abort()
+            raise Cancelled() from None
+
+    def _after_abort(self) -> None:
+        # An aborted decode leaves n_tokens/input_ids at the last whole batch; make the
+        # KV cache say the same, so the next request's prefix reuse stays true.
+        llama = self._llama
+        llama._ctx.kv_cache_seq_rm(-1, llama.n_tokens, -1)
 
     def _generate_llama(
         self,
@@ -519,12 +545,12 @@ class LlamaCppBackend(Backend):
         try:
             for token in tokens:
                 if is_eog(vocab, token):
-                    yield decoder.decode(b"", final=True), "stop"
+                    yield _drop_partial(decoder), "stop"
                     return
                 n += 1
                 yield decoder.decode(self._piece(token)), None
                 if n >= max_tokens:
-                    yield decoder.decode(b"", final=True), "length"
+                    yield _drop_partial(decoder), "length"
                     return
                 # Checked before the next decode: a disconnect costs at most this token.
                 cancel.raise_if_cancelled()
@@ -601,15 +627,22 @@ class LlamaCppBackend(Backend):
                         ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
                         ids = [ptr[j] for j in range(count.value)]
                         for start in range(0, len(ids), llama.n_batch):
-                            llama.eval(ids[start : start + llama.n_batch])
+                            cancel.raise_if_cancelled()
+                            self._eval(ids[start : start + llama.n_batch], cancel)
                     else:
                         new_past = llama_cpp.llama_pos(0)
-                        rc = mtmd.mtmd_helper_eval_chunk_single(
-                            handler.mtmd_ctx, llama._ctx.ctx, chunk,
-                            llama_cpp.llama_pos(llama.n_tokens), llama_cpp.llama_seq_id(0),
-                            llama.n_batch, False, ctypes.byref(new_past),
-                        )
+                        # The abort stops the image tokens' decode into the model (the
+                        # vision encoder itself runs on its own context, unarmed).
+                        with self._abort.armed(lambda: cancel.cancelled):
+                            rc = mtmd.mtmd_helper_eval_chunk_single(
+                                handler.mtmd_ctx, llama._ctx.ctx, chunk,
+                                llama_cpp.llama_pos(llama.n_tokens), llama_cpp.llama_seq_id(0),
+                                llama.n_batch, False, ctypes.byref(new_past),
+                            )
                         if rc != 0:
+                            if cancel.cancelled:
+                                self._after_abort()
+                                raise Cancelled()
                             raise RuntimeError(f"llama.cpp failed to evaluate an image ({rc})")
                         llama.n_tokens = new_past.value
                 return llama.input_ids[: llama.n_tokens].tolist()
@@ -692,6 +725,13 @@ class LlamaCppBackend(Backend):
             run(group)
         llama._ctx.kv_cache_clear()
         return EmbedResult(vectors=tuple(vectors), prompt_tokens=sum(len(s) for s in sequences))
+
+
+def _drop_partial(decoder: codecs.IncrementalDecoder) -> str:
+    """End of generation: the bytes of a character cut short (by ``max_tokens``) are
+    dropped, never shown as U+FFFD; invalid bytes inside the text were already replaced."""
+    decoder.reset()
+    return ""
 
 
 def _chunk_of(event: str | ToolCall) -> ChatChunk:

