@@ -19,7 +19,7 @@ from conftest import CHAT
 
 from nexa.backend import CancelToken, LoadOptions
 from nexa.errors import Cancelled
-from nexa.types import ChatMessage, ChatRequest
+from nexa.types import ChatMessage, ChatRequest, ImagePart, TextPart
 from nexa_llama_cpp import plugin
 from nexa_llama_cpp import testing as tiny
 from nexa_llama_cpp.backend import LlamaCppBackend
@@ -235,3 +235,20 @@ def test_smollm2_cancel_during_prompt_processing_frees_the_sequence_at_once():
         short = GenerationRequest(engine.tokenize("What is 2+2?"), temperature=0.0, max_tokens=6)
         with BatchEngine(path, n_seq=1, n_ctx=512, n_threads=1) as fresh:
             assert collect(engine, short)[0] == collect(fresh, short)[0]
+
+
+def test_llama_cancel_while_an_image_prompt_is_evaluated(vlm_backend):
+    request = ChatRequest(
+        messages=(ChatMessage("user", (TextPart("what is this?"), ImagePart(tiny.png_bytes()), TextPart("say"))),),
+        max_tokens=6,
+        temperature=0.0,
+    )
+    want = "".join(c.content for c in vlm_backend.chat(request, CancelToken()))
+    probe = CancelAfterReads(10**9)
+    list(vlm_backend.chat(request, probe))
+    assert probe.reads > 3  # the text, the image and the text after it were all watched
+    # Cancels landing early, midway and in the last prompt decode (text or image tokens).
+    for at in (1, probe.reads // 2, probe.reads):
+        with pytest.raises(Cancelled):
+            list(vlm_backend.chat(request, CancelAfterReads(at)))
+        assert "".join(c.content for c in vlm_backend.chat(request, CancelToken())) == want
