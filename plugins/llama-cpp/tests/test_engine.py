@@ -311,6 +311,29 @@ def test_prefix_is_copied_from_a_running_sequence(tiny_gguf):
         assert text_b == solo_b
 
 
+def test_requests_arriving_together_compute_their_shared_prefix_once(tiny_gguf):
+    with BatchEngine(tiny_gguf, n_seq=4, n_ctx=512, n_threads=1) as solo_engine:
+        system = "<|im_start|>system\n" + "Answer with care and in detail. " * 4 + "<|im_end|>\n"
+        requests = [
+            GenerationRequest(chat_prompt(solo_engine, q, system), temperature=0.0, max_tokens=6)
+            for q in QUESTIONS[:4]
+        ]
+        solo = [collect(solo_engine, r)[0] for r in requests]
+    shared = min(
+        next(i for i, (a, b) in enumerate(zip(requests[0].prompt_tokens, r.prompt_tokens, strict=False)) if a != b)
+        for r in requests[1:]
+    )
+    assert shared > 60
+    with BatchEngine(tiny_gguf, n_seq=4, n_ctx=512, n_threads=1) as engine:
+        # Nothing cached yet; all four are submitted at once, before any is admitted.
+        results = run_concurrently(engine, requests)
+        stats = engine.stats()
+    assert [text for text, _ in results] == solo
+    # One of them computed the shared part; the other three copied it.
+    assert stats.prompt_tokens_reused >= 3 * shared
+    assert sum(f.cached_tokens for _, f in results) == stats.prompt_tokens_reused
+
+
 # --- per-request features ----------------------------------------------------------------
 
 

@@ -94,3 +94,25 @@ def test_concurrent_streams_get_their_solo_texts_and_usage(server):
     backend = server.app.state.manager.loaded()[0].backend
     stats = backend.engine_stats()
     assert stats.requests_finished >= 16 and stats.active_sequences == 0
+
+
+def test_engine_figures_on_metrics(server):
+    import httpx
+
+    c = client(server)
+    asyncio.run(stream_text(c, messages=[{"role": "user", "content": "metrics please"}], max_tokens=8))
+    backend = next(e.backend for e in server.app.state.manager.loaded() if e.manifest.name == MODEL)
+    stats = backend.engine_stats()
+    text = httpx.get(server.base_url + "/metrics").text
+    labels = f'{{backend="llama-cpp",model="{MODEL}"}}'
+
+    def value(name: str) -> float:
+        line = next(line for line in text.splitlines() if line.startswith(name + labels))
+        return float(line.split()[-1])
+
+    assert value("nexa_backend_engine_tokens_generated_total") == stats.tokens_generated > 0
+    assert value("nexa_backend_engine_prompt_tokens_evaluated_total") == stats.prompt_tokens_evaluated > 0
+    assert value("nexa_backend_engine_prompt_tokens_reused_total") == stats.prompt_tokens_reused
+    assert value("nexa_backend_engine_requests_finished_total") == stats.requests_finished
+    assert value("nexa_backend_engine_active_sequences") == 0
+    assert value("nexa_backend_engine_sequences_max") == 8

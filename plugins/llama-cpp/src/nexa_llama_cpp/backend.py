@@ -41,6 +41,7 @@ import attrs
 from nexa.backend import Backend, CancelToken, LoadOptions
 from nexa.errors import BadRequest, Cancelled, ContextLengthExceeded, ModelLoadError, UnsupportedTask
 from nexa.types import (
+    BackendMetric,
     ChatChunk,
     ChatMessage,
     ChatRequest,
@@ -474,6 +475,16 @@ class LlamaCppBackend(Backend):
         """The batching engine's counters (``engine.EngineStats``), None when batching is off."""
         return self._engine.stats() if self._engine is not None else None
 
+    def runtime_metrics(self) -> list[BackendMetric]:
+        """The batching engine's gauges and counters for ``/metrics`` (none when batching is off)."""
+        stats = self.engine_stats()
+        if stats is None:
+            return []
+        return [
+            BackendMetric(name, getattr(stats, field), kind, text)
+            for name, field, kind, text in _ENGINE_METRICS
+        ]
+
     def _prefill(self, prompt: list[int], cancel: CancelToken) -> None:
         """Evaluate ``prompt`` into the KV cache, reusing the longest cached prefix.
 
@@ -814,5 +825,22 @@ def _quiet_native_logs() -> None:
             except Exception:  # an older library without it just stays chatty
                 pass
 
+
+# (metric name, EngineStats field, kind, help) exported as nexa_backend_<name>.
+_ENGINE_METRICS = (
+    ("engine_sequences_max", "n_seq", "gauge", "Sequences the batching engine runs at once"),
+    ("engine_kv_cells", "kv_size", "gauge", "KV cache cells of the batching engine"),
+    ("engine_active_sequences", "active_sequences", "gauge", "Sequences generating or reading their prompt now"),
+    ("engine_waiting_requests", "waiting_requests", "gauge", "Requests waiting for a sequence or KV room"),
+    ("engine_kv_cells_reserved", "kv_cells_reserved", "gauge", "KV cells promised to running sequences"),
+    ("engine_requests_started", "requests_started", "counter", "Requests the engine began"),
+    ("engine_requests_finished", "requests_finished", "counter", "Requests that ended normally"),
+    ("engine_requests_cancelled", "requests_cancelled", "counter", "Requests cancelled (disconnect, timeout)"),
+    ("engine_prompt_tokens_evaluated", "prompt_tokens_evaluated", "counter", "Prompt tokens computed"),
+    ("engine_prompt_tokens_reused", "prompt_tokens_reused", "counter", "Prompt tokens served from cached prefixes"),
+    ("engine_tokens_generated", "tokens_generated", "counter", "Tokens generated"),
+    ("engine_decode_steps", "decode_steps", "counter", "llama_decode calls"),
+    ("engine_embed_requests", "embed_requests", "counter", "Embedding requests run on the chat model"),
+)
 
 __all__ = ["LlamaCppBackend", "default_threads"]

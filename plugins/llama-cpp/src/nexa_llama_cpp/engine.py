@@ -393,7 +393,9 @@ class BatchEngine:
 
     Prefix reuse: a finished sequence's cells stay cached. A new request whose tokens
     start like a cached or running sequence keeps (or copies) that prefix and computes
-    only the rest.
+    only the rest. Requests that arrive together with a shared prefix (a system prompt)
+    are admitted one after the other: the second waits until the first has computed the
+    shared part, then copies it.
     """
 
     def __init__(
@@ -936,6 +938,8 @@ class BatchEngine:
                 n_reuse = 0  # a sliding-window cache has dropped the start of that sequence
             if best is not None and best.active is not None and not self.kv_unified and n_reuse < self.min_copy:
                 n_reuse = 0
+            if self._prefix_coming(prompt, n_reuse):
+                return  # first come, first served: the requests behind it wait too
 
             if best is not None and best.active is None and n_reuse > 0:
                 target = best  # keep its cells, cut what differs
@@ -986,6 +990,21 @@ class BatchEngine:
             target.last_used = time.monotonic()
             self._counters["requests_started"] += 1
             self._counters["prompt_tokens_reused"] += n_reuse
+
+    def _prefix_coming(self, prompt: Sequence[int], n_reuse: int) -> bool:
+        """Whether a running sequence is still computing a prompt that shares a longer
+        prefix with ``prompt`` than the cache holds now (requests that arrive together
+        with the same system prompt). Waiting for it and copying its cells costs a step
+        or two; computing the same tokens again costs every one of them."""
+        for slot in self._slots:
+            seq = slot.active
+            if seq is None or not seq.n_prompt_left:
+                continue
+            full = slot.tokens + seq.pending[: seq.n_prompt_left]
+            coming = min(_common_prefix(full, prompt), len(prompt) - min(2, len(prompt)))
+            if coming > len(slot.tokens) and coming - n_reuse >= self.min_copy:
+                return True
+        return False
 
     def _compact(self) -> None:
         """Move running sequences down into free lower ids so the ids stay contiguous.
