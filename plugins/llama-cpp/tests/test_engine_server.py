@@ -76,10 +76,15 @@ def test_concurrent_streams_get_their_solo_texts_and_usage(server):
     requests[2] |= {"stop": ["a", "e"]}
     requests[3] |= {"response_format": {"type": "json_object"}}
 
+    steps = {}
+
     async def main():
         c = client(server)
         solo = [await stream_text(c, **r) for r in requests]
+        engine = server.app.state.manager.loaded()[0].backend
+        steps["before"] = engine.engine_stats().decode_steps
         together = await asyncio.gather(*(stream_text(c, **r) for r in requests))
+        steps["after"] = engine.engine_stats().decode_steps
         return solo, together
 
     solo, together = asyncio.run(main())
@@ -89,8 +94,11 @@ def test_concurrent_streams_get_their_solo_texts_and_usage(server):
         assert usage_t.prompt_tokens == usage_s.prompt_tokens
     assert not any(s in solo[2][0] for s in ("a", "e"))
     assert isinstance(json.loads(solo[3][0]), dict)
-    # All eight ran at once: together they took far less than one after the other.
-    assert max(t for _, _, t in together) < sum(t for _, _, t in solo)
+    # They ran at once: fewer decode calls than tokens (one after the other, every token
+    # is its own call, plus one per prompt). Counted, not timed: the machine may be busy,
+    # and how many calls are saved depends on how the HTTP arrivals spread out.
+    generated = sum(usage.completion_tokens for _, usage, _ in together)
+    assert steps["after"] - steps["before"] < generated
     backend = server.app.state.manager.loaded()[0].backend
     stats = backend.engine_stats()
     assert stats.requests_finished >= 16 and stats.active_sequences == 0
