@@ -86,3 +86,14 @@ def test_supports_that_raises_is_a_refusal():
                                           "formats": frozenset({"gguf"}), "supports": classmethod(boom)})
     with pytest.raises(NoBackend, match="supports\\(\\) raised RuntimeError: bug"):
         registry(broken).select(Task.CHAT, manifest(), CPU)
+
+
+def test_listing_shows_one_line_per_name_with_what_all_its_classes_serve():
+    text = backend("twin", 1)
+    vision = type("TwinVision", (text,), {"tasks": frozenset({Task.CHAT, Task.VLM}), "priority": 2,
+                                          "devices": frozenset({"cpu", "metal"})})
+    infos = registry(text, vision).infos()
+    assert [i.name for i in infos] == ["twin"]
+    assert infos[0].tasks == {Task.CHAT, Task.VLM}
+    assert infos[0].devices == {"cpu", "metal"}
+    assert infos[0].priority == 2

@@ -32,10 +32,25 @@ class BackendRegistry:
         return sorted(self.plugins.backends.get(task, []), key=lambda c: c[0].name)
 
     def infos(self) -> list[BackendInfo]:
+        """One line per backend name; a plugin may serve one name with several classes
+        (MLX text and vision), which are shown together: what the name can do at all."""
         seen: dict[str, BackendInfo] = {}
         for entries in self.plugins.backends.values():
             for cls, plugin in entries:
-                seen.setdefault(cls.name, cls.info(plugin))
+                info = cls.info(plugin)
+                have = seen.get(cls.name)
+                if have is not None and have.plugin == info.plugin:
+                    info = attrs.evolve(
+                        have,
+                        tasks=have.tasks | info.tasks,
+                        formats=have.formats | info.formats,
+                        devices=have.devices | info.devices,
+                        parallel=max(have.parallel, info.parallel),
+                        priority=max(have.priority, info.priority),
+                    )
+                elif have is not None:
+                    continue  # another plugin's class under a taken name: the first one shows
+                seen[cls.name] = info
         return [seen[k] for k in sorted(seen)]
 
     def select(self, task: Task, manifest: Manifest, device: Device) -> type:
