@@ -26,13 +26,14 @@ Heavy imports (llama_cpp, numpy) happen only inside methods.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import ctypes
 import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,6 +139,53 @@ class _Plan:
     """Non-empty when the output is parsed for tool calls."""
 
 
+class _Chunker:
+    """Generated text to ``ChatChunk``s: stop strings (``StopMatcher``), tool-call parsing
+    (``ToolCallStream``), the finish reason and usage. Fed by the worker-thread path
+    (``_chunks``) and the engine's async path (``stream_chat``) alike."""
+
+    def __init__(self, n_prompt: int, plan: _Plan, stops: Sequence[str]) -> None:
+        self.n_prompt = n_prompt
+        self.n_generated = 0
+        self.reason = "stop"
+        self.stopped = False
+        """A stop string was found: the caller stops generating."""
+        self._stop = StopMatcher(stops)
+        self._tools = ToolCallStream(plan.tool_names) if plan.tool_names else None
+
+    def feed(self, text: str, n_tokens: int) -> list[ChatChunk]:
+        """``text`` made by ``n_tokens`` more generated tokens."""
+        self.n_generated += n_tokens
+        out = self._emit(self._stop.feed(text) if text else "")
+        if self._stop.stopped:
+            self.stopped = True
+            self.reason = "stop"
+        return out
+
+    def end(self, reason: str, n_generated: int | None = None) -> None:
+        """The generation ended by itself (``stop`` or ``length``)."""
+        self.reason = reason
+        if n_generated is not None:
+            self.n_generated = n_generated
+
+    def finish(self) -> list[ChatChunk]:
+        out = self._emit(self._stop.flush())
+        reason = self.reason
+        if self._tools is not None:
+            out.extend(_chunk_of(event) for event in self._tools.finish())
+            if self._tools.calls:
+                reason = "tool_calls"
+        out.append(ChatChunk(finish_reason=reason, usage=Usage(self.n_prompt, self.n_generated)))
+        return out
+
+    def _emit(self, text: str) -> list[ChatChunk]:
+        if not text:
+            return []
+        if self._tools is None:
+            return [ChatChunk(content=text)]
+        return [_chunk_of(event) for event in self._tools.feed(text)]
+
+
 class LlamaCppBackend(Backend):
     """GGUF models on llama.cpp: chat (with tools and JSON grammars), vision, embeddings."""
 
@@ -205,6 +253,9 @@ class LlamaCppBackend(Backend):
             "n_gpu_layers": -1 if self.device.kind in ("cuda", "metal") else 0,
             "verbose": False,
         }
+        # Flash attention for chat, as llama.cpp's server does by default ("auto"); the
+        # manifest's options.flash_attn = false turns it off (engine.BatchEngine._load).
+        flash_attn = self.manifest.options.get("flash_attn", True) is not False
         if self.is_embedder:
             # Non-causal encoders need each input whole in one micro-batch.
             kwargs.update(embedding=True, n_batch=n_ctx, n_ubatch=n_ctx)
@@ -217,6 +268,8 @@ class LlamaCppBackend(Backend):
             kwargs.update(n_batch=min(2048, n_ctx), n_ubatch=min(2048, n_ctx))
         else:
             kwargs.update(n_batch=min(512, n_ctx))
+        if not self.is_embedder:
+            kwargs["flash_attn"] = flash_attn
         try:
             self._llama = llama_cpp.Llama(str(path), **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
@@ -255,6 +308,7 @@ class LlamaCppBackend(Backend):
                 n_threads=threads,
                 n_threads_batch=kwargs["n_threads_batch"],
                 n_batch=min(512, n_ctx),
+                flash_attn=flash_attn,
             )
             self._engine.start()
 
@@ -287,6 +341,8 @@ class LlamaCppBackend(Backend):
         llama, self._llama, self._mtmd = self._llama, None, None
         if llama is not None:
             llama.close()  # also frees the mtmd context (registered on the Llama's stack)
+        if self._abort is not None:
+            self._abort.close()
         self._abort = None  # after the context that could call it
 
     # --- small helpers ---------------------------------------------------------------
@@ -423,43 +479,63 @@ class LlamaCppBackend(Backend):
     def _chunks(
         self, pieces: Generation, n_prompt: int, plan: _Plan, stops: Sequence[str]
     ) -> Iterator[ChatChunk]:
-        stop = StopMatcher(stops)
-        tool_stream = ToolCallStream(plan.tool_names) if plan.tool_names else None
-
-        def emit(text: str) -> Iterator[ChatChunk]:
-            if not text:
-                return
-            if tool_stream is None:
-                yield ChatChunk(content=text)
-                return
-            for event in tool_stream.feed(text):
-                yield _chunk_of(event)
-
-        n_generated = 0
-        finish = "stop"
+        chunker = _Chunker(n_prompt, plan, stops)
         try:
             for text, reason in pieces:
-                if reason is None:
-                    n_generated += 1
-                yield from emit(stop.feed(text) if text else "")
-                if stop.stopped:
-                    finish = "stop"
+                yield from chunker.feed(text, 1 if reason is None else 0)
+                if chunker.stopped:
                     break
                 if reason is not None:
-                    finish = reason
+                    chunker.end(reason)
                     break
         finally:
             # Stops generation when we leave early (stop string, cancel, client gone).
             close = getattr(pieces, "close", None)
             if close is not None:
                 close()
-        yield from emit(stop.flush())
-        if tool_stream is not None:
-            for event in tool_stream.finish():
-                yield _chunk_of(event)
-            if tool_stream.calls:
-                finish = "tool_calls"
-        yield ChatChunk(finish_reason=finish, usage=Usage(n_prompt, n_generated))
+        yield from chunker.finish()
+
+    async def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        """Text chat on the batching engine streams from the engine's thread straight to
+        the event loop; everything else goes through the model's worker thread (the base
+        class). The worker-thread hop costs a thread wake-up per token, a few percent of
+        decode speed on a small model (docs/benchmarks.md)."""
+        if self._engine is None or request.has_images:
+            async for chunk in super().stream_chat(request):
+                yield chunk
+            return
+        from nexa_llama_cpp.engine import GenerationRequest, TextPiece
+
+        loop = asyncio.get_running_loop()
+        # Template rendering and tokenizing take milliseconds on a long conversation:
+        # off the event loop, on the model's worker thread.
+        plan, prompt_tokens, sampling = await loop.run_in_executor(self._executor, self._prepare_text, request)
+        chunker = _Chunker(len(prompt_tokens), plan, request.stop)
+        events = self._engine.agenerate(GenerationRequest.from_sampling(prompt_tokens, sampling))
+        try:
+            async for event in events:
+                if isinstance(event, TextPiece):
+                    for chunk in chunker.feed(event.text, event.n_tokens):
+                        yield chunk
+                    if chunker.stopped:
+                        break
+                else:
+                    chunker.end(event.finish_reason, event.completion_tokens)
+        finally:
+            # Closing the engine's stream cancels the sequence (stop string, client gone).
+            await events.aclose()
+        for chunk in chunker.finish():
+            yield chunk
+
+    def _prepare_text(self, request: ChatRequest) -> tuple[_Plan, list[int], Sampling]:
+        """Plan, prompt tokens and sampling of a text chat (no images) for the engine."""
+        if self.is_embedder or self._template is None:
+            raise UnsupportedTask(
+                f"model {self.manifest.name!r} is an embedding model and cannot chat"
+            )
+        plan = self._plan(request, with_images=False)
+        prompt_tokens = self.tokenize_prompt(plan.prompt)
+        return plan, prompt_tokens, self._sampling(request, len(prompt_tokens), plan.grammar)
 
     # --- generation ------------------------------------------------------------------
 
