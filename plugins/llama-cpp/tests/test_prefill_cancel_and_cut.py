@@ -1,12 +1,13 @@
 """A cancel that lands inside a prompt batch, and an answer cut inside a UTF-8 character.
 
 Both the continuous-batching engine and the one-at-a-time ``Llama`` path (``--parallel
-1``, vision) are covered. On the tiny random model a prompt batch takes milliseconds, so
-"inside a batch" is made certain with a cancel token that turns true only after it has
-been read a few times: the first reads are the engine's checks between steps, the later
-ones come from llama.cpp's abort callback between graph nodes. Without the callback the
-whole first batch would be computed before anyone looked again. The SmolLM2 test then
-shows the same in real time, where one prompt batch takes seconds.
+1``, vision) are covered. llama.cpp's abort callback stops a prompt batch between graph
+nodes; a watcher thread (``engine.PrefillAbort``) asks the request's cancel state every
+few milliseconds while a prompt batch is decoded, and only then. So "inside a batch" is
+made certain with a cancel token that turns true only when that watcher reads it, on
+random models big enough that a prompt batch takes far longer than the watcher's poll.
+Without the callback the whole batch would be computed before anyone looked again. The
+SmolLM2 test then shows the same in real time, where one prompt batch takes seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from nexa.types import ChatMessage, ChatRequest, ImagePart, TextPart
 from nexa_llama_cpp import plugin
 from nexa_llama_cpp import testing as tiny
 from nexa_llama_cpp.backend import LlamaCppBackend
-from nexa_llama_cpp.engine import BatchEngine, Finished, GenerationRequest, TextPiece
+from nexa_llama_cpp.engine import BatchEngine, Finished, GenerationRequest, PrefillAbort, TextPiece
 
 SYSTEM = "<|im_start|>system\nYou are a terse assistant that answers every question.<|im_end|>\n"
 LONG = "the cat sat on the mat " * 60  # ~1400 tokens: several 512-token prompt batches
@@ -32,19 +33,47 @@ JAPAN = "日本日本日本"  # three bytes a character, and the vocab has only 
 JAPAN_GRAMMAR = f'root ::= "{JAPAN}"'
 
 
-class CancelAfterReads(CancelToken):
-    """Reports cancelled from its ``reads``-th look on (and stays cancelled)."""
+WATCHER = PrefillAbort.WATCHER_THREAD
+SLOW = dict(n_embd=256, n_layer=8, n_ff=1024, n_head=8, n_head_kv=4)
+"""A random model whose 512-token prompt batch takes ~0.2 s on one thread (the tiny
+default: ~17 ms), far longer than the watcher's 5 ms poll."""
 
-    def __init__(self, reads: int) -> None:
+
+class CancelWhenWatched(CancelToken):
+    """Reports cancelled from the ``at``-th time the abort watcher reads it (while
+    ``when()`` holds) on, and stays cancelled. Reads by anyone else never cancel it."""
+
+    def __init__(self, at: int = 1, when=lambda: True) -> None:
         super().__init__()
         self.reads = 0
-        self._at = reads
+        self._at, self._when = at, when
 
     @property
     def cancelled(self) -> bool:
-        self.reads += 1
-        if self.reads >= self._at:
-            self.cancel()
+        if threading.current_thread().name == WATCHER and not super().cancelled and self._when():
+            self.reads += 1
+            if self.reads >= self._at:
+                self.cancel()
+        return super().cancelled
+
+
+class CancelAfterOwnReads(CancelToken):
+    """Reports cancelled from its ``at``-th read by the request's own thread on (the
+    watcher's reads don't count), so it lands at the same point every run. Those reads
+    are the checks between prompt decodes and the one as each decode's callback is armed:
+    a cancel seen there stops that decode at its first graph node."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.reads = 0
+        self._at = at
+
+    @property
+    def cancelled(self) -> bool:
+        if threading.current_thread().name != WATCHER:
+            self.reads += 1
+            if self.reads >= self._at:
+                self.cancel()
         return super().cancelled
 
 
@@ -65,7 +94,7 @@ def collect(engine: BatchEngine, request: GenerationRequest, cancel=None) -> tup
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    return tiny.write_tiny_llama(tmp_path_factory.mktemp("prefill") / "tiny-F32.gguf", context_length=2048)
+    return tiny.write_tiny_llama(tmp_path_factory.mktemp("prefill") / "slow-F32.gguf", context_length=2048, **SLOW)
 
 
 # --- the engine ----------------------------------------------------------------------------
@@ -80,9 +109,10 @@ def test_engine_cancel_inside_a_prompt_batch_stops_it_and_keeps_the_cache_true(t
         collect(engine, GenerationRequest(prompt(engine, "hello"), temperature=0.0, max_tokens=4))
         long_request = GenerationRequest(prompt(engine, LONG), temperature=0.0, max_tokens=12)
         before = engine.stats()
-        cancel = CancelAfterReads(12)
+        cancel = CancelWhenWatched()
         with pytest.raises(Cancelled):
             collect(engine, long_request, cancel)
+        assert cancel.reads == 1
         after = engine.stats()
         assert after.requests_cancelled == before.requests_cancelled + 1
         assert after.active_sequences == 0
@@ -104,12 +134,12 @@ def test_engine_cancel_inside_a_later_prompt_batch_keeps_the_batches_before(tiny
         n = len(long_request.prompt_tokens)
         with BatchEngine(tiny_gguf, n_seq=1, n_ctx=2048, n_threads=1, n_batch=128) as fresh:
             want = collect(fresh, long_request)[0]
-        # Let the cancel land in a later batch: count how often one batch reads the token.
-        probe = CancelAfterReads(10**9)
-        collect(engine, GenerationRequest(prompt(engine, "hello"), temperature=0.0, max_tokens=1), probe)
-        cancel = CancelAfterReads(probe.reads * 3)
+        # Let the cancel land in a later batch: once two whole batches are computed.
+        start = engine.stats().prompt_tokens_evaluated
+        cancel = CancelWhenWatched(when=lambda: engine.stats().prompt_tokens_evaluated - start >= 256)
         with pytest.raises(Cancelled):
             collect(engine, long_request, cancel)
+        assert cancel.reads == 1
         kept = engine.stats().prompt_tokens_evaluated
         text, fin = collect(engine, long_request)
         assert text == want
@@ -123,17 +153,16 @@ def test_engine_close_stops_a_prompt_batch(tiny_gguf):
     engine.start()
     closer_ran = threading.Event()
 
-    class CloseOnRead(CancelToken):
+    class CloseWhenWatched(CancelToken):
         @property
         def cancelled(self) -> bool:
             # The engine's own close is what stops the batch; this token never cancels.
-            if not closer_ran.is_set() and engine._abort is not None and engine._abort._check[0] is not None:
+            if threading.current_thread().name == WATCHER and not closer_ran.is_set():
                 closer_ran.set()
                 threading.Thread(target=engine.close).start()
-                time.sleep(0.05)  # the flag is set while the batch is still running
             return False
 
-    stream = engine.generate(GenerationRequest(prompt(engine, LONG), temperature=0.0, max_tokens=4), CloseOnRead())
+    stream = engine.generate(GenerationRequest(prompt(engine, LONG), temperature=0.0, max_tokens=4), CloseWhenWatched())
     with pytest.raises(Cancelled):
         list(stream)
     assert closer_ran.is_set()
@@ -165,22 +194,32 @@ def single_backend(store, device):
     backend.close()
 
 
+@pytest.fixture(scope="module")
+def slow_single_backend(store, device, tmp_path_factory):
+    path = tiny.write_tiny_llama(tmp_path_factory.mktemp("slow-chat") / "slow-chat-F32.gguf", **SLOW)
+    backend = LlamaCppBackend(store.import_path(path, name="test/slow-chat"), device, LoadOptions(threads=1, parallel=1))
+    backend.load()
+    assert not backend.batching
+    yield backend
+    backend.close()
+
+
 def chat(backend: LlamaCppBackend, content: str, cancel: CancelToken | None = None, **kw):
     request = ChatRequest(messages=(ChatMessage("user", content),), temperature=0.0, **kw)
     chunks = list(backend.chat(request, cancel or CancelToken()))
     return "".join(c.content for c in chunks), chunks[-1]
 
 
-def test_llama_cancel_inside_a_prompt_batch_stops_it_and_keeps_the_cache_true(single_backend, store, device):
-    backend = single_backend
+def test_llama_cancel_inside_a_prompt_batch_stops_it_and_keeps_the_cache_true(slow_single_backend):
+    backend = slow_single_backend
     want, _ = chat(backend, LONG_CHAT, max_tokens=12)
     chat(backend, "hello", max_tokens=4)  # the cache now holds a different prompt
     llama = backend._llama
     cached = llama.n_tokens
-    cancel = CancelAfterReads(3)  # only the abort callback reads ``cancelled`` here
+    cancel = CancelWhenWatched()
     with pytest.raises(Cancelled):
         chat(backend, LONG_CHAT, cancel, max_tokens=12)
-    assert cancel.reads >= 3
+    assert cancel.reads == 1
     # Stopped inside its first batch: the Llama's bookkeeping ends at the shared prefix.
     assert llama.n_tokens < cached
     text, last = chat(backend, LONG_CHAT, max_tokens=12)
@@ -244,11 +283,27 @@ def test_llama_cancel_while_an_image_prompt_is_evaluated(vlm_backend):
         temperature=0.0,
     )
     want = "".join(c.content for c in vlm_backend.chat(request, CancelToken()))
-    probe = CancelAfterReads(10**9)
+    probe = CancelAfterOwnReads(10**9)
     list(vlm_backend.chat(request, probe))
-    assert probe.reads > 3  # the text, the image and the text after it were all watched
-    # Cancels landing early, midway and in the last prompt decode (text or image tokens).
-    for at in (1, probe.reads // 2, probe.reads):
+    # One read as each prompt decode is armed: the text, the image, the text after it.
+    assert probe.reads >= 3
+    # Cancels landing as the first, a middle and the last prompt decode start (text or image tokens).
+    for at in (1, (probe.reads + 1) // 2, probe.reads):
         with pytest.raises(Cancelled):
-            list(vlm_backend.chat(request, CancelAfterReads(at)))
+            list(vlm_backend.chat(request, CancelAfterOwnReads(at)))
         assert "".join(c.content for c in vlm_backend.chat(request, CancelToken())) == want
+
+
+def test_the_abort_callback_is_native_and_reads_only_the_flag():
+    import llama_cpp.llama_cpp as lib
+
+    abort = PrefillAbort(lib, None)
+    # A C function pointer with its data (the flag buffer), not a Python callback: ggml
+    # calls it after every graph node, and a Python one would take the GIL each time.
+    assert abort._data is not None
+    assert abort._callback(abort._data) is False
+    abort._flag[0] = b"\1"
+    assert abort._callback(abort._data) is True
+    abort._flag[0] = b"\0"
+    assert abort._callback(abort._data) is False
+    abort.close()
