@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -104,6 +105,25 @@ def test_damaged_manifest_hides_only_that_model(home, tmp_path):
     assert store.broken()[0][0] == "me/a"
     with pytest.raises(StoreError, match="damaged"):
         store.get("me/a")
+
+
+def test_manifests_are_read_again_only_when_their_file_changes(home, tmp_path):
+    store = ModelStore(home)
+    store.import_path(write_gguf(tmp_path / "a.gguf"), name="me/a")
+    first = store.get("me/a")
+    assert store.get("me/a") is first  # unchanged file: the manifest already read
+    path = home / "models" / "me" / "a" / "manifest.json"
+    data = json.loads(path.read_text())
+    assert data["context_length"] == 2048
+    data["context_length"] = 4096  # same length of text: only the time says it changed
+    before = path.stat().st_mtime_ns
+    path.write_text(json.dumps(data))
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+    edited = store.get("me/a")
+    assert edited is not first and edited.context_length == 4096
+    # Pulled or imported again: a new folder and file.
+    store.import_path(write_gguf(tmp_path / "b.gguf", arch="bert", template=False, pooling=1), name="me/a")
+    assert store.get("me/a").tasks == frozenset({Task.EMBED})
 
 
 def test_manifest_with_unknown_keys_is_rejected(home, tmp_path):

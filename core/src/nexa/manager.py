@@ -69,6 +69,10 @@ class ModelManager:
         self.metrics = metrics or Metrics()
         self.metrics.registry.register(BackendCollector(self.loaded))
         self._models: dict[tuple[str, str], LoadedModel] = {}
+        # The backend chosen for a (task, model), kept while the store hands back the same
+        # manifest object (it re-reads a manifest only when the file changed): choosing
+        # asks every backend's supports(), which may look at the disk, on every request.
+        self._chosen: dict[tuple[Task, str], tuple[Manifest, type[Backend]]] = {}
         self._reaper: asyncio.Task[None] | None = None
         budget = config.memory_budget
         if budget is None:
@@ -85,7 +89,12 @@ class ModelManager:
                 f"model {manifest.name!r} is not {_TASK_WORDS[task]} (it serves: {have})",
                 param="model",
             )
-        return manifest, self.registry.select(task, manifest, self.device)
+        chosen = self._chosen.get((task, manifest.name))
+        if chosen is not None and chosen[0] is manifest:
+            return chosen
+        cls = self.registry.select(task, manifest, self.device)
+        self._chosen[(task, manifest.name)] = (manifest, cls)
+        return manifest, cls
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._models.values())

@@ -70,6 +70,10 @@ class ModelStore:
     home: Path = attrs.field(factory=default_home, converter=Path)
     packaged: list[Manifest] = attrs.field(factory=list)
     """Ready models registered by plugins (``register_models``); read-only."""
+    _parsed: dict[Path, tuple[tuple[int, int, int], Manifest]] = attrs.field(factory=dict, init=False, repr=False)
+    """Manifests already read, by path, with the file's (inode, size, mtime) then: every
+    request resolves its model here, and one ``stat`` is cheaper than reading and
+    checking the JSON again. A re-pull or edit changes the stamp."""
 
     @property
     def models_dir(self) -> Path:
@@ -95,7 +99,16 @@ class ModelStore:
         Its name must be its folder's (``remove`` deletes by name), and its files must be
         plain relative paths inside the folder (backends open ``root / path``).
         """
-        manifest = Manifest.from_file(path)
+        st = path.stat()
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._parsed.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        manifest = self._check(path, Manifest.from_file(path))
+        self._parsed[path] = (stamp, manifest)
+        return manifest
+
+    def _check(self, path: Path, manifest: Manifest) -> Manifest:
         folder = path.parent.relative_to(self.models_dir).as_posix()
         if not isinstance(manifest.name, str) or manifest.name != folder:
             raise ValueError(f"its name {manifest.name!r} is not its folder's ({folder!r})")
