@@ -103,6 +103,62 @@ def run_server(client, model: str, i: int, tokens: int) -> tuple[float, float, i
     return first - started, (n - 1) / (last - first), n
 
 
+def client_floor(runs: int = 30) -> float:
+    """Median time to first content token of the openai client against a minimal local
+    HTTP server that answers at once with a canned two-chunk stream: what the client and
+    loopback HTTP cost before any server does any work (the part of the server path's
+    TTFT no server can remove)."""
+    import asyncio
+    import json
+    import threading
+
+    import openai
+
+    def frame(delta: dict) -> bytes:
+        body = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    answer = [frame({"role": "assistant", "content": ""}), frame({"content": "Hi"}), b"data: [DONE]\n\n"]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n")
+                for piece in answer:
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    ports: list[int] = []
+    loop = asyncio.new_event_loop()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        ports.append(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True).start()
+    while not ports:
+        time.sleep(0.01)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports[0]}/v1", api_key="unused", max_retries=0)
+    times = []
+    for i in range(runs + 1):  # the first one warms the client up
+        started = time.perf_counter()
+        for chunk in client.chat.completions.create(model="m", messages=messages(i), max_tokens=1, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content and len(times) == i:
+                times.append(time.perf_counter() - started)
+    loop.call_soon_threadsafe(loop.stop)
+    return statistics.median(times[1:])
+
+
 def start_server(home: Path, model: str, threads: int, ctx: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "NEXA_HOME": str(home)}
@@ -196,6 +252,7 @@ def main() -> None:
     def med(key: str, k: int) -> float:
         return statistics.median(r[k] for r in rows[key])
 
+    floor = client_floor()
     print()
     print("| path | TTFT median (ms) | decode median (tok/s) |")
     print("|---|---|---|")
@@ -216,6 +273,8 @@ def main() -> None:
               "(target >= 0.97)")
         print(f"vs {ref}: TTFT server-{ref}, median of rounds {statistics.median(diffs):+.1f} ms "
               f"(of medians {(med('server', 0) - med(ref, 0)) * 1000:+.1f} ms)  (target <= +5 ms)")
+    print(f"client floor: the openai client's TTFT against a server that answers at once: {floor * 1000:.1f} ms "
+          "(included in every server TTFT above)")
 
 
 if __name__ == "__main__":
