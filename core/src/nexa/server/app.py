@@ -248,8 +248,10 @@ class ChatController(Controller):
                 body["usage"] = None
             return _sse(body)
 
+        # The role frame leaves in one write with the first piece of the answer (already
+        # awaited before the response began): the client wakes once for both, not twice.
+        head = frame({"role": "assistant", "content": ""}, None)
         try:
-            yield frame({"role": "assistant", "content": ""}, None)
 
             async def pieces() -> AsyncIterator[ChatChunk]:
                 if first is not None:
@@ -279,9 +281,14 @@ class ChatController(Controller):
                     if chunk.usage:
                         usage = chunk.usage
                     if delta or chunk.finish_reason:
-                        yield frame(delta, chunk.finish_reason)
+                        out = frame(delta, chunk.finish_reason)
+                        if head:
+                            out, head = head + out, b""
+                        yield out
+            tail = [head]
+            head = b""
             if include_usage:
-                yield _sse(
+                tail.append(_sse(
                     {
                         "id": cid,
                         "object": "chat.completion.chunk",
@@ -294,17 +301,18 @@ class ChatController(Controller):
                             "total_tokens": usage.total_tokens if usage else 0,
                         },
                     }
-                )
-            yield b"data: [DONE]\n\n"
+                ))
+            tail.append(b"data: [DONE]\n\n")
+            yield b"".join(tail)
             _record(state, model, usage, started, first_at)
         except (NexaError, TimeoutError) as exc:
             # Headers are gone already: the error travels as a stream event, as OpenAI does.
             if isinstance(exc, TimeoutError):
                 exc = NexaError("the request ran past the server's request timeout", code="timeout")
-            yield _sse(error_payload(exc))
+            yield head + _sse(error_payload(exc))
         except Exception as exc:
             log.exception("chat stream failed")
-            yield _sse(error_payload(NexaError(f"internal error ({type(exc).__name__})")))
+            yield head + _sse(error_payload(NexaError(f"internal error ({type(exc).__name__})")))
         finally:
             await stack.aclose()
 
