@@ -307,3 +307,23 @@ def test_the_abort_callback_is_native_and_reads_only_the_flag():
     abort._flag[0] = b"\0"
     assert abort._callback(abort._data) is False
     abort.close()
+
+
+def test_an_aborted_batch_warns_only_when_warnings_are_asked_for(tiny_gguf, capfd):
+    import logging
+
+    native = logging.getLogger("llama-cpp-python")
+    level = native.level
+    with BatchEngine(tiny_gguf, n_seq=1, n_ctx=2048, n_threads=1) as engine:
+        request = GenerationRequest(prompt(engine, LONG), temperature=0.0, max_tokens=4)
+        try:
+            for wanted in (logging.ERROR, logging.WARNING):
+                native.setLevel(wanted)
+                capfd.readouterr()
+                with pytest.raises(Cancelled):
+                    collect(engine, request, CancelWhenWatched())
+                err = capfd.readouterr().err
+                # llama.cpp logs the cut as a warning (ggml level 3), not an error.
+                assert ("removing memory module entries" in err) is (wanted == logging.WARNING), err
+        finally:
+            native.setLevel(level)

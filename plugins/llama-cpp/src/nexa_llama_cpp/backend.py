@@ -240,7 +240,9 @@ class LlamaCppBackend(Backend):
     def load(self) -> None:
         import llama_cpp
 
-        _quiet_native_logs()
+        from nexa_llama_cpp.engine import route_native_logs
+
+        route_native_logs()
         path = self.manifest.file_path("weights")
         n_ctx = self.context_length()
         threads = self.options.threads or default_threads()
@@ -879,27 +881,6 @@ def _check_grammar(llama: Any, gbnf: str) -> None:
     if not sampler:
         raise BadRequest("the requested output format could not be turned into a grammar")
     llama_cpp.llama_sampler_free(sampler)
-
-
-_log_hooks: list[Any] = []
-
-
-def _quiet_native_logs() -> None:
-    """Route MTMD's native logs through llama-cpp-python's logger (quiet unless verbose)."""
-    if _log_hooks:
-        return
-    import llama_cpp._logger as llama_logger
-    import llama_cpp.mtmd_cpp as mtmd
-
-    callback = llama_logger.llama_log_callback
-    _log_hooks.append(callback)
-    for setter in ("mtmd_log_set", "mtmd_helper_log_set"):
-        fn = getattr(mtmd, setter, None)
-        if fn is not None:
-            try:
-                fn(callback, ctypes.c_void_p(0))
-            except Exception:  # an older library without it just stays chatty
-                pass
 
 
 # (metric name, EngineStats field, kind, help) exported as nexa_backend_<name>.

@@ -47,6 +47,7 @@ __all__ = [
     "Finished",
     "GenerationRequest",
     "PrefillAbort",
+    "route_native_logs",
     "TextPiece",
     "TokenStream",
 ]
@@ -163,6 +164,51 @@ class EngineStats:
     embed_requests: int
     sequences_moved: int
     """Running sequences moved to a lower id to keep the ids contiguous."""
+
+
+# ggml's log levels (ggml.h): 1 debug, 2 info, 3 warn, 4 error, 5 "continue the last line".
+_GGML_LOG_LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_native_log_callbacks: list[Any] = []
+
+
+def route_native_logs() -> None:
+    """Print llama.cpp's and MTMD's native log lines through the ``llama-cpp-python``
+    logger at their real levels (it is at ERROR unless a Llama was made verbose).
+
+    llama-cpp-python 0.3.36 reads ggml's levels with an older numbering, so a warning
+    counted as an error and reached stderr with verbose off: every prompt batch a cancel
+    aborted printed "decode: removing memory module entries ...". Idempotent."""
+    if _native_log_callbacks:
+        return
+    import sys
+
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
+    from llama_cpp._logger import logger
+
+    last = [logging.INFO]
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, _user_data: Any) -> None:
+        # Called from native threads mid-computation: never raise.
+        try:
+            if level != 5:
+                last[0] = _GGML_LOG_LEVELS.get(level, logging.ERROR)
+            if logger.isEnabledFor(last[0]):
+                sys.stderr.write(text.decode("utf-8", "replace"))
+                sys.stderr.flush()
+        except Exception:
+            pass
+
+    _native_log_callbacks.append(callback)  # ctypes callbacks must outlive their use
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    for setter in ("mtmd_log_set", "mtmd_helper_log_set"):
+        fn = getattr(mtmd, setter, None)
+        if fn is not None:
+            try:
+                fn(callback, ctypes.c_void_p(0))
+            except Exception:  # an older library without it stays as it was
+                pass
 
 
 def _native_flag_reader() -> Any:
@@ -821,6 +867,7 @@ class BatchEngine:
         if native_log.level == logging.NOTSET:
             # llama.cpp logs every tensor at load unless told otherwise (as Llama(verbose=False) does).
             native_log.setLevel(logging.ERROR)
+        route_native_logs()
         L.llama_backend_init()
         if self._model is None:
             params = L.llama_model_default_params()
