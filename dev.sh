@@ -22,11 +22,16 @@ is_mac_arm() { [ "$(uname -s)" = Darwin ] && [ "$(uname -m)" = arm64 ]; }
 # quantized model then segfaults on its first decode. Portable AVX2 flags run at the
 # same speed. OpenMP off: its thread pool slows decoding for good once a second thread
 # has decoded (measured 3x), and nexa drives each model from its own worker thread.
+# CUDA: the CPU flags too (layers left on the CPU, and the sampler, run there), and
+# device code for this machine's own GPU only (CMake's "native"): ggml's portable default
+# is seven architectures, several times the build time and the library's size.
+# CUDA_ARCHS=90 (say) builds for a GPU the building machine lacks.
 llama_cmake_args() {
+  local cpu="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF"
   case "$1" in
-    cuda) echo "-DGGML_CUDA=on -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF" ;;
+    cuda) echo "$cpu -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-native}" ;;
     metal) echo "-DGGML_METAL=on" ;;
-    *) echo "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF" ;;
+    *) echo "$cpu" ;;
   esac
 }
 

