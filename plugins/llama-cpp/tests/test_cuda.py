@@ -68,11 +68,10 @@ def test_the_weights_of_a_real_model_go_to_the_gpu(device):
         # Every layer and the output head (SmolLM2's tied embeddings, copied to the GPU);
         # only the input embedding lookup (~18 of 98 MB) stays in host memory.
         assert used >= 0.6 * size, (used, size)
-        for question, answer in [("What is the capital city of France? Answer in one word.", "Paris"),
-                                 ("What color is the sky on a clear day?", "blue")]:
-            request = ChatRequest(messages=[ChatMessage("user", question)], max_tokens=20, temperature=0)
-            text = "".join(c.content for c in backend.chat(request, CancelToken()))
-            assert answer in text, (question, text)
+        question = "What is the capital city of France? Answer in one word."
+        request = ChatRequest(messages=[ChatMessage("user", question)], max_tokens=20, temperature=0)
+        text = "".join(c.content for c in backend.chat(request, CancelToken()))
+        assert "Paris" in text, text
     finally:
         backend.close()
 

@@ -28,3 +28,17 @@ def test_prompt_and_decode_threads_follow_the_default_or_the_setting(store, devi
             assert (params.n_threads, params.n_threads_batch) == (want, want)
         finally:
             backend.close()
+
+
+def test_the_cpu_device_keeps_prompt_batches_off_any_gpu(store, device):
+    # A GPU build of llama.cpp offloads large prompt batches to the GPU even for layers
+    # kept on the CPU ("op offload"); `--device cpu` means the CPU alone.
+    for options in (LoadOptions(parallel=1), LoadOptions(parallel=2)):
+        backend = LlamaCppBackend(store.get(CHAT), device, options)
+        backend.load()
+        try:
+            assert backend._llama.context_params.op_offload is (device.kind != "cpu")
+            if backend.batching:
+                assert backend._engine._op_offload is (device.kind != "cpu")
+        finally:
+            backend.close()

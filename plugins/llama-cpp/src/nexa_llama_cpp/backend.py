@@ -255,6 +255,9 @@ class LlamaCppBackend(Backend):
             # default_threads), and llama.cpp's default is the same count for both.
             "n_threads_batch": threads,
             "n_gpu_layers": -1 if self.device.kind in ("cuda", "metal") else 0,
+            # `--device cpu` on a GPU build: llama.cpp would still send large prompt
+            # batches to the GPU ("op offload"); cpu means the CPU alone.
+            "op_offload": self.device.kind != "cpu",
             "verbose": False,
         }
         # Flash attention for chat, as llama.cpp's server does by default ("auto"); the
@@ -321,6 +324,7 @@ class LlamaCppBackend(Backend):
                 n_threads_batch=kwargs["n_threads_batch"],
                 n_batch=min(512, n_ctx),
                 flash_attn=flash_attn,
+                op_offload=kwargs["op_offload"],
             )
             self._engine.start()
 

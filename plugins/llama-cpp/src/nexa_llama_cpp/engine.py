@@ -522,6 +522,7 @@ class BatchEngine:
         max_waiting: int | None = None,
         flash_attn: bool | None = None,
         n_gpu_layers: int = 0,
+        op_offload: bool | None = None,
         embed_pooling: int | None = None,
     ) -> None:
         if model_path is None and model is None:
@@ -550,6 +551,9 @@ class BatchEngine:
         self.max_waiting = max_waiting
         self._flash_attn = flash_attn
         self._n_gpu_layers = n_gpu_layers
+        # A GPU build of llama.cpp sends large prompt batches to the GPU even for layers
+        # kept on the CPU; off when the engine runs on the CPU alone (no layer offloaded).
+        self._op_offload = op_offload if op_offload is not None else (model is not None or n_gpu_layers != 0)
         self._embed_pooling = embed_pooling
 
         self._model = model
@@ -889,6 +893,7 @@ class BatchEngine:
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads_batch
         cparams.kv_unified = self.kv_unified
+        cparams.op_offload = self._op_offload
         cparams.no_perf = True
         # Flash attention on unless asked otherwise, as llama.cpp's own server does
         # ("auto"): on this project's 2-core AVX2 VM it decoded SmolLM2 ~15% faster with
@@ -1347,6 +1352,7 @@ class BatchEngine:
             p.n_threads = self.n_threads
             p.n_threads_batch = self.n_threads_batch
             p.embeddings = True
+            p.op_offload = self._op_offload
             p.no_perf = True
             pooling = self._embed_pooling
             p.pooling_type = L.LLAMA_POOLING_TYPE_UNSPECIFIED if pooling is None else pooling
