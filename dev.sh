@@ -52,6 +52,7 @@ build_llama_wheel() {  # $1 = cpu | cuda | metal
 wheels() {
   build_llama_wheel cpu
   if has_cuda; then build_llama_wheel cuda; fi
+  if is_mac_arm; then build_llama_wheel metal; fi
 }
 
 setup() {

@@ -37,6 +37,8 @@ nox.options.sessions = [
 ]
 if HAS_CUDA:
     nox.options.sessions.append("llama_cpp_cuda")
+if IS_APPLE_SILICON:
+    nox.options.sessions.append("llama_cpp_metal")
 
 
 def _llama_wheel(flavour: str) -> str:
@@ -99,6 +101,14 @@ def llama_cpp_cuda(session: nox.Session) -> None:
         session.skip("no CUDA GPU here (nvidia-smi not found)")
     _install(session, "llama-cpp", llama="cuda")
     _pytest(session, "plugins/llama-cpp/tests", "-m", "not slow_quality", env={"NEXA_DEVICE": "cuda"})
+
+
+@nox.session
+def llama_cpp_metal(session: nox.Session) -> None:
+    if not IS_APPLE_SILICON:
+        session.skip("not an Apple Silicon Mac")
+    _install(session, "llama-cpp", llama="metal")
+    _pytest(session, "plugins/llama-cpp/tests", "-m", "not slow_quality and not cuda", env={"NEXA_DEVICE": "metal"})
 
 
 @nox.session
