@@ -95,20 +95,23 @@ def llama_cpp_quality(session: nox.Session) -> None:
     _pytest(session, "plugins/llama-cpp/tests", "-m", "slow_quality")
 
 
+def _llama_on_gpu(session: nox.Session, kind: str, present: bool, why_not: str) -> None:
+    """The llama-cpp tests on a GPU build, their backends loaded for that GPU."""
+    if not present:
+        session.skip(why_not)
+    _install(session, "llama-cpp", llama=kind)
+    markers = "not slow_quality" if kind == "cuda" else "not slow_quality and not cuda"
+    _pytest(session, "plugins/llama-cpp/tests", "-m", markers, env={"NEXA_DEVICE": kind})
+
+
 @nox.session
 def llama_cpp_cuda(session: nox.Session) -> None:
-    if not HAS_CUDA:
-        session.skip("no CUDA GPU here (nvidia-smi not found)")
-    _install(session, "llama-cpp", llama="cuda")
-    _pytest(session, "plugins/llama-cpp/tests", "-m", "not slow_quality", env={"NEXA_DEVICE": "cuda"})
+    _llama_on_gpu(session, "cuda", HAS_CUDA, "no CUDA GPU here (nvidia-smi not found)")
 
 
 @nox.session
 def llama_cpp_metal(session: nox.Session) -> None:
-    if not IS_APPLE_SILICON:
-        session.skip("not an Apple Silicon Mac")
-    _install(session, "llama-cpp", llama="metal")
-    _pytest(session, "plugins/llama-cpp/tests", "-m", "not slow_quality and not cuda", env={"NEXA_DEVICE": "metal"})
+    _llama_on_gpu(session, "metal", IS_APPLE_SILICON, "not an Apple Silicon Mac")
 
 
 @nox.session
