@@ -18,10 +18,14 @@ This module owns three things:
    ``partial/blobs/<algo>-<hash>.part``. A pull that is cut off, even by a killed process,
    goes on from the last byte on disk. Every file is checked against the Hub's hash (the
    LFS sha256, or the git blob sha1 of small files) while it streams; a mismatch deletes
-   the file and raises ``StoreError``.
+   the file and raises ``StoreError``. A file some model in the store already has (same
+   sha256 and size: the mmproj every quant of a vision repo shares) is hard-linked from
+   there instead. Progress goes to a callback as ``nexa.progress.PullProgress`` events,
+   and a ``CancelToken`` is checked between chunks.
 3. **Atomic install.** Verified blobs are linked into a staging folder, the manifest is
    built by ``nexa.formats.describe_folder``, and ``ModelStore.install`` renames the folder
-   into place: a model is visible complete or not at all.
+   into place: a model is visible complete or not at all. ``ORG/REPO:QUANT`` installs as
+   its own model beside ``ORG/REPO`` and the repo's other quants.
 
 File names from the Hub are untrusted: any unsafe name in a repo listing (``..``,
 absolute, backslashes, control characters) refuses the whole pull.
@@ -47,9 +51,11 @@ from typing import Any
 
 import attrs
 
+from nexa.backend import CancelToken
 from nexa.errors import StoreError
 from nexa.formats import is_mmproj, quant_of
-from nexa.store import MANIFEST_NAME, ModelStore, split_quant, validate_name
+from nexa.progress import ProgressCallback, PullTracker
+from nexa.store import MANIFEST_NAME, ModelStore, folder_of, link_or_copy, split_quant, validate_name
 from nexa.types import Manifest, ModelFile
 
 __all__ = [
@@ -195,7 +201,7 @@ def _choose_gguf(
         )
     if quant:
         # Same labelling as the files get: "fp16" finds F16, "UD-Q4_K_XL" finds Q4_K_XL.
-        label = _quant_label(quant) or quant.upper()
+        label = _variant_label(quant)
         if label not in variants:
             raise StoreError(
                 f"{repo} has no {quant} GGUF; available: {', '.join(sorted(variants))}",
@@ -310,6 +316,10 @@ def choose_files(
 # --- downloading -------------------------------------------------------------------------
 
 
+Expected = tuple[int | None, str, str]
+"""(size, algo, hex digest) that a file's bytes must match; algo is sha256 or gitsha1."""
+
+
 def _hasher(algo: str, size: int | None) -> Any:
     if algo == "sha256":
         return hashlib.sha256()
@@ -319,28 +329,33 @@ def _hasher(algo: str, size: int | None) -> Any:
 
 
 class _Downloader:
-    """Fetches files of one repo commit into ``partial/blobs``, verified."""
+    """Fetches files of one repo commit into ``partial/blobs``, verified, cancellable."""
 
-    def __init__(self, store: ModelStore, repo: str, commit: str, endpoint: str, progress: bool):
+    def __init__(self, store: ModelStore, repo: str, commit: str, endpoint: str,
+                 cancel: CancelToken | None = None):
         from huggingface_hub.utils import build_hf_headers, get_session
 
         self.repo = repo
         self.commit = commit
         self.endpoint = endpoint
-        self.progress = progress
+        self.cancel = cancel
         self.blobs = store.partial_dir / "blobs"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.session = get_session()
         # identity: byte offsets for Range must be offsets in the file, not a gzip stream.
         self.headers = build_hf_headers(headers={"Accept-Encoding": "identity"})
 
+    def check_cancelled(self) -> None:
+        if self.cancel is not None:
+            self.cancel.raise_if_cancelled()
+
     def url(self, path: str) -> str:
         from huggingface_hub import hf_hub_url
 
         return hf_hub_url(self.repo, path, revision=self.commit, endpoint=self.endpoint)
 
-    def expect(self, f: RemoteFile) -> tuple[int | None, str, str]:
-        """(size, algo, hex digest) that the file's bytes must match."""
+    def expect(self, f: RemoteFile) -> Expected:
+        """What the file's bytes must match: from the listing, else the file's headers."""
         size, algo, digest = f.size, None, None
         if f.sha256:
             algo, digest = "sha256", f.sha256.lower()
@@ -366,31 +381,34 @@ class _Downloader:
             raise StoreError(f"the hub gave a malformed checksum for {f.path}: {digest[:80]!r}")
         return size, algo, digest
 
-    def remaining(self, f: RemoteFile) -> int:
-        """Bytes still to fetch (for the disk-space check), from what is on disk."""
-        if f.size is None:
-            return 0
-        digest = (f.sha256 or f.git_sha1 or "").lower()
-        algo = "sha256" if f.sha256 else "gitsha1"
+    def _paths(self, expected: Expected) -> tuple[Path, Path]:
+        _size, algo, digest = expected
         final = self.blobs / f"{algo}-{digest}"
-        if digest and final.is_file():
-            return 0
-        part = final.with_name(final.name + ".part")
-        have = part.stat().st_size if digest and part.is_file() else 0
-        return max(0, f.size - have)
+        return final, final.with_name(final.name + ".part")
 
-    def fetch(self, f: RemoteFile) -> Path:
+    def on_disk(self, expected: Expected) -> int:
+        """Bytes of the file already in ``partial/blobs`` (complete, or left by a cut run)."""
+        size = expected[0]
+        final, part = self._paths(expected)
+        if final.is_file() and (size is None or final.stat().st_size == size):
+            return final.stat().st_size
+        return part.stat().st_size if part.is_file() else 0
+
+    def fetch(self, f: RemoteFile, expected: Expected | None = None,
+              tracker: PullTracker | None = None) -> Path:
         """The verified blob for ``f`` (downloaded or resumed as needed)."""
         from filelock import FileLock
 
-        size, algo, digest = self.expect(f)
-        final = self.blobs / f"{algo}-{digest}"
-        part = final.with_name(final.name + ".part")
+        expected = expected or self.expect(f)
+        size, algo, digest = expected
+        final, part = self._paths(expected)
+        tracker = tracker or PullTracker("", ())
         # Another pull (another model sharing the blob) may be fetching it: wait for it.
         with FileLock(str(final) + ".lock"):
             if final.is_file() and (size is None or final.stat().st_size == size):
+                tracker.complete(f.path, reused=True)
                 return final
-            actual = self._download(f, part, size, algo)
+            actual = self._download(f, part, size, algo, tracker)
             if actual != digest:
                 part.unlink(missing_ok=True)
                 kind = "sha256" if algo == "sha256" else "git blob sha1"
@@ -399,14 +417,15 @@ class _Downloader:
                     f"got {actual}; the file was deleted and nothing was installed"
                 )
             os.replace(part, final)
+        tracker.complete(f.path)
         return final
 
-    def _download(self, f: RemoteFile, part: Path, size: int | None, algo: str) -> str:
+    def _download(self, f: RemoteFile, part: Path, size: int | None, algo: str,
+                  tracker: PullTracker) -> str:
         import httpx2
         from huggingface_hub import constants
         from huggingface_hub.errors import HfHubHTTPError
         from huggingface_hub.utils import hf_raise_for_status
-        from huggingface_hub.utils import tqdm as hf_tqdm
 
         hasher = _hasher(algo, size)
         offset = part.stat().st_size if part.is_file() else 0
@@ -419,12 +438,10 @@ class _Downloader:
                 while block := fh.read(_CHUNK):
                     hasher.update(block)
             log.info("resuming %s at byte %d of %s", f.path, offset, size)
+        tracker.begin(f.path, offset)
         url = self.url(f.path)
         failures = 0
-        with part.open("ab") as out, hf_tqdm(
-            total=size, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=_short(f.path), disable=None if self.progress else True,
-        ) as bar:
+        with part.open("ab") as out:
             while size is None or offset < size:
                 headers = dict(self.headers)
                 if offset:
@@ -439,8 +456,8 @@ class _Downloader:
                             # The server ignored Range and sends the whole file: start over.
                             out.truncate(0)
                             hasher = _hasher(algo, size)
-                            bar.update(-offset)
                             offset = before = 0
+                            tracker.advance(f.path, 0)
                         elif response.status_code == 206:
                             start = _content_range_start(response.headers.get("Content-Range"))
                             if start != offset:
@@ -449,6 +466,9 @@ class _Downloader:
                                     f"with bytes from {start}"
                                 )
                         for chunk in response.iter_bytes():
+                            # Between chunks: a cancelled pull stops here, its bytes kept
+                            # in the .part file for the next run to resume from.
+                            self.check_cancelled()
                             if size is not None and offset + len(chunk) > size:
                                 raise StoreError(
                                     f"the hub sent more than the {size} bytes of {f.path}"
@@ -458,7 +478,7 @@ class _Downloader:
                             out.flush()
                             hasher.update(chunk)
                             offset += len(chunk)
-                            bar.update(len(chunk))
+                            tracker.advance(f.path, offset)
                     if size is None:
                         size = offset
                     elif offset < size:
@@ -481,10 +501,6 @@ class _Downloader:
 def _content_range_start(header: str | None) -> int | None:
     match = re.match(r"^\s*bytes\s+(\d+)-\d+/(?:\d+|\*)\s*$", header or "")
     return int(match.group(1)) if match else None
-
-
-def _short(path: str) -> str:
-    return path if len(path) <= 40 else "…" + path[-39:]
 
 
 def _describe(exc: BaseException) -> str:
@@ -554,7 +570,7 @@ def _pull_lock(store: ModelStore, name: str) -> Iterator[None]:
 
     locks = store.partial_dir / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(locks / (name.replace("/", "--") + ".lock")))
+    lock = FileLock(str(locks / (folder_of(name).replace("/", "--") + ".lock")))
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -585,14 +601,9 @@ def _sha256(path: Path) -> str:
 def _up_to_date(
     store: ModelStore, name: str, source: str, chosen: Sequence[RemoteFile], label: str | None
 ) -> Manifest | None:
-    """The installed manifest when it already holds exactly these files of this commit."""
-    from nexa.errors import NexaError
-
-    try:
-        manifest = store.get(name)
-    except NexaError:
-        return None
-    if manifest.source != source or manifest.quant != label or manifest.root is None:
+    """The installed model ``name`` when it already holds exactly these files of this commit."""
+    manifest = store.installed(name)
+    if manifest is None or manifest.source != source or manifest.quant != label or manifest.root is None:
         return None
     have = {f.path: f.size for f in manifest.files}
     if have != {f.path: f.size for f in chosen}:
@@ -604,14 +615,29 @@ def _up_to_date(
     return manifest
 
 
+def _variant_label(quant: str) -> str:
+    """The label a ``:QUANT`` names, as the files are labelled ("fp16" is F16)."""
+    return _quant_label(quant) or quant.upper()
+
+
 def pull(
     store: ModelStore,
     spec: str,
     *,
-    progress: bool = True,
     endpoint: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
 ) -> Manifest:
     """Download ``ORG/REPO[:QUANT]`` from the Hub into ``store``; return its manifest.
+
+    The model is named as pulled: ``ORG/REPO`` without a tag, ``ORG/REPO:QUANT`` (the
+    quant's canonical label) with one, so several quants live side by side. A tagged pull
+    of the quant that the untagged model already holds at this commit returns that model.
+    Files the store already has (same sha256) are linked, not downloaded.
+
+    ``on_progress`` receives ``nexa.progress.PullProgress`` events. ``cancel`` is checked
+    between chunks and files; a cancelled pull raises ``nexa.errors.Cancelled``, installs
+    nothing, and leaves its partial files for the next pull to resume.
 
     Raises ``StoreError`` (with what to do next) for unknown repos, missing quants, network
     failures (run again to resume), and files that fail verification (deleted; nothing
@@ -636,12 +662,13 @@ def pull(
         for s in info.siblings or []
     ]
     _check_names(listing, repo)
-    name = repo
+    repo_name = repo
     if isinstance(info.id, str) and info.id.lower() == repo.lower():
-        name = validate_name(info.id)  # the hub's own spelling of the name
+        repo_name = validate_name(info.id)  # the hub's own spelling of the name
+    name = repo_name if quant is None else validate_name(f"{repo_name}:{_variant_label(quant)}")
 
     with _pull_lock(store, name):
-        downloader = _Downloader(store, repo, commit, endpoint, progress)
+        downloader = _Downloader(store, repo, commit, endpoint, cancel)
         model_index = None
         is_gguf = any(f.path.lower().endswith(".gguf") for f in listing)
         index_file = next((f for f in listing if f.path == "model_index.json"), None)
@@ -656,48 +683,73 @@ def pull(
         chosen, label = choose_files(listing, quant, repo=repo, model_index=model_index)
         source = f"hf:{repo}@{commit}"
         current = _up_to_date(store, name, source, chosen, label)
+        if current is None and name != repo_name:
+            current = _up_to_date(store, repo_name, source, chosen, label)
         if current is not None:
-            log.info("%s is up to date (%s)", name, commit[:12])
+            log.info("%s is up to date (%s)", current.name, commit[:12])
+            tracker = PullTracker(current.name, [(f.path, f.size) for f in current.files], on_progress)
+            tracker.finish()
             return current
 
-        needed = sum(downloader.remaining(f) for f in chosen)
+        plans = [(f, downloader.expect(f)) for f in chosen]
+        # Files a model in the store already has are linked from there, never fetched.
+        shared = store.file_index()
+        reuse = {f.path: shared[(exp[2], exp[0])] for f, exp in plans
+                 if exp[1] == "sha256" and (exp[2], exp[0]) in shared}
+        on_disk = {f.path: (exp[0] or 0) if f.path in reuse else downloader.on_disk(exp) for f, exp in plans}
+        needed = sum((exp[0] or 0) - on_disk[f.path] for f, exp in plans)
         free = shutil.disk_usage(store.partial_dir).free
         if needed > free:
             raise StoreError(
                 f"{repo} needs {needed / 1e9:.1f} GB more disk space; {free / 1e9:.1f} GB free "
                 f"under {store.home}"
             )
-        log.info("pulling %s@%s: %d files", repo, commit[:12], len(chosen))
+        log.info("pulling %s@%s as %s: %d files", repo, commit[:12], name, len(chosen))
+        tracker = PullTracker(name, [(f.path, exp[0]) for f, exp in plans], on_progress)
+        tracker.start(on_disk)
+        sources: list[tuple[RemoteFile, Expected, Path, bool]] = []
         try:
-            blobs = [(f, downloader.fetch(f)) for f in chosen]
+            for f, exp in plans:
+                downloader.check_cancelled()
+                if f.path in reuse:
+                    tracker.complete(f.path, reused=True)
+                    sources.append((f, exp, reuse[f.path], False))
+                else:
+                    sources.append((f, exp, downloader.fetch(f, exp, tracker), True))
         except OSError as exc:  # disk full, permissions: not the hub's fault
             raise StoreError(f"cannot write the download under {store.partial_dir}: {exc}") from exc
+        downloader.check_cancelled()
 
         staged = store.staging_dir(name)
         try:
             root = staged.resolve()
             files = []
             placed: dict[Path, Path] = {}
-            for f, blob in blobs:
+            for f, (_size, algo, digest), source_path, is_blob in sources:
                 target = staged / f.path
                 if not target.resolve().is_relative_to(root):
                     raise StoreError(f"file name {f.path!r} escapes the model folder")
                 target.parent.mkdir(parents=True, exist_ok=True)
-                if blob.exists():
-                    _link_or_move(blob, target)
+                if not is_blob:
+                    link_or_copy(source_path, target)
+                elif source_path.exists():
+                    _link_or_move(source_path, target)
                 else:  # identical bytes under two names, and the blob was moved already
-                    shutil.copyfile(placed[blob], target)
-                placed.setdefault(blob, target)
-                sha = f.sha256.lower() if f.sha256 else _sha256(target)
+                    shutil.copyfile(placed[source_path], target)
+                placed.setdefault(source_path, target)
+                sha = digest if algo == "sha256" else _sha256(target)
                 files.append(ModelFile(f.path, target.stat().st_size, sha))
             from nexa.formats import describe_folder
 
             manifest = describe_folder(name, staged, files, source=source, quant=label)
+            downloader.check_cancelled()
             installed = store.install(manifest, staged)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
         # Lock files stay: deleting one that another pull waits on would split the lock.
-        for _, blob in blobs:
-            blob.unlink(missing_ok=True)
+        for _, _, source_path, is_blob in sources:
+            if is_blob:
+                source_path.unlink(missing_ok=True)
+        tracker.finish()
         return installed
