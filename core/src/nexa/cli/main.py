@@ -37,8 +37,12 @@ def _stdout_gone() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:
+            sys.stdout.flush()  # --help and --version print, then exit through here
+            raise
         status = args.func(args)
         # Flushed here, not at exit, so a closed pipe is seen while it can be handled.
         sys.stdout.flush()
