@@ -50,15 +50,6 @@ def ggufs() -> dict[str, bytes]:
 
 
 @pytest.fixture
-def env(monkeypatch):
-    # The machine's own token or offline switch must not change what the tests see.
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hub_module, "RETRY_WAIT", 0.01)
-    return monkeypatch
-
-
-@pytest.fixture
 def hub(ggufs, env):
     with HubServer({GGUF_REPO: ggufs}) as server:
         env.setenv("HF_ENDPOINT", server.url)

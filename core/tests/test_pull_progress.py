@@ -19,7 +19,6 @@ import time
 
 import pytest
 
-from nexa import hub as hub_module
 from nexa.backend import CancelToken
 from nexa.errors import Cancelled, StoreError
 from nexa.hub import pull
@@ -42,12 +41,9 @@ def files() -> dict[str, bytes]:
 
 
 @pytest.fixture
-def hub(files, monkeypatch):
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hub_module, "RETRY_WAIT", 0.01)
+def hub(files, env):
     with HubServer({REPO: files}) as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        env.setenv("HF_ENDPOINT", server.url)
         yield server
 
 
