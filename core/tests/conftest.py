@@ -19,6 +19,14 @@ def home(tmp_path):
 
 
 @pytest.fixture
+def store(home):
+    """An empty model store in ``home``."""
+    from nexa.store import ModelStore
+
+    return ModelStore(home)
+
+
+@pytest.fixture
 def env(monkeypatch):
     """For pulls from a loopback Hub: the machine's own token, offline switch or endpoint
     must not change what the tests see, and retries wait 10 ms. Returns ``monkeypatch``."""

@@ -56,11 +56,6 @@ def hub(ggufs, env):
         yield server
 
 
-@pytest.fixture
-def store(home) -> ModelStore:
-    return ModelStore(home)
-
-
 def file_requests(server: HubServer, repo: str) -> set[str]:
     return {what for (_, r, what), n in server.requests.items() if r == repo and n and
             not what.startswith("api")}

@@ -47,11 +47,6 @@ def hub(files, env):
         yield server
 
 
-@pytest.fixture
-def store(home) -> ModelStore:
-    return ModelStore(home)
-
-
 def part_files(store: ModelStore):
     return [p for p in (store.partial_dir / "blobs").glob("*.part")]
 

@@ -15,7 +15,7 @@ import pytest
 
 from nexa.errors import ModelNotFound, StoreError
 from nexa.hub import pull
-from nexa.store import AMBIGUOUS, ModelStore
+from nexa.store import AMBIGUOUS
 from nexa.testing import EchoBackend, echo_manifest, serve
 from nexa.testing.hubserver import HubServer, tiny_gguf_bytes
 from nexa.types import Task
@@ -40,11 +40,6 @@ def hub(files, env):
     with HubServer({REPO: files}) as server:
         env.setenv("HF_ENDPOINT", server.url)
         yield server
-
-
-@pytest.fixture
-def store(home) -> ModelStore:
-    return ModelStore(home)
 
 
 def fetched(server: HubServer) -> set[str]:
