@@ -9,13 +9,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 
 from nexa.errors import ModelNotFound, StoreError
 from nexa.hub import pull
-from nexa.store import AMBIGUOUS
+from nexa.store import AMBIGUOUS, ModelStore
 from nexa.testing import EchoBackend, echo_manifest, serve
 from nexa.testing.hubserver import HubServer, tiny_gguf_bytes
 from nexa.types import Task
@@ -80,6 +81,27 @@ def test_two_quants_side_by_side_share_one_projector(hub, store, files):
     assert [m.name for m in store.list()] == [f"{REPO}:Q8_0"]
     assert (q8.root / MMPROJ).read_bytes() == files[MMPROJ]
     assert store.get(REPO).name == f"{REPO}:Q8_0"  # now the only one
+
+
+def test_a_shared_file_removed_during_a_pull_is_downloaded_instead(hub, store, files, monkeypatch):
+    pull(store, REPO)
+    index = ModelStore.file_index
+    calls = []
+
+    def index_then_removed(self):
+        found = index(self)
+        if not calls:  # another process removes the model the pull meant to share with
+            self.remove(REPO)
+        calls.append(found)
+        return found
+
+    monkeypatch.setattr(ModelStore, "file_index", index_then_removed)
+    hub.reset_counters()
+    q8 = pull(store, f"{REPO}:Q8_0")
+    assert MMPROJ in {Path(p).name for p in calls[0].values()}
+    assert fetched(hub) == {"Vision-Q8_0.gguf", MMPROJ}
+    assert (q8.root / MMPROJ).read_bytes() == files[MMPROJ]
+    assert [m.name for m in store.list()] == [f"{REPO}:Q8_0"]
 
 
 def test_bare_name_is_the_untagged_pull_else_the_only_quant_else_a_400(hub, store):

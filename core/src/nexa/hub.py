@@ -159,8 +159,12 @@ class _Downloader:
         return part.stat().st_size if part.is_file() else 0
 
     def fetch(self, f: RemoteFile, expected: Expected | None = None,
-              tracker: PullTracker | None = None) -> Path:
-        """The verified blob for ``f`` (downloaded or resumed as needed)."""
+              tracker: PullTracker | None = None, *, have: Path | None = None) -> Path:
+        """The verified blob for ``f`` (downloaded or resumed as needed).
+
+        ``have``: a file of a model in the store with the same bytes; the blob becomes a
+        hard link to it (a download only if it vanished meanwhile, say removed).
+        """
         from filelock import FileLock
 
         expected = expected or self.expect(f)
@@ -169,6 +173,9 @@ class _Downloader:
         tracker = tracker or PullTracker("", ())
         # Another pull (another model sharing the blob) may be fetching it: wait for it.
         with FileLock(str(final) + ".lock"):
+            if have is not None and not final.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    link_or_copy(have, final)
             if final.is_file() and (size is None or final.stat().st_size == size):
                 tracker.complete(f.path, reused=True)
                 return final
@@ -466,15 +473,11 @@ def pull(
         log.info("pulling %s@%s as %s: %d files", repo, commit[:12], name, len(chosen))
         tracker = PullTracker(name, [(f.path, exp[0]) for f, exp in plans], on_progress)
         tracker.start(on_disk)
-        sources: list[tuple[RemoteFile, Expected, Path, bool]] = []
+        blobs: list[tuple[RemoteFile, Expected, Path]] = []
         try:
             for f, exp in plans:
                 downloader.check_cancelled()
-                if f.path in reuse:
-                    tracker.complete(f.path, reused=True)
-                    sources.append((f, exp, reuse[f.path], False))
-                else:
-                    sources.append((f, exp, downloader.fetch(f, exp, tracker), True))
+                blobs.append((f, exp, downloader.fetch(f, exp, tracker, have=reuse.get(f.path))))
         except OSError as exc:  # disk full, permissions: not the hub's fault
             raise StoreError(f"cannot write the download under {store.partial_dir}: {exc}") from exc
         downloader.check_cancelled()
@@ -484,18 +487,16 @@ def pull(
             root = staged.resolve()
             files = []
             placed: dict[Path, Path] = {}
-            for f, (_size, algo, digest), source_path, is_blob in sources:
+            for f, (_size, algo, digest), blob in blobs:
                 target = staged / f.path
                 if not target.resolve().is_relative_to(root):
                     raise StoreError(f"file name {f.path!r} escapes the model folder")
                 target.parent.mkdir(parents=True, exist_ok=True)
-                if not is_blob:
-                    link_or_copy(source_path, target)
-                elif source_path.exists():
-                    _link_or_move(source_path, target)
+                if blob.exists():
+                    _link_or_move(blob, target)
                 else:  # identical bytes under two names, and the blob was moved already
-                    shutil.copyfile(placed[source_path], target)
-                placed.setdefault(source_path, target)
+                    shutil.copyfile(placed[blob], target)
+                placed.setdefault(blob, target)
                 sha = digest if algo == "sha256" else _sha256(target)
                 files.append(ModelFile(f.path, target.stat().st_size, sha))
             from nexa.formats import describe_folder
@@ -507,8 +508,7 @@ def pull(
             shutil.rmtree(staged, ignore_errors=True)
             raise
         # Lock files stay: deleting one that another pull waits on would split the lock.
-        for _, _, source_path, is_blob in sources:
-            if is_blob:
-                source_path.unlink(missing_ok=True)
+        for _, _, blob in blobs:
+            blob.unlink(missing_ok=True)
         tracker.finish()
         return installed
