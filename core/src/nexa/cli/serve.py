@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nexa.device import detect_device
     from nexa.manager import ModelManager
     from nexa.registry import BackendRegistry
-    from nexa.types import ChatMessage, ChatRequest, Task
+    from nexa.types import ChatMessage, ChatRequest, Sampling, Task
 
     store, plugins = open_store(args)
     config = ServerConfig(home=Path(args.home) if args.home else None, backend=args.backend,
@@ -112,11 +112,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if line in ("/bye", "/exit", "/quit"):
                     break
                 history.append(ChatMessage("user", line))
-                request = ChatRequest(messages=history, max_tokens=args.max_tokens,
-                                      temperature=args.temperature, seed=args.seed)
+                request = ChatRequest(messages=history, sampling=Sampling(
+                    max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed))
                 answer = []
                 async with manager.acquire(args.model, Task.CHAT) as backend:
-                    async for chunk in backend.stream_chat(request):
+                    async for chunk in backend.stream_answer(request):
                         print(chunk.content, end="", flush=True)
                         answer.append(chunk.content)
                 print(flush=True)
