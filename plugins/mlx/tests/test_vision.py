@@ -67,7 +67,7 @@ def test_a_pulled_mlx_vision_repo_routes_to_mlx_vlm_and_answers(vision_folder, t
     files = {f.name: f.read_bytes() for f in vision_folder.iterdir()}
     store = ModelStore(tmp_path / "home")
     with HubServer({repo: {**files, "README.md": b"# tiny"}}) as hub:
-        manifest = pull(store, repo, progress=False, endpoint=hub.url)
+        manifest = pull(store, repo, endpoint=hub.url)
     assert manifest.format == "mlx" and manifest.tasks == {Task.CHAT, Task.VLM}
     assert {f.path for f in manifest.files} == set(files)
     assert registry().select(Task.VLM, manifest, device) is MlxVisionBackend
