@@ -19,13 +19,14 @@ from typing import Any, ClassVar
 
 import attrs
 
+from nexa import answer
 from nexa.errors import Cancelled, UnsupportedTask
-from nexa.text import StopHoldBack
 from nexa.types import (
     BackendInfo,
     BackendMetric,
     ChatChunk,
     ChatRequest,
+    CompletionRequest,
     Device,
     EmbedRequest,
     EmbedResult,
@@ -33,7 +34,6 @@ from nexa.types import (
     ImageResult,
     Manifest,
     Task,
-    Usage,
 )
 
 
@@ -89,6 +89,16 @@ class Backend:
     ``nexa.text.StopHoldBack``), stopping generation at once and counting tokens exactly.
     False: the server cuts the answer at the first stop string and closes the stream;
     usage then counts one completion token per chunk received."""
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    """Request features the backend honours beyond the basics; the server refuses the others
+    with a 400 naming the field (``nexa.answer``):
+
+    - ``reasoning``: renders its chat template with ``nexa.reasoning.template_kwargs``,
+      splits the thought itself (``ChatChunk.reasoning``, ``Usage.reasoning_tokens``) and
+      honours ``request.reasoning`` (on/off, effort, budget, format). Without it the
+      server splits a ``<think>`` thought off the content and refuses the switches;
+    - ``logprobs``: fills ``ChatChunk.logprobs`` when ``request.logprobs`` is set;
+    - ``logit_bias``: applies ``request.sampling.logit_bias``."""
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -134,6 +144,11 @@ class Backend:
         """Yield the answer piece by piece; the last chunk has ``finish_reason`` and ``usage``."""
         raise UnsupportedTask(f"model {self.manifest.name!r} does not support chat")
 
+    def complete(self, request: CompletionRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        """Continue raw text (``POST /v1/completions``): chunks with ``content`` only, the last
+        with ``finish_reason`` and ``usage``; fill in the middle when ``request.suffix`` is set."""
+        raise UnsupportedTask(f"model {self.manifest.name!r} does not support text completions")
+
     def embed(self, request: EmbedRequest, cancel: CancelToken) -> EmbedResult:
         """Return one L2-normalised vector per input."""
         raise UnsupportedTask(f"model {self.manifest.name!r} is not an embedding model")
@@ -163,13 +178,23 @@ class Backend:
 
     async def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
         """Chunks of the answer; closing the iterator (or cancelling) cancels the work."""
+        async for chunk in self._stream(self.chat, request):
+            yield chunk
+
+    async def stream_completion(self, request: CompletionRequest) -> AsyncIterator[ChatChunk]:
+        """Chunks of a text completion; closing the iterator cancels the work."""
+        async for chunk in self._stream(self.complete, request):
+            yield chunk
+
+    async def _stream(self, method: Any, request: Any) -> AsyncIterator[ChatChunk]:
+        """``method``'s chunks, produced on a worker thread."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = CancelToken()
 
         def produce() -> None:
             try:
-                for chunk in self.chat(request, cancel):
+                for chunk in method(request, cancel):
                     loop.call_soon_threadsafe(queue.put_nowait, ("chunk", chunk))
                     if cancel.cancelled:
                         break
@@ -196,34 +221,32 @@ class Backend:
             await asyncio.shield(done)
 
     async def stream_answer(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
-        """What the server streams for a chat: ``stream_chat``, cut at the first stop string
-        when the backend does not stop natively (``stops_natively``). Not for overriding."""
-        stops = request.sampling.stop
-        if self.stops_natively or not stops:
-            async for chunk in self.stream_chat(request):
-                yield chunk
-            return
-        holdback = StopHoldBack(stops)
-        produced = 0
-        prompt_tokens = 0
+        """What the server streams for a chat: ``stream_chat`` through the stages the backend
+        does not run itself (``nexa.answer``). Not for overriding."""
+        answer.refuse_missing(self.name, self.capabilities, logprobs=request.logprobs, sampling=request.sampling)
         chunks = self.stream_chat(request)
+        if "reasoning" not in self.capabilities:
+            chunks = answer.split_reasoning(chunks, request.reasoning)
+        if not self.stops_natively and request.sampling.stop:
+            chunks = answer.cut_at_stops(chunks, request.sampling.stop)
+        if not request.parallel_tool_calls:
+            chunks = answer.one_tool_call(chunks)
         try:
             async for chunk in chunks:
-                if chunk.usage is not None:
-                    prompt_tokens = chunk.usage.prompt_tokens
-                if chunk.content or chunk.reasoning or chunk.tool_calls:
-                    produced += 1
-                text = holdback.feed(chunk.content) if chunk.content else ""
-                if holdback.stopped:
-                    if text or chunk.reasoning or chunk.tool_calls:
-                        yield ChatChunk(content=text, reasoning=chunk.reasoning, tool_calls=chunk.tool_calls)
-                    # Closing the stream cancels the rest of the generation.
-                    yield ChatChunk(finish_reason="stop", usage=Usage(prompt_tokens, produced))
-                    return
-                if chunk.finish_reason is not None:
-                    text += holdback.flush()
-                if text or chunk.reasoning or chunk.tool_calls or chunk.finish_reason is not None or chunk.usage is not None:
-                    yield attrs.evolve(chunk, content=text)
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    async def stream_completion_answer(self, request: CompletionRequest) -> AsyncIterator[ChatChunk]:
+        """What the server streams for a text completion: ``stream_completion``, cut at stop
+        strings when the backend does not stop natively. Not for overriding."""
+        answer.refuse_missing(self.name, self.capabilities, logprobs=request.logprobs, sampling=request.sampling)
+        chunks = self.stream_completion(request)
+        if not self.stops_natively and request.sampling.stop:
+            chunks = answer.cut_at_stops(chunks, request.sampling.stop)
+        try:
+            async for chunk in chunks:
+                yield chunk
         finally:
             await chunks.aclose()
 

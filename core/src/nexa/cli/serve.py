@@ -44,7 +44,15 @@ def server_config(args: argparse.Namespace):
         max_loaded=args.max_loaded,
         memory_budget=int(args.memory_budget * (1 << 30)) if args.memory_budget else None,
         shutdown_timeout=args.shutdown_timeout,
+        reasoning_format=args.reasoning_format,
+        reasoning_budget=_budget(args.reasoning_budget),
     )
+
+
+def _budget(value: int) -> int:
+    if value < -1:
+        raise SystemExit(f"--reasoning-budget must be -1 (unlimited), 0 (no thinking) or more; got {value}")
+    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -156,6 +164,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--media-dir", action="append", help="folder local image paths may come from (repeatable)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--reasoning-format", choices=["separate", "inline", "hidden"], default="separate",
+                   help="a thinking model's reasoning: in reasoning_content (separate), left in content "
+                        "(inline) or dropped (hidden); a request's reasoning_format overrides it")
+    p.add_argument("--reasoning-budget", type=int, default=-1,
+                   help="thinking tokens before the thought is closed (-1: unlimited, 0: no thinking); "
+                        "a request's switches override it")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
 

@@ -80,6 +80,11 @@ class Message(msgspec.Struct, kw_only=True):
     name: str | None = None
     tool_calls: list[ToolCallWire] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCall | None = None
+    """An assistant turn's call in the deprecated ``functions`` style."""
+    reasoning_content: str | None = None
+    """An earlier assistant turn's reasoning, sent back; the chat template decides
+    whether it belongs in the prompt."""
 
 
 class FunctionDef(msgspec.Struct, kw_only=True):
@@ -117,6 +122,21 @@ class ResponseFormat(msgspec.Struct, kw_only=True):
 
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
+    include_obfuscation: bool | None = None
+    """Accepted and ignored: a loopback server has no side channel to pad against."""
+
+
+# The unknown-field policy (docs/reasoning.md), one rule for every route: fields outside
+# OpenAI's spec are ignored, as clients send vendor extensions (msgspec drops unknown
+# fields); the OpenAI fields below marked "accepted and ignored" change nothing here; the
+# ones marked "400 unless default" are refused when set (``nexa.server.chat_options``);
+# every other field is honoured.
+LogitBias = Annotated[
+    dict[Annotated[str, Meta(pattern=r"^[0-9]{1,9}$")], Annotated[float, Meta(ge=-100.0, le=100.0)]],
+    Meta(max_length=1024),
+]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+Effort3 = Literal["low", "medium", "high"]
 
 
 class ChatCompletionRequest(msgspec.Struct, kw_only=True):
@@ -139,28 +159,89 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    functions: Annotated[list[FunctionDef], Meta(min_length=1, max_length=128)] | None = None
+    """Deprecated form of ``tools``; the answer then carries ``function_call``."""
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
+    """Deprecated form of ``tool_choice``."""
     response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20), MIN0] | None = None
+    logit_bias: LogitBias | None = None
+    # Thinking models (docs/reasoning.md): OpenAI's switch, vLLM's and llama.cpp's
+    # template variables, Ollama's, and nexa's own format and budget.
+    reasoning_effort: ReasoningEffort | None = None
+    chat_template_kwargs: Annotated[dict[str, Any], Meta(max_length=64)] | None = None
+    think: bool | Effort3 | None = None
+    reasoning_format: Literal["separate", "inline", "hidden"] | None = None
+    reasoning_budget: Annotated[int, Meta(ge=-1, le=_CAPS.max_tokens_cap)] | None = None
     n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
+    # 400 unless default.
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    # Accepted and ignored.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class TopLogprob(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobWire(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct, kw_only=True):
+    content: list[TokenLogprobWire] | None
+    refusal: list[TokenLogprobWire] | None = None
 
 
 class ChoiceMessage(msgspec.Struct, kw_only=True):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | UnsetType = UNSET
+    """The model's reasoning (thinking models, format ``separate``); absent when none."""
     tool_calls: list[ToolCallWire] | None = None
+    function_call: FunctionCall | UnsetType = UNSET
+    """The call, when the request used the deprecated ``functions``."""
 
 
 class Choice(msgspec.Struct, kw_only=True):
     index: int
     message: ChoiceMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class CompletionTokensDetails(msgspec.Struct, kw_only=True):
+    reasoning_tokens: int = 0
+    """Of ``completion_tokens``, those spent thinking."""
+
+
+class PromptTokensDetails(msgspec.Struct, kw_only=True):
+    cached_tokens: int = 0
 
 
 class UsageWire(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
+    """Every generated token, reasoning included."""
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | UnsetType = UNSET
+    prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
 
 
 class ChatCompletion(msgspec.Struct, kw_only=True):
@@ -183,6 +264,11 @@ class FunctionCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     arguments: str = ""
 
 
+class FunctionCallDeltaLegacy(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
+
+
 class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     index: int
     id: str | UnsetType = UNSET
@@ -193,14 +279,16 @@ class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
 class ChunkDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: Literal["assistant"] | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    reasoning_content: str | UnsetType = UNSET
     tool_calls: list[ToolCallDelta] | UnsetType = UNSET
+    function_call: FunctionCallDeltaLegacy | UnsetType = UNSET
 
 
 class ChunkChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     delta: ChunkDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, kw_only=True):
@@ -210,6 +298,65 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
     model: str
     choices: list[ChunkChoice]
     usage: UsageWire | None | UnsetType = UNSET
+
+
+# --- legacy text completions -------------------------------------------------------
+
+
+CompletionPromptItem = str | Annotated[int, Meta(ge=0), MIN0] | Annotated[list[Annotated[int, Meta(ge=0)]], Meta(min_length=1)]
+
+
+class CompletionRequest(msgspec.Struct, kw_only=True):
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    # A string, a list of strings, a token array, or a list of token arrays (``convert``
+    # refuses mixed lists: msgspec allows one array type per union).
+    prompt: str | Annotated[list[CompletionPromptItem], Meta(min_length=1, max_length=16)]
+    suffix: str | None = None
+    max_tokens: MaxTokens | None = 16
+    temperature: Temperature | None = None
+    top_p: Float01 | None = None
+    top_k: Annotated[int, Meta(ge=0), MIN0] | None = None
+    min_p: Float01 | None = None
+    seed: Seed | None = None
+    stop: str | Annotated[list[str], Meta(max_length=16), MAX16] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repeat_penalty: Annotated[float, Meta(ge=0.0, le=10.0), MIN0] | None = None
+    repetition_penalty: Annotated[float, Meta(ge=0.0, le=10.0), MIN0] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    logprobs: Annotated[int, Meta(ge=0, le=5), MIN0] | None = None
+    logit_bias: LogitBias | None = None
+    n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
+    best_of: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] | None = None
+    user: str | None = None
+
+
+class CompletionLogprobs(msgspec.Struct, kw_only=True):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(msgspec.Struct, kw_only=True):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class TextCompletion(msgspec.Struct, kw_only=True):
+    """A completion, whole or (with ``stream: true``) one event of it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageWire | None | UnsetType = UNSET
+    system_fingerprint: str | None = None
 
 
 # --- embeddings ---------------------------------------------------------------------

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from nexa.server.routes.chat import ChatController
+from nexa.server.routes.completions import CompletionsController
 from nexa.server.routes.embeddings import EmbeddingsController
 from nexa.server.routes.images import ImagesController
 from nexa.server.routes.models import ModelsController, health, metrics_endpoint, plugins_report
 
 ROUTES = [
     ChatController,
+    CompletionsController,
     EmbeddingsController,
     ImagesController,
     ModelsController,
