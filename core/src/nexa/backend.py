@@ -178,15 +178,15 @@ class Backend:
 
     async def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
         """Chunks of the answer; closing the iterator (or cancelling) cancels the work."""
-        async for chunk in self._stream(self.chat, request):
+        async for chunk in self._stream_on_worker(self.chat, request):
             yield chunk
 
     async def stream_completion(self, request: CompletionRequest) -> AsyncIterator[ChatChunk]:
         """Chunks of a text completion; closing the iterator cancels the work."""
-        async for chunk in self._stream(self.complete, request):
+        async for chunk in self._stream_on_worker(self.complete, request):
             yield chunk
 
-    async def _stream(self, method: Any, request: Any) -> AsyncIterator[ChatChunk]:
+    async def _stream_on_worker(self, method: Any, request: Any) -> AsyncIterator[ChatChunk]:
         """``method``'s chunks, produced on a worker thread."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()

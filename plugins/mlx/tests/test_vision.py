@@ -343,10 +343,9 @@ def test_tools_reach_the_template_and_tool_calls_are_parsed(tool_vision_backend)
     none = ChatRequest.create(look(RED), tools=[WEATHER], tool_choice="none")
     assert "get_weather" not in model.prompt_text(none, model._tools(none))
     # A model's tool-call span becomes a tool call; text that isn't one stays content.
-    parser = AnswerParser(tool_start="<tool_call>", tool_end="</tool_call>")
-    said = 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
-    events = parser.feed(said) + parser.finish()
-    chunks = list(model._chunks(events, model._tool_module.parse_tool_call, [WEATHER]))
+    text = 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    loop = model.answer_loop(request, CancelToken(), 0, "before", model._tools(request))
+    chunks = list(loop._chunks("", text, AnswerParser(tool_start="<tool_call>", tool_end="</tool_call>"), final=True))
     assert chunks[0].content == "Checking."
     (call,) = chunks[1].tool_calls
     assert call.name == "get_weather" and call.arguments == '{"city": "Oslo"}'

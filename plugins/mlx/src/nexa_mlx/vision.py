@@ -22,8 +22,10 @@ from typing import Any, ClassVar
 
 from nexa.backend import CancelToken
 from nexa.errors import BadRequest, ModelLoadError
+from nexa.reasoning import Position, empty_thought, prompt_position, template_kwargs
 from nexa.text import template_message
-from nexa.types import ChatChunk, ChatMessage, ChatRequest, Device, ImagePart, Manifest, Task
+from nexa.types import ChatChunk, ChatMessage, ChatRequest, Device, ImagePart, Manifest, Sampling, Task
+from nexa_mlx.answer import AnswerLoop, ThoughtCloser
 from nexa_mlx.backend import (
     APPLE_SILICON,
     PENALTY_WINDOW,
@@ -89,6 +91,7 @@ class MlxVisionBackend(MlxBackend):
                 f"cannot load MLX vision model {self.manifest.name!r}: {type(exc).__name__}: {exc}"
             ) from exc
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.think_format = self.find_think_format()
         # The tool-call format follows the chat template (Hermes <tool_call>, Mistral, ...).
         with contextlib.suppress(Exception):
             name = _infer_tool_parser_from_processor(self.processor)
@@ -109,11 +112,33 @@ class MlxVisionBackend(MlxBackend):
 
     def prompt_text(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> str:
         """The rendered prompt: the model's template, one image marker per image part."""
+        return self.chat_prompt_text(request, tools)[0]
+
+    def chat_prompt_text(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> tuple[str, Position]:
+        """The rendered prompt (thinking closed at once when switched off) and where it
+        leaves the model's thought."""
+        prompt = self._render(request, tools)
+        fmt = self.think_format
+        if fmt is None:
+            return prompt, "before"
+        position = prompt_position(fmt, prompt)
+        if request.reasoning.off and position != "closed":
+            prompt += empty_thought(fmt, position)
+            position = "closed"
+        return prompt, position
+
+    def _render(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> str:
         from mlx_vlm.prompt_utils import apply_chat_template
 
         messages = [_vision_message(m) for m in request.messages]
         images = sum(len(m.images) for m in request.messages)
-        kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+        kwargs: dict[str, Any] = template_kwargs(request)
+        if self.think_format is not None:
+            # mlx-vlm switches thinking off unless told; a thinking template's own
+            # default is on, as mlx-lm leaves it.
+            kwargs.setdefault("enable_thinking", True)
+        if tools:
+            kwargs["tools"] = tools
         try:
             prompt = apply_chat_template(
                 self.processor, self.model.config, messages, num_images=images, **kwargs
@@ -130,7 +155,8 @@ class MlxVisionBackend(MlxBackend):
             prompt = prompt.get("content", "")
         return prompt if isinstance(prompt, str) else str(prompt)
 
-    def model_inputs(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> dict[str, Any]:
+    def model_inputs(self, request: ChatRequest, tools: list[Mapping[str, Any]],
+                     prompt: str | None = None) -> dict[str, Any]:
         """Token ids, pixel values and the model's extra inputs (e.g. image grid sizes)."""
         from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
 
@@ -140,7 +166,7 @@ class MlxVisionBackend(MlxBackend):
             return dict(prepare_inputs(
                 self.processor,
                 images=images or None,
-                prompts=self.prompt_text(request, tools),
+                prompts=prompt if prompt is not None else self.prompt_text(request, tools),
                 image_token_index=getattr(config, "image_token_index", None)
                 or getattr(config, "image_token_id", None),
                 add_special_tokens=should_add_special_tokens(config.model_type, self.processor),
@@ -165,20 +191,41 @@ class MlxVisionBackend(MlxBackend):
                     f"images are accepted in user messages only, not in a {message.role!r} message",
                     param="messages",
                 )
+        tools = self._tools(request)
+        prompt, position = self.chat_prompt_text(request, tools)
+        inputs = self.model_inputs(request, tools, prompt)
+        loop = self.answer_loop(request, cancel, int(inputs["input_ids"].size), position, tools)
+        yield from self.generate(inputs, request.sampling, cancel, loop, self.thought_closer(request, position))
 
-        from mlx_vlm.generate import generate_step, generation_stream, wired_limit
+    def new_detokenizer(self) -> Any:
         from mlx_vlm.tokenizer_utils import make_streaming_detokenizer
 
-        tools = self._tools(request)
-        inputs = self.model_inputs(request, tools)
+        return make_streaming_detokenizer(self.processor)
+
+    def is_eos(self, token: int) -> bool:
+        return bool(self.tokenizer.stopping_criteria(token))
+
+    def tool_parser(self) -> Any:
+        return self._tool_module.parse_tool_call if self._tool_module is not None else None
+
+    def generate(self, inputs: dict[str, Any], sampling: Sampling, cancel: CancelToken, loop: AnswerLoop,
+                 closer: ThoughtCloser | None) -> Iterator[ChatChunk]:
+        """Run mlx-vlm's generation on the prepared inputs through ``loop``."""
+        import mlx.core as mx
+        from mlx_vlm.generate import generate_step, generation_stream, wired_limit
+
+        inputs = dict(inputs)
         input_ids = inputs.pop("input_ids")
+        if not isinstance(input_ids, mx.array):
+            input_ids = mx.array([input_ids])
         pixel_values = inputs.pop("pixel_values", None)
         mask = inputs.pop("attention_mask", None)
         prompt_tokens = int(input_ids.size)
-        max_tokens = self.token_budget(request, prompt_tokens)
+        max_tokens = self.token_budget(sampling, prompt_tokens)
+        bias = self.check_bias(sampling)
         cancel.raise_if_cancelled()
-        sampler = seeded_sampler(request)
-        repeat = request.sampling.repeat_penalty if request.sampling.repeat_penalty != 1.0 else None
+        sampler = seeded_sampler(sampling)
+        repeat = sampling.repeat_penalty if sampling.repeat_penalty != 1.0 else None
 
         step = self.prefill_step_size
 
@@ -193,32 +240,23 @@ class MlxVisionBackend(MlxBackend):
             pixel_values,
             mask,
             max_tokens=max_tokens,
-            temperature=max(float(request.sampling.temperature), 0.0),
+            temperature=max(float(sampling.temperature), 0.0),
             sampler=sampler,
             repetition_penalty=repeat,
             repetition_context_size=PENALTY_WINDOW,
-            presence_penalty=request.sampling.presence_penalty or None,
+            presence_penalty=sampling.presence_penalty or None,
             presence_context_size=PENALTY_WINDOW,
-            frequency_penalty=request.sampling.frequency_penalty or None,
+            frequency_penalty=sampling.frequency_penalty or None,
             frequency_context_size=PENALTY_WINDOW,
+            logit_bias=bias,
+            logits_processors=[closer] if closer is not None else None,
             prefill_step_size=step,
             prompt_cache_checkpoint=check_prefill,
             prompt_cache_checkpoint_lengths=list(range(step, prompt_tokens, step)),
             **inputs,
         )
-        tokenizer = self.tokenizer
-        module = self._tool_module if tools else None
         with wired_limit(self.model, [generation_stream]), contextlib.closing(steps):
-            yield from self.answer(
-                (int(token) for token, _logprobs in steps),
-                request=request,
-                cancel=cancel,
-                prompt_tokens=prompt_tokens,
-                is_eos=tokenizer.stopping_criteria,
-                detokenizer=make_streaming_detokenizer(self.processor),
-                tools=tools,
-                tool_parser=module.parse_tool_call if module is not None else None,
-            )
+            yield from loop.run((int(token), logprobs) for token, logprobs in steps)
 
 
 # --- helpers --------------------------------------------------------------------------
