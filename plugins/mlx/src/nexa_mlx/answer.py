@@ -21,8 +21,9 @@ import attrs
 
 from nexa.backend import CancelToken
 from nexa.reasoning import ReasoningSplitter, ThinkingBudget
+from nexa.toolcalls import JsonCallStream
 from nexa.types import ChatChunk, Reasoning, TokenLogprob, ToolCall, Usage
-from nexa_mlx.text import AnswerParser, Stop, Text, ToolSpan
+from nexa_mlx.text import AnswerParser, Stop, Text, ToolSpan, ToolText
 
 # JSON has no -inf: a token the logits processors ruled out gets OpenAI's floor instead.
 LOGPROB_FLOOR = -9999.0
@@ -45,6 +46,7 @@ class AnswerLoop:
     tool_parser: Any = None
     tools: list[Mapping[str, Any]] = attrs.field(factory=list)
     logprobs: int | None = None
+    _call: JsonCallStream | None = None
 
     def run(self, steps: Iterator[tuple[int, Any]]) -> Iterator[ChatChunk]:
         start, end = self.tool_markers
@@ -52,6 +54,7 @@ class AnswerLoop:
             self.stops,
             tool_start=start if self.tool_parser else None,
             tool_end=end if self.tool_parser else None,
+            stream_tools=True,
         )
         records: list[TokenLogprob] = []  # answer tokens not yet sent with a chunk
         undecided: list[TokenLogprob] = []  # tokens before the output showed whether it thinks
@@ -116,7 +119,17 @@ class AnswerLoop:
         for event in events:
             if isinstance(event, Text) and event.text:
                 yield ChatChunk(content=event.text)
+            elif isinstance(event, ToolText):
+                # A JSON call is streamed as it is written: its name, then its arguments.
+                if self._call is None:
+                    self._call = JsonCallStream(_names(self.tools))
+                pieces = self._call.feed(event.text)
+                if pieces:
+                    yield ChatChunk(tool_calls=tuple(pieces))
             elif isinstance(event, ToolSpan):
+                call, self._call = self._call, None
+                if call is not None and call.streamed:
+                    continue
                 calls = parse_tool_calls(self.tool_parser, event.text, self.tools)
                 if calls:
                     yield ChatChunk(tool_calls=calls)
@@ -141,6 +154,10 @@ class AnswerLoop:
             ranked = sorted(zip(best.tolist(), values, strict=True), key=lambda p: -p[1])
             top = tuple((self.token_text(int(i)), _finite(v)) for i, v in ranked)
         return TokenLogprob(self.token_text(token), _finite(vector[token].item()), top)
+
+
+def _names(tools: list[Mapping[str, Any]]) -> list[str]:
+    return [str((t.get("function") or {}).get("name")) for t in tools]
 
 
 def _finite(value: float) -> float:

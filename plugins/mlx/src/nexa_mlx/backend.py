@@ -277,7 +277,7 @@ class MlxBackend(Backend):
             raise ModelLoadError(f"model {self.manifest.name!r} is not loaded")
         prompt = self.completion_prompt(request)
         loop = AnswerLoop(cancel=cancel, prompt_tokens=len(prompt), is_eos=self.is_eos,
-                          detokenizer=self.new_detokenizer(), token_text=self.token_text,
+                          detokenizer=keep_leading_space(self.new_detokenizer()), token_text=self.token_text,
                           stops=request.sampling.stop, logprobs=request.logprobs)
         yield from self.generate({"input_ids": prompt}, request.sampling, cancel, loop, None)
 
@@ -436,6 +436,22 @@ def check_request(request: ChatRequest) -> None:
             "(it has no constrained decoding)",
             param="response_format",
         )
+
+
+def keep_leading_space(detokenizer: Any) -> Any:
+    """``detokenizer``, made to keep a space at the start of the output.
+
+    mlx-lm's streaming detokenizers drop it (right for a chat answer); a completion
+    continues the client's text, where that space belongs (``x =`` -> `` 1``). The BPE
+    one drops it only while its text is empty, so it is started with a character that
+    ``last_segment`` never shows.
+    """
+    if hasattr(detokenizer, "trim_space"):
+        detokenizer.trim_space = False
+    elif hasattr(detokenizer, "_maybe_trim_space"):
+        detokenizer.text = "\x00"
+        detokenizer.offset = 1
+    return detokenizer
 
 
 def seeded_sampler(sampling: Sampling) -> Callable[[Any], Any]:
