@@ -119,6 +119,21 @@ def ground(case) -> None:
             body["tool_choice"] = "auto"
     elif choice == "required" and not tools:
         body["tool_choice"] = "auto"
+    # The deprecated functions: not beside tools; function_call only with them, naming one.
+    functions = body.get("functions")
+    if functions and "tools" in body:
+        del body["functions"]
+        functions = None
+    call = body.get("function_call")
+    if call is not None and not functions:
+        del body["function_call"]
+    elif isinstance(call, dict):
+        call["name"] = functions[0]["name"]
+    # The echo double declares no capabilities: these fields are refused with a 400 by
+    # design (core/tests/test_chat_api.py checks it), so valid bodies go without them.
+    for field in ("logprobs", "top_logprobs", "logit_bias", "reasoning_effort", "think", "chat_template_kwargs",
+                  "reasoning_budget", "suffix"):
+        body.pop(field, None)
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         spec = fmt.get("json_schema") or {}

@@ -96,7 +96,11 @@ def create_app(
     cors = CORSConfig(allow_origins=list(config.origins), allow_headers=["*"]) if config.origins else None
     return Litestar(
         route_handlers=ROUTES,
-        dependencies={name: _provide(value) for name, value in resources.items()},
+        # A handler parameter may not share its name with a request body field: Litestar
+        # reports a bad value of such a field ("store", an OpenAI chat field) as a failed
+        # dependency, a 500. Hence ``model_store``.
+        dependencies={("model_store" if name == "store" else name): _provide(value)
+                      for name, value in resources.items()},
         # Also on app.state, for tests and tools that inspect a running server.
         state=State(resources),
         lifespan=[lifespan],

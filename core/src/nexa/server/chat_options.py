@@ -1,5 +1,7 @@
-"""The chat fields beyond messages and sampling, resolved at the edge: the unknown-field
-policy's refusals, the reasoning switches, log-probabilities and the logit bias.
+"""The chat fields beyond messages and sampling, resolved at the edge: the reasoning
+switches, log-probabilities and the logit bias. (The unknown-field policy's refusals are
+in the schema: ``n``, ``audio``, ``modalities``, ``prediction``, ``web_search_options``
+admit only their defaults.)
 
 Reasoning switches, most specific last: the server's ``--reasoning-format`` and
 ``--reasoning-budget``; then a request's ``reasoning_effort`` (OpenAI: ``none`` off, any
@@ -23,19 +25,6 @@ from nexa.types import REASONING_EFFORTS, Reasoning
 # Template variables the reasoning switches own: read into ``Reasoning`` and handed back
 # to the template by ``nexa.reasoning.template_kwargs``.
 _SWITCH_KWARGS = ("enable_thinking", "thinking", "reasoning_effort")
-
-
-def refuse_unsupported(body: wire.ChatCompletionRequest) -> None:
-    """The OpenAI fields this server can't honour are a 400 when set to anything but their
-    default (``n`` is bounded by the schema)."""
-    if body.audio is not None:
-        raise BadRequest("audio output is not supported", param="audio")
-    if body.modalities is not None and list(body.modalities) != ["text"]:
-        raise BadRequest('only modalities ["text"] is supported', param="modalities")
-    if body.prediction is not None:
-        raise BadRequest("predicted outputs are not supported", param="prediction")
-    if body.web_search_options is not None:
-        raise BadRequest("web search is not supported", param="web_search_options")
 
 
 def reasoning(body: wire.ChatCompletionRequest, config: ServerConfig) -> Reasoning:
@@ -132,4 +121,4 @@ def logit_bias(raw: Mapping[str, float] | None) -> dict[int, float]:
     return {int(k): float(v) for k, v in (raw or {}).items()}
 
 
-__all__ = ["logit_bias", "logprobs", "reasoning", "refuse_for_backend", "refuse_unsupported", "template_kwargs"]
+__all__ = ["logit_bias", "logprobs", "reasoning", "refuse_for_backend", "template_kwargs"]

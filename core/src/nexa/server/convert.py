@@ -34,7 +34,6 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
     """The task request for a chat body; fetches images (blocking: call off the loop)."""
     if body.n != 1:
         raise BadRequest("only n=1 is supported for chat completions", param="n")
-    chat_options.refuse_unsupported(body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     image_count = 0
     messages: list[ChatMessage] = []

@@ -175,11 +175,12 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     reasoning_format: Literal["separate", "inline", "hidden"] | None = None
     reasoning_budget: Annotated[int, Meta(ge=-1, le=_CAPS.max_tokens_cap)] | None = None
     n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
-    # 400 unless default.
-    audio: dict[str, Any] | None = None
-    modalities: list[str] | None = None
-    prediction: dict[str, Any] | None = None
-    web_search_options: dict[str, Any] | None = None
+    # 400 unless default: the schema admits only the default, so the document says so.
+    audio: Annotated[None, Meta(description="audio output is not supported (null only)")] = None
+    modalities: Annotated[list[Literal["text"]], Meta(min_length=1, max_length=1,
+                                                      description='only ["text"]')] | None = None
+    prediction: Annotated[None, Meta(description="predicted outputs are not supported (null only)")] = None
+    web_search_options: Annotated[None, Meta(description="web search is not supported (null only)")] = None
     # Accepted and ignored.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -261,7 +262,7 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
 
 class FunctionCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: str | UnsetType = UNSET
-    arguments: str = ""
+    arguments: str | UnsetType = UNSET
 
 
 class FunctionCallDeltaLegacy(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -303,14 +304,28 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
 # --- legacy text completions -------------------------------------------------------
 
 
+_EXCLUSIVE0 = KwargDefinition(schema_extra=_SchemaExtra(exclusive_minimum=0))
 CompletionPromptItem = str | Annotated[int, Meta(ge=0), MIN0] | Annotated[list[Annotated[int, Meta(ge=0)]], Meta(min_length=1)]
+# As for embeddings' input: the four real shapes, stated for the document.
+_PROMPT_TOKENS = Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.INTEGER, minimum=0), min_items=1)
+_PROMPT = KwargDefinition(
+    schema_extra={
+        "one_of": [
+            Schema(type=OpenAPIType.STRING),
+            Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.STRING), min_items=1, max_items=16),
+            _PROMPT_TOKENS,
+            Schema(type=OpenAPIType.ARRAY, items=_PROMPT_TOKENS, min_items=1, max_items=16),
+        ],
+        "type": None,
+    }
+)
 
 
 class CompletionRequest(msgspec.Struct, kw_only=True):
     model: Annotated[str, Meta(min_length=1, max_length=256)]
     # A string, a list of strings, a token array, or a list of token arrays (``convert``
     # refuses mixed lists: msgspec allows one array type per union).
-    prompt: str | Annotated[list[CompletionPromptItem], Meta(min_length=1, max_length=16)]
+    prompt: Annotated[str | Annotated[list[CompletionPromptItem], Meta(min_length=1, max_length=16)], _PROMPT]
     suffix: str | None = None
     max_tokens: MaxTokens | None = 16
     temperature: Temperature | None = None
@@ -321,8 +336,9 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     stop: str | Annotated[list[str], Meta(max_length=16), MAX16] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repeat_penalty: Annotated[float, Meta(ge=0.0, le=10.0), MIN0] | None = None
-    repetition_penalty: Annotated[float, Meta(ge=0.0, le=10.0), MIN0] | None = None
+    # Multiplicative: 0 would divide by zero (see ``convert``).
+    repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0), _EXCLUSIVE0] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0), _EXCLUSIVE0] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False

@@ -84,7 +84,7 @@ class ChatController(Controller):
         manager: Manager,
         config: Config,
         metrics: MetricsDep,
-    ) -> wire.ChatCompletion | EventStream:
+    ) -> wire.ChatCompletion | wire.ChatCompletionChunk | EventStream:
         if any(isinstance(m.content, list) for m in data.messages):
             chat = await asyncio.to_thread(convert.chat_request, data, config)
         else:
