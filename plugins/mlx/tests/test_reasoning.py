@@ -379,3 +379,26 @@ def test_client_text_is_never_read_as_control_tokens(client, server):
     think = Tokenizer.from_file(str(server.store.get(THINKER).root / "tokenizer.json")).token_to_id("<think>")
     by_id = client.completions.create(model=THINKER, prompt=[think], max_tokens=1)
     assert (by_id.choices[0].text, by_id.usage.prompt_tokens) == (" hello", 1)
+
+
+def test_langchain_gets_answers_without_the_thought(server):
+    """LangChain's ChatOpenAI does not read reasoning_content: its content must hold the
+    answer alone."""
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(model=THINKER, base_url=server.base_url + "/v1", api_key="unused", max_tokens=32,
+                      max_retries=0)
+    assert chat.invoke("Hello world").content == "paris"
+    assert "".join(chunk.content for chunk in chat.stream("Hello world")) == "paris"
+
+
+def test_nexa_run_shows_the_thought_then_the_answer(server):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "nexa.cli", "--home", str(server.store.home), "run", THINKER, "--backend", "mlx",
+         "--device", DEVICE, "--temperature", "0"],
+        input="Hello world\n", capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert done.stdout.splitlines()[:2] == ["hello world", "paris"]

@@ -123,11 +123,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                 request = ChatRequest(messages=history, sampling=Sampling(
                     max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed))
                 answer = []
+                thinking = False
                 async with manager.acquire(args.model, Task.CHAT) as backend:
                     async for chunk in backend.stream_answer(request):
-                        print(chunk.content, end="", flush=True)
-                        answer.append(chunk.content)
-                print(flush=True)
+                        if chunk.reasoning:
+                            # A thinking model's thought, dimmed on a terminal, before the answer.
+                            if not thinking and interactive:
+                                print("\033[2m", end="")
+                            thinking = True
+                            print(chunk.reasoning, end="", flush=True)
+                        if chunk.content:
+                            if thinking:
+                                print("\033[0m\n" if interactive else "\n", end="")
+                                thinking = False
+                            print(chunk.content, end="", flush=True)
+                            answer.append(chunk.content)
+                print("\033[0m" if thinking and interactive else "", flush=True)
                 history.append(ChatMessage("assistant", "".join(answer)))
         finally:
             await manager.shutdown()
