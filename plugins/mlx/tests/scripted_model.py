@@ -16,10 +16,10 @@ the thought.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from tiny_model import CORPUS
+import tiny_model
+from tiny_model import CORPUS, SPECIAL_TOKENS
 
 QWEN3_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
@@ -88,7 +88,6 @@ R1_TEMPLATE = r"""{%- for message in messages %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n<think>\n' }}{%- endif %}"""
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Added (not special) tokens, as in Qwen3's vocabulary: they show in decoded text.
 ADDED_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 # Qwen2.5-Coder's fill-in-the-middle tokens, for models that have them.
@@ -102,39 +101,11 @@ R1_OPEN = "<think>\n"
 
 
 def write_tokenizer(folder: Path, template: str, extra_tokens: list[str], vocab_size: int) -> None:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    # Blank lines in the corpus, so that "\n\n" is one token (as in Qwen's vocabulary).
+    # Blank lines and the scripts' words in the corpus, so that "\n\n", " hello",
+    # " paris"... are one token each (as in Qwen's vocabulary).
     corpus = CORPUS + ["hello world\n\nparis is the answer\n\nI think so, say hello world to paris\n\n"] * 40
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    added = ADDED_TOKENS + list(extra_tokens)
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
-    tokenizer.save(str(folder / "tokenizer.json"))
-    decoder = {
-        str(tokenizer.token_to_id(t)): {"content": t, "special": t in SPECIAL_TOKENS, "lstrip": False,
-                                        "rstrip": False, "normalized": False, "single_word": False}
-        for t in SPECIAL_TOKENS + added
-    }
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": END,
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "model_max_length": 512,
-        "chat_template": template,
-        "added_tokens_decoder": decoder,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    tiny_model.write_tokenizer(folder, vocab_size, SPECIAL_TOKENS, corpus=corpus,
+                               added_tokens=ADDED_TOKENS + list(extra_tokens), template=template)
 
 
 def write_model(

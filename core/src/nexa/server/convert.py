@@ -148,19 +148,7 @@ def completion_requests(body: wire.CompletionRequest, config: ServerConfig) -> l
         raise BadRequest("echo with logprobs is not supported", param="echo")
     if body.echo and body.suffix is not None:
         raise BadRequest("echo with suffix is not supported", param="echo")
-    raw = body.prompt
-    prompts: list[str | tuple[int, ...]]
-    if isinstance(raw, str):
-        prompts = [raw]
-    elif all(isinstance(x, str) for x in raw):
-        prompts = list(raw)  # type: ignore[arg-type]
-    elif all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
-        prompts = [tuple(raw)]  # type: ignore[arg-type]
-    elif all(isinstance(x, list) for x in raw):
-        prompts = [tuple(x) for x in raw]  # type: ignore[union-attr]
-    else:
-        raise BadRequest("prompt must be a string, a list of strings, a token array or a list of token arrays",
-                         param="prompt")
+    prompts = texts_or_tokens(body.prompt, "prompt")
     if body.suffix is not None and any(not isinstance(p, str) for p in prompts):
         raise BadRequest("suffix needs a text prompt", param="suffix")
     sampling = _sampling(body, config, body.max_tokens)
@@ -201,24 +189,26 @@ def _repeat_penalty(body: wire.ChatCompletionRequest | wire.CompletionRequest) -
     return value
 
 
-def embed_request(body: wire.EmbeddingRequest, config: ServerConfig) -> EmbedRequest:
-    raw = body.input
-    inputs: list[str | tuple[int, ...]]
+def texts_or_tokens(raw: object, param: str) -> list[str | tuple[int, ...]]:
+    """OpenAI's four shapes of ``input``/``prompt`` (msgspec decodes one list type, so a
+    mixed list gets here): a string, strings, a token array, token arrays."""
     if isinstance(raw, str):
-        inputs = [raw]
-    elif all(isinstance(x, str) for x in raw):
-        inputs = list(raw)  # type: ignore[arg-type]
-    elif all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
-        inputs = [tuple(raw)]  # type: ignore[arg-type]
-    elif all(isinstance(x, list) for x in raw):
-        inputs = [tuple(x) for x in raw]  # type: ignore[union-attr]
-        if any(not x for x in inputs):
-            raise BadRequest("token arrays must not be empty", param="input")
-    else:
-        raise BadRequest(
-            "input must be a string, a list of strings, a token array or a list of token arrays",
-            param="input",
-        )
+        return [raw]
+    assert isinstance(raw, list)
+    if all(isinstance(x, str) for x in raw):
+        return list(raw)
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+        return [tuple(raw)]
+    if all(isinstance(x, list) for x in raw):
+        if any(not x for x in raw):
+            raise BadRequest("token arrays must not be empty", param=param)
+        return [tuple(x) for x in raw]
+    raise BadRequest(f"{param} must be a string, a list of strings, a token array or a list of token arrays",
+                     param=param)
+
+
+def embed_request(body: wire.EmbeddingRequest, config: ServerConfig) -> EmbedRequest:
+    inputs = texts_or_tokens(body.input, "input")
     if len(inputs) > config.max_embed_batch:
         raise BadRequest(
             f"input has {len(inputs)} items; the limit is {config.max_embed_batch}", param="input"
