@@ -190,6 +190,14 @@ def test_a_budget_closes_the_thought_and_the_answer_follows(client):
     assert (answer.usage.completion_tokens, answer.usage.completion_tokens_details.reasoning_tokens) == (6, 4)
 
 
+def test_a_budget_closes_a_thought_the_prompt_opened(client):
+    # R1: " hello" (1 reasoning token), then the forced "\n", "</think>", "\n\n", after
+    # which the R1 model has nothing scripted and ends.
+    answer = ask(client, R1, extra_body={"reasoning_budget": 1})
+    assert (answer.choices[0].message.content, reasoning_of(answer)) == ("", "hello")
+    assert (answer.usage.completion_tokens, answer.usage.completion_tokens_details.reasoning_tokens) == (4, 3)
+
+
 def test_request_format_overrides_the_server(client):
     inline = ask(client, extra_body={"reasoning_format": "inline"})
     assert inline.choices[0].message.content == "<think> hello world</think> paris"
