@@ -159,6 +159,18 @@ def test_stop_strings_cut_the_answer_not_the_thought(client):
     assert answer.choices[0].message.model_extra["reasoning_content"] == "a b"
 
 
+def test_formats_of_the_servers_split(client):
+    inline = client.chat.completions.create(model="test/echo", messages=THINKS,
+                                            extra_body={"reasoning_format": "inline"}, stop=["a"])
+    # The thought is back in the content as written; the stop string still cuts the answer only.
+    assert inline.choices[0].message.content == "<think> a b </think> c d"
+    hidden = client.chat.completions.create(model="test/echo", messages=THINKS,
+                                            extra_body={"reasoning_format": "hidden"})
+    assert hidden.choices[0].message.content == "c d"
+    assert hidden.choices[0].message.model_extra.get("reasoning_content") is None
+    assert hidden.usage.completion_tokens_details.reasoning_tokens == 4
+
+
 def test_reasoning_content_of_earlier_turns_is_accepted(client):
     messages = [{"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "hello", "reasoning_content": "greet back"},

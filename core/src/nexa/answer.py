@@ -7,11 +7,12 @@ backend does not run itself, in this order:
    ``logprobs`` or ``logit_bias``, never a silently ignored field;
 2. the reasoning split, for chat backends without the ``reasoning`` capability: a thought
    the model opens with ``<think>`` at the start of its answer goes to
-   ``ChatChunk.reasoning`` (or stays inline, or is dropped, as the request's format says),
-   one reasoning token counted per chunk;
+   ``ChatChunk.reasoning``, one reasoning token counted per chunk;
 3. stop strings, for backends that do not stop natively, on the answer only;
 4. at most one tool call when the request turned parallel calls off: the answer ends
-   after the first call (its pieces), and the generation is cancelled.
+   after the first call (its pieces), and the generation is cancelled;
+5. the thought shown as the request's format says (with stage 2): kept apart, put back
+   in the content as written, or dropped.
 
 Each stage is an async generator that closes the one it reads from when it is closed,
 so closing the answer cancels the backend's work.
@@ -42,7 +43,8 @@ def refuse_missing(backend_name: str, capabilities: frozenset[str], *, logprobs:
 
 async def split_reasoning(chunks: Chunks, reasoning: Reasoning) -> Chunks:
     """Stage 2: a ``<think>`` thought at the start of the content, split off as ``reasoning``
-    (one token per chunk of it counted into ``usage.reasoning_tokens``)."""
+    (one token per chunk of it counted into ``usage.reasoning_tokens``); for the ``inline``
+    format, as written (markers included), for ``show_reasoning`` to put back."""
     splitter = ReasoningSplitter(QWEN3, raw=reasoning.format == "inline")
     try:
         async for chunk in chunks:
@@ -52,12 +54,26 @@ async def split_reasoning(chunks: Chunks, reasoning: Reasoning) -> Chunks:
             if not parts:
                 yield chunk
                 continue
-            split = Split("".join(p.reasoning for p in parts), "".join(p.answer for p in parts))
-            thought, content = shown(reasoning, split)
+            thought = "".join(p.reasoning for p in parts)
             usage = chunk.usage
             if usage is not None:
                 usage = attrs.evolve(usage, reasoning_tokens=usage.reasoning_tokens + splitter.reasoning_tokens)
-            yield attrs.evolve(chunk, content=content, reasoning=chunk.reasoning + thought, usage=usage)
+            yield attrs.evolve(chunk, content="".join(p.answer for p in parts), reasoning=chunk.reasoning + thought,
+                               usage=usage)
+    finally:
+        await chunks.aclose()
+
+
+async def show_reasoning(chunks: Chunks, reasoning: Reasoning) -> Chunks:
+    """Stage 5: the thought split off by stage 2, shown as the request's format says."""
+    try:
+        async for chunk in chunks:
+            if chunk.reasoning and reasoning.format != "separate":
+                thought, content = shown(reasoning, Split(chunk.reasoning, chunk.content))
+                chunk = attrs.evolve(chunk, reasoning=thought, content=content)
+                if not (content or chunk.tool_calls or chunk.logprobs or chunk.finish_reason or chunk.usage):
+                    continue
+            yield chunk
     finally:
         await chunks.aclose()
 
@@ -122,4 +138,4 @@ async def one_tool_call(chunks: Chunks) -> Chunks:
         await chunks.aclose()
 
 
-__all__ = ["cut_at_stops", "one_tool_call", "refuse_missing", "split_reasoning"]
+__all__ = ["cut_at_stops", "one_tool_call", "refuse_missing", "show_reasoning", "split_reasoning"]

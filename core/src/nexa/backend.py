@@ -231,6 +231,8 @@ class Backend:
             chunks = answer.cut_at_stops(chunks, request.sampling.stop)
         if not request.parallel_tool_calls:
             chunks = answer.one_tool_call(chunks)
+        if "reasoning" not in self.capabilities:
+            chunks = answer.show_reasoning(chunks, request.reasoning)
         try:
             async for chunk in chunks:
                 yield chunk
