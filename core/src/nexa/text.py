@@ -49,6 +49,7 @@ class StopHoldBack:
         self._held = ""
 
     def feed(self, text: str) -> str:
+        """The next piece of generated text in; the part that may be shown now out."""
         if not self.stops:
             return text
         if self.stopped:
