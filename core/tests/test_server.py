@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import struct
 import threading
 import time
@@ -33,6 +34,21 @@ def client(server):
 
 def post(server, path, body, **kw):
     return httpx.post(server.base_url + path, json=body, timeout=30, **kw)
+
+
+def metric(server, sample):
+    """The value of one ``/metrics`` sample (``name{labels}``), or None when absent."""
+    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    found = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else None
+
+
+def wait_until(condition, what, timeout=60.0):
+    """Poll ``condition`` (observable server state) until true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
 
 
 def assert_error(resp, status, code=None):
@@ -245,7 +261,6 @@ class CountingBackend(EchoBackend):
     lock = threading.Lock()
 
     def load(self):
-        time.sleep(0.3)
         with CountingBackend.lock:
             CountingBackend.loads += 1
 
@@ -261,14 +276,27 @@ def counting(name, size=100, **options):
 
 def test_concurrent_requests_cause_one_load(home):
     CountingBackend.loads = 0
-    with serve([CountingBackend], home=home, models=[counting("test/a")]) as handle:
+    gate = threading.Event()
+
+    class GatedLoad(CountingBackend):
+        def load(self):
+            assert gate.wait(60), "the test never let the load finish"
+            super().load()
+
+    with serve([GatedLoad], home=home, models=[counting("test/a")]) as handle:
         async def many():
-            async with httpx.AsyncClient(base_url=handle.base_url, timeout=30) as c:
+            async with httpx.AsyncClient(base_url=handle.base_url, timeout=60) as c:
                 return await asyncio.gather(*[c.post("/v1/chat/completions", json={
                     "model": "test/a", "messages": USER}) for _ in range(8)])
 
-        results = asyncio.run(many())
-        assert all(r.status_code == 200 for r in results)
+        results = []
+        clients = threading.Thread(target=lambda: results.extend(asyncio.run(many())))
+        clients.start()
+        # All eight wait on the one load before it may finish.
+        wait_until(lambda: metric(handle, 'nexa_queue_depth{model="test/a"}') == 8, "8 requests wait")
+        gate.set()
+        clients.join(60)
+        assert [r.status_code for r in results] == [200] * 8
         assert CountingBackend.loads == 1
 
 
@@ -290,30 +318,47 @@ def test_keepalive_unloads_idle_model(home):
     with serve([CountingBackend], home=home, models=[counting("test/a")], keepalive=0.3) as handle:
         assert post(handle, "/v1/chat/completions", {"model": "test/a", "messages": USER}).status_code == 200
         assert httpx.get(handle.base_url + "/health").json()["models_loaded"] == ["test/a"]
-        deadline = time.monotonic() + 5
-        while httpx.get(handle.base_url + "/health").json()["models_loaded"] and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert httpx.get(handle.base_url + "/health").json()["models_loaded"] == []
+        wait_until(lambda: httpx.get(handle.base_url + "/health").json()["models_loaded"] == [],
+                   "the idle model is unloaded")
         assert CountingBackend.closes == 1
 
 
+class GatedEcho(EchoBackend):
+    """The echo double whose answers wait until the test opens ``gate``."""
+
+    name = "gated-echo"
+    gate = threading.Event()
+
+    def chat(self, request, cancel):
+        assert GatedEcho.gate.wait(60), "the test never opened the gate"
+        yield from super().chat(request, cancel)
+
+
 def test_full_queue_answers_503_with_retry_after(home):
-    slow = echo_manifest("test/slow", delay=0.2)
-    with serve([EchoBackend], home=home, models=[slow], queue_size=1, parallel=1) as handle:
+    GatedEcho.gate.set()
+    with serve([GatedEcho], home=home, models=[echo_manifest("test/slow")], queue_size=1, parallel=1) as handle:
         assert post(handle, "/v1/chat/completions", {"model": "test/slow", "messages": USER}).status_code == 200
+        GatedEcho.gate.clear()
+        held = []
 
-        async def burst():
-            async with httpx.AsyncClient(base_url=handle.base_url, timeout=30) as c:
-                return await asyncio.gather(*[c.post("/v1/chat/completions", json={
-                    "model": "test/slow", "messages": USER}) for _ in range(5)])
+        def send():
+            held.append(post(handle, "/v1/chat/completions", {"model": "test/slow", "messages": USER}))
 
-        results = asyncio.run(burst())
-        codes = sorted(r.status_code for r in results)
-        # One runs, one waits, the other three are turned away at once.
-        assert codes == [200, 200, 503, 503, 503]
-        busy = next(r for r in results if r.status_code == 503)
-        assert int(busy.headers["retry-after"]) >= 1
-        assert busy.json()["error"]["code"] == "server_busy"
+        running, waiting = threading.Thread(target=send), threading.Thread(target=send)
+        running.start()
+        wait_until(lambda: metric(handle, 'nexa_active_requests{model="test/slow"}') == 1, "one request runs")
+        waiting.start()
+        wait_until(lambda: metric(handle, 'nexa_queue_depth{model="test/slow"}') == 1, "one request waits")
+        # The slot is busy and the queue full: the next three are turned away at once.
+        refused = [post(handle, "/v1/chat/completions", {"model": "test/slow", "messages": USER})
+                   for _ in range(3)]
+        GatedEcho.gate.set()
+        running.join(60)
+        waiting.join(60)
+        assert [r.status_code for r in held] == [200, 200]
+        assert [r.status_code for r in refused] == [503, 503, 503]
+        assert int(refused[0].headers["retry-after"]) >= 1
+        assert refused[0].json()["error"]["code"] == "server_busy"
 
 
 class SlowStream(Backend):
@@ -343,13 +388,13 @@ def test_client_disconnect_cancels_generation(home):
             "model": "test/forever", "messages": USER, "stream": True}) as resp:
             for _ in zip(range(5), resp.iter_lines(), strict=False):
                 pass
-        assert SlowStream.stopped.wait(5), "generation kept running after the client left"
+        assert SlowStream.stopped.wait(60), "generation kept running after the client left"
         SlowStream.stopped.clear()
         # Non-streaming: the client gives up (timeout) and the work stops too.
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(handle.base_url + "/v1/chat/completions",
                        json={"model": "test/forever", "messages": USER}, timeout=0.5)
-        assert SlowStream.stopped.wait(5), "non-streaming generation kept running after the client left"
+        assert SlowStream.stopped.wait(60), "non-streaming generation kept running after the client left"
         # The slot is free again: a new request is served.
         with httpx.stream("POST", handle.base_url + "/v1/chat/completions", json={
             "model": "test/forever", "messages": USER, "stream": True}) as resp:
