@@ -306,3 +306,13 @@ def test_links_and_repo_paths_resolve(doc):
     for path in re.findall(r"`((?:core|plugins|docs|tests|bench)/[\w./-]+)`", text):
         if "*" not in path:
             assert (REPO / path).exists(), f"{doc.name} names {path}, which is not in the repo"
+
+
+SOURCES = [p for root in [REPO / "core" / "src", *sorted((REPO / "plugins").glob("*/src"))] for p in sorted(root.rglob("*.py"))]
+
+
+def test_source_docstrings_name_only_files_in_the_repo():
+    for source in SOURCES:
+        text = source.read_text(encoding="utf-8")
+        for path in re.findall(r"`{1,2}((?:core|plugins|docs|tests|bench)/[\w./-]+?)`{1,2}", text):
+            assert (REPO / path).exists(), f"{source.relative_to(REPO)} names {path}, which is not in the repo"
