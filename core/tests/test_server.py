@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import struct
 import threading
 import time
@@ -15,7 +14,7 @@ import openai
 import pytest
 
 from nexa.backend import Backend
-from nexa.testing import EchoBackend, echo_manifest, serve
+from nexa.testing import EchoBackend, echo_manifest, serve, wait_until
 from nexa.types import Manifest, ModelFile, Task
 
 USER = [{"role": "user", "content": "one two three four"}]
@@ -34,21 +33,6 @@ def client(server):
 
 def post(server, path, body, **kw):
     return httpx.post(server.base_url + path, json=body, timeout=30, **kw)
-
-
-def metric(server, sample):
-    """The value of one ``/metrics`` sample (``name{labels}``), or None when absent."""
-    text = httpx.get(server.base_url + "/metrics", timeout=30).text
-    found = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else None
-
-
-def wait_until(condition, what, timeout=60.0):
-    """Poll ``condition`` (observable server state) until true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
 
 
 def assert_error(resp, status, code=None):
@@ -293,7 +277,7 @@ def test_concurrent_requests_cause_one_load(home):
         clients = threading.Thread(target=lambda: results.extend(asyncio.run(many())))
         clients.start()
         # All eight wait on the one load before it may finish.
-        wait_until(lambda: metric(handle, 'nexa_queue_depth{model="test/a"}') == 8, "8 requests wait")
+        wait_until(lambda: handle.metric('nexa_queue_depth{model="test/a"}') == 8, "8 requests wait")
         gate.set()
         clients.join(60)
         assert [r.status_code for r in results] == [200] * 8
@@ -346,9 +330,9 @@ def test_full_queue_answers_503_with_retry_after(home):
 
         running, waiting = threading.Thread(target=send), threading.Thread(target=send)
         running.start()
-        wait_until(lambda: metric(handle, 'nexa_active_requests{model="test/slow"}') == 1, "one request runs")
+        wait_until(lambda: handle.metric('nexa_active_requests{model="test/slow"}') == 1, "one request runs")
         waiting.start()
-        wait_until(lambda: metric(handle, 'nexa_queue_depth{model="test/slow"}') == 1, "one request waits")
+        wait_until(lambda: handle.metric('nexa_queue_depth{model="test/slow"}') == 1, "one request waits")
         # The slot is busy and the queue full: the next three are turned away at once.
         refused = [post(handle, "/v1/chat/completions", {"model": "test/slow", "messages": USER})
                    for _ in range(3)]

@@ -6,9 +6,7 @@ import base64
 import io
 import json
 import logging
-import re
 import socket
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +15,7 @@ import pytest
 from PIL import Image
 from tiny_pipeline import import_copy
 
-from nexa.testing import serve
+from nexa.testing import serve, wait_until
 from nexa_diffusers.backend import DiffusersBackend
 
 TINY = "test/tiny-sd"
@@ -120,20 +118,6 @@ def test_cuda_only_model_is_a_clear_400_on_a_cpu_server(
     assert "Traceback" not in response.text
 
 
-def wait_until(condition, what: str, timeout: float = 120.0) -> None:
-    """Poll observable state until ``condition()``; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
-
-
-def active_requests(server, model: str) -> float:
-    text = httpx.get(server.base_url + "/metrics", timeout=30).text
-    found = re.search(rf'^nexa_active_requests{{model="{re.escape(model)}"}} (\S+)$', text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
 def test_client_disconnect_stops_generation(client: openai.OpenAI, server, caplog) -> None:
     client.images.generate(model=TINY, prompt="warm up", size="64x64", extra_body=FAST)
     steps = 400
@@ -151,11 +135,11 @@ def test_client_disconnect_stops_generation(client: openai.OpenAI, server, caplo
     with caplog.at_level(logging.INFO, logger="nexa.diffusers"):
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(head + body)
-            wait_until(lambda: ran(), "the generation has begun its steps")
+            wait_until(ran, "the generation has begun its steps", timeout=120)
         # The client has gone mid-generation (its socket is closed).
-        wait_until(lambda: any("cancelled" in m for m in messages()), "the generation is cancelled")
+        wait_until(lambda: any("cancelled" in m for m in messages()), "the generation is cancelled", timeout=120)
     assert 0 < len(ran()) < steps
     # The model is free again: its slot is released and the next request is served.
-    wait_until(lambda: active_requests(server, TINY) == 0, "the model's slot is released")
+    wait_until(lambda: server.metric(f'nexa_active_requests{{model="{TINY}"}}') == 0, "the model's slot is released")
     after = client.images.generate(model=TINY, prompt="after", size="64x64", extra_body=FAST)
     assert len(after.data) == 1
