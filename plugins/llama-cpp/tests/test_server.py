@@ -15,6 +15,7 @@ from conftest import CHAT, EMBED, TOOLS, VLM, assert_same_answer
 from nexa.testing import serve
 from nexa_llama_cpp import plugin
 from nexa_llama_cpp.backend import LlamaCppBackend
+from nexa_llama_cpp.embeddings import LlamaCppEmbedBackend
 from nexa_llama_cpp.testing import png_bytes
 
 SMOL = plugin.SMOLLM2_NAME
@@ -32,7 +33,8 @@ def server(tmp_path_factory, model_sources, device):
     home = tmp_path_factory.mktemp("server-home")
     # One thread: on a shared (CI) machine a spinning 2-thread pool can stall for whole
     # scheduler slices; correctness, not speed, is what these tests check.
-    with serve([LlamaCppBackend], home=home, models=[manifest], device=device.kind, threads=1) as handle:
+    with serve([LlamaCppBackend, LlamaCppEmbedBackend], home=home, models=[manifest], device=device.kind,
+               threads=1) as handle:
         for name, path in model_sources.items():
             handle.store.import_path(path, name=name)
         yield handle
