@@ -139,14 +139,7 @@ class ImageChat:
         import llama_cpp.mtmd_cpp as mtmd
 
         llama = self._llama
-        texts = prompt.split(self.media_marker)
-        if len(texts) != len(images) + 1:
-            raise BadRequest(
-                "the number of images does not match the image markers in the "
-                f"prompt (do not write {self.media_marker!r} in text)",
-                param="messages",
-            )
-        text_tokens = [builder.tokenize(text, shielded, at_start=i == 0) for i, text in enumerate(texts)]
+        text_tokens = self.text_tokens(prompt, shielded, builder, len(images))
         bitmaps: list[Any] = []
         chunk_lists: list[Any] = []
         try:
@@ -176,6 +169,18 @@ class ImageChat:
                 mtmd.mtmd_input_chunks_free(chunks)
             for bitmap in bitmaps:
                 mtmd.mtmd_bitmap_free(bitmap)
+
+    def text_tokens(self, prompt: str, shielded: Shielded, builder: PromptBuilder, n_images: int) -> list[list[int]]:
+        """The token ids of the text before, between and after the images' markers, each
+        tokenized as MTMD does (separately; BOS only at the start), client text kept plain."""
+        texts = prompt.split(self.media_marker)
+        if len(texts) != n_images + 1:
+            raise BadRequest(
+                "the number of images does not match the image markers in the "
+                f"prompt (do not write {self.media_marker!r} in text)",
+                param="messages",
+            )
+        return [builder.tokenize(text, shielded, at_start=i == 0) for i, text in enumerate(texts)]
 
     def _tokenize_image(self, bitmap: Any) -> Any:
         """MTMD's chunks for one image: its tokens plus the model's begin/end-of-image text."""
