@@ -90,15 +90,13 @@ class PrefillAbort:
     """llama.cpp's abort callback on one context, armed only while a prompt is decoded.
 
     A prompt batch takes seconds on a small CPU; without this a cancel could only be seen
-    between batches. ggml calls the callback after every graph node (~600 per decode on
-    SmolLM2-135M) from its compute thread. The callback is native: the C library's
-    ``strlen`` reading a one-byte flag (length 1 = abort), so it never takes the GIL. A
-    Python callback took the GIL on every node: in the server, with the event loop in
-    the same process, that made prompts ~18% slower (24 prompt tokens of SmolLM2: ~245
-    vs ~200 ms, Nov 2026). While armed, a watcher thread checks ``should_abort`` every
-    few milliseconds and sets the flag. A decode the callback stops returns 2, and
-    llama.cpp has then already dropped that ubatch's cells; callers still cut their
-    sequence back to what they know is cached.
+    between batches. ggml calls the callback after every graph node from its compute
+    thread. The callback is native: the C library's ``strlen`` reading a one-byte flag
+    (length 1 = abort), so it never takes the GIL (a Python callback slowed prompts in the
+    server; figures in docs/benchmarks.md). While armed, a watcher thread checks
+    ``should_abort`` every few milliseconds and sets the flag. A decode the callback stops
+    returns 2, and llama.cpp has then already dropped that ubatch's cells; callers still
+    cut their sequence back to what they know is cached.
     """
 
     POLL_SECONDS = 0.005
