@@ -28,14 +28,6 @@ __all__ = [
 ]
 
 
-def _tuple_of_str(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    return tuple(value)
-
-
 # --- what a caller submits and receives ---------------------------------------------------
 
 
@@ -52,7 +44,7 @@ class GenerationRequest:
     (``nexa.text.StopHoldBack``) and ends the generation with ``finish()``."""
     grammar: str | None = None
     """GBNF grammar (root rule ``root``) the output must follow (json_schema, tools)."""
-    grammar_triggers: tuple[str, ...] = attrs.field(converter=_tuple_of_str, default=())
+    grammar_triggers: tuple[str, ...] = attrs.field(converter=tuple, default=())
     """Regex patterns; when given, the grammar is lazy: it binds only once one of them
     matches the generated text (llama.cpp's lazy grammar: the whole text must match, and
     the first capture group marks where the constrained part starts), e.g. a tool call
