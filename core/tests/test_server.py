@@ -158,6 +158,10 @@ def test_embeddings_float_base64_and_dimensions(client, server):
     ({"model": "test/echo", "messages": USER, "max_tokens": 10**9}, 400, "max_tokens"),
     ({"model": "test/echo", "messages": USER, "n": 2}, 400, "n"),
     ({"model": "test/echo", "messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
+    # Checked here once, not again by backends (the llama.cpp plugin's own checks went).
+    ({"model": "test/echo", "messages": USER, "tool_choice": "sometimes"}, 400, None),
+    ({"model": "test/echo", "messages": USER, "tool_choice": {"type": "function", "function": {"name": "nope"}},
+      "tools": [{"type": "function", "function": {"name": "lookup"}}]}, 400, "tool_choice"),
 ])
 def test_bad_chat_bodies_are_400(server, body, status, param):
     error = assert_error(post(server, "/v1/chat/completions", body), status)
