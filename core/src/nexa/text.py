@@ -1,4 +1,5 @@
-"""Text helpers every text backend shares: stop strings and chat-template messages.
+"""Text helpers every text backend shares: stop strings, chat-template messages, and
+client text kept from becoming control tokens.
 
 - ``StopHoldBack`` cuts generated text at the first stop string and never lets a part of
   one out before it is decided (text that could still become a stop string is held).
@@ -250,7 +251,9 @@ class Shielded:
     (``SpecialTextGuard.shield``), and how to tokenize what they render to."""
 
     messages: tuple[ChatMessage, ...]
+    """The request's messages, each special text in a client string replaced by its sentinel."""
     tools: tuple[Mapping[str, Any], ...]
+    """The request's tool definitions, treated the same way."""
     prefix: str
     """What every sentinel of this request starts with ("" when nothing was replaced)."""
     originals: tuple[str, ...]
