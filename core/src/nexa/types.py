@@ -151,6 +151,9 @@ class BackendMetric:
     kind: str = attrs.field(default="gauge", validator=attrs.validators.in_(("gauge", "counter")))
     """``gauge`` (a level now) or ``counter`` (only ever goes up while the model is loaded)."""
     help: str = ""
+    labels: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
+    """More labels beside ``model`` and ``backend``: a backend that runs the model in
+    several places (an engine's replicas) reports one figure per ``replica`` and ``node``."""
 
 
 # --- chat ---------------------------------------------------------------------------
