@@ -72,12 +72,16 @@ class ReplicaInfo:
     ``failed`` (its load raised) or ``stopped``."""
     node_id: str
     node_ip: str
+    pid: int
+    """The replica's process on its node (0 before it first reported)."""
     resources: dict[str, float]
     in_flight: int
     """Requests this server has running on it."""
     active: int
     """Requests running in the replica as it last reported (from every server)."""
     concurrency: int
+    served: int
+    """Requests it finished since its process started."""
     loads: int
     loaded_at: float | None
     restarts: int
@@ -329,9 +333,9 @@ class RayBackend(Backend):
             s = r.status
             out.append(ReplicaInfo(
                 name=r.name, model=self.manifest.name, backend=self.name, index=r.index, state=r.state,
-                node_id=s.node_id if s else "", node_ip=s.node_ip if s else "",
+                node_id=s.node_id if s else "", node_ip=s.node_ip if s else "", pid=s.pid if s else 0,
                 resources=dict(s.resources) if s else {}, in_flight=r.in_flight,
-                active=s.active if s else 0, concurrency=s.concurrency if s else 0,
+                active=s.active if s else 0, concurrency=s.concurrency if s else 0, served=s.served if s else 0,
                 loads=s.loads if s else 0, loaded_at=s.loaded_at if s else None,
                 restarts=r.restarts, error=r.error,
             ))
