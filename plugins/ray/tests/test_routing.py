@@ -19,7 +19,7 @@ from conftest import wait_for
 from nexa.backend import LoadOptions
 from nexa.config import ServerConfig
 from nexa.testing import EchoBackend, conformance, echo_manifest, serve
-from nexa.types import ChatMessage, ChatRequest, Device
+from nexa.types import Device
 
 LONG = " ".join(f"w{i}" for i in range(400))
 
