@@ -11,6 +11,7 @@ cluster is shut down through its own handle.
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import shutil
@@ -45,19 +46,21 @@ class RayCluster:
         self.cluster.remove_node(node, allow_graceful=False)
 
 
+# Set before anything imports Ray (test modules do): Ray reads its settings once, at import.
+RAY_TMPDIR = tempfile.mkdtemp(prefix="nxr", dir="/tmp")  # short: Ray's unix sockets live under it
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_TMPDIR": RAY_TMPDIR,
+    "RAY_AUTH_MODE": "token",
+    "RAY_AUTH_TOKEN": secrets.token_hex(24),
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+os.environ.update(RAY_ENV)
+atexit.register(shutil.rmtree, RAY_TMPDIR, True)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[RayCluster]:
-    # Short: Ray's unix socket paths live under it (at most 107 bytes).
-    tmpdir = tempfile.mkdtemp(prefix="nxr", dir="/tmp")
-    env = {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_TMPDIR": tmpdir,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(24),
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # before Ray is imported: it reads its settings once, at import
     import ray
     from ray.cluster_utils import Cluster
 
@@ -68,7 +71,7 @@ def ray_cluster() -> Iterator[RayCluster]:
             "memory": NODE_MEMORY, "include_dashboard": False, "labels": {ROLE: "head"},
         },
     )
-    handle = RayCluster(cluster, cluster.address, env, None)
+    handle = RayCluster(cluster, cluster.address, dict(RAY_ENV), None)
     handle.worker = handle.add_worker()
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace="nexa-tests", log_to_driver=False)
@@ -77,27 +80,26 @@ def ray_cluster() -> Iterator[RayCluster]:
     finally:
         ray.shutdown()
         cluster.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-@pytest.fixture
-def namespace(ray_cluster: RayCluster) -> Iterator[str]:
-    """A Ray namespace of the test's own; every replica left in it is killed afterwards."""
+def kill_namespace(name: str) -> None:
+    """Kill every replica left in a Ray namespace (detached actors outlive servers)."""
     import ray
 
-    name = f"t{uuid.uuid4().hex[:10]}"
-    yield name
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry.get("namespace") == name:
             try:
                 ray.kill(ray.get_actor(entry["name"], namespace=name), no_restart=True)
             except (ValueError, ray.exceptions.RayError):
                 pass
+
+
+@pytest.fixture
+def namespace(ray_cluster: RayCluster) -> Iterator[str]:
+    """A Ray namespace of the test's own; every replica left in it is killed afterwards."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    yield name
+    kill_namespace(name)
 
 
 def wait_for(predicate, what: str, timeout: float = 120.0, interval: float = 0.1):  # noqa: ANN001, ANN201
@@ -113,3 +115,15 @@ def wait_for(predicate, what: str, timeout: float = 120.0, interval: float = 0.1
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+def ready_proxy(server, model: str = "test/echo"):  # noqa: ANN001, ANN201
+    """The model's RayBackend once loaded (preloaded at start) with every replica ready."""
+
+    def ready():  # noqa: ANN202
+        entry = next((e for e in server.app.state.manager.loaded() if e.manifest.name == model), None)
+        if entry is None or not entry.ready.done():
+            return None
+        return entry.backend if all(r.state == "ready" for r in entry.backend.replicas()) else None
+
+    return wait_for(ready, f"{model} loaded with every replica ready")

@@ -14,7 +14,7 @@ import threading
 import httpx
 import openai
 import pytest
-from conftest import wait_for
+from conftest import ready_proxy, wait_for
 
 from nexa.backend import LoadOptions
 from nexa.config import ServerConfig
@@ -22,18 +22,6 @@ from nexa.testing import EchoBackend, conformance, echo_manifest, serve
 from nexa.types import Device
 
 LONG = " ".join(f"w{i}" for i in range(400))
-
-
-def ready_proxy(server, model: str = "test/echo"):  # noqa: ANN001, ANN201
-    """The model's RayBackend once loaded (preloaded at start) with every replica ready."""
-
-    def ready():  # noqa: ANN202
-        entry = next((e for e in server.app.state.manager.loaded() if e.manifest.name == model), None)
-        if entry is None or not entry.ready.done():
-            return None
-        return entry.backend if all(r.state == "ready" for r in entry.backend.replicas()) else None
-
-    return wait_for(ready, f"{model} loaded with every replica ready")
 
 
 def echo_server(tmp_path, namespace: str, replicas: int = 2, **fields):  # noqa: ANN001, ANN201
