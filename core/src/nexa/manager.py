@@ -5,7 +5,9 @@ instance. Concurrent requests for an unloaded model cause exactly one load; each
 runs ``backend.concurrency`` requests at once and lets at most ``queue_size`` more wait
 (the rest get 503 with Retry-After). Idle models unload after ``keepalive`` seconds, and
 loading a model that would exceed the memory budget evicts least-recently-used idle
-models first; a model in use is never evicted.
+models first; a model in use is never evicted. With an engine (``--engine``, see
+``nexa.engine``) the backend instance is the engine's stand-in for the model, and all of
+the above applies to it unchanged.
 """
 
 from __future__ import annotations

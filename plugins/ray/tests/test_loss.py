@@ -205,6 +205,9 @@ def free_port() -> int:
 def start_nexa(ray_cluster, home, port: int, log) -> subprocess.Popen:  # noqa: ANN001
     env = {**os.environ, **ray_cluster.env, "NEXA_HOME": str(home)}
     env.pop("RAY_ADDRESS", None)
+    # As a user would: the loopback switch and the cluster's token; the server turns
+    # Ray's token mode on because a token is given.
+    env.pop("RAY_AUTH_MODE", None)
     return subprocess.Popen(
         [sys.executable, "-m", "nexa.cli", "serve", SMOLLM2_NAME, "--port", str(port), "--threads", "1",
          "--engine", "ray", "--ray-address", ray_cluster.address, "--replicas", "1"],

@@ -1,11 +1,11 @@
 """The Ray engine: connects to a Ray cluster and makes one ``RayBackend`` per model.
 
 Nothing of Ray is imported until ``start`` (the server's start with ``--engine ray``).
-Connecting: ``--ray-address`` (or ``RAY_ADDRESS``) joins an existing cluster; without
-either, a new single-node cluster starts on 127.0.0.1 for this server. Ray's token
-authentication is left as the cluster has it: a client of a token-protected cluster
-needs ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` (or the token file) in its
-environment, exactly as Ray's own tools do.
+Connecting: ``--ray-address`` (or ``RAY_ADDRESS``) joins an existing cluster (``auto``:
+the one ``ray start`` made on this machine); without either, a new single-node cluster
+of this server's own starts on 127.0.0.1. Ray's token authentication stays as the
+cluster has it: the server sends the token given in ``RAY_AUTH_TOKEN`` (or the file
+named by ``RAY_AUTH_TOKEN_PATH``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 address (Ray's own switch, despite its name)."""
 
 
+def _token_auth_env() -> None:
+    """A token given (``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``) means token auth: Ray's
+    client otherwise connects without sending it unless ``RAY_AUTH_MODE=token`` is set too."""
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 class RayEngine(Engine):
     """``nexa serve --engine ray``: model replicas as Ray actors across a cluster."""
 
@@ -49,32 +56,32 @@ class RayEngine(Engine):
         await asyncio.to_thread(self._connect)
 
     def _connect(self) -> None:
+        _token_auth_env()  # before Ray is imported: it reads its settings once
         import ray
 
         if ray.is_initialized():
             return  # a test or embedding program connected this process already
-        address = self.options.address or os.environ.get("RAY_ADDRESS") or None
+        address = self.options.address or os.environ.get("RAY_ADDRESS") or "local"
         kwargs: dict[str, Any] = {
+            "address": address,
             "namespace": self.options.namespace,
             "logging_level": logging.WARNING,
             "log_to_driver": False,
         }
-        if address is None:
-            # A cluster of our own: loopback only, no dashboard (it would be one more
-            # listening port).
+        if address == "local":
+            # A new cluster of this server's own: loopback only, no dashboard (one more
+            # listening port). Its replicas end with the server.
             os.environ.setdefault(LOOPBACK_ENV, "0")
             kwargs.update(_node_ip_address="127.0.0.1", include_dashboard=False)
-        else:
-            kwargs["address"] = address
         try:
             ray.init(**kwargs)
-        except (ConnectionError, RuntimeError) as exc:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
             raise NexaError(
-                f"could not connect to the Ray cluster at {address or 'a new local cluster'}: {exc} "
-                "(a cluster with token authentication needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN)"
+                f"could not connect to the Ray cluster at {address}: {type(exc).__name__}: {exc} "
+                "(a cluster with token authentication needs its token in RAY_AUTH_TOKEN)"
             ) from exc
         self._connected_here = True
-        log.info("connected to Ray %s (namespace %s)", address or "(new local cluster)", self.options.namespace)
+        log.info("connected to Ray cluster %s (namespace %s)", address, self.options.namespace)
 
     def backend(self, cls: type[Backend], manifest: Manifest, device: Device, options: LoadOptions) -> Backend:
         from nexa_ray.proxy import RayBackend
