@@ -1,4 +1,4 @@
-"""Losing a replica or a node under load, and restarting ``nexa serve`` against a cluster.
+"""Losing a replica or a node under load.
 
 Loss: 200 streamed chats (max_tokens 16) at concurrency 8 on the real SmolLM2 with two
 replicas; one replica's process is killed (or its node removed) once 40 have finished.
@@ -6,10 +6,6 @@ Every request either completes or ends with a clean error (an error event or a 5
 the API's own shape), errors only come from requests already running when it happened
 and no more than that replica had in flight, every request started afterwards
 succeeds, and the lost replica comes back.
-
-Restart: a real ``nexa serve --engine ray`` process is stopped and started again
-against the same cluster; the first request after the restart is served by the same
-replica process without a second model load (its load counter and process id).
 """
 
 from __future__ import annotations
@@ -17,9 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import attrs
 import httpx
 import pytest
-import ray
-from conftest import kill_namespace, ready_proxy, wait_for
+from conftest import ready_proxy, wait_for
 
 from nexa.testing import serve
 
@@ -194,71 +186,3 @@ def test_node_loss_mid_run(ray_cluster, namespace, tmp_path):
     finally:
         if doomed in ray_cluster.cluster.worker_nodes:
             ray_cluster.remove(doomed)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_nexa(ray_cluster, home, port: int, log) -> subprocess.Popen:  # noqa: ANN001
-    env = {**os.environ, **ray_cluster.env, "NEXA_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
-    # As a user would: the loopback switch and the cluster's token; the server turns
-    # Ray's token mode on because a token is given.
-    env.pop("RAY_AUTH_MODE", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "nexa.cli", "serve", SMOLLM2_NAME, "--port", str(port), "--threads", "1",
-         "--engine", "ray", "--ray-address", ray_cluster.address, "--replicas", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-
-
-def wait_served(port: int, process: subprocess.Popen) -> None:
-    def up() -> bool:
-        assert process.poll() is None, "nexa serve exited"
-        try:
-            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
-        except httpx.HTTPError:
-            return False
-        return SMOLLM2_NAME in health["models_loaded"]
-
-    wait_for(up, "nexa serve to load its model", timeout=180, interval=0.2)
-
-
-def test_restarted_server_reattaches_without_reloading(ray_cluster, tmp_path):
-    """Default namespace (``nexa``), as a user runs it; the test owns this cluster."""
-    name = f"nexa/{SMOLLM2_NAME}/llama-cpp/0"
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    body = {"model": SMOLLM2_NAME, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
-    try:
-        with open(log_path, "ab") as log:
-            first = start_nexa(ray_cluster, tmp_path / "home", port, log)
-            wait_served(port, first)
-            assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120).status_code == 200
-            before = ray.get(ray.get_actor(name, namespace="nexa").status.remote(), timeout=30)
-            assert before.loads == 1
-            first.send_signal(signal.SIGTERM)
-            assert first.wait(timeout=60) == 0
-            # The replica outlives the server, still loaded.
-            kept = ray.get(ray.get_actor(name, namespace="nexa").status.remote(), timeout=30)
-            assert (kept.pid, kept.loads, kept.loaded) == (before.pid, 1, True)
-
-            second = start_nexa(ray_cluster, tmp_path / "home", port, log)
-            wait_served(port, second)
-            answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
-            assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
-            after = ray.get(ray.get_actor(name, namespace="nexa").status.remote(), timeout=30)
-            assert (after.pid, after.loads, after.loaded_at) == (before.pid, 1, before.loaded_at), \
-                "the restarted server must reattach, not reload"
-            assert after.served >= before.served + 1
-            second.send_signal(signal.SIGTERM)
-            assert second.wait(timeout=60) == 0
-        assert "reattached to replica" in log_path.read_text()
-    finally:
-        for process in (locals().get("first"), locals().get("second")):
-            if process is not None and process.poll() is None:
-                process.kill()
-        kill_namespace("nexa")
