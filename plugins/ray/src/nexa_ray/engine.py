@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from nexa.backend import Backend, LoadOptions
     from nexa.config import ServerConfig
     from nexa.types import Device, Manifest
-    from nexa_ray.proxy import RayBackend
 
 log = logging.getLogger("nexa.ray")
 
@@ -49,7 +48,6 @@ class RayEngine(Engine):
         self.options = RayOptions.from_engine_options(config.engine_options)
         self.detached = False
         """Set at server shutdown: replicas stay up for the next server to reattach."""
-        self.backends: list[RayBackend] = []
         self._connected_here = False
 
     async def start(self) -> None:
@@ -86,15 +84,12 @@ class RayEngine(Engine):
     def backend(self, cls: type[Backend], manifest: Manifest, device: Device, options: LoadOptions) -> Backend:
         from nexa_ray.proxy import RayBackend
 
-        backend = RayBackend(self, cls, manifest, device, options)
-        self.backends.append(backend)
-        return backend
+        return RayBackend(self, cls, manifest, device, options)
 
     def detach(self) -> None:
         self.detached = True
 
     async def stop(self) -> None:
-        self.backends.clear()
         if self._connected_here:
             import ray
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from nexa.backend import Backend, LoadOptions
 from nexa.errors import Busy, ModelLoadError, NexaError
@@ -47,9 +48,17 @@ HEALTHY_WAIT = 30.0
 """Seconds a request waits for a healthy replica before it gets 503 + Retry-After."""
 STATUS_TIMEOUT = 5.0
 """Seconds a status poll may take before the replica counts as unresponsive."""
+REATTACH_TIMEOUT = 30.0
+"""Seconds a starting server waits for an existing replica to say what it has loaded."""
 ACTOR_CONCURRENCY = 1000
 """Calls an actor takes at once: requests wait in the backend's own queue, and status
 polls must never wait behind them."""
+
+
+@functools.cache
+def _actor_class() -> Any:
+    """``Replica`` as a Ray actor class, made once (each one is exported to the cluster)."""
+    return ray.remote(Replica)
 
 
 class ReplicaLost(Busy):
@@ -137,6 +146,8 @@ class RayBackend(Backend):
         self._picks = 0
         self._stopped = False
         self._namespace = engine.options.namespace
+        self._fingerprint = self._spec(0).fingerprint
+        """Of what every replica of this model must have loaded (the index is not in it)."""
 
     # --- names and specs ------------------------------------------------------------
 
@@ -204,10 +215,13 @@ class RayBackend(Backend):
             handle = None
         if handle is not None:
             try:
-                status = ray.get(handle.status.remote(), timeout=STATUS_TIMEOUT)
-            except (RayError, GetTimeoutError):
-                status = None
-            if status is not None and status.fingerprint == spec.fingerprint:
+                status = ray.get(handle.status.remote(), timeout=REATTACH_TIMEOUT)
+            except (RayError, GetTimeoutError) as exc:
+                # Restarting or waiting for a node: it is still the replica of that name;
+                # the poll sees it back (and a wrong fingerprint is caught at load).
+                log.warning("replica %s exists but does not answer (%s); keeping it", name, type(exc).__name__)
+                return _Replica(name, index, handle, state="unavailable")
+            if status.fingerprint == self._fingerprint:
                 log.info("reattached to replica %s on node %s", name, status.node_ip)
                 replica = _Replica(name, index, handle)
                 self._take_status(replica, status)
@@ -219,8 +233,7 @@ class RayBackend(Backend):
         return _Replica(name, index, self._create(name, spec))
 
     def _create(self, name: str, spec: ReplicaSpec) -> Any:
-        actor = ray.remote(Replica)
-        return actor.options(
+        return _actor_class().options(
             name=name,
             namespace=self._namespace,
             lifetime="detached",
@@ -232,21 +245,25 @@ class RayBackend(Backend):
         ).remote(spec)
 
     async def _await_loaded(self, replica: _Replica) -> BaseException | None:
-        try:
-            outcome: Outcome = await asyncio.wait_for(
-                replica.handle.ensure_loaded.remote(), self.engine.options.start_timeout
-            )
-        except TimeoutError:
+        """Wait for the replica to be placed and loaded; the error that kept it from it."""
+        deadline = time.monotonic() + self.engine.options.start_timeout
+        outcome: Outcome | None = None
+        while outcome is None and time.monotonic() < deadline:
+            try:
+                outcome = await asyncio.wait_for(replica.handle.ensure_loaded.remote(), deadline - time.monotonic())
+            except ActorUnavailableError:  # restarting: calls fail at once until it is back
+                await asyncio.sleep(0.5)
+            except TimeoutError:
+                break
+            except RayError as exc:
+                replica.state, replica.error = "unavailable", type(exc).__name__
+                return exc
+        if outcome is None:
             replica.state = "unavailable"
             replica.error = "not placed or loaded in time (does the cluster have the resources it asks for?)"
             return NexaError(f"replica {replica.name}: {replica.error}")
-        except RayError as exc:
-            replica.state = "unavailable"
-            replica.error = type(exc).__name__
-            return exc
         if outcome.error is not None:
-            replica.state = "failed"
-            replica.error = str(outcome.error)
+            replica.state, replica.error = "failed", str(outcome.error)
             return outcome.error
         self._take_status(replica, outcome.value)
         return None
@@ -272,6 +289,10 @@ class RayBackend(Backend):
     # --- health and figures -----------------------------------------------------------
 
     def _take_status(self, replica: _Replica, status: ReplicaStatus) -> None:
+        if status.fingerprint != self._fingerprint:
+            # Another server replaced it with other settings: not ours to send requests to.
+            replica.state, replica.error = "failed", "loaded with other settings by another server"
+            return
         previous = replica.status
         if previous is not None and previous.pid != status.pid:
             replica.restarts += 1
