@@ -47,6 +47,13 @@ def test_nothing_of_ray_is_imported_without_the_engine(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
+def test_nexa_plugins_lists_the_engine(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "nexa.cli", "plugins"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "NEXA_HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "engines: local (in-process, the default), ray (ray)" in out.stdout
+
+
 def test_the_conformance_kit_passes_through_replicas(ray_cluster, namespace):
     from nexa_ray.engine import RayEngine
 
