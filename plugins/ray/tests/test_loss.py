@@ -114,6 +114,12 @@ def run_with_loss(base_url: str, lose) -> tuple[list[Result], Loss]:  # noqa: AN
     return results, loss["loss"]
 
 
+def busy(proxy, name: str):  # noqa: ANN001, ANN201
+    """The replica's info as soon as it has a request running (it is lost under load)."""
+    return wait_for(lambda: next((r for r in proxy.replicas() if r.name == name and r.in_flight >= 1), None),
+                    f"{name} to have a request in flight", timeout=60, interval=0.002)
+
+
 def check_guarantees(results: list[Result], loss: Loss) -> None:
     assert loss.in_flight >= 1, "the replica was lost while it had requests running"
     failed = [r for r in results if not r.ok]
@@ -138,7 +144,7 @@ def test_replica_loss_mid_run(ray_cluster, namespace, tmp_path):
         victim = proxy.replicas()[0]
 
         def lose() -> int:
-            now = next(r for r in proxy.replicas() if r.name == victim.name)
+            now = busy(proxy, victim.name)
             os.kill(victim.pid, signal.SIGKILL)
             return now.in_flight
 
@@ -171,7 +177,7 @@ def test_node_loss_mid_run(ray_cluster, namespace, tmp_path):
             victim = next(r for r in proxy.replicas() if r.node_id == doomed.node_id)
 
             def lose() -> int:
-                now = next(r for r in proxy.replicas() if r.name == victim.name)
+                now = busy(proxy, victim.name)
                 ray_cluster.remove(doomed)
                 return now.in_flight
 

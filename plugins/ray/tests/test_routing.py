@@ -120,6 +120,16 @@ def test_backend_errors_keep_their_status_and_shape(ray_cluster, namespace, tmp_
         assert response.status_code == 400  # before any output: a real HTTP error, as in-process
 
 
+def test_a_model_that_fails_to_load_on_its_replicas_is_a_clear_error(ray_cluster, namespace, tmp_path):
+    with echo_server(tmp_path, namespace, manifest=echo_manifest(fail_load=True)) as server:
+        response = httpx.post(server.base_url + "/v1/chat/completions", timeout=120,
+                              json={"model": "test/echo", "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 500
+        error = response.json()["error"]
+        assert error["code"] == "model_load_failed" and "told to fail loading" in error["message"]
+        assert not server.app.state.manager.loaded()
+
+
 def test_queue_bound_and_503_hold_across_replicas(ray_cluster, namespace, tmp_path):
     # 2 replicas x 1 slot, 1 may wait: the 4th concurrent request is refused.
     with echo_server(tmp_path, namespace, manifest=echo_manifest(delay=0.05), parallel=1, queue_size=1) as server:
