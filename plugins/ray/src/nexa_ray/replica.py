@@ -15,6 +15,7 @@ the replica itself (a Ray actor error).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -124,6 +125,64 @@ def _local_manifest(manifest: Manifest) -> Manifest:
     return store.get(manifest.name)
 
 
+class _ChunkBuffer:
+    """A chat's chunks between the backend's stream and the streamed batches.
+
+    The producer wakes the reader only once enough chunks for what it waits for are in
+    (or the stream ended): a token costs a list append, not an event-loop wake-up.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[ChatChunk] = []
+        self.end: Outcome | None = None
+        """Set when the stream ended: ``Outcome()`` or ``Outcome(error=...)``."""
+        self._need = 1
+        self._wake = asyncio.Event()
+
+    def put(self, chunk: ChatChunk) -> None:
+        self.items.append(chunk)
+        if len(self.items) >= self._need:
+            self._wake.set()
+
+    def close(self, end: Outcome) -> None:
+        self.end = end
+        self._wake.set()
+
+    async def wait(self, need: int, timeout: float | None = None) -> None:
+        """Until ``need`` chunks are in, the stream ended, or ``timeout`` seconds passed."""
+        if len(self.items) >= need or self.end is not None:
+            return
+        self._need = need
+        self._wake.clear()
+        if timeout is None:
+            await self._wake.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def take(self, limit: int) -> list[ChatChunk]:
+        batch = self.items[:limit]
+        del self.items[:limit]
+        return batch
+
+    async def batches(self) -> AsyncIterator[tuple[tuple[ChatChunk, ...], BaseException | None]]:
+        """The first chunk alone at once, then up to ``BATCH_TOKENS`` chunks or what came
+        within ``BATCH_SECONDS``; the last batch carries the stream's error, if any."""
+        first = True
+        while True:
+            await self.wait(1)
+            if not first:
+                await self.wait(BATCH_TOKENS, BATCH_SECONDS)
+            batch = self.take(1 if first else BATCH_TOKENS)
+            first = False
+            end = self.end if not self.items else None
+            error = end.error if end is not None else None
+            if batch or error is not None:
+                yield tuple(batch), error
+            if end is not None:
+                return
+
+
 class Replica:
     """The actor (wrapped with ``ray.remote`` by the engine): one loaded model."""
 
@@ -209,52 +268,21 @@ class Replica:
             yield (), portable_error(exc)
             return
         self.active += 1
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        done = object()
+        buffer = _ChunkBuffer()
 
         async def pump() -> None:
             try:
                 async for chunk in backend.stream_chat(request):
-                    queue.put_nowait(chunk)
+                    buffer.put(chunk)
             except Exception as exc:
-                queue.put_nowait(Outcome(error=portable_error(exc)))
+                buffer.close(Outcome(error=portable_error(exc)))
             else:
-                queue.put_nowait(done)
+                buffer.close(Outcome())
 
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(pump())
+        task = asyncio.get_running_loop().create_task(pump())
         try:
-            first = True
-            ended = False
-            while not ended:
-                batch: list[ChatChunk] = []
-                error = None
-                item = await queue.get()
-                deadline = loop.time() + BATCH_SECONDS
-                while True:
-                    if item is done:
-                        ended = True
-                    elif isinstance(item, Outcome):
-                        ended, error = True, item.error
-                    else:
-                        batch.append(item)
-                    if ended or first or len(batch) >= BATCH_TOKENS:
-                        break
-                    try:
-                        item = queue.get_nowait()
-                        continue
-                    except asyncio.QueueEmpty:
-                        pass
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(queue.get(), remaining)
-                    except TimeoutError:
-                        break
-                first = False
-                if batch or error is not None:
-                    yield tuple(batch), error
+            async for batch in buffer.batches():
+                yield batch
             self.served += 1
         finally:
             task.cancel()
