@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from nexa.plugins import load_plugins
+from nexa.types import Task
 
 
 @pytest.fixture
@@ -84,6 +85,36 @@ def test_registering_a_non_backend_is_refused():
 
     plugins = load_plugins(load_entry_points=False, extra_plugins=[Wrong()])
     assert "not a Backend subclass" in plugins.failures[0].error
+
+
+def test_async_hookimpl_is_a_plugin_failure():
+    from nexa.hookspecs import hookimpl
+    from nexa.testing import EchoBackend
+
+    class Async:
+        @hookimpl
+        async def register_chat_backends(self, register):
+            register(EchoBackend)
+
+    plugins = load_plugins(load_entry_points=False, extra_plugins=[Async()])
+    assert [(f.stage, "async def" in f.error) for f in plugins.failures] == [("register_chat_backends", True)]
+    assert Task.CHAT not in plugins.backends
+    assert not plugins.loaded
+
+
+def test_hookimpl_returning_an_awaitable_is_a_plugin_failure():
+    import asyncio
+
+    from nexa.hookspecs import hookimpl
+
+    class Sneaky:
+        @hookimpl
+        def register_models(self, register):
+            return asyncio.sleep(0)  # a coroutine made by a sync function (a decorator, say)
+
+    plugins = load_plugins(load_entry_points=False, extra_plugins=[Sneaky()])
+    assert [f.stage for f in plugins.failures] == ["register_models"]
+    assert "awaitable" in plugins.failures[0].error
 
 
 def _env(plugin_path, home):

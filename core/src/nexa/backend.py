@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import attrs
 
 from nexa.errors import Cancelled, UnsupportedTask
+from nexa.text import StopHoldBack
 from nexa.types import (
     BackendInfo,
     BackendMetric,
@@ -32,6 +33,7 @@ from nexa.types import (
     ImageResult,
     Manifest,
     Task,
+    Usage,
 )
 
 
@@ -76,10 +78,17 @@ class Backend:
     tasks: ClassVar[frozenset[Task]] = frozenset()
     formats: ClassVar[frozenset[str]] = frozenset()
     devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
-    parallel: ClassVar[int] = 1
-    """How many requests one loaded model runs at once (its worker threads)."""
+    parallel: int = 1
+    """How many requests one loaded model runs at once (its worker threads). The class
+    value is the backend's default; an instance holds the count it really runs with
+    (``nexa serve --parallel`` overrides it through ``LoadOptions.parallel``)."""
     priority: ClassVar[int] = 0
     """Higher wins when several backends support a model."""
+    stops_natively: ClassVar[bool] = False
+    """True when ``chat`` itself ends the answer at ``request.sampling.stop`` strings (with
+    ``nexa.text.StopHoldBack``), stopping generation at once and counting tokens exactly.
+    False: the server cuts the answer at the first stop string and closes the stream;
+    usage then counts one completion token per chunk received."""
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -106,11 +115,11 @@ class Backend:
         self.manifest = manifest
         self.device = device
         self.options = options or LoadOptions()
-        self.concurrency = self.options.parallel or self.parallel
+        self.parallel = self.options.parallel or type(self).parallel
         # Long-lived worker threads: llama.cpp and torch are fastest when one model is
         # always driven from the same thread(s), and load happens on them too.
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.concurrency, thread_name_prefix=f"nexa-{self.name}"
+            max_workers=self.parallel, thread_name_prefix=f"nexa-{self.name}"
         )
 
     # --- synchronous methods backend authors override --------------------------------
@@ -185,6 +194,38 @@ class Backend:
             cancel.cancel()
             # The slot is only free once the worker thread has really stopped.
             await asyncio.shield(done)
+
+    async def stream_answer(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        """What the server streams for a chat: ``stream_chat``, cut at the first stop string
+        when the backend does not stop natively (``stops_natively``). Not for overriding."""
+        stops = request.sampling.stop
+        if self.stops_natively or not stops:
+            async for chunk in self.stream_chat(request):
+                yield chunk
+            return
+        holdback = StopHoldBack(stops)
+        produced = 0
+        prompt_tokens = 0
+        chunks = self.stream_chat(request)
+        try:
+            async for chunk in chunks:
+                if chunk.usage is not None:
+                    prompt_tokens = chunk.usage.prompt_tokens
+                if chunk.content or chunk.reasoning or chunk.tool_calls:
+                    produced += 1
+                text = holdback.feed(chunk.content) if chunk.content else ""
+                if holdback.stopped:
+                    if text or chunk.reasoning or chunk.tool_calls:
+                        yield ChatChunk(content=text, reasoning=chunk.reasoning, tool_calls=chunk.tool_calls)
+                    # Closing the stream cancels the rest of the generation.
+                    yield ChatChunk(finish_reason="stop", usage=Usage(prompt_tokens, produced))
+                    return
+                if chunk.finish_reason is not None:
+                    text += holdback.flush()
+                if text or chunk.reasoning or chunk.tool_calls or chunk.finish_reason is not None or chunk.usage is not None:
+                    yield attrs.evolve(chunk, content=text)
+        finally:
+            await chunks.aclose()
 
     async def run_embed(self, request: EmbedRequest) -> EmbedResult:
         return await self._run(self.embed, request)

@@ -2,7 +2,7 @@
 
 The ``ModelManager`` turns a client's ``model`` string and a task into a loaded backend
 instance. Concurrent requests for an unloaded model cause exactly one load; each model
-runs ``backend.concurrency`` requests at once and lets at most ``queue_size`` more wait
+runs ``backend.parallel`` requests at once and lets at most ``queue_size`` more wait
 (the rest get 503 with Retry-After). Idle models unload after ``keepalive`` seconds, and
 loading a model that would exceed the memory budget evicts least-recently-used idle
 models first; a model in use is never evicted. With an engine (``--engine``, see
@@ -117,7 +117,7 @@ class ModelManager:
         if entry.waiting >= self.config.queue_size:
             raise Busy(
                 f"model {manifest.name!r} has {entry.waiting} requests waiting; try again shortly",
-                retry_after=max(1, entry.waiting // max(1, entry.backend.concurrency)),
+                retry_after=max(1, entry.waiting // max(1, entry.backend.parallel)),
             )
         entry.waiting += 1
         self.metrics.queue_depth.labels(manifest.name).inc()
@@ -154,7 +154,7 @@ class ModelManager:
             manifest=manifest,
             backend=backend,
             ready=loop.create_future(),
-            slots=asyncio.Semaphore(max(1, backend.concurrency)),
+            slots=asyncio.Semaphore(max(1, backend.parallel)),
         )
         self._models[key] = entry
         loop.create_task(self._load(key, entry), name=f"load {manifest.name}")

@@ -9,6 +9,7 @@ separated entry-point names) skips named plugins, so a broken one can be switche
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import os
 import traceback
 from collections.abc import Iterable
@@ -120,12 +121,25 @@ def _registered(
     collected: list = []
     if not impls:
         return collected
+    function = impls[0].function
+    if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+        # pluggy would call it and drop the coroutine unawaited: nothing registered, and
+        # only a RuntimeWarning to show for it.
+        result.failures.append(PluginFailure(
+            plugin_name, hook_name, f"{hook_name} is declared 'async def'; nexa hooks are synchronous"))
+        return None
     try:
-        impls[0].function(register=collected.append)
+        returned = function(register=collected.append)
     except Exception as exc:
         result.failures.append(
             PluginFailure(plugin_name, hook_name, _one_line(exc), traceback.format_exc())
         )
+        return None
+    if inspect.isawaitable(returned):
+        if inspect.iscoroutine(returned):
+            returned.close()
+        result.failures.append(PluginFailure(
+            plugin_name, hook_name, f"{hook_name} returned an awaitable; nexa hooks are synchronous"))
         return None
     return collected
 

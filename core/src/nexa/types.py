@@ -213,29 +213,93 @@ class ChatMessage:
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
 
+def _stops(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+@attrs.frozen
+class Sampling:
+    """How the next tokens are chosen and when generation ends: the one sampling value.
+
+    Built once at the API edge (``nexa.server.convert``), where every field is checked
+    against the server's caps, and carried unchanged down to the backend. Neutral values
+    mean "off", so a backend never needs ``None`` checks: ``top_k=0``, ``min_p=0``,
+    ``repeat_penalty=1``, penalties 0, ``temperature=0`` is greedy decoding.
+    """
+
+    max_tokens: int | None = None
+    """Most tokens to generate; None: until the model stops or its context is full. A
+    backend caps it at the room its context leaves (finish reason ``length``)."""
+    temperature: float = 1.0
+    """0 means greedy (the most likely token every time)."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k cut."""
+    min_p: float = 0.0
+    seed: int | None = None
+    """None: a fresh random seed per request. The same seed and prompt give the same text."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    """1.0: off (llama.cpp's multiplicative repetition penalty)."""
+    stop: tuple[str, ...] = attrs.field(converter=_stops, default=())
+    """Strings that end the answer; never emitted, not even in part (``nexa.text.StopHoldBack``)."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@attrs.frozen
+class Reasoning:
+    """How a thinking model (Qwen3, DeepSeek-R1...) reasons for one request.
+
+    The server resolves the request's switches (``reasoning_effort``,
+    ``chat_template_kwargs.enable_thinking``, ``think``, Anthropic's ``thinking``) and its
+    own settings (``--reasoning-format``, ``--reasoning-budget``) into this one value.
+    """
+
+    enabled: bool | None = None
+    """None: the model's own default; False: thinking off where the template allows it."""
+    effort: str | None = None
+    """``minimal``...``max``, handed to the chat template as ``reasoning_effort``."""
+    budget: int = -1
+    """Thinking tokens at most before the thought is closed and the answer starts;
+    -1: unlimited, 0: no thinking."""
+    format: str = "separate"
+    """``separate``: reasoning in ``ChatChunk.reasoning``; ``inline``: left in the content
+    as the model wrote it; ``hidden``: dropped."""
+
+
 @attrs.frozen
 class ChatRequest:
     """One chat completion, as a backend sees it."""
 
     messages: tuple[ChatMessage, ...] = attrs.field(converter=tuple)
-    max_tokens: int | None = None
-    """None: until the context is full or the model stops."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = attrs.field(converter=tuple, default=())
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repeat_penalty: float | None = None
+    sampling: Sampling = Sampling()
+    """Token choice and limits, already validated (``Sampling``)."""
     tools: tuple[Mapping[str, Any], ...] = attrs.field(converter=tuple, default=())
     """OpenAI tool definitions (``{"type": "function", "function": {...}}``)."""
     tool_choice: str | Mapping[str, Any] | None = None
-    """``auto``, ``none``, ``required`` or ``{"type": "function", "function": {"name": ...}}``."""
+    """``auto``, ``none``, ``required`` or ``{"type": "function", "function": {"name": ...}}``;
+    already checked against ``tools`` (a named function is one of them; ``required`` has tools)."""
     response_format: Mapping[str, Any] | None = None
     """``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
+    reasoning: Reasoning = Reasoning()
+    """Thinking on or off, its effort, budget and how it is returned."""
     model: str = ""
+
+    @classmethod
+    def create(cls, messages: Any, **fields: Any) -> ChatRequest:
+        """A request from flat keyword fields (``max_tokens=8, temperature=0, tools=[...]``):
+        the ``Sampling`` ones are gathered into ``sampling``. For tests and scripts."""
+        names = {a.name for a in attrs.fields(Sampling)}
+        sampling = {k: fields.pop(k) for k in list(fields) if k in names}
+        return cls(messages=messages, sampling=Sampling(**sampling), **fields)
 
     @property
     def has_images(self) -> bool:
@@ -246,6 +310,11 @@ class ChatRequest:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    """Every generated token, reasoning included (as OpenAI counts)."""
+    reasoning_tokens: int = 0
+    """The part of ``completion_tokens`` spent thinking."""
+    cached_tokens: int = 0
+    """Prompt tokens served from a cache instead of computed."""
 
     @property
     def total_tokens(self) -> int:
@@ -257,6 +326,8 @@ class ChatChunk:
     """One piece of a chat answer. The last chunk carries ``finish_reason`` and ``usage``."""
 
     content: str = ""
+    reasoning: str = ""
+    """Thinking text of this piece, kept apart from ``content`` (``reasoning_content``)."""
     tool_calls: tuple[ToolCall, ...] = ()
     finish_reason: str | None = None
     """``stop``, ``length`` or ``tool_calls`` on the last chunk."""

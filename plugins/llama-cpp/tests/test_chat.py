@@ -21,7 +21,7 @@ HELLO = (ChatMessage("user", "hello world"),)
 
 
 def run(backend, **kwargs):
-    request = ChatRequest(messages=kwargs.pop("messages", HELLO), **kwargs)
+    request = ChatRequest.create(kwargs.pop("messages", HELLO), **kwargs)
     chunks = list(backend.chat(request, CancelToken()))
     text = "".join(c.content for c in chunks)
     return text, chunks
@@ -71,7 +71,7 @@ def test_stop_string_cuts_output(chat_backend):
 
 def test_cancel_stops_within_a_token(chat_backend):
     cancel = CancelToken()
-    request = ChatRequest(messages=HELLO, max_tokens=500, temperature=0)
+    request = ChatRequest.create(HELLO, max_tokens=500, temperature=0)
     seen = 0
     with pytest.raises(Cancelled):
         for _chunk in chat_backend.chat(request, cancel):
@@ -87,7 +87,7 @@ def test_cancel_stops_within_a_token(chat_backend):
 def test_cancel_from_another_thread_stops_within_a_token(chat_backend):
     # What the server does on a disconnect: another thread sets the token mid-stream.
     cancel = CancelToken()
-    request = ChatRequest(messages=HELLO, max_tokens=100_000, temperature=0)
+    request = ChatRequest.create(HELLO, max_tokens=100_000, temperature=0)
     first = threading.Event()
     canceller = threading.Thread(target=lambda: (first.wait(10), cancel.cancel()))
     canceller.start()
@@ -214,7 +214,7 @@ def test_tool_choice_errors(chat_backend):
 
 
 def test_tools_reach_the_prompt(chat_backend, tools_backend):
-    request = ChatRequest(messages=HELLO, tools=[WEATHER])
+    request = ChatRequest.create(HELLO, tools=[WEATHER])
     # A template without tool support gets them in a system prompt we write...
     plain = chat_backend._plan(request, with_images=False).prompt
     assert plain.startswith("<|im_start|>system\nYou can call functions")
@@ -223,7 +223,7 @@ def test_tools_reach_the_prompt(chat_backend, tools_backend):
     aware = tools_backend._plan(request, with_images=False).prompt
     assert "# Tools" in aware and "get_weather" in aware
     none = tools_backend._plan(
-        ChatRequest(messages=HELLO, tools=[WEATHER], tool_choice="none"), with_images=False
+        ChatRequest.create(HELLO, tools=[WEATHER], tool_choice="none"), with_images=False
     ).prompt
     assert "get_weather" not in none
 

@@ -69,7 +69,7 @@ def test_the_weights_of_a_real_model_go_to_the_gpu(device):
         # only the input embedding lookup (~18 of 98 MB) stays in host memory.
         assert used >= 0.6 * size, (used, size)
         question = "What is the capital city of France? Answer in one word."
-        request = ChatRequest(messages=[ChatMessage("user", question)], max_tokens=20, temperature=0)
+        request = ChatRequest.create([ChatMessage("user", question)], max_tokens=20, temperature=0)
         text = "".join(c.content for c in backend.chat(request, CancelToken()))
         assert "Paris" in text, text
     finally:
@@ -80,7 +80,7 @@ def test_a_chat_on_the_gpu_runs_on_the_batching_engine(store, device):
     backend = load(store, CHAT, device)
     try:
         assert backend.engine_stats() is not None
-        request = ChatRequest(messages=[ChatMessage("user", "hello there")], max_tokens=12, temperature=0)
+        request = ChatRequest.create([ChatMessage("user", "hello there")], max_tokens=12, temperature=0)
         chunks = list(backend.chat(request, CancelToken()))
         assert chunks[-1].usage.completion_tokens == 12
         assert backend.engine_stats().requests_finished >= 1

@@ -57,11 +57,11 @@ def test_backend_batches_by_default_and_can_be_switched_off(tmp_path):
     m = ModelStore(tmp_path / "home").import_path(manifest, name="t/m")
     cpu = Device("cpu")
     on = LlamaCppBackend(m, cpu, LoadOptions(threads=1))
-    assert (on.batching, on.concurrency) == (True, DEFAULT_PARALLEL)
-    assert LlamaCppBackend(m, cpu, LoadOptions(parallel=6)).concurrency == 6
+    assert (on.batching, on.parallel) == (True, DEFAULT_PARALLEL)
+    assert LlamaCppBackend(m, cpu, LoadOptions(parallel=6)).parallel == 6
     for off in (LoadOptions(parallel=1), LoadOptions(extra={"batching": False})):
         b = LlamaCppBackend(m, cpu, off)
-        assert (b.batching, b.concurrency) == (False, 1)
+        assert (b.batching, b.parallel) == (False, 1)
     on.load()
     try:
         assert on.engine_stats().n_seq == DEFAULT_PARALLEL

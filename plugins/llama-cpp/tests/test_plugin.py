@@ -97,7 +97,7 @@ def test_cuda_build_offloads_and_generates(store, device):
     backend = LlamaCppBackend(store.get("test/tiny-chat"), device)
     backend.load()
     try:
-        chunks = list(backend.chat(ChatRequest(messages=[ChatMessage("user", "hi")], max_tokens=4,
+        chunks = list(backend.chat(ChatRequest.create([ChatMessage("user", "hi")], max_tokens=4,
                                                temperature=0), CancelToken()))
         assert chunks[-1].usage.completion_tokens == 4
     finally:

@@ -205,7 +205,7 @@ def slow_single_backend(store, device, tmp_path_factory):
 
 
 def chat(backend: LlamaCppBackend, content: str, cancel: CancelToken | None = None, **kw):
-    request = ChatRequest(messages=(ChatMessage("user", content),), temperature=0.0, **kw)
+    request = ChatRequest.create((ChatMessage("user", content),), temperature=0.0, **kw)
     chunks = list(backend.chat(request, cancel or CancelToken()))
     return "".join(c.content for c in chunks), chunks[-1]
 
@@ -277,7 +277,7 @@ def test_smollm2_cancel_during_prompt_processing_frees_the_sequence_at_once():
 
 
 def test_llama_cancel_while_an_image_prompt_is_evaluated(vlm_backend):
-    request = ChatRequest(
+    request = ChatRequest.create(
         messages=(ChatMessage("user", (TextPart("what is this?"), ImagePart(tiny.png_bytes()), TextPart("say"))),),
         max_tokens=6,
         temperature=0.0,

@@ -1,4 +1,4 @@
-"""Stop strings and tool-call parsing on plain strings, fed in awkward pieces."""
+"""Tool-call parsing on plain strings, fed in awkward pieces (stop strings: core/tests/test_text.py)."""
 
 from __future__ import annotations
 
@@ -7,42 +7,7 @@ import json
 import pytest
 
 from nexa.types import ToolCall
-from nexa_llama_cpp.textstream import StopMatcher, ToolCallStream, call_schema, parse_bare_calls
-
-
-def feed_all(matcher: StopMatcher, pieces: list[str]) -> tuple[list[str], str]:
-    out = []
-    for piece in pieces:
-        out.append(matcher.feed(piece))
-        if matcher.stopped:
-            break
-    return out, matcher.flush()
-
-
-def test_stop_string_split_across_pieces_is_never_emitted():
-    m = StopMatcher(["###"])
-    emitted, rest = feed_all(m, ["Hello #", "#", " no", " wait ##", "# tail"])
-    assert m.stopped
-    text = "".join(emitted) + rest
-    assert text == "Hello ## no wait "
-    # The held-back '#' was released only once it could no longer start '###'.
-    assert emitted[0] == "Hello "
-
-
-def test_earliest_of_several_stops_wins_and_false_alarm_is_flushed():
-    m = StopMatcher(["END", "STOP"])
-    emitted, rest = feed_all(m, ["abc ST", "OP def END"])
-    assert "".join(emitted) == "abc "
-    m = StopMatcher(["END"])
-    emitted, rest = feed_all(m, ["the E", "N"])
-    assert not m.stopped
-    assert "".join(emitted) + rest == "the EN"
-
-
-def test_no_stops_passes_text_through():
-    m = StopMatcher([])
-    assert m.feed("abc") == "abc"
-    assert m.flush() == ""
+from nexa_llama_cpp.textstream import ToolCallStream, call_schema, parse_bare_calls
 
 
 def events(stream: ToolCallStream, pieces: list[str]) -> list[str | ToolCall]:

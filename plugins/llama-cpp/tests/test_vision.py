@@ -12,7 +12,7 @@ from nexa_llama_cpp.testing import png_bytes
 
 
 def ask(backend, *parts, **kwargs):
-    request = ChatRequest(messages=(ChatMessage("user", tuple(parts)),), **kwargs)
+    request = ChatRequest.create((ChatMessage("user", tuple(parts)),), **kwargs)
     chunks = list(backend.chat(request, CancelToken()))
     return "".join(c.content for c in chunks), chunks
 
@@ -44,7 +44,7 @@ def test_different_images_give_different_answers(vlm_backend):
 
 
 def test_text_request_after_an_image_does_not_reuse_image_cache(vlm_backend):
-    plain = ChatRequest(messages=(ChatMessage("user", "hello"),), max_tokens=8, temperature=0)
+    plain = ChatRequest.create((ChatMessage("user", "hello"),), max_tokens=8, temperature=0)
     before = "".join(c.content for c in vlm_backend.chat(plain, CancelToken()))
     ask(vlm_backend, ImagePart(png_bytes()), max_tokens=3, temperature=0)
     after = "".join(c.content for c in vlm_backend.chat(plain, CancelToken()))

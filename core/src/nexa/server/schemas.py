@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.params import KwargDefinition
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 from nexa.config import ServerConfig
 
@@ -171,6 +171,45 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     choices: list[Choice]
     usage: UsageWire
     system_fingerprint: str | None = None
+
+
+# One event of a streamed chat (``stream: true``): absent delta fields are left out, as
+# OpenAI's are; ``usage`` is present (null until the last event) only with
+# ``stream_options.include_usage``.
+
+
+class FunctionCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | UnsetType = UNSET
+    arguments: str = ""
+
+
+class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    index: int
+    id: str | UnsetType = UNSET
+    type: Literal["function"] | UnsetType = UNSET
+    function: FunctionCallDelta
+
+
+class ChunkDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    role: Literal["assistant"] | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+    tool_calls: list[ToolCallDelta] | UnsetType = UNSET
+
+
+class ChunkChoice(msgspec.Struct, kw_only=True):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: UsageWire | None | UnsetType = UNSET
 
 
 # --- embeddings ---------------------------------------------------------------------

@@ -2,6 +2,29 @@
 
 Each function takes a backend instance that is already ``start()``-ed, runs the async
 interface the server uses, and raises AssertionError with a clear message on a breach.
+What they check is listed in ``docs/plugin-guide.md``:
+
+chat (``check_chat``)
+  - the answer streams as chunks; only the last has a ``finish_reason``
+    (``stop``/``length``/``tool_calls``) and it carries ``usage``;
+  - temperature 0 with a seed gives the same text twice;
+  - ``max_tokens`` bounds the text itself, not only the reported usage: the answer to
+    ``max_tokens=1`` starts the answer to ``max_tokens=8``, and differs from it unless the
+    model stopped at once; an answer cut by the limit reports exactly that many tokens;
+  - usage is honest: a longer prompt reports more prompt tokens, a non-empty answer at
+    least one completion token;
+  - stop strings end the answer before their first occurrence, with ``finish_reason``
+    ``stop`` (checked through ``Backend.stream_answer``, so a backend that declares
+    ``stops_natively`` must really stop; others are cut by the server);
+  - cancellation: closing a stream stops the work promptly; a backend with a synchronous
+    ``chat`` must check its ``CancelToken`` (given an already cancelled token it may
+    yield at most one chunk before stopping).
+
+embed (``check_embed``): one L2-normalised vector per input, one dimension, the same text
+embeds the same, tokens counted, a cancelled token stops the work.
+
+images (``check_images``): ``n`` PNGs of the requested size, reproducible with a seed, a
+cancelled token stops the work.
 """
 
 from __future__ import annotations
@@ -11,44 +34,113 @@ import io
 import math
 import time
 
-from nexa.backend import Backend
-from nexa.types import ChatMessage, ChatRequest, EmbedRequest, ImageRequest
+from nexa.backend import Backend, CancelToken
+from nexa.errors import Cancelled
+from nexa.types import ChatMessage, ChatRequest, EmbedRequest, ImageRequest, Sampling
+
+PROMPT = "Say hello in three words."
 
 
 def _run(coro):  # noqa: ANN001, ANN202
     return asyncio.run(coro)
 
 
-async def _started(backend: Backend) -> Backend:
-    await backend.start()
-    return backend
+def _request(prompt: str, **sampling: object) -> ChatRequest:
+    sampling.setdefault("temperature", 0.0)
+    sampling.setdefault("seed", 1)
+    return ChatRequest(messages=[ChatMessage("user", prompt)], sampling=Sampling(**sampling))  # type: ignore[arg-type]
 
 
-async def check_chat_async(backend: Backend, prompt: str = "Say hello in three words.") -> None:
-    request = ChatRequest(messages=[ChatMessage("user", prompt)], max_tokens=8, temperature=0.0, seed=1)
-    chunks = [c async for c in backend.stream_chat(request)]
+async def _answer(backend: Backend, request: ChatRequest):  # noqa: ANN202
+    chunks = [c async for c in backend.stream_answer(request)]
     assert chunks, "stream_chat yielded nothing"
     last = chunks[-1]
     assert last.finish_reason in {"stop", "length", "tool_calls"}, f"bad finish_reason {last.finish_reason!r}"
     assert all(c.finish_reason is None for c in chunks[:-1]), "finish_reason before the last chunk"
-    assert last.usage is not None and last.usage.prompt_tokens > 0, "last chunk lacks usage"
-    assert last.usage.completion_tokens <= 8, "max_tokens not honoured"
-    text = "".join(c.content for c in chunks)
-    assert isinstance(text, str)
-    # Deterministic at temperature 0.
-    again = "".join([c.content async for c in backend.stream_chat(request)])
+    assert last.usage is not None, "the last chunk lacks usage"
+    return "".join(c.content for c in chunks), last.finish_reason, last.usage
+
+
+async def _on_worker(backend: Backend, fn, *args):  # noqa: ANN001, ANN202
+    """Run ``fn`` on the model's own worker thread, as the server runs synchronous methods."""
+    return await asyncio.get_running_loop().run_in_executor(backend._executor, fn, *args)
+
+
+def _overrides_async_chat(backend: Backend) -> bool:
+    return type(backend).stream_chat is not Backend.stream_chat
+
+
+async def check_chat_async(backend: Backend, prompt: str = PROMPT) -> None:
+    text, finish, usage = await _answer(backend, _request(prompt, max_tokens=8))
+    assert usage.prompt_tokens > 0, "usage.prompt_tokens must count the prompt"
+    assert usage.completion_tokens <= 8, "max_tokens not honoured in usage"
+    assert text, "a chat backend must answer this prompt with some text at temperature 0"
+    assert usage.completion_tokens >= 1, "a non-empty answer reports at least one completion token"
+    if finish == "length":
+        assert usage.completion_tokens == 8, "an answer cut by max_tokens=8 must report 8 completion tokens"
+    again, _, _ = await _answer(backend, _request(prompt, max_tokens=8))
     assert again == text, "temperature 0 with a seed is not reproducible"
+
+    # max_tokens bounds the text itself.
+    one, finish_one, usage_one = await _answer(backend, _request(prompt, max_tokens=1))
+    assert usage_one.completion_tokens <= 1, "max_tokens=1 reported more than one completion token"
+    assert text.startswith(one), "the answer to max_tokens=1 must start the answer to max_tokens=8 (greedy)"
+    if finish_one == "length" and finish == "length":
+        assert one != text, "max_tokens=1 gave the same text as max_tokens=8: max_tokens is ignored"
+
+    # Usage is counted, not made up: more prompt, more prompt tokens.
+    longer = prompt + " Answer politely, and think about the words you choose before you write them down."
+    _, _, usage_long = await _answer(backend, _request(longer, max_tokens=1))
+    assert usage_long.prompt_tokens > usage_one.prompt_tokens, "a longer prompt must report more prompt tokens"
+
+    # Stop strings: the answer ends before the first occurrence.
+    stop = _stop_string(text)
+    if stop is not None:
+        cut, finish_stop, _ = await _answer(backend, _request(prompt, max_tokens=8, stop=(stop,)))
+        expected = text[: text.index(stop)]
+        assert cut == expected, f"stop {stop!r}: expected {expected!r}, got {cut!r}"
+        assert finish_stop == "stop", "an answer ended by a stop string must finish with 'stop'"
+
     # Closing the stream early must stop the work and free the worker promptly.
-    long = ChatRequest(messages=[ChatMessage("user", prompt)], max_tokens=2000, temperature=0.0)
-    stream = backend.stream_chat(long)
+    stream = backend.stream_answer(_request(prompt, max_tokens=2000))
     await anext(stream)
     started = time.monotonic()
     await stream.aclose()
     assert time.monotonic() - started < 5, "closing a stream did not stop generation"
-    # max_tokens=1 ends with length unless the model stopped at once.
-    one = [c async for c in backend.stream_chat(
-        ChatRequest(messages=[ChatMessage("user", prompt)], max_tokens=1, temperature=0.0))]
-    assert one[-1].usage is not None and one[-1].usage.completion_tokens <= 1
+    if not _overrides_async_chat(backend):
+        await _on_worker(backend, _check_sync_chat_cancel, backend, prompt)
+
+
+def _stop_string(text: str) -> str | None:
+    """Two characters from inside ``text`` that first occur after its start, or None."""
+    for i in range(1, len(text) - 1):
+        candidate = text[i : i + 2]
+        if candidate.strip() and text.index(candidate) == i:
+            return candidate
+    return None
+
+
+def _check_sync_chat_cancel(backend: Backend, prompt: str) -> None:
+    token = CancelToken()
+    token.cancel()
+    produced = 0
+    try:
+        for chunk in backend.chat(_request(prompt, max_tokens=64), token):
+            if chunk.content or chunk.tool_calls:
+                produced += 1
+            assert produced <= 1, "chat() went on generating with a cancelled CancelToken (check it every token)"
+    except Cancelled:
+        pass
+
+
+def _check_sync_cancel(method, request) -> None:  # noqa: ANN001
+    token = CancelToken()
+    token.cancel()
+    try:
+        method(request, token)
+    except Cancelled:
+        return
+    raise AssertionError(f"{method.__name__}() ran to the end with a cancelled CancelToken (check it between units of work)")
 
 
 async def check_embed_async(backend: Backend) -> None:
@@ -62,23 +154,24 @@ async def check_embed_async(backend: Backend) -> None:
     same = sum(a * b for a, b in zip(result.vectors[0], result.vectors[2], strict=True))
     assert same > 0.999, "the same text must embed the same"
     assert result.prompt_tokens > 0, "prompt_tokens must be counted"
+    if type(backend).run_embed is Backend.run_embed:
+        await _on_worker(backend, _check_sync_cancel, backend.embed, EmbedRequest(inputs=texts))
 
 
 async def check_images_async(backend: Backend, size: int = 64) -> None:
     from PIL import Image
 
-    result = await backend.run_images(
-        ImageRequest(prompt="a red square", n=2, width=size, height=size, seed=7, steps=2)
-    )
+    request = ImageRequest(prompt="a red square", n=2, width=size, height=size, seed=7, steps=2)
+    result = await backend.run_images(request)
     assert len(result.images) == 2, "n images expected"
     for png in result.images:
         assert png[:8] == b"\x89PNG\r\n\x1a\n", "images must be PNG"
         with Image.open(io.BytesIO(png)) as img:
             assert img.size == (size, size), f"wrong size {img.size}"
-    again = await backend.run_images(
-        ImageRequest(prompt="a red square", n=2, width=size, height=size, seed=7, steps=2)
-    )
+    again = await backend.run_images(request)
     assert again.images == result.images, "same seed must give the same images"
+    if type(backend).run_images is Backend.run_images:
+        await _on_worker(backend, _check_sync_cancel, backend.generate_images, request)
 
 
 def check_chat(backend: Backend) -> None:

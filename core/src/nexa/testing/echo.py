@@ -90,25 +90,16 @@ class EchoBackend(Backend):
         images = sum(len(m.images) for m in request.messages)
         if images:
             words = [f"[{images} image(s)]"] + words
-        limit = request.max_tokens if request.max_tokens is not None else len(words)
+        max_tokens = request.sampling.max_tokens
+        limit = max_tokens if max_tokens is not None else len(words)
         produced = 0
-        emitted = ""
         for i, word in enumerate(words[:limit]):
             cancel.raise_if_cancelled()
             if delay:
                 time.sleep(delay)
-            piece = word if i == 0 else " " + word
-            candidate = emitted + piece
-            hit = next((s for s in request.stop if s and s in candidate), None)
-            if hit is not None:
-                cut = candidate[: candidate.index(hit)]
-                if len(cut) > len(emitted):
-                    yield ChatChunk(content=cut[len(emitted):])
-                yield ChatChunk(finish_reason="stop", usage=Usage(prompt_tokens, produced + 1))
-                return
-            emitted = candidate
             produced += 1
-            yield ChatChunk(content=piece)
+            # One word is one token; stop strings are cut by the server (not stops_natively).
+            yield ChatChunk(content=word if i == 0 else " " + word)
         finish = "length" if len(words) > limit else "stop"
         yield ChatChunk(finish_reason=finish, usage=Usage(prompt_tokens, produced))
 
@@ -116,6 +107,7 @@ class EchoBackend(Backend):
         vectors = []
         tokens = 0
         for item in request.inputs:
+            cancel.raise_if_cancelled()
             text = item if isinstance(item, str) else " ".join(map(str, item))
             tokens += len(text.split()) if isinstance(item, str) else len(item)
             digest = hashlib.sha256(text.encode()).digest()

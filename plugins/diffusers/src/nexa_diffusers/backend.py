@@ -90,7 +90,7 @@ class DiffusersBackend(Backend):
     devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda", "metal"})
     # A pipeline object keeps per-call state (its scheduler's timesteps, `_interrupt`),
     # so two requests must never run on it at once.
-    parallel: ClassVar[int] = 1
+    parallel = 1
     priority: ClassVar[int] = 0
 
     @classmethod

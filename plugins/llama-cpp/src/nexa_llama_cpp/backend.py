@@ -41,6 +41,7 @@ import attrs
 
 from nexa.backend import Backend, CancelToken, LoadOptions
 from nexa.errors import BadRequest, Cancelled, ContextLengthExceeded, ModelLoadError, UnsupportedTask
+from nexa.text import StopHoldBack
 from nexa.types import (
     BackendMetric,
     ChatChunk,
@@ -60,7 +61,6 @@ from nexa_llama_cpp.textstream import (
     CLOSE_TAG,
     OPEN_TAG,
     Sampling,
-    StopMatcher,
     ToolCallStream,
     tool_functions,
     tools_system_prompt,
@@ -150,7 +150,7 @@ class _Chunker:
         self.reason = "stop"
         self.stopped = False
         """A stop string was found: the caller stops generating."""
-        self._stop = StopMatcher(stops)
+        self._stop = StopHoldBack(stops)
         self._tools = ToolCallStream(plan.tool_names) if plan.tool_names else None
 
     def feed(self, text: str, n_tokens: int) -> list[ChatChunk]:
@@ -195,6 +195,7 @@ class LlamaCppBackend(Backend):
     devices = frozenset({"cpu", "cuda", "metal"})
     parallel = DEFAULT_PARALLEL
     priority = 10
+    stops_natively = True
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -318,7 +319,7 @@ class LlamaCppBackend(Backend):
             # Same weights (no second load), its own context with one KV sequence per slot.
             self._engine = BatchEngine(
                 model=llama._model.model,
-                n_seq=self.concurrency,
+                n_seq=self.parallel,
                 n_ctx=n_ctx,
                 n_threads=threads,
                 n_threads_batch=kwargs["n_threads_batch"],
@@ -398,18 +399,17 @@ class LlamaCppBackend(Backend):
                 param="messages",
             )
         room = n_ctx - n_prompt
-        if request.max_tokens is not None and request.max_tokens < 1:
-            raise BadRequest("max_tokens must be at least 1", param="max_tokens")
+        wanted = request.sampling
         return Sampling(
-            max_tokens=min(request.max_tokens or room, room),
-            temperature=max(0.0, float(request.temperature)),
-            top_p=float(request.top_p),
-            top_k=int(request.top_k or 0),
-            min_p=float(request.min_p or 0.0),
-            seed=request.seed,
-            presence_penalty=float(request.presence_penalty),
-            frequency_penalty=float(request.frequency_penalty),
-            repeat_penalty=float(request.repeat_penalty or 1.0),
+            max_tokens=min(wanted.max_tokens or room, room),
+            temperature=max(0.0, wanted.temperature),
+            top_p=wanted.top_p,
+            top_k=wanted.top_k,
+            min_p=wanted.min_p,
+            seed=wanted.seed,
+            presence_penalty=wanted.presence_penalty,
+            frequency_penalty=wanted.frequency_penalty,
+            repeat_penalty=wanted.repeat_penalty,
             grammar=grammar,
         )
 
@@ -444,7 +444,7 @@ class LlamaCppBackend(Backend):
             prompt_tokens = self.tokenize_prompt(plan.prompt)
             sampling = self._sampling(request, len(prompt_tokens), plan.grammar)
             pieces = self._generate(prompt_tokens, sampling, cancel)
-        yield from self._chunks(pieces, len(prompt_tokens), plan, request.stop)
+        yield from self._chunks(pieces, len(prompt_tokens), plan, request.sampling.stop)
 
     def _plan(self, request: ChatRequest, *, with_images: bool) -> _Plan:
         template = self._template
@@ -526,7 +526,7 @@ class LlamaCppBackend(Backend):
         # Template rendering and tokenizing take milliseconds on a long conversation:
         # off the event loop, on the model's worker thread.
         plan, prompt_tokens, sampling = await loop.run_in_executor(self._executor, self._prepare_text, request)
-        chunker = _Chunker(len(prompt_tokens), plan, request.stop)
+        chunker = _Chunker(len(prompt_tokens), plan, request.sampling.stop)
         events = self._engine.agenerate(GenerationRequest.from_sampling(prompt_tokens, sampling))
         try:
             async for event in events:

@@ -26,7 +26,8 @@ from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from nexa.errors import BadRequest, ModelLoadError
-from nexa.types import ChatMessage, ImagePart, TextPart
+from nexa.text import template_message
+from nexa.types import ChatMessage
 
 # Used when a GGUF has no template (base models): ChatML is what llama.cpp's own server
 # falls back to, and it at least keeps roles apart.
@@ -166,46 +167,11 @@ class ChatTemplate:
             ) from exc
 
     def message_dict(self, message: ChatMessage, media_marker: str | None) -> dict[str, Any]:
-        content: Any = message.content
-        if isinstance(content, tuple):
-            parts = []
-            for part in content:
-                if isinstance(part, TextPart):
-                    parts.append({"type": "text", "text": part.text})
-                elif isinstance(part, ImagePart) and media_marker is not None:
-                    parts.append({"type": "text", "text": media_marker})
-            if self.caps.list_content and not self.caps.string_content:
-                content = parts
-            else:
-                # Most GGUF templates concatenate content as a string (SmolLM2's does
-                # `'...' + message['content']`), and a string is what llama.cpp's own
-                # server gives them: flatten the parts, images as markers in place.
-                content = "".join(p["text"] for p in parts)
-        if content is None and not self.caps.list_content:
-            # String-only templates concatenate content ('...' + content): None would
-            # raise, and an empty string renders the same as nothing.
-            content = ""
-        out: dict[str, Any] = {"role": message.role, "content": content}
-        if message.name:
-            out["name"] = message.name
-        if message.tool_call_id:
-            out["tool_call_id"] = message.tool_call_id
-        if message.tool_calls:
-            out["tool_calls"] = [
-                {
-                    "id": call.id,
-                    "type": "function",
-                    "function": {"name": call.name, "arguments": _arguments_object(call.arguments)},
-                }
-                for call in message.tool_calls
-            ]
-        return out
-
-
-def _arguments_object(arguments: str) -> Any:
-    # Templates (Qwen, Llama 3.x, Hermes) `tojson` the arguments: they expect an object,
-    # as transformers passes them; keep the string when it isn't JSON.
-    try:
-        return json.loads(arguments)
-    except (TypeError, ValueError):
-        return arguments
+        # Most GGUF templates concatenate content as a string (SmolLM2's does
+        # `'...' + message['content']`), and a string is what llama.cpp's own server gives
+        # them; part lists only for templates that render nothing else.
+        return template_message(
+            message,
+            media_marker=media_marker,
+            list_content=self.caps.list_content and not self.caps.string_content,
+        )

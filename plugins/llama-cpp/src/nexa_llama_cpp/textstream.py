@@ -1,10 +1,9 @@
 """Per-request text processing between the token generator and the chat chunks.
 
 ``Sampling`` is the resolved, library-neutral sampling setup that the generation
-boundary (``LlamaCppBackend._generate``) takes. ``StopMatcher`` cuts the output at the
-first stop string and never lets a partial stop string out before it is decided.
-``ToolCallStream`` turns model text into content and tool calls while streaming
-(Hermes/Qwen ``<tool_call>{json}</tool_call>`` blocks, or a bare JSON call).
+boundary (``LlamaCppBackend._generate``) takes. ``ToolCallStream`` turns model text
+into content and tool calls while streaming (Hermes/Qwen ``<tool_call>{json}</tool_call>``
+blocks, or a bare JSON call). Stop strings are core's ``nexa.text.StopHoldBack``.
 No llama_cpp import here: this is plain text handling, tested on strings.
 """
 
@@ -13,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -41,52 +40,6 @@ class Sampling:
     """1.0 disables it."""
     grammar: str | None = None
     """GBNF text the output must match (JSON schema, forced tool call), root rule ``root``."""
-
-
-class StopMatcher:
-    """Holds back text that could be the start of a stop string; cuts at the first one."""
-
-    def __init__(self, stops: Iterable[str]):
-        self.stops = tuple(s for s in stops if s)
-        self._longest = max((len(s) for s in self.stops), default=0)
-        self._pending = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        """Text that is safe to emit now. After a stop string, ``stopped`` is set."""
-        if not self.stops:
-            return text
-        if self.stopped:
-            return ""
-        self._pending += text
-        cut = -1
-        for stop in self.stops:
-            i = self._pending.find(stop)
-            if i != -1 and (cut == -1 or i < cut):
-                cut = i
-        if cut != -1:
-            out = self._pending[:cut]
-            self._pending = ""
-            self.stopped = True
-            return out
-        keep = self._held_suffix()
-        out = self._pending[: len(self._pending) - keep]
-        self._pending = self._pending[len(self._pending) - keep :]
-        return out
-
-    def _held_suffix(self) -> int:
-        # The longest tail of pending text that is a proper prefix of some stop string.
-        pending = self._pending
-        for n in range(min(len(pending), self._longest - 1), 0, -1):
-            tail = pending[-n:]
-            if any(s.startswith(tail) for s in self.stops):
-                return n
-        return 0
-
-    def flush(self) -> str:
-        """At the end of generation the held-back text was not a stop string after all."""
-        out, self._pending = ("" if self.stopped else self._pending), ""
-        return out
 
 
 def new_call_id() -> str:

@@ -32,9 +32,9 @@ from nexa.errors import (
     ModelLoadError,
     UnsupportedTask,
 )
+from nexa.text import template_message
 from nexa.types import (
     ChatChunk,
-    ChatMessage,
     ChatRequest,
     Device,
     Manifest,
@@ -94,7 +94,9 @@ class MlxBackend(Backend):
     devices: ClassVar[frozenset[str]] = frozenset({"metal", "cpu"})
     # MLX drives one model from one stream; sampling uses MLX's global RNG (that is how
     # `seed` is honoured), so one request at a time per loaded model.
-    parallel: ClassVar[int] = 1
+    parallel = 1
+    # AnswerParser ends the answer at stop strings inside the generation loop.
+    stops_natively = True
     # The backend made for MLX models: wins over any generic backend that also accepts
     # the format (e.g. a transformers backend reading safetensors).
     priority: ClassVar[int] = 50
@@ -182,7 +184,7 @@ class MlxBackend(Backend):
         return list(request.tools)
 
     def prompt_tokens(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> list[int]:
-        messages = [_template_message(m) for m in request.messages]
+        messages = [template_message(m) for m in request.messages]
         kwargs: dict[str, Any] = {"add_generation_prompt": True}
         if tools:
             kwargs["tools"] = tools
@@ -223,13 +225,13 @@ class MlxBackend(Backend):
         max_tokens = self.token_budget(request, len(prompt))
         cancel.raise_if_cancelled()
         sampler = seeded_sampler(request)
-        repeat = request.repeat_penalty if request.repeat_penalty not in (None, 1.0) else None
+        repeat = request.sampling.repeat_penalty if request.sampling.repeat_penalty != 1.0 else None
         processors = make_logits_processors(
             repetition_penalty=repeat,
             repetition_context_size=PENALTY_WINDOW,
-            presence_penalty=request.presence_penalty or None,
+            presence_penalty=request.sampling.presence_penalty or None,
             presence_context_size=PENALTY_WINDOW,
-            frequency_penalty=request.frequency_penalty or None,
+            frequency_penalty=request.sampling.frequency_penalty or None,
             frequency_context_size=PENALTY_WINDOW,
         )
 
@@ -279,7 +281,7 @@ class MlxBackend(Backend):
                 param="messages",
             )
         budget = context - prompt_tokens if context is not None else FALLBACK_MAX_TOKENS
-        return min(request.max_tokens, budget) if request.max_tokens else budget
+        return min(request.sampling.max_tokens, budget) if request.sampling.max_tokens else budget
 
     def answer(
         self,
@@ -296,7 +298,7 @@ class MlxBackend(Backend):
         """Turn generated token ids into chunks: text, stop strings, tool calls, finish."""
         start, end = self.tool_markers()
         parser = AnswerParser(
-            request.stop,
+            request.sampling.stop,
             tool_start=start if tool_parser else None,
             tool_end=end if tool_parser else None,
         )
@@ -365,8 +367,6 @@ def check_request(request: ChatRequest) -> None:
             "(it has no constrained decoding)",
             param="response_format",
         )
-    if request.repeat_penalty is not None and request.repeat_penalty <= 0:
-        raise BadRequest("repeat_penalty must be > 0", param="repeat_penalty")
 
 
 def seeded_sampler(request: ChatRequest) -> Callable[[Any], Any]:
@@ -375,35 +375,14 @@ def seeded_sampler(request: ChatRequest) -> Callable[[Any], Any]:
     from mlx_lm.sample_utils import make_sampler
 
     # Unseeded requests reseed from the OS so they never replay an earlier seeded one.
-    seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
+    seed = request.sampling.seed if request.sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
     mx.random.seed(seed % 2**64)
     return make_sampler(
-        temp=max(float(request.temperature), 0.0),
-        top_p=float(request.top_p),
-        min_p=float(request.min_p or 0.0),
-        top_k=int(request.top_k or 0),
+        temp=max(float(request.sampling.temperature), 0.0),
+        top_p=float(request.sampling.top_p),
+        min_p=float(request.sampling.min_p or 0.0),
+        top_k=int(request.sampling.top_k or 0),
     )
-
-
-def _template_message(message: ChatMessage) -> dict[str, Any]:
-    """An OpenAI-style message as Hugging Face chat templates expect it."""
-    out: dict[str, Any] = {"role": message.role, "content": message.text}
-    if message.name:
-        out["name"] = message.name
-    if message.tool_calls:
-        out["tool_calls"] = [
-            {
-                "id": call.id,
-                "type": "function",
-                # Templates render arguments with `tojson`; a JSON string would be
-                # double-encoded, so hand them the object.
-                "function": {"name": call.name, "arguments": _json_or_text(call.arguments)},
-            }
-            for call in message.tool_calls
-        ]
-    if message.tool_call_id:
-        out["tool_call_id"] = message.tool_call_id
-    return out
 
 
 def _remaining_text(detokenizer: Any) -> str:
@@ -418,13 +397,6 @@ def _remaining_text(detokenizer: Any) -> str:
         return detokenizer.last_segment
     detokenizer.offset = len(text)
     return text[offset:]
-
-
-def _json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def _parse_tool_calls(tool_parser: Any, text: str, tools: list) -> tuple[ToolCall, ...]:

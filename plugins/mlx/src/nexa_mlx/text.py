@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import attrs
 
+from nexa.text import partial_suffix
+
 
 @attrs.frozen
 class Text:
@@ -34,17 +36,6 @@ class Stop:
 
 
 Event = Text | ToolSpan | Stop
-
-
-def _partial_suffix(buffer: str, markers: Sequence[str]) -> int:
-    """Length of the longest end of ``buffer`` that is a proper prefix of some marker."""
-    longest = 0
-    for marker in markers:
-        for k in range(min(len(marker) - 1, len(buffer)), longest, -1):
-            if buffer.endswith(marker[:k]):
-                longest = k
-                break
-    return longest
 
 
 class AnswerParser:
@@ -90,7 +81,7 @@ class AnswerParser:
             found = [(self._buffer.find(m), m) for m in self._content_markers]
             found = [(i, m) for i, m in found if i >= 0]
             if not found:
-                hold = _partial_suffix(self._buffer, self._content_markers)
+                hold = partial_suffix(self._buffer, self._content_markers)
                 ready = self._buffer[: len(self._buffer) - hold]
                 if ready:
                     events.append(Text(ready))

@@ -22,12 +22,12 @@ from typing import Any, ClassVar
 
 from nexa.backend import CancelToken
 from nexa.errors import BadRequest, ModelLoadError
+from nexa.text import template_message
 from nexa.types import ChatChunk, ChatMessage, ChatRequest, Device, ImagePart, Manifest, Task
 from nexa_mlx.backend import (
     APPLE_SILICON,
     PENALTY_WINDOW,
     MlxBackend,
-    _template_message,
     check_request,
     missing_mlx,
     seeded_sampler,
@@ -178,7 +178,7 @@ class MlxVisionBackend(MlxBackend):
         max_tokens = self.token_budget(request, prompt_tokens)
         cancel.raise_if_cancelled()
         sampler = seeded_sampler(request)
-        repeat = request.repeat_penalty if request.repeat_penalty not in (None, 1.0) else None
+        repeat = request.sampling.repeat_penalty if request.sampling.repeat_penalty != 1.0 else None
 
         step = self.prefill_step_size
 
@@ -193,13 +193,13 @@ class MlxVisionBackend(MlxBackend):
             pixel_values,
             mask,
             max_tokens=max_tokens,
-            temperature=max(float(request.temperature), 0.0),
+            temperature=max(float(request.sampling.temperature), 0.0),
             sampler=sampler,
             repetition_penalty=repeat,
             repetition_context_size=PENALTY_WINDOW,
-            presence_penalty=request.presence_penalty or None,
+            presence_penalty=request.sampling.presence_penalty or None,
             presence_context_size=PENALTY_WINDOW,
-            frequency_penalty=request.frequency_penalty or None,
+            frequency_penalty=request.sampling.frequency_penalty or None,
             frequency_context_size=PENALTY_WINDOW,
             prefill_step_size=step,
             prompt_cache_checkpoint=check_prefill,
@@ -226,7 +226,7 @@ class MlxVisionBackend(MlxBackend):
 
 def _vision_message(message: ChatMessage) -> dict[str, Any]:
     """A message as mlx-vlm's prompt utilities take it: content parts in order."""
-    out = _template_message(message)
+    out = template_message(message)
     if message.images:
         out["content"] = [
             {"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}

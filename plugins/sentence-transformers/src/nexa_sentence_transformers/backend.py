@@ -44,7 +44,7 @@ class SentenceTransformersBackend(Backend):
     devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda", "metal"})
     # torch already spreads one batch over every core; a second worker would only
     # compete for them. Requests queue and each runs as one batch.
-    parallel: ClassVar[int] = 1
+    parallel = 1
     priority: ClassVar[int] = 0
 
     @classmethod

@@ -1,0 +1,20 @@
+"""The HTTP routes, one module per endpoint family. ``ROUTES`` is what the app serves."""
+
+from __future__ import annotations
+
+from nexa.server.routes.chat import ChatController
+from nexa.server.routes.embeddings import EmbeddingsController
+from nexa.server.routes.images import ImagesController
+from nexa.server.routes.models import ModelsController, health, metrics_endpoint, plugins_report
+
+ROUTES = [
+    ChatController,
+    EmbeddingsController,
+    ImagesController,
+    ModelsController,
+    health,
+    plugins_report,
+    metrics_endpoint,
+]
+
+__all__ = ["ROUTES"]

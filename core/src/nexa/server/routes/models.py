@@ -1,0 +1,89 @@
+"""What the server holds: ``/v1/models`` (the store, with what is loaded), ``/health``,
+``/v1/plugins`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from litestar import Controller, Response, get
+from litestar.params import FromPath
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import nexa
+from nexa.server import schemas as wire
+from nexa.server.deps import Manager, MetricsDep, Plugins, Registry, Store
+from nexa.server.errors import GUARDED, error_responses
+from nexa.types import Manifest
+
+
+def model_card(manager: Manager, manifest: Manifest) -> wire.ModelCard:
+    loaded = {e.manifest.name for e in manager.loaded()}
+    owner = manifest.name.split("/", 1)[0] if "/" in manifest.name else "local"
+    created = 0
+    if manifest.root is not None:
+        with contextlib.suppress(OSError):
+            created = int(manifest.root.stat().st_mtime)
+    return wire.ModelCard(
+        id=manifest.name,
+        created=created,
+        owned_by=owner,
+        format=manifest.format,
+        tasks=sorted(t.value for t in manifest.tasks),
+        size=manifest.size,
+        quant=manifest.quant,
+        loaded=manifest.name in loaded,
+    )
+
+
+class ModelsController(Controller):
+    path = "/v1/models"
+    tags = ["models"]
+
+    @get(summary="List the models this server can serve", responses=error_responses(*GUARDED))
+    async def list_models(self, store: Store, manager: Manager) -> wire.ModelList:
+        manifests = await asyncio.to_thread(store.list)
+        return wire.ModelList(data=[model_card(manager, m) for m in manifests])
+
+    @get("/{model_id:path}", summary="Describe one model", responses=error_responses(400, 404, *GUARDED))
+    async def get_model(self, model_id: FromPath[str], store: Store, manager: Manager) -> wire.ModelCard:
+        manifest = await asyncio.to_thread(store.get, model_id.lstrip("/"))
+        return model_card(manager, manifest)
+
+
+@get("/health", tags=["server"], summary="Liveness and loaded models", responses=error_responses(403, 500))
+async def health(manager: Manager) -> wire.Health:
+    return wire.Health(
+        status="ok",
+        version=nexa.__version__,
+        device=manager.device.kind,
+        models_loaded=sorted({e.manifest.name for e in manager.loaded() if e.ready.done()}),
+    )
+
+
+@get("/v1/plugins", tags=["server"], summary="Installed plugins, failures and backends",
+     responses=error_responses(*GUARDED))
+async def plugins_report(plugins: Plugins, registry: Registry) -> wire.PluginsReport:
+    return wire.PluginsReport(
+        loaded=sorted(plugins.loaded),
+        failed=[wire.PluginFailureWire(plugin=f.plugin, stage=f.stage, error=f.error) for f in plugins.failures],
+        disabled=sorted(plugins.disabled),
+        backends=[
+            wire.BackendWire(
+                name=b.name,
+                plugin=b.plugin,
+                tasks=sorted(t.value for t in b.tasks),
+                formats=sorted(b.formats),
+                devices=sorted(b.devices),
+                parallel=b.parallel,
+                priority=b.priority,
+            )
+            for b in registry.infos()
+        ],
+    )
+
+
+@get("/metrics", tags=["server"], summary="Prometheus metrics", media_type=CONTENT_TYPE_LATEST,
+     responses=error_responses(*GUARDED))
+async def metrics_endpoint(metrics: MetricsDep) -> Response[bytes]:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
