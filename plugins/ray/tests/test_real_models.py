@@ -15,7 +15,7 @@ from conftest import kill_namespace, ready_proxy, wait_for
 
 from nexa.backend import LoadOptions
 from nexa.testing import conformance, serve
-from nexa.types import ChatMessage, ChatRequest, Device, EmbedRequest
+from nexa.types import ChatMessage, ChatRequest, Device, EmbedRequest, Sampling
 
 nexa_llama_cpp = pytest.importorskip("nexa_llama_cpp", reason="the ray session installs the llama.cpp plugin")
 nexa_st = pytest.importorskip("nexa_sentence_transformers", reason="the ray session installs sentence-transformers")
@@ -52,8 +52,9 @@ def in_process_answers():
         await llama.start()
         await st.start()
         try:
-            request = ChatRequest(messages=[ChatMessage("user", PROMPT)], max_tokens=24, temperature=0.0, seed=7)
-            text = "".join([c.content async for c in llama.stream_chat(request)])
+            request = ChatRequest(messages=[ChatMessage("user", PROMPT)],
+                                  sampling=Sampling(max_tokens=24, temperature=0.0, seed=7))
+            text = "".join([c.content async for c in llama.stream_answer(request)])
             vectors = (await st.run_embed(EmbedRequest(inputs=TEXTS))).vectors
         finally:
             await llama.stop()

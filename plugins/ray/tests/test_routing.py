@@ -5,6 +5,7 @@ The same behaviour on real models is in test_real_models.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -134,7 +135,7 @@ def test_queue_bound_and_503_hold_across_replicas(ray_cluster, namespace, tmp_pa
     # 2 replicas x 1 slot, 1 may wait: the 4th concurrent request is refused.
     with echo_server(tmp_path, namespace, manifest=echo_manifest(delay=0.05), parallel=1, queue_size=1) as server:
         proxy = ready_proxy(server)
-        assert proxy.concurrency == 2
+        assert proxy.parallel == 2
         entry = server.app.state.manager.loaded()[0]
         body = {"model": "test/echo", "messages": [{"role": "user", "content": " ".join(["w"] * 60)}]}
         results: list[int] = []
@@ -171,6 +172,34 @@ def test_a_request_on_a_dead_replica_is_retried_on_another(ray_cluster, namespac
         assert len(embedded.data) == 1
         states = {r.name: r.state for r in proxy.replicas()}
         assert states[victim.name] == "unavailable", "the request itself found the replica dead"
+
+
+def test_a_stream_that_lost_its_replica_mid_answer_ends_with_an_error_not_spliced(ray_cluster, namespace, tmp_path):
+    words = " ".join(f"w{i}" for i in range(100))
+    manifest = echo_manifest(delay=0.05, context_length=1000)
+    with echo_server(tmp_path, namespace, replicas=2, manifest=manifest) as server:
+        proxy = ready_proxy(server)
+        body = {"model": "test/echo", "stream": True, "messages": [{"role": "user", "content": words}]}
+        text, events = "", []
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=120) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                events.append(event)
+                if "error" in event:
+                    break
+                text += "".join(c["delta"].get("content") or "" for c in event["choices"])
+                if len(events) == 3:  # some of the answer is out: lose its replica now
+                    victim = next(r for r in proxy.replicas() if r.in_flight == 1)
+                    os.kill(victim.pid, signal.SIGKILL)
+        assert events[-1]["error"]["code"] == "replica_lost"
+        assert text and words.startswith(text), "what was sent is a prefix of one run, nothing spliced"
+        assert len(text) < len(words)
+        # Another request is served by the other replica meanwhile.
+        assert httpx.post(server.base_url + "/v1/embeddings", json={"model": "test/echo", "input": "x"},
+                          timeout=60).status_code == 200
 
 
 @pytest.mark.parametrize("placement, message", [

@@ -88,7 +88,8 @@ class ReplicaInfo:
     """Requests this server has running on it."""
     active: int
     """Requests running in the replica as it last reported (from every server)."""
-    concurrency: int
+    parallel: int
+    """Requests the loaded backend runs at once."""
     served: int
     """Requests it finished since its process started."""
     loads: int
@@ -118,7 +119,7 @@ class _Replica:
         return self.state == "ready"
 
     def load(self) -> float:
-        slots = max(1, self.status.concurrency if self.status else 1)
+        slots = max(1, self.status.parallel if self.status else 1)
         return self.in_flight / slots
 
 
@@ -139,8 +140,10 @@ class RayBackend(Backend):
         self.replica_count = engine.options.replicas_for(manifest.name)
         # The backend's own figure per replica, as it would be in-process: a probe instance
         # reads it (a Backend's constructor loads nothing).
-        self.per_replica = max(1, cls(manifest, device, options).concurrency)
-        self.concurrency = self.per_replica * self.replica_count
+        self.per_replica = max(1, cls(manifest, device, options).parallel)
+        self.parallel = self.per_replica * self.replica_count
+        # Stop strings: the server cuts answers (stream_answer) exactly as for the backend itself.
+        self.stops_natively = cls.stops_natively
         self._replicas: list[_Replica] = []
         self._poller: asyncio.Task[None] | None = None
         self._picks = 0
@@ -356,7 +359,7 @@ class RayBackend(Backend):
                 name=r.name, model=self.manifest.name, backend=self.name, index=r.index, state=r.state,
                 node_id=s.node_id if s else "", node_ip=s.node_ip if s else "", pid=s.pid if s else 0,
                 resources=dict(s.resources) if s else {}, in_flight=r.in_flight,
-                active=s.active if s else 0, concurrency=s.concurrency if s else 0, served=s.served if s else 0,
+                active=s.active if s else 0, parallel=s.parallel if s else 0, served=s.served if s else 0,
                 loads=s.loads if s else 0, loaded_at=s.loaded_at if s else None,
                 restarts=r.restarts, error=r.error,
             ))

@@ -83,7 +83,7 @@ class ReplicaStatus:
     """Wall-clock time of the last load (``time.time()``)."""
     active: int
     """Requests running in the replica now."""
-    concurrency: int
+    parallel: int
     """Requests the loaded backend runs at once."""
     served: int
     """Requests the replica finished since its process started."""
@@ -252,7 +252,7 @@ class Replica:
             loads=self.loads,
             loaded_at=self.loaded_at,
             active=self.active,
-            concurrency=backend.concurrency if backend is not None else 0,
+            parallel=backend.parallel if backend is not None else 0,
             served=self.served,
             figures=figures,
         )
