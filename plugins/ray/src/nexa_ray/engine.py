@@ -70,6 +70,7 @@ class RayEngine(Engine):
             # A new cluster of this server's own: loopback only, no dashboard (one more
             # listening port). Its replicas end with the server.
             os.environ.setdefault(LOOPBACK_ENV, "0")
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
             kwargs.update(_node_ip_address="127.0.0.1", include_dashboard=False)
         try:
             ray.init(**kwargs)
