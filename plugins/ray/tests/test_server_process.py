@@ -7,12 +7,16 @@ load (its load counter and process id). A server without the cluster's token is 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 import httpx
 import psutil
@@ -108,3 +112,36 @@ def test_a_server_without_the_cluster_token_is_refused(ray_cluster, tmp_path):
     )
     assert out.returncode != 0
     assert "could not connect to the Ray cluster" in out.stderr and "RAY_AUTH_TOKEN" in out.stderr
+
+
+def test_without_an_address_the_server_runs_a_loopback_cluster_of_its_own(tmp_path):
+    """No --ray-address, no RAY_ADDRESS: a new single-node cluster on 127.0.0.1 that ends
+    with the server (a token is given so that Ray writes none to ~/.ray)."""
+    ray_tmp = tempfile.mkdtemp(prefix="nxo", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_TMPDIR=ray_tmp, RAY_AUTH_TOKEN=secrets.token_hex(24), NEXA_HOME=str(tmp_path))
+    port = free_port()
+    try:
+        with open(tmp_path / "serve.log", "wb") as log:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "nexa.cli", "serve", SMOLLM2_NAME, "--port", str(port), "--threads", "1",
+                 "--engine", "ray"], env=env, stdout=log, stderr=subprocess.STDOUT)
+            wait_served(port, server)
+            body = {"model": SMOLLM2_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+            assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120).status_code == 200
+            # Every process of that cluster listens on loopback only.
+            ours = [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or ())]
+            assert ours
+            for process in [psutil.Process(server.pid), *ours]:
+                with contextlib.suppress(psutil.Error):
+                    for c in process.net_connections("inet"):
+                        if c.status == "LISTEN":
+                            assert ipaddress.ip_address(c.laddr.ip.removeprefix("::ffff:")).is_loopback, c
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=120) == 0
+        wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"])
+                              if ray_tmp in " ".join(p.info["cmdline"] or ())], "its cluster to end", timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import threading
 from typing import TYPE_CHECKING, Any
 
 from nexa.engine import Engine
@@ -32,7 +34,7 @@ address (Ray's own switch, despite its name)."""
 
 
 def _token_auth_env() -> None:
-    """A token given (``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``) means token auth: Ray's
+    """Before Ray is imported (it reads its settings once): a token given (``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``) means token auth: Ray's
     client otherwise connects without sending it unless ``RAY_AUTH_MODE=token`` is set too."""
     if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         os.environ["RAY_AUTH_MODE"] = "token"
@@ -51,15 +53,27 @@ class RayEngine(Engine):
         self._connected_here = False
 
     async def start(self) -> None:
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if on_main_thread else None
         await asyncio.to_thread(self._connect)
+        if on_main_thread and sigterm is not None:
+            # Ray's driver installs a native SIGTERM handler that dumps a stack trace and
+            # aborts the process after the server's graceful shutdown; the server's own
+            # handler (uvicorn's) is put back.
+            signal.signal(signal.SIGTERM, sigterm)
 
     def _connect(self) -> None:
-        _token_auth_env()  # before Ray is imported: it reads its settings once
+        address = self.options.address or os.environ.get("RAY_ADDRESS") or "local"
+        if address == "local":
+            # A new cluster of this server's own: loopback only. Ray reads this switch when
+            # it is imported (and its processes inherit it), so it is set first.
+            os.environ.setdefault(LOOPBACK_ENV, "0")
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
+        _token_auth_env()
         import ray
 
         if ray.is_initialized():
             return  # a test or embedding program connected this process already
-        address = self.options.address or os.environ.get("RAY_ADDRESS") or "local"
         kwargs: dict[str, Any] = {
             "address": address,
             "namespace": self.options.namespace,
@@ -67,10 +81,7 @@ class RayEngine(Engine):
             "log_to_driver": False,
         }
         if address == "local":
-            # A new cluster of this server's own: loopback only, no dashboard (one more
-            # listening port). Its replicas end with the server.
-            os.environ.setdefault(LOOPBACK_ENV, "0")
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
+            # No dashboard: one more listening port. The cluster's replicas end with it.
             kwargs.update(_node_ip_address="127.0.0.1", include_dashboard=False)
         try:
             ray.init(**kwargs)
@@ -94,5 +105,5 @@ class RayEngine(Engine):
         if self._connected_here:
             import ray
 
-            await asyncio.to_thread(ray.shutdown)
+            ray.shutdown()  # on the loop thread: from a worker thread it can abort the process
             self._connected_here = False
