@@ -107,7 +107,7 @@ def test_client_disconnect_frees_the_replica_slot(ray_cluster, namespace, tmp_pa
             assert next(line for line in lines if line.startswith("data: "))
             wait_for(lambda: proxy.replicas()[0].active == 1, "the replica to run the chat")
         # The client left after a few words of 400 (20 s of work): the replica stops.
-        wait_for(lambda: proxy.replicas()[0].active == 0, "the replica's slot to free", timeout=15)
+        wait_for(lambda: proxy.replicas()[0].active == 0, "the replica's slot to free", timeout=60)
         assert server.app.state.manager.loaded()[0].active == 0
 
 
