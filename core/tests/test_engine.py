@@ -34,7 +34,8 @@ class StandIn(Backend):
         self.inner = inner
         self.name = inner.name
         self.manifest = inner.manifest
-        self.concurrency = inner.concurrency * 2
+        self.parallel = inner.parallel * 2
+        self.stops_natively = inner.stops_natively
         self.log = log
 
     async def start(self) -> None:
@@ -111,7 +112,7 @@ def test_engine_serves_every_request_and_sees_the_lifecycle(tmp_path):
         assert 'nexa_backend_standin_calls_total{backend="echo",model="test/echo",node="n1",replica="r0"}' in metrics
         assert "nexa_backend_standin_bad" not in metrics
         entry = server.app.state.manager.loaded()[0]
-        assert entry.slots._value == EchoBackend.parallel * 2  # the stand-in's concurrency
+        assert entry.slots._value == EchoBackend.parallel * 2  # the stand-in's parallel
     log = RecordingEngine.instances[-1].log
     assert log[:3] == ["engine start", "backend echo test/echo", "start test/echo"]
     assert "chat" in log and "embed" in log

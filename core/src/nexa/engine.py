@@ -47,7 +47,7 @@ class Engine:
     ) -> Backend:
         """A not yet started stand-in for ``cls(manifest, device, options)``.
 
-        Its ``concurrency`` is read at once (the manager's slots for the model), so it must
+        Its ``parallel`` is read at once (the manager's slots for the model), so it must
         be known before ``start()``. Must be cheap: loading happens in its ``start()``.
         """
         raise NotImplementedError
