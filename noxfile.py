@@ -34,6 +34,7 @@ nox.options.sessions = [
     "diffusers",
     "mlx_cpu" if not IS_APPLE_SILICON else "mlx_metal",
     "e2e",
+    "ray",
 ]
 if HAS_CUDA:
     nox.options.sessions.append("llama_cpp_cuda")
@@ -169,3 +170,12 @@ def load(session: nox.Session) -> None:
     _install(session, "llama-cpp", "sentence-transformers", llama="cpu", torch=True)
     session.install("-r", str(ROOT / "tests" / "requirements.txt"))
     _pytest(session, "tests/reliability", "-m", "load", env={"NEXA_LOAD_REQUESTS": "200", "NEXA_LOAD_THREADS": "1"})
+
+
+@nox.session
+def ray(session: nox.Session) -> None:
+    """The Ray engine on a two-node cluster on loopback started by the tests: real SmolLM2
+    and MiniLM replicas, the conformance kit, replica and node loss, restart (marker
+    ``loss``: bounded to 200 requests of <= 16 tokens each)."""
+    _install(session, "ray", "llama-cpp", "sentence-transformers", llama="cpu", torch=True)
+    _pytest(session, "plugins/ray/tests", env={"HF_HUB_OFFLINE": "1"})

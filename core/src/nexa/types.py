@@ -163,6 +163,9 @@ class BackendMetric:
     """``gauge`` (a level now) or ``counter`` (only ever goes up while the model is loaded)."""
     help: str = ""
     """One line for the Prometheus ``# HELP`` text; the name when empty."""
+    labels: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
+    """More labels beside ``model`` and ``backend``: a backend that runs the model in
+    several places (an engine's replicas) reports one figure per ``replica`` and ``node``."""
 
 
 # --- chat ---------------------------------------------------------------------------

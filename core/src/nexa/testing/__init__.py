@@ -108,15 +108,19 @@ def serve(
     home: Path | str,
     models: Iterable[Manifest] = (),
     load_entry_points: bool = False,
+    extra_plugins: Iterable[object] = (),
     **config_fields: Any,
 ) -> Iterator[ServerHandle]:
-    """Run the real server on loopback with the given backends; stop it on exit."""
+    """Run the real server on loopback with the given backends; stop it on exit.
+
+    ``extra_plugins``: more plugin objects to register (an engine under test).
+    """
     import uvicorn
 
     from nexa.server.app import create_app
 
     plugins = load_plugins(
-        load_entry_points=load_entry_points, extra_plugins=[StaticPlugin(backends, models)]
+        load_entry_points=load_entry_points, extra_plugins=[StaticPlugin(backends, models), *extra_plugins]
     )
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only when the
     # listening socket says TCP; with proto 0 every keep-alive response waited ~40 ms for
