@@ -22,9 +22,14 @@ FIM_TRIPLETS = (
 
 @attrs.frozen
 class FimTokens:
+    """A model's three fill-in-the-middle token ids."""
+
     prefix: int
+    """Opens the text before the gap."""
     suffix: int
+    """Opens the text after the gap."""
     middle: int
+    """Where the model writes the gap's text."""
 
 
 def fim_tokens(vocab: Mapping[str, int]) -> FimTokens | None:
@@ -35,4 +40,4 @@ def fim_tokens(vocab: Mapping[str, int]) -> FimTokens | None:
     return None
 
 
-__all__ = ["FIM_TRIPLETS", "FimTokens", "fim_tokens"]
+__all__ = ["FimTokens", "fim_tokens"]

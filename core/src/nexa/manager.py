@@ -5,7 +5,9 @@ instance. Concurrent requests for an unloaded model cause exactly one load; each
 runs ``backend.parallel`` requests at once and lets at most ``queue_size`` more wait
 (the rest get 503 with Retry-After). Idle models unload after ``keepalive`` seconds, and
 loading a model that would exceed the memory budget evicts least-recently-used idle
-models first; a model in use is never evicted.
+models first; a model in use is never evicted. With an engine (``--engine``, see
+``nexa.engine``) the backend instance is the engine's stand-in for the model, and all of
+the above applies to it unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import attrs
 
 from nexa.backend import Backend, LoadOptions
 from nexa.config import ServerConfig
+from nexa.engine import create_engine
 from nexa.errors import Busy, ModelLoadError, NexaError, UnsupportedTask
 from nexa.metrics import BackendCollector, Metrics
 from nexa.registry import BackendRegistry
@@ -68,6 +71,8 @@ class ModelManager:
         self.config = config
         self.metrics = metrics or Metrics()
         self.metrics.registry.register(BackendCollector(self.loaded))
+        self.engine = create_engine(registry.plugins, config, device)
+        """Where backends run (``--engine``); None: in this process."""
         self._models: dict[tuple[str, str], LoadedModel] = {}
         # The backend chosen for a (task, model), kept while the store hands back the same
         # manifest object (it re-reads a manifest only when the file changed): choosing
@@ -140,7 +145,10 @@ class ModelManager:
             parallel=self.config.parallel,
             threads=self.config.threads,
         )
-        backend = cls(manifest, self.device, options)
+        if self.engine is None:
+            backend = cls(manifest, self.device, options)
+        else:
+            backend = self.engine.backend(cls, manifest, self.device, options)
         loop = asyncio.get_running_loop()
         entry = LoadedModel(
             manifest=manifest,
@@ -227,6 +235,8 @@ class ModelManager:
             pass
 
     async def start(self) -> None:
+        if self.engine is not None:
+            await self.engine.start()
         if self.config.keepalive > 0:
             self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="keepalive")
 
@@ -244,5 +254,9 @@ class ModelManager:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        if self.engine is not None:
+            self.engine.detach()
         for key in list(self._models):
             await self._unload(key, "shutdown")
+        if self.engine is not None:
+            await self.engine.stop()

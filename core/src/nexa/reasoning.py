@@ -41,7 +41,9 @@ class ThinkFormat:
     """How a model marks its thought."""
 
     open: str = "<think>"
+    """The marker that opens a thought."""
     close: str = "</think>"
+    """The marker that closes it."""
     starts_inside: bool = False
     """True: every prompt already opens the thought (the model writes only its close).
     Otherwise the rendered prompt tells (``prompt_position``)."""
@@ -127,7 +129,9 @@ class Split:
     """What one piece of model text turned out to be."""
 
     reasoning: str = ""
+    """Text of the thought (as written, markers included, for a raw splitter)."""
     answer: str = ""
+    """Text of the answer."""
 
 
 class ReasoningSplitter:
@@ -288,9 +292,11 @@ class ThinkingBudget:
 
     @property
     def active(self) -> bool:
+        """The budget may still close the thought."""
         return self.budget >= 0 and not self._closed
 
     def step(self, text: str) -> str | None:
+        """The text of the token just generated; returns the text to force next, or None."""
         self._splitter.feed(text)
         if self._closed or self.budget < 0 or not self._splitter.thinking:
             return None
@@ -325,11 +331,9 @@ def declared_format(options: Mapping[str, Any]) -> ThinkFormat | None:
     return None
 
 
+# The constants (QWEN3, DEEPSEEK_R1, KNOWN_FORMATS, RESERVED_TEMPLATE_KWARGS) are public
+# too; __all__ lists what the API reference documents.
 __all__ = [
-    "DEEPSEEK_R1",
-    "KNOWN_FORMATS",
-    "QWEN3",
-    "RESERVED_TEMPLATE_KWARGS",
     "ReasoningSplitter",
     "Split",
     "ThinkFormat",

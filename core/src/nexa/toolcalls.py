@@ -22,6 +22,7 @@ _WS = " \t\r\n"
 
 
 def new_call_id() -> str:
+    """A fresh tool-call id in OpenAI's form (``call_`` and 24 hex digits)."""
     return "call_" + secrets.token_hex(12)
 
 
@@ -45,6 +46,7 @@ class JsonCallStream:
         self._escaped = False
 
     def feed(self, text: str) -> list[ToolCall]:
+        """The span's next text; returns the call pieces it completes (maybe none)."""
         self._text += text
         out: list[ToolCall] = []
         if self._state == "head":

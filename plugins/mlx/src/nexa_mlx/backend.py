@@ -1,7 +1,8 @@
 """The MLX chat backend: MLX-format models (``mlx-community/...``) on mlx-lm.
 
 Owns loading a model folder with ``mlx_lm.load``, rendering the model's own chat
-template, the per-token generation loop (sampling, penalties, seed, stop strings, tool
+template (client text never parsed as control tokens: ``nexa.text.SpecialTextGuard``),
+the per-token generation loop (sampling, penalties, seed, stop strings, tool
 calls, length, cancellation) and the refusal reasons selection shows. ``mlx`` and
 ``mlx_lm`` are imported only inside ``load``/``chat``: importing this module is cheap,
 so ``nexa --help`` and plugin discovery never pay for them.
@@ -42,7 +43,7 @@ from nexa.reasoning import (
     reasoning_for,
     template_kwargs,
 )
-from nexa.text import template_message
+from nexa.text import Shielded, SpecialTextGuard, template_message
 from nexa.types import (
     ChatChunk,
     ChatRequest,
@@ -132,6 +133,7 @@ class MlxBackend(Backend):
         self.model: Any = None
         self.tokenizer: Any = None
         self._stream: Any = None
+        self._guard: SpecialTextGuard | None = None
         self.think_format: ThinkFormat | None = None
         """How the model marks its thought (from its chat template); None: it does not think."""
 
@@ -184,6 +186,7 @@ class MlxBackend(Backend):
         self.model = None
         self.tokenizer = None
         self._stream = None
+        self._guard = None
         try:
             import mlx.core as mx
 
@@ -211,32 +214,20 @@ class MlxBackend(Backend):
             return chosen
         return list(request.tools)
 
+    def shield(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> Shielded:
+        """The request's messages and tools with the tokenizer's special texts behind
+        sentinels (``nexa.text.SpecialTextGuard``)."""
+        if self._guard is None:
+            self._guard = SpecialTextGuard(special_texts(self.tokenizer))
+        return self._guard.shield(request.messages, tools)
+
     def prompt_tokens(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> list[int]:
         """The chat prompt's token ids (thinking closed at once when switched off)."""
         return self.chat_prompt(request, tools)[0]
 
     def chat_prompt(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> tuple[list[int], Position]:
         """The prompt's token ids and where it leaves the model's thought."""
-        messages = [template_message(m) for m in request.messages]
-        kwargs: dict[str, Any] = {"add_generation_prompt": True, **template_kwargs(request)}
-        if tools:
-            kwargs["tools"] = tools
-        if not getattr(self.tokenizer, "has_chat_template", False):
-            # A base model with no template: a plain transcript, as mlx-lm's server does.
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return list(self.tokenizer.encode(text)), "before"
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
-        except Exception as exc:
-            # Jinja templates reject conversations they can't render (roles out of order,
-            # a system message where none is allowed): the client's request, not a crash.
-            raise BadRequest(
-                f"the model's chat template rejected the messages: {type(exc).__name__}: {exc}",
-                param="messages",
-            ) from exc
-        if isinstance(ids, Mapping):  # some tokenizers return a BatchEncoding
-            ids = ids["input_ids"]
-        ids = [int(i) for i in ids]
+        ids = self.template_tokens(request, tools)
         fmt = self.think_format
         if fmt is None:
             return ids, "before"
@@ -246,6 +237,40 @@ class MlxBackend(Backend):
             ids += self.encode_plain(empty_thought(fmt, position))
             position = "closed"
         return ids, position
+
+    def template_tokens(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> list[int]:
+        """The chat template's rendering of the request, tokenized, with the reasoning
+        switches and the client's template variables."""
+        shielded = self.shield(request, tools)
+        messages = [template_message(m) for m in shielded.messages]
+        kwargs: dict[str, Any] = {"add_generation_prompt": True, **template_kwargs(request)}
+        if tools:
+            kwargs["tools"] = list(shielded.tools)
+        tokenizer = self.tokenizer
+
+        def plain(text: str, _first: bool) -> list[int]:
+            return plain_tokens(tokenizer, text)
+
+        if not getattr(tokenizer, "has_chat_template", False):
+            # A base model with no template: a plain transcript, as mlx-lm's server does.
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return shielded.tokenize(text, lambda t, first: list(tokenizer.encode(t, add_special_tokens=first)), plain)
+        try:
+            # Rendered and tokenized as mlx-lm does (the markup's special tokens parsed);
+            # a client's special text, when there is one, as plain text.
+            ids = tokenizer.apply_chat_template(messages, tokenize=not shielded.active, **kwargs)
+        except Exception as exc:
+            # Jinja templates reject conversations they can't render (roles out of order,
+            # a system message where none is allowed): the client's request, not a crash.
+            raise BadRequest(
+                f"the model's chat template rejected the messages: {type(exc).__name__}: {exc}",
+                param="messages",
+            ) from exc
+        if shielded.active:
+            return shielded.tokenize(ids, lambda t, _first: list(tokenizer.encode(t, add_special_tokens=False)), plain)
+        if isinstance(ids, Mapping):  # some tokenizers return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
 
     def encode_plain(self, text: str) -> list[int]:
         """Token ids of text the server wrote (markers included), no BOS added."""
@@ -289,17 +314,13 @@ class MlxBackend(Backend):
             if any(t >= vocab for t in request.prompt):
                 raise BadRequest(f"token ids must be below the vocabulary size {vocab}", param="prompt")
             return list(request.prompt)
-        text = self.encode_client(request.prompt)
+        text = plain_tokens(self.tokenizer, request.prompt)
         if request.suffix is None:
             return text
         fim = fim_tokens(self.tokenizer.get_vocab())
         if fim is None:
             raise BadRequest(f"model {self.manifest.name!r} has no fill-in-the-middle tokens", param="suffix")
-        return [fim.prefix, *text, fim.suffix, *self.encode_client(request.suffix), fim.middle]
-
-    def encode_client(self, text: str) -> list[int]:
-        """Token ids of client text: special-token texts in it stay plain text."""
-        return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)]
+        return [fim.prefix, *text, fim.suffix, *plain_tokens(self.tokenizer, request.suffix), fim.middle]
 
     @property
     def vocab_size(self) -> int:
@@ -425,6 +446,21 @@ class MlxBackend(Backend):
 
 
 # --- helpers --------------------------------------------------------------------------
+
+
+def special_texts(tokenizer: Any) -> list[str]:
+    """The texts a Hugging Face tokenizer parses as special tokens (its special added
+    tokens); non-special added tokens are matched in plain text anyway."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            texts.add(str(token.content))
+    return sorted(texts)
+
+
+def plain_tokens(tokenizer: Any, text: str) -> list[int]:
+    """``text`` tokenized as ordinary characters, special-token texts included."""
+    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)]
 
 
 def check_request(request: ChatRequest) -> None:
