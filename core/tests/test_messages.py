@@ -408,7 +408,7 @@ def anthropic_error(resp, status, kind):
 
 def test_errors_in_anthropic_shape(server, client):
     with pytest.raises(anthropic.NotFoundError) as caught:
-        client.messages.create(model="claude-sonnet-4-5", max_tokens=8, messages=USER)
+        client.messages.create(model="claude-agent-model", max_tokens=8, messages=USER)
     message = caught.value.body["error"]["message"]
     assert "test/echo" in message and "--alias" in message
     url = server.base_url + "/v1/messages"

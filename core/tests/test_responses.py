@@ -369,3 +369,34 @@ def test_the_store_keeps_at_most_responses_max(home):
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve(ids[1])
         assert [client.responses.retrieve(i).output_text for i in ids[2:]] == ["n 2", "n 3", "n 4"]
+
+
+def test_store_forgets_responses_past_their_age(tmp_path, monkeypatch):
+    import asyncio
+
+    from nexa.server import responses_store
+    from nexa.server.responses_store import ResponseStore, StoredResponse
+
+    now = [1_000_000.0]
+    monkeypatch.setattr(responses_store.time, "time", lambda: now[0])
+
+    async def run():
+        store = ResponseStore(tmp_path / "r.db", ttl=60, max_count=100, api_key=None)
+        try:
+            await store.put(StoredResponse("resp_old", {"id": "resp_old", "output": []}, []))
+            now[0] += 30
+            await store.put(StoredResponse("resp_new", {"id": "resp_new", "output": []}, [], "resp_old"))
+            assert [i for i in await store.history("resp_new")] == []
+            now[0] += 31  # resp_old is past 60 s: unreadable, and a chain through it is broken
+            assert await store.get("resp_old") is None and await store.get("resp_new") is not None
+            with pytest.raises(Exception, match="no longer stored"):
+                await store.history("resp_new")
+            await store.put(StoredResponse("resp_x", {"id": "resp_x", "output": []}, []))  # prunes
+        finally:
+            await store.close()
+        import sqlite3
+
+        rows = sqlite3.connect(tmp_path / "r.db").execute("SELECT id FROM responses ORDER BY id").fetchall()
+        assert rows == [("resp_new",), ("resp_x",)]
+
+    asyncio.run(run())

@@ -155,7 +155,6 @@ def test_embeddings_float_base64_and_dimensions(client, server):
     ({"model": "test/echo", "messages": USER, "temperature": "hot"}, 400, "temperature"),
     ({"model": "test/echo", "messages": USER, "temperature": 9}, 400, "temperature"),
     ({"model": "test/echo", "messages": USER, "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": "test/echo", "messages": USER, "max_tokens": 10**9}, 400, "max_tokens"),
     ({"model": "test/echo", "messages": USER, "n": 2}, 400, "n"),
     ({"model": "test/echo", "messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
 ])

@@ -23,7 +23,7 @@ from nexa.config import CATCH_ALL_ALIAS, ServerConfig
 from nexa.errors import Busy, ModelLoadError, ModelNotFound, NexaError, UnsupportedTask
 from nexa.metrics import BackendCollector, Metrics
 from nexa.registry import BackendRegistry
-from nexa.store import ModelStore
+from nexa.store import ModelStore, split_quant
 from nexa.types import Device, Manifest, Task
 
 log = logging.getLogger("nexa.manager")
@@ -96,10 +96,11 @@ class ModelManager:
                 return self.store.get(target)
             names = [m.name for m in self.store.list()]
             shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (", ..." if len(names) > MAX_NAMES_SHOWN else "")
+            name = split_quant(model.strip())[0] or "NAME"
             raise ModelNotFound(
                 f"model {model!r} is not served here; this server has: {shown or 'no models'}. "
-                f"Pull it (`nexa pull ORG/REPO`), or map the name to a local model with "
-                f"`nexa serve --alias {model.strip() or 'NAME'}=MODEL`",
+                f"Pull it with `nexa pull {name}`, or serve a local model under that name with "
+                f"`nexa serve --alias {name}=MODEL`",
                 param="model",
             ) from None
 

@@ -70,7 +70,10 @@ def create_app(
                               max_count=config.responses_max, api_key=config.api_key)
     resources: dict[str, Any] = {
         "config": config,
-        "store": store,
+        # Not "store": Litestar reports a request-body field that fails validation as a
+        # server error when its name is a dependency's, and the Responses API has a
+        # ``store`` field.
+        "model_store": store,
         "plugins": plugins,
         "registry": registry,
         "manager": manager,

@@ -93,7 +93,8 @@ def messages_task(body: wire.CountTokensRequest, config: ServerConfig) -> Messag
         reasoning=_reasoning(thinking, body.output_config),
         model=body.model,
     )
-    return MessagesTask(chat, max_tool_calls, show_thinking=not (thinking and thinking.display == "omitted"))
+    omitted = getattr(thinking, "display", None) == "omitted"
+    return MessagesTask(chat, max_tool_calls, show_thinking=not omitted)
 
 
 def system_text(system: str | list[wire.TextBlock] | None) -> str:
@@ -197,29 +198,28 @@ def _kind(block: Any) -> str:
 def _tool_choice(choice: wire.ToolChoice | None, tools: tuple[dict[str, Any], ...]) -> tuple[Any, int | None]:
     if choice is None:
         return None, None
-    single = 1 if choice.disable_parallel_tool_use else None
-    if choice.type == "none":
+    if isinstance(choice, wire.ToolChoiceNone):
         return "none", None
-    if choice.type in ("any", "tool") and not tools:
-        raise BadRequest(f"tool_choice {choice.type!r} needs tools", param="tool_choice")
-    if choice.type == "tool":
-        names = {t["function"]["name"] for t in tools}
-        if not choice.name or choice.name not in names:
-            raise BadRequest(f"tool_choice names {choice.name!r}, which is not in tools", param="tool_choice.name")
-        return {"type": "function", "function": {"name": choice.name}}, single
-    return ("required" if choice.type == "any" else "auto"), single
+    single = 1 if choice.disable_parallel_tool_use else None
+    if isinstance(choice, wire.ToolChoiceAuto):
+        return "auto", single
+    kind = "any" if isinstance(choice, wire.ToolChoiceAny) else "tool"
+    if not tools:
+        raise BadRequest(f"tool_choice {kind!r} needs tools", param="tool_choice")
+    if isinstance(choice, wire.ToolChoiceAny):
+        return "required", single
+    if choice.name not in {t["function"]["name"] for t in tools}:
+        raise BadRequest(f"tool_choice names {choice.name!r}, which is not in tools", param="tool_choice.name")
+    return {"type": "function", "function": {"name": choice.name}}, single
 
 
 def _reasoning(thinking: wire.Thinking | None, output: wire.OutputConfig | None) -> Reasoning:
     effort = output.effort if output is not None else None
     if thinking is None:
         return Reasoning(effort=effort)
-    if thinking.type == "disabled":
+    if isinstance(thinking, wire.ThinkingDisabled):
         return Reasoning(enabled=False, budget=0)
-    if thinking.type == "enabled":
-        if thinking.budget_tokens is None:
-            raise BadRequest("thinking.budget_tokens is required when thinking is enabled",
-                             param="thinking.budget_tokens")
+    if isinstance(thinking, wire.ThinkingEnabled):
         return Reasoning(enabled=True, effort=effort, budget=thinking.budget_tokens)
     return Reasoning(enabled=True, effort=effort)
 

@@ -106,17 +106,46 @@ class ToolParam(msgspec.Struct, kw_only=True):
     cache_control: dict[str, Any] | None = None
 
 
-class ToolChoice(msgspec.Struct, kw_only=True):
-    type: Literal["auto", "any", "tool", "none"]
-    name: str | None = None
+class ToolChoiceAuto(msgspec.Struct, tag="auto", tag_field="type", kw_only=True):
     disable_parallel_tool_use: bool | None = None
 
 
-class Thinking(msgspec.Struct, kw_only=True):
-    type: Literal["enabled", "disabled", "adaptive", "between_tools"]
-    budget_tokens: Annotated[int, Meta(ge=1)] | None = None
-    display: Literal["summarized", "omitted"] | None = None
-    """``omitted``: thinking blocks come back without their text (the signature only)."""
+class ToolChoiceAny(msgspec.Struct, tag="any", tag_field="type", kw_only=True):
+    disable_parallel_tool_use: bool | None = None
+
+
+class ToolChoiceTool(msgspec.Struct, tag="tool", tag_field="type", kw_only=True):
+    name: str
+    disable_parallel_tool_use: bool | None = None
+
+
+class ToolChoiceNone(msgspec.Struct, tag="none", tag_field="type", kw_only=True):
+    pass
+
+
+ToolChoice = ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool | ToolChoiceNone
+ThinkingDisplay = Literal["summarized", "omitted"]
+"""``omitted``: thinking blocks come back without their text (the signature only)."""
+
+
+class ThinkingEnabled(msgspec.Struct, tag="enabled", tag_field="type", kw_only=True):
+    budget_tokens: Annotated[int, Meta(ge=1)]
+    display: ThinkingDisplay | None = None
+
+
+class ThinkingAdaptive(msgspec.Struct, tag="adaptive", tag_field="type", kw_only=True):
+    display: ThinkingDisplay | None = None
+
+
+class ThinkingBetweenTools(msgspec.Struct, tag="between_tools", tag_field="type", kw_only=True):
+    display: ThinkingDisplay | None = None
+
+
+class ThinkingDisabled(msgspec.Struct, tag="disabled", tag_field="type", kw_only=True):
+    pass
+
+
+Thinking = ThinkingEnabled | ThinkingAdaptive | ThinkingBetweenTools | ThinkingDisabled
 
 
 class OutputFormat(msgspec.Struct, kw_only=True):

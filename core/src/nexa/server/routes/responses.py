@@ -25,7 +25,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post, route
+from litestar.enums import HttpMethod
 from litestar.params import FromPath, JSONBody
 
 from nexa.errors import NexaError, NotFound
@@ -96,6 +97,12 @@ class ResponsesController(Controller):
         if not await responses.delete(response_id):
             raise _not_found(response_id)
         return wire.DeletedResponse(id=response_id)
+
+    @route("/{response_id:str}", http_method=HttpMethod.OPTIONS, include_in_schema=False)
+    async def allowed(self) -> Response[None]:
+        # Stated here: Litestar's own OPTIONS answer for a path served by two handlers
+        # lists only one of their methods.
+        return Response(None, status_code=204, headers={"Allow": "DELETE, GET, OPTIONS"})
 
 
 async def _save(store: ResponseStore, data: wire.ResponsesRequest, task: convert.ResponsesTask,
