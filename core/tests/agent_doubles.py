@@ -17,21 +17,45 @@ reasoning issue's parser lands (phase 2).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import attrs
 
 from nexa.backend import CancelToken
 from nexa.errors import NexaError
-from nexa.testing import EchoBackend, echo_manifest
+from nexa.testing import EchoBackend, ServerHandle, echo_manifest, serve
 from nexa.types import ChatChunk, ChatRequest, Manifest, ToolCall, Usage
 
 SCRIPTED = "scripted-echo"
+ECHO = "test/echo"
+SCRIPT = "test/scripted"
+THINKER = "test/thinker"
 
 
 def scripted_manifest(name: str, **options: object) -> Manifest:
     return attrs.evolve(echo_manifest(name, **options), format=SCRIPTED)
+
+
+def models() -> list[Manifest]:
+    """The echo model and the scripted ones the agent API tests use."""
+    return [echo_manifest(ECHO), scripted_manifest(SCRIPT), scripted_manifest(THINKER, think=True),
+            scripted_manifest("test/two-calls", calls=2), scripted_manifest("test/fails", fail_after=2)]
+
+
+@contextlib.contextmanager
+def scripted_server(home: Path, **config: Any) -> Iterator[ServerHandle]:
+    """The real server with the echo and scripted models, the request record emptied."""
+    ScriptedEcho.requests.clear()
+    with serve([EchoBackend, ScriptedEcho], home=home, models=models(), **config) as handle:
+        yield handle
+
+
+def last_request() -> ChatRequest:
+    return ScriptedEcho.requests[-1]
 
 
 class ScriptedEcho(EchoBackend):

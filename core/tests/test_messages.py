@@ -18,15 +18,12 @@ import anthropic
 import httpx
 import openai
 import pytest
-from agent_doubles import ScriptedEcho, scripted_manifest
+from agent_doubles import ECHO, SCRIPT, THINKER, ScriptedEcho, last_request, scripted_server
 from PIL import Image
 
 from nexa.testing import EchoBackend, echo_manifest, serve
 from nexa.types import ImagePart, Reasoning
 
-ECHO = "test/echo"
-SCRIPT = "test/scripted"
-THINKER = "test/thinker"
 USER = [{"role": "user", "content": "one two three four"}]
 WEATHER = {
     "name": "get_weather",
@@ -36,15 +33,9 @@ WEATHER = {
 CLOCK = {"name": "get_time", "description": "The time", "input_schema": {"type": "object", "properties": {}}}
 
 
-def models():
-    return [echo_manifest(ECHO), scripted_manifest(SCRIPT), scripted_manifest(THINKER, think=True),
-            scripted_manifest("test/two-calls", calls=2), scripted_manifest("test/fails", fail_after=2)]
-
-
 @pytest.fixture
 def server(home):
-    ScriptedEcho.requests.clear()
-    with serve([EchoBackend, ScriptedEcho], home=home, models=models()) as handle:
+    with scripted_server(home) as handle:
         yield handle
 
 
@@ -52,9 +43,6 @@ def server(home):
 def client(server):
     return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0)
 
-
-def last_request():
-    return ScriptedEcho.requests[-1]
 
 
 def png() -> bytes:
@@ -482,9 +470,8 @@ def test_full_queue_is_overloaded_529(home):
 
 def test_aliases_map_vendor_model_ids(home):
     aliases = {"claude-haiku-4-5": "test/scripted", "*": ECHO}
-    with serve([EchoBackend, ScriptedEcho], home=home, models=models(), aliases=aliases) as server:
+    with scripted_server(home, aliases=aliases) as server:
         client = anthropic.Anthropic(base_url=server.base_url, api_key="-", max_retries=0)
-        ScriptedEcho.requests.clear()
         message = client.messages.create(model="claude-haiku-4-5", max_tokens=8, messages=USER)
         assert message.model == "claude-haiku-4-5" and len(ScriptedEcho.requests) == 1
         assert client.messages.create(model="claude-opus-4-1", max_tokens=8, messages=USER).content[0].text

@@ -13,14 +13,11 @@ import json
 import httpx
 import openai
 import pytest
-from agent_doubles import ScriptedEcho, scripted_manifest
+from agent_doubles import ECHO, SCRIPT, THINKER, last_request, scripted_server
 
 from nexa.testing import EchoBackend, echo_manifest, serve
 from nexa.types import Reasoning
 
-ECHO = "test/echo"
-SCRIPT = "test/scripted"
-THINKER = "test/thinker"
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}, "strict": False}
 HOSTED = [{"type": "web_search"}, {"type": "file_search", "vector_store_ids": ["vs_1"]},
@@ -28,15 +25,9 @@ HOSTED = [{"type": "web_search"}, {"type": "file_search", "vector_store_ids": ["
           {"type": "mcp", "server_label": "x", "server_url": "https://example.com"}, {"type": "local_shell"}]
 
 
-def models():
-    return [echo_manifest(ECHO), scripted_manifest(SCRIPT), scripted_manifest(THINKER, think=True),
-            scripted_manifest("test/two-calls", calls=2)]
-
-
 @pytest.fixture
 def server(home):
-    ScriptedEcho.requests.clear()
-    with serve([EchoBackend, ScriptedEcho], home=home, models=models()) as handle:
+    with scripted_server(home) as handle:
         yield handle
 
 
@@ -44,9 +35,6 @@ def server(home):
 def client(server):
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
 
-
-def last_request():
-    return ScriptedEcho.requests[-1]
 
 
 def raw_events(server, body, **headers):
@@ -315,13 +303,12 @@ def test_retrieve_and_delete(client):
 
 
 def test_previous_response_id_across_a_restart(home):
-    ScriptedEcho.requests.clear()
-    with serve([EchoBackend, ScriptedEcho], home=home, models=models()) as server:
+    with scripted_server(home) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="-", max_retries=0)
         first = client.responses.create(model=SCRIPT, instructions="Be kind.", input="first turn")
         with client.responses.stream(model=SCRIPT, input="second turn", previous_response_id=first.id) as stream:
             second = stream.get_final_response()
-    with serve([EchoBackend, ScriptedEcho], home=home, models=models()) as server:
+    with scripted_server(home) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="-", max_retries=0)
         third = client.responses.create(model=SCRIPT, input="third turn", previous_response_id=second.id)
         assert third.output_text == "third turn" and third.previous_response_id == second.id
