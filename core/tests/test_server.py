@@ -217,6 +217,16 @@ def test_openapi_document_describes_every_endpoint(server):
     assert "ChatCompletionRequest" in json.dumps(chat_schema)
 
 
+def test_token_limits_have_no_upper_bound_in_the_document(server):
+    # Agents ask for 32k-128k output tokens; the backend caps them at its context room.
+    schemas = httpx.get(server.base_url + "/schema/openapi.json").json()["components"]["schemas"]
+    limits = {("ChatCompletionRequest", "max_tokens"), ("ChatCompletionRequest", "max_completion_tokens"),
+              ("MessagesRequest", "max_tokens"), ("ResponsesRequest", "max_output_tokens")}
+    for name, field in limits:
+        spec = json.dumps(schemas[name]["properties"][field])
+        assert '"minimum": 1' in spec and "maximum" not in spec, (name, field, spec)
+
+
 def test_images_b64_and_size_validation(server):
     r = post(server, "/v1/images/generations", {"model": "test/echo", "prompt": "cat", "size": "64x32",
                                                 "response_format": "b64_json", "n": 2})
