@@ -174,7 +174,8 @@ class Conversation:
     @staticmethod
     def _usage(name: str | None, data: dict[str, Any], prompt: int, cached: int) -> tuple[int, int]:
         if name is None and data.get("usage"):
-            return data["usage"]["prompt_tokens"], 0
+            details = data["usage"].get("prompt_tokens_details") or {}
+            return data["usage"]["prompt_tokens"], details.get("cached_tokens", 0)
         if name == "message_delta":
             usage = data["usage"]
             return usage["input_tokens"] + usage.get("cache_read_input_tokens", 0), usage.get(

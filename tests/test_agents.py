@@ -76,6 +76,28 @@ def test_the_three_apis_render_the_same_prompt(claude, oai):
     assert response.usage.input_tokens == prompt
 
 
+def test_the_three_apis_share_the_prefix_cache(claude, oai):
+    # A system prompt no other test sends: nothing of it is cached before the first request.
+    system = "Session cache-check. " + " ".join(f"Rule {i}: keep answers short and exact." for i in range(40))
+    question = "Which city is the capital of Italy? Answer in one word."
+    chat = oai.chat.completions.create(model=SMOL, max_tokens=8, temperature=0, messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": question}])
+    prompt = chat.usage.prompt_tokens
+    assert prompt > 300
+    for nonce in ("1a2b", "3c4d"):  # a billing-header nonce that changes per request
+        message = claude.messages.create(model=SMOL, max_tokens=8, extra_body=GREEDY, messages=[
+            {"role": "user", "content": question}], system=[
+            {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1; nonce={nonce}"},
+            {"type": "text", "text": system}])
+        usage = message.usage
+        assert usage.input_tokens + usage.cache_read_input_tokens == prompt
+        assert usage.cache_read_input_tokens >= prompt - 8, usage  # all but the last few tokens came from the cache
+    response = oai.responses.create(model=SMOL, max_output_tokens=8, temperature=0, instructions=system,
+                                    input=question)
+    assert response.usage.input_tokens == prompt
+    assert response.usage.input_tokens_details.cached_tokens >= prompt - 8, response.usage
+
+
 # --- Messages ---------------------------------------------------------------------------
 
 
