@@ -168,7 +168,9 @@ def _ground_messages(body: dict) -> None:
     for message in body.get("messages") or []:
         if isinstance(message, dict) and isinstance(message.get("content"), list):
             message["content"] = _ground_blocks(message["content"], message.get("role", "user"), images)
-    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+    # Tools without a schema and with a versioned type run on Anthropic's side: not offered.
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)
+             and (t.get("input_schema") is not None or t.get("type") in (None, "custom"))]
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") in ("tool", "any"):
         if not tools:
