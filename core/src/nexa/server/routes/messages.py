@@ -33,7 +33,7 @@ from nexa.server.anthropic_errors import anthropic_error, anthropic_error_respon
 from nexa.server.deps import Config, Manager, MetricsDep
 from nexa.server.errors import INFERENCE
 from nexa.server.openapi import StreamingOperation
-from nexa.server.work import SSE_HEADERS, EventStream, run_on_model
+from nexa.server.work import SSE_HEADERS, EventStream, run_on_model, sse_event
 from nexa.types import Task, ToolCall
 
 log = logging.getLogger("nexa.server")
@@ -41,11 +41,6 @@ log = logging.getLogger("nexa.server")
 
 def _message_id() -> str:
     return f"msg_{uuid.uuid4().hex}"
-
-
-def event(name: str, payload: dict[str, Any]) -> bytes:
-    """One named Server-Sent Event, as Anthropic frames them."""
-    return b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(payload) + b"\n\n"
 
 
 async def _task(data: wire.CountTokensRequest, config: Any) -> convert.MessagesTask:
@@ -115,11 +110,11 @@ class MessagesStream:
     def _start(self, block: dict[str, Any]) -> bytes:
         self.index += 1
         self.open = block["type"]
-        return event("content_block_start", {"type": "content_block_start", "index": self.index,
+        return sse_event("content_block_start", {"type": "content_block_start", "index": self.index,
                                              "content_block": block})
 
     def _delta(self, delta: dict[str, Any]) -> bytes:
-        return event("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
+        return sse_event("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
 
     def _close(self) -> bytes:
         if self.open is None:
@@ -129,7 +124,7 @@ class MessagesStream:
             out = self._delta({"type": "signature_delta", "signature": convert.signature(self.thinking)})
             self.thinking = ""
         self.open = None
-        return out + event("content_block_stop", {"type": "content_block_stop", "index": self.index})
+        return out + sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})
 
     def _switch(self, kind: str, block: dict[str, Any]) -> bytes:
         if self.open == kind:
@@ -160,7 +155,7 @@ class MessagesStream:
                    "content": [], "stop_reason": None, "stop_sequence": None,
                    # The prompt's size comes with the answer's end (message_delta).
                    "usage": {"input_tokens": 0, "output_tokens": 0}}
-        return event("message_start", {"type": "message_start", "message": message}) + event("ping", {"type": "ping"})
+        return sse_event("message_start", {"type": "message_start", "message": message}) + sse_event("ping", {"type": "ping"})
 
     async def frames(self, answer: Answer, max_tool_calls: int | None) -> AsyncIterator[bytes]:
         collected = Collected()
@@ -177,19 +172,19 @@ class MessagesStream:
             if self.index < 0:  # nothing came: one empty text block, as a whole answer has
                 head += self._start({"type": "text", "text": ""})
             usage = msgspec.to_builtins(convert.usage_out(collected.usage))
-            tail = event("message_delta", {
+            tail = sse_event("message_delta", {
                 "type": "message_delta",
                 "delta": {"stop_reason": convert.stop_reason(collected), "stop_sequence": collected.stop_sequence},
                 "usage": usage,
             })
-            yield head + self._close() + tail + event("message_stop", {"type": "message_stop"})
+            yield head + self._close() + tail + sse_event("message_stop", {"type": "message_stop"})
             answer.record(self.metrics, collected)
         except NexaError as exc:
-            yield head + event("error", anthropic_error(exc.status, exc.message))
+            yield head + sse_event("error", anthropic_error(exc.status, exc.message))
         except TimeoutError:
-            yield head + event("error", anthropic_error(504, "the request ran past the server's request timeout"))
+            yield head + sse_event("error", anthropic_error(504, "the request ran past the server's request timeout"))
         except Exception as exc:
             log.exception("messages stream failed")
-            yield head + event("error", anthropic_error(500, f"internal error ({type(exc).__name__})"))
+            yield head + sse_event("error", anthropic_error(500, f"internal error ({type(exc).__name__})"))
         finally:
             await answer.aclose()

@@ -38,7 +38,7 @@ from nexa.server.deps import Config, Manager, MetricsDep, Responses
 from nexa.server.errors import GUARDED, INFERENCE, error_responses, scrub
 from nexa.server.openapi import StreamingOperation
 from nexa.server.responses_store import ResponseStore, StoredResponse
-from nexa.server.work import SSE_HEADERS, EventStream
+from nexa.server.work import SSE_HEADERS, EventStream, sse_event
 from nexa.types import ToolCall
 
 log = logging.getLogger("nexa.server")
@@ -132,7 +132,7 @@ class ResponsesStream:
     def emit(self, kind: str, **fields: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        return b"event: " + kind.encode() + b"\ndata: " + msgspec.json.encode(payload) + b"\n\n"
+        return sse_event(kind, payload)
 
     def _response(self, status: str, **extra: Any) -> dict[str, Any]:
         return msgspec.to_builtins(convert.response_object(self.data, self.response_id, self.created_at,
