@@ -155,6 +155,12 @@ class Backend:
         """Return ``request.n`` PNG images."""
         raise UnsupportedTask(f"model {self.manifest.name!r} does not generate images")
 
+    def count_prompt_tokens(self, request: ChatRequest) -> int:
+        """How many tokens ``request`` is as a prompt: its messages and tools rendered with
+        the model's chat template and tokenized exactly as ``chat`` would, without
+        generating (``POST /v1/messages/count_tokens``). Runs on a worker thread."""
+        raise UnsupportedTask(f"model {self.manifest.name!r} (backend {self.name}) cannot count prompt tokens")
+
     def runtime_metrics(self) -> list[BackendMetric]:
         """Figures about this loaded model for ``GET /metrics`` (a batching engine's active
         sequences, cache reuse...). Called on the event loop at each scrape: return numbers
@@ -244,7 +250,8 @@ class Backend:
                     if text or chunk.reasoning or chunk.tool_calls:
                         yield ChatChunk(content=text, reasoning=chunk.reasoning, tool_calls=chunk.tool_calls)
                     # Closing the stream cancels the rest of the generation.
-                    yield ChatChunk(finish_reason="stop", usage=Usage(prompt_tokens, produced))
+                    yield ChatChunk(finish_reason="stop", usage=Usage(prompt_tokens, produced),
+                                    stop_sequence=holdback.matched)
                     return
                 if chunk.finish_reason is not None:
                     text += holdback.flush()
@@ -252,6 +259,9 @@ class Backend:
                     yield attrs.evolve(chunk, content=text)
         finally:
             await chunks.aclose()
+
+    async def run_count_prompt_tokens(self, request: ChatRequest) -> int:
+        return await self._run(lambda req, _cancel: self.count_prompt_tokens(req), request)
 
     async def run_embed(self, request: EmbedRequest) -> EmbedResult:
         """``embed`` on a worker thread; cancelling the await sets its ``CancelToken``."""

@@ -380,6 +380,9 @@ class ChatChunk:
     """``stop``, ``length`` or ``tool_calls`` on the last chunk."""
     usage: Usage | None = None
     """On the last chunk: the tokens the answer took."""
+    stop_sequence: str | None = None
+    """On the last chunk: the stop string (``Sampling.stop``) that ended the answer, when
+    one did (``finish_reason`` is then ``stop``); Anthropic's ``stop_sequence`` reports it."""
 
 
 # --- embeddings ---------------------------------------------------------------------
