@@ -261,6 +261,7 @@ class Backend:
             await chunks.aclose()
 
     async def run_count_prompt_tokens(self, request: ChatRequest) -> int:
+        """``count_prompt_tokens`` on a worker thread (``/v1/messages/count_tokens``)."""
         return await self._run(lambda req, _cancel: self.count_prompt_tokens(req), request)
 
     async def run_embed(self, request: EmbedRequest) -> EmbedResult:
