@@ -9,8 +9,8 @@ backend does not run itself, in this order:
    the model opens with ``<think>`` at the start of its answer goes to
    ``ChatChunk.reasoning``, one reasoning token counted per chunk;
 3. stop strings, for backends that do not stop natively, on the answer only;
-4. at most one tool call when the request turned parallel calls off: the answer ends
-   after the first call (its pieces), and the generation is cancelled;
+4. at most ``max_tool_calls`` tool calls (all the pieces of each): later calls are
+   dropped;
 5. the thought shown as the request's format says (with stage 2): kept apart, put back
    in the content as written, or dropped.
 
@@ -27,7 +27,7 @@ import attrs
 from nexa.errors import BadRequest
 from nexa.reasoning import QWEN3, ReasoningSplitter, Split, shown
 from nexa.text import StopHoldBack
-from nexa.types import ChatChunk, Reasoning, Sampling, Usage
+from nexa.types import ChatChunk, Reasoning, Sampling, ToolCall, Usage
 
 Chunks = AsyncIterator[ChatChunk]
 
@@ -98,7 +98,8 @@ async def cut_at_stops(chunks: Chunks, stops: tuple[str, ...]) -> Chunks:
                 if text or chunk.reasoning or chunk.tool_calls:
                     yield ChatChunk(content=text, reasoning=chunk.reasoning, tool_calls=chunk.tool_calls,
                                     logprobs=chunk.logprobs)
-                yield ChatChunk(finish_reason="stop", usage=Usage(prompt_tokens, produced, reasoning_tokens))
+                yield ChatChunk(finish_reason="stop", usage=Usage(prompt_tokens, produced, reasoning_tokens),
+                                stop_sequence=holdback.matched)
                 return
             if chunk.finish_reason is not None:
                 text += holdback.flush()
@@ -109,33 +110,55 @@ async def cut_at_stops(chunks: Chunks, stops: tuple[str, ...]) -> Chunks:
         await chunks.aclose()
 
 
-async def one_tool_call(chunks: Chunks) -> Chunks:
-    """Stage 4: ``parallel_tool_calls: false``. The first call (all its pieces) goes
-    through; a second call ends the answer with ``tool_calls``."""
-    first: str | None = None
-    usage: Usage | None = None
-    produced = 0
+async def limit_tool_calls(chunks: Chunks, limit: int) -> Chunks:
+    """Stage 4: at most ``limit`` tool calls (every piece of each); later calls are dropped
+    while the generation runs to its end, so the usage stays the backend's own count."""
+    kept: set[str] = set()
     try:
         async for chunk in chunks:
-            if chunk.usage is not None:
-                usage = chunk.usage
-            produced += 1
-            calls = chunk.tool_calls
-            if first is None and calls:
-                first = calls[0].id
-            extra = [c for c in calls if c.id != first]
-            if not extra:
-                yield chunk
-                continue
-            kept = tuple(c for c in calls if c.id == first)
-            if kept or chunk.content or chunk.reasoning:
-                yield attrs.evolve(chunk, tool_calls=kept, finish_reason=None, usage=None)
-            # The generation is cancelled here, so the backend's own count never comes.
-            prompt = usage.prompt_tokens if usage is not None else 0
-            yield ChatChunk(finish_reason="tool_calls", usage=chunk.usage or Usage(prompt, produced))
-            return
+            if chunk.tool_calls:
+                calls = []
+                for call in chunk.tool_calls:
+                    if call.id in kept or len(kept) < limit:
+                        kept.add(call.id)
+                        calls.append(call)
+                if len(calls) != len(chunk.tool_calls):
+                    chunk = attrs.evolve(chunk, tool_calls=tuple(calls))
+                    if not (chunk.content or chunk.reasoning or calls or chunk.logprobs
+                            or chunk.finish_reason or chunk.usage):
+                        continue
+            yield chunk
     finally:
         await chunks.aclose()
 
 
-__all__ = ["cut_at_stops", "one_tool_call", "refuse_missing", "show_reasoning", "split_reasoning"]
+async def whole_tool_calls(chunks: Chunks) -> Chunks:
+    """Tool calls reassembled from their pieces (``ToolCall``), for writers that frame only
+    whole calls: a call goes out once, whole, when anything else follows it."""
+    pending: ToolCall | None = None
+    try:
+        async for chunk in chunks:
+            ready: list[ToolCall] = []
+            for call in chunk.tool_calls:
+                if pending is not None and call.id == pending.id:
+                    pending = attrs.evolve(pending, arguments=pending.arguments + call.arguments)
+                    continue
+                if pending is not None:
+                    ready.append(pending)
+                pending = call
+            if pending is not None and (chunk.content or chunk.reasoning or chunk.finish_reason is not None):
+                ready.append(pending)
+                pending = None
+            if chunk.tool_calls or ready:
+                chunk = attrs.evolve(chunk, tool_calls=tuple(ready))
+            if (chunk.content or chunk.reasoning or chunk.tool_calls or chunk.logprobs
+                    or chunk.finish_reason is not None or chunk.usage is not None):
+                yield chunk
+        if pending is not None:
+            yield ChatChunk(tool_calls=(pending,))
+    finally:
+        await chunks.aclose()
+
+
+__all__ = ["cut_at_stops", "limit_tool_calls", "refuse_missing", "show_reasoning", "split_reasoning",
+           "whole_tool_calls"]

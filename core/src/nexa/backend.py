@@ -170,6 +170,12 @@ class Backend:
         """Return ``request.n`` PNG images."""
         raise UnsupportedTask(f"model {self.manifest.name!r} does not generate images")
 
+    def count_prompt_tokens(self, request: ChatRequest) -> int:
+        """How many tokens ``request`` is as a prompt: its messages and tools rendered with
+        the model's chat template and tokenized exactly as ``chat`` would, without
+        generating (``POST /v1/messages/count_tokens``). Runs on a worker thread."""
+        raise UnsupportedTask(f"model {self.manifest.name!r} (backend {self.name}) cannot count prompt tokens")
+
     def runtime_metrics(self) -> list[BackendMetric]:
         """Figures about this loaded model for ``GET /metrics`` (a batching engine's active
         sequences, cache reuse...). Called on the event loop at each scrape: return numbers
@@ -258,8 +264,8 @@ class Backend:
             chunks = answer.split_reasoning(chunks, request.reasoning)
         if not self.stops_natively and request.sampling.stop:
             chunks = answer.cut_at_stops(chunks, request.sampling.stop)
-        if not request.parallel_tool_calls:
-            chunks = answer.one_tool_call(chunks)
+        if request.max_tool_calls is not None:
+            chunks = answer.limit_tool_calls(chunks, request.max_tool_calls)
         if "reasoning" not in self.capabilities:
             chunks = answer.show_reasoning(chunks, request.reasoning)
         try:
@@ -280,6 +286,10 @@ class Backend:
                 yield chunk
         finally:
             await chunks.aclose()
+
+    async def run_count_prompt_tokens(self, request: ChatRequest) -> int:
+        """``count_prompt_tokens`` on a worker thread (``/v1/messages/count_tokens``)."""
+        return await self._run(lambda req, _cancel: self.count_prompt_tokens(req), request)
 
     async def run_embed(self, request: EmbedRequest) -> EmbedResult:
         """``embed`` on a worker thread; cancelling the await sets its ``CancelToken``."""

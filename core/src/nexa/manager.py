@@ -21,15 +21,17 @@ from collections.abc import AsyncIterator
 import attrs
 
 from nexa.backend import Backend, LoadOptions
-from nexa.config import ServerConfig
+from nexa.config import CATCH_ALL_ALIAS, ServerConfig
 from nexa.engine import create_engine
-from nexa.errors import Busy, ModelLoadError, NexaError, UnsupportedTask
+from nexa.errors import Busy, ModelLoadError, ModelNotFound, NexaError, UnsupportedTask
 from nexa.metrics import BackendCollector, Metrics
 from nexa.registry import BackendRegistry
-from nexa.store import ModelStore
+from nexa.store import ModelStore, split_quant
 from nexa.types import Device, Manifest, Task
 
 log = logging.getLogger("nexa.manager")
+MAX_NAMES_SHOWN = 20
+"""Model names a not-found error lists at most."""
 
 _TASK_WORDS = {
     Task.CHAT: "a chat model",
@@ -86,8 +88,29 @@ class ModelManager:
 
     # --- resolution ------------------------------------------------------------------
 
+    def find(self, model: str) -> Manifest:
+        """The manifest a client's ``model`` string names: a model in the store, else an
+        alias (``--alias NAME=MODEL``), else the catch-all alias ``*``. Unknown without an
+        alias: ModelNotFound listing the models this server has."""
+        try:
+            return self.store.get(model)
+        except ModelNotFound:
+            aliases = dict(self.config.aliases)
+            target = aliases.get(model.strip()) or aliases.get(CATCH_ALL_ALIAS)
+            if target is not None:
+                return self.store.get(target)
+            names = [m.name for m in self.store.list()]
+            shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (", ..." if len(names) > MAX_NAMES_SHOWN else "")
+            name = split_quant(model.strip())[0] or "NAME"
+            raise ModelNotFound(
+                f"model {model!r} is not served here; this server has: {shown or 'no models'}. "
+                f"Pull it with `nexa pull {name}`, or serve a local model under that name with "
+                f"`nexa serve --alias {name}=MODEL`",
+                param="model",
+            ) from None
+
     def resolve(self, model: str, task: Task) -> tuple[Manifest, type[Backend]]:
-        manifest = self.store.get(model)
+        manifest = self.find(model)
         if task not in manifest.tasks:
             have = ", ".join(sorted(t.value for t in manifest.tasks)) or "none"
             raise UnsupportedTask(
@@ -229,7 +252,7 @@ class ModelManager:
 
     async def preload(self, model: str) -> None:
         """Load a model now (``nexa serve MODEL``) for whichever task it serves first."""
-        manifest = self.store.get(model)
+        manifest = self.find(model)
         task = next(t for t in (Task.CHAT, Task.EMBED, Task.IMAGE, Task.VLM) if t in manifest.tasks)
         async with self.acquire(model, task):
             pass

@@ -380,8 +380,9 @@ class ChatRequest:
     logprobs: int | None = None
     """None: no log-probabilities; n >= 0: each answer token's log-probability and its n
     most likely alternatives (``ChatChunk.logprobs``)."""
-    parallel_tool_calls: bool = True
-    """False: at most one tool call (the server ends the answer after the first)."""
+    max_tool_calls: int | None = None
+    """At most this many tool calls (``parallel_tool_calls: false`` and Anthropic's
+    ``disable_parallel_tool_use`` are 1); the server drops later ones. None: no limit."""
     model: str = ""
     """The ``model`` string the client sent (for logs; the backend already holds its model)."""
 
@@ -450,6 +451,9 @@ class ChatChunk:
     """``stop``, ``length`` or ``tool_calls`` on the last chunk."""
     usage: Usage | None = None
     """On the last chunk: the tokens the answer took."""
+    stop_sequence: str | None = None
+    """On the last chunk: the stop string (``Sampling.stop``) that ended the answer, when
+    one did (``finish_reason`` is then ``stop``); Anthropic's ``stop_sequence`` reports it."""
 
 
 @attrs.frozen

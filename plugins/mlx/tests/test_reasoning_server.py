@@ -225,12 +225,17 @@ def test_server_settings_and_request_overrides(folders, tmp_path_factory):
         handle.__exit__(None, None, None)
 
 
-def test_stop_strings_apply_to_the_answer_only(client):
+def test_stop_strings_apply_to_the_answer_only(client, server):
     # "world" is in the thought: it neither ends the answer nor is cut from the thought.
     answer = ask(client, stop=["world"])
     assert (answer.choices[0].message.content, reasoning_of(answer)) == ("paris", "hello world")
     answer = ask(client, stop=["ris"])
     assert (answer.choices[0].message.content, answer.choices[0].finish_reason) == ("pa", "stop")
+    # Anthropic's Messages API reports which stop string ended the answer.
+    message = httpx.post(server.base_url + "/v1/messages", timeout=60, json={
+        "model": THINKER, "max_tokens": 32, "stop_sequences": ["ris"], "messages": HELLO}).json()
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "ris")
+    assert [b["type"] for b in message["content"]] == ["thinking", "text"]
 
 
 # --- tools --------------------------------------------------------------------------------
@@ -255,7 +260,8 @@ def test_tool_call_arguments_stream_as_they_are_written(client):
     assert [p.function.arguments for p in rest] == ['{"city": ', '"Oslo"', "}"]
     assert all(p.index == 0 and p.id is None and p.function.name is None for p in rest)
     assert json.loads("".join(p.function.arguments or "" for p in pieces)) == {"city": "Oslo"}
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    # The model goes on calling until max_tokens; the later calls are dropped.
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
 
 
 def test_parallel_tool_calls_false_gives_at_most_one_call(client):
@@ -264,7 +270,9 @@ def test_parallel_tool_calls_false_gives_at_most_one_call(client):
     one = ask(client, CALLER, tools=[WEATHER], max_tokens=24, parallel_tool_calls=False)
     (call,) = one.choices[0].message.tool_calls
     assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Oslo"})
-    assert one.choices[0].finish_reason == "tool_calls"
+    # Generation runs to its end (the usage is the model's own count); calls after the
+    # first are dropped.
+    assert one.choices[0].finish_reason == "length" and one.usage.completion_tokens == 24
     assert reasoning_of(one) == "hello"
 
 
@@ -410,3 +418,18 @@ def test_nexa_run_shows_the_thought_then_the_answer(server):
         input="Hello world\n", capture_output=True, text=True, timeout=300, check=True,
     )
     assert done.stdout.splitlines()[:2] == ["hello world", "paris"]
+
+
+def test_streamed_call_pieces_reach_the_agent_apis_whole(server):
+    """Anthropic's Messages API frames whole tool_use blocks: the pieces MLX streams are
+    put back together, and disable_parallel_tool_use keeps one call."""
+    tools = [{"name": "get_weather", "description": "Weather in a city",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    body = {"model": CALLER, "max_tokens": 24, "messages": HELLO, "tools": tools}
+    several = httpx.post(server.base_url + "/v1/messages", timeout=60, json=body).json()
+    uses = [b for b in several["content"] if b["type"] == "tool_use"]
+    assert len(uses) >= 2 and all(b["input"] == {"city": "Oslo"} for b in uses)
+    one = httpx.post(server.base_url + "/v1/messages", timeout=60, json={
+        **body, "tool_choice": {"type": "auto", "disable_parallel_tool_use": True}}).json()
+    (use,) = [b for b in one["content"] if b["type"] == "tool_use"]
+    assert (use["name"], use["input"]) == ("get_weather", {"city": "Oslo"})

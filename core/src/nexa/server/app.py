@@ -28,9 +28,11 @@ from nexa.manager import ModelManager
 from nexa.metrics import Metrics
 from nexa.plugins import PluginSet, load_plugins
 from nexa.registry import BackendRegistry
+from nexa.server.anthropic_errors import with_anthropic_shape
 from nexa.server.errors import EXCEPTION_HANDLERS
 from nexa.server.images import ImageFiles
 from nexa.server.middleware import metrics_middleware
+from nexa.server.responses_store import ResponseStore
 from nexa.server.routes import ROUTES
 from nexa.server.security import bind_is_loopback, make_guard
 from nexa.store import ModelStore
@@ -64,14 +66,20 @@ def create_app(
     metrics = Metrics()
     manager = ModelManager(store, registry, device, config, metrics)
     images = ImageFiles(store.home / "images", config.image_ttl, config.image_store_bytes)
+    responses = ResponseStore(store.home / "responses.db", ttl=config.responses_ttl,
+                              max_count=config.responses_max, api_key=config.api_key)
     resources: dict[str, Any] = {
         "config": config,
-        "store": store,
+        # Not "store": Litestar reports a request-body field that fails validation as a
+        # server error when its name is a dependency's, and the Responses API has a
+        # ``store`` field.
+        "model_store": store,
         "plugins": plugins,
         "registry": registry,
         "manager": manager,
         "metrics": metrics,
         "images": images,
+        "responses": responses,
     }
 
     @asynccontextmanager
@@ -92,20 +100,17 @@ def create_app(
             if preload is not None:
                 preload.cancel()
             await manager.shutdown()
+            await responses.close()
 
     cors = CORSConfig(allow_origins=list(config.origins), allow_headers=["*"]) if config.origins else None
     return Litestar(
         route_handlers=ROUTES,
-        # A handler parameter may not share its name with a request body field: Litestar
-        # reports a bad value of such a field ("store", an OpenAI chat field) as a failed
-        # dependency, a 500. Hence ``model_store``.
-        dependencies={("model_store" if name == "store" else name): _provide(value)
-                      for name, value in resources.items()},
+        dependencies={name: _provide(value) for name, value in resources.items()},
         # Also on app.state, for tests and tools that inspect a running server.
         state=State(resources),
         lifespan=[lifespan],
         before_request=make_guard(config),
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers=with_anthropic_shape(EXCEPTION_HANDLERS),
         cors_config=cors,
         middleware=[metrics_middleware(metrics)],
         request_max_body_size=config.max_body_bytes,

@@ -105,7 +105,7 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
     )
     return ChatRequest(
         messages=messages,
-        sampling=_sampling(body, config, max_tokens),
+        sampling=_sampling(body, max_tokens),
         tools=tools,
         tool_choice=tool_choice,
         response_format=response_format,
@@ -113,19 +113,13 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
         template_kwargs=chat_options.template_kwargs(body),
         logprobs=chat_options.logprobs(body),
         # The deprecated functions style has no parallel calls.
-        parallel_tool_calls=body.parallel_tool_calls is not False and body.functions is None,
+        max_tool_calls=1 if body.parallel_tool_calls is False or body.functions is not None else None,
         model=body.model,
     )
 
 
-def _sampling(body: wire.ChatCompletionRequest | wire.CompletionRequest, config: ServerConfig,
-              max_tokens: int | None) -> Sampling:
+def _sampling(body: wire.ChatCompletionRequest | wire.CompletionRequest, max_tokens: int | None) -> Sampling:
     """The one sampling value of a chat or completion body."""
-    if max_tokens is not None and max_tokens > config.max_tokens_cap:
-        raise BadRequest(
-            f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens_cap}",
-            param="max_tokens",
-        )
     return Sampling(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -151,7 +145,7 @@ def completion_requests(body: wire.CompletionRequest, config: ServerConfig) -> l
     prompts = texts_or_tokens(body.prompt, "prompt")
     if body.suffix is not None and any(not isinstance(p, str) for p in prompts):
         raise BadRequest("suffix needs a text prompt", param="suffix")
-    sampling = _sampling(body, config, body.max_tokens)
+    sampling = _sampling(body, body.max_tokens)
     return [
         CompletionRequest(prompt=p, sampling=sampling, suffix=body.suffix, logprobs=body.logprobs, model=body.model)
         for p in prompts

@@ -39,7 +39,9 @@ MAX16 = KwargDefinition(schema_extra=_SchemaExtra(max_items=16))
 Float01 = Annotated[float, Meta(ge=0.0, le=1.0), MIN0]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
-MaxTokens = Annotated[int, Meta(ge=1, le=_CAPS.max_tokens_cap)]
+# No upper bound: agents ask for 32k-128k; the backend caps it at the room the context
+# leaves (finish reason ``length``) instead of refusing.
+MaxTokens = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0), MIN0]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 
@@ -173,7 +175,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     chat_template_kwargs: Annotated[dict[str, Any], Meta(max_length=64)] | None = None
     think: bool | Effort3 | None = None
     reasoning_format: Literal["separate", "inline", "hidden"] | None = None
-    reasoning_budget: Annotated[int, Meta(ge=-1, le=_CAPS.max_tokens_cap)] | None = None
+    reasoning_budget: Annotated[int, Meta(ge=-1)] | None = None
     n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
     # 400 unless default: the schema admits only the default, so the document says so.
     audio: Annotated[None, Meta(description="audio output is not supported (null only)")] = None

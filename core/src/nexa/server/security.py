@@ -3,7 +3,8 @@
 ``make_guard`` builds the ``before_request`` hook every route runs through: on a
 loopback-bound server the ``Host`` header must be a loopback name (DNS rebinding), and
 when an API key is set every route but ``/health`` needs ``Authorization: Bearer KEY``
-(the scheme is matched case-insensitively and surrounding whitespace is ignored).
+(the scheme is matched case-insensitively and surrounding whitespace is ignored) or
+``x-api-key: KEY`` (what Anthropic's clients send).
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ def bind_is_loopback(host: str) -> bool:
     return is_loopback_host(host)
 
 
+def presented_key_matches(request: Request, key: bytes) -> bool:
+    """Whether the request carries ``key``: ``Authorization: Bearer KEY`` (OpenAI's clients)
+    or ``x-api-key: KEY`` (Anthropic's). Either one matching is enough."""
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key):
+        return True
+    header = request.headers.get("x-api-key")
+    return header is not None and hmac.compare_digest(header.strip().encode(), key)
+
+
 def make_guard(config: ServerConfig):
     loopback_bind = bind_is_loopback(config.host)
     key = config.api_key.encode() if config.api_key else None
@@ -53,9 +65,7 @@ def make_guard(config: ServerConfig):
             if host and not is_loopback_host(host):
                 raise Forbidden("requests to this loopback server must use a loopback Host name")
         if key is not None and request.url.path not in OPEN_PATHS and request.method != "OPTIONS":
-            auth = request.headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
-                raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")
+            if not presented_key_matches(request, key):
+                raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key> or x-api-key: <key>)")
 
     return guard

@@ -142,7 +142,7 @@ def serve(
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
     try:
-        yield ServerHandle(f"http://127.0.0.1:{port}", app, app.state.store, server)
+        yield ServerHandle(f"http://127.0.0.1:{port}", app, app.state.model_store, server)
     finally:
         server.should_exit = True
         thread.join(timeout=30)

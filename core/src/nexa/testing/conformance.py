@@ -12,7 +12,8 @@ chat (``check_chat``)
     ``max_tokens=1`` starts the answer to ``max_tokens=8``, and differs from it unless the
     model stopped at once; an answer cut by the limit reports exactly that many tokens;
   - usage is honest: a longer prompt reports more prompt tokens, a non-empty answer at
-    least one completion token;
+    least one completion token; ``count_prompt_tokens``, where a backend has it, gives
+    the prompt tokens its answer reports;
   - stop strings end the answer before their first occurrence, with ``finish_reason``
     ``stop`` (checked through ``Backend.stream_answer``, so a backend that declares
     ``stops_natively`` must really stop; others are cut by the server);
@@ -95,6 +96,12 @@ async def check_chat_async(backend: Backend, prompt: str = PROMPT) -> None:
     longer = prompt + " Answer politely, and think about the words you choose before you write them down."
     _, _, usage_long = await _answer(backend, _request(longer, max_tokens=1))
     assert usage_long.prompt_tokens > usage_one.prompt_tokens, "a longer prompt must report more prompt tokens"
+
+    # A backend that counts prompts (count_tokens) counts what chat reports.
+    if type(backend).count_prompt_tokens is not Backend.count_prompt_tokens:
+        counted = await backend.run_count_prompt_tokens(_request(longer, max_tokens=1))
+        assert counted == usage_long.prompt_tokens, (
+            f"count_prompt_tokens gave {counted}, chat reported {usage_long.prompt_tokens} prompt tokens")
 
     # Stop strings: the answer ends before the first occurrence.
     stop = _stop_string(text)

@@ -47,6 +47,7 @@ class AnswerLoop:
     tools: list[Mapping[str, Any]] = attrs.field(factory=list)
     logprobs: int | None = None
     _call: JsonCallStream | None = None
+    _stop: str | None = None
 
     def run(self, steps: Iterator[tuple[int, Any]]) -> Iterator[ChatChunk]:
         start, end = self.tool_markers
@@ -102,7 +103,8 @@ class AnswerLoop:
         if made_tool_call and finish == "stop":
             finish = "tool_calls"
         usage = Usage(self.prompt_tokens, generated, reasoning_tokens=self.splitter.reasoning_tokens)
-        yield ChatChunk(finish_reason=finish, usage=usage, logprobs=tuple(records + undecided))
+        yield ChatChunk(finish_reason=finish, usage=usage, logprobs=tuple(records + undecided),
+                        stop_sequence=self._stop if finish == "stop" else None)
 
     def _chunks(self, reasoning: str, answer: str, parser: AnswerParser, final: bool = False) -> Iterator[ChatChunk]:
         """The chunks of one step's split: the thought as the format shows it, then the
@@ -139,6 +141,7 @@ class AnswerLoop:
                     start, end = self.tool_markers
                     yield ChatChunk(content=f"{start}{event.text}{end if event.closed else ''}")
             elif isinstance(event, Stop):
+                self._stop = event.text
                 return
 
     def record(self, token: int, logprobs: Any) -> TokenLogprob:

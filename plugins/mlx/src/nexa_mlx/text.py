@@ -42,6 +42,9 @@ class ToolText:
 class Stop:
     """A stop string matched; nothing after it is content."""
 
+    text: str = ""
+    """The stop string."""
+
 
 Event = Text | ToolText | ToolSpan | Stop
 
@@ -115,7 +118,7 @@ class AnswerParser:
             else:
                 self.stopped = True
                 self._buffer = ""
-                events.append(Stop())
+                events.append(Stop(marker))
         return events
 
     def finish(self) -> list[Event]:

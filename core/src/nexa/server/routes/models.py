@@ -46,8 +46,8 @@ class ModelsController(Controller):
         return wire.ModelList(data=[model_card(manager, m) for m in manifests])
 
     @get("/{model_id:path}", summary="Describe one model", responses=error_responses(400, 404, *GUARDED))
-    async def get_model(self, model_id: FromPath[str], model_store: Store, manager: Manager) -> wire.ModelCard:
-        manifest = await asyncio.to_thread(model_store.get, model_id.lstrip("/"))
+    async def get_model(self, model_id: FromPath[str], manager: Manager) -> wire.ModelCard:
+        manifest = await asyncio.to_thread(manager.find, model_id.lstrip("/"))
         return model_card(manager, manifest)
 
 
