@@ -31,7 +31,7 @@ ENCODER_ARCHITECTURES = (
 DEFAULT_BATCH_SIZE = 32
 
 
-def _torch_device(device: Device) -> str:
+def torch_device(device: Device) -> str:
     return {"cuda": "cuda", "metal": "mps"}.get(device.kind, "cpu")
 
 
@@ -86,7 +86,7 @@ class SentenceTransformersBackend(Backend):
             # trust_remote_code stays off: a model folder must not run code it carries.
             model = SentenceTransformer(
                 str(self.manifest.root),
-                device=_torch_device(self.device),
+                device=torch_device(self.device),
                 local_files_only=True,
                 trust_remote_code=False,
             )
@@ -100,7 +100,7 @@ class SentenceTransformersBackend(Backend):
         self.max_tokens = model.max_seq_length
         logger.info(
             "loaded %s on %s in %.1fs (dimension %s, window %s tokens)",
-            self.manifest.name, _torch_device(self.device), time.monotonic() - started,
+            self.manifest.name, torch_device(self.device), time.monotonic() - started,
             model.get_embedding_dimension(), self.max_tokens,
         )
 
