@@ -24,7 +24,7 @@ def hook_names():
 def test_every_hook_is_documented():
     text = (DOCS / "hooks.md").read_text()
     names = hook_names()
-    assert len(names) == 5
+    assert len(names) == 7
     for name in names:
         assert f"## {name}" in text, f"hook {name} is missing from docs/hooks.md"
 

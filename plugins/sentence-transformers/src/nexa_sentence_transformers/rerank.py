@@ -82,7 +82,7 @@ class CrossEncoderBackend(Backend):
             )
         model.eval()
         self.model = model
-        self.max_tokens = model.max_length or model.tokenizer.model_max_length
+        self.max_tokens = model.max_seq_length
         logger.info("loaded cross-encoder %s on %s in %.1fs (window %s tokens)", self.manifest.name,
                     torch_device(self.device), time.monotonic() - started, self.max_tokens)
 
