@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
-import wave
 import re
+import wave
 from pathlib import Path
 
 import openai
