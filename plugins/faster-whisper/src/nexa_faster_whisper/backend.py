@@ -44,9 +44,10 @@ WEIGHTS_SHA256 = "weights_sha256"
 """Manifest option: the sha256 the joined parts must have."""
 
 
-def _seconds(value: Any) -> float:
-    """A time as a plain float, to the millisecond (faster-whisper's word times are numpy floats)."""
-    return round(float(value), 3)
+def _seconds(value: Any, duration: float) -> float:
+    """A time as a plain float to the millisecond, within the audio: Whisper's timestamp
+    tokens can point past the end of the last window (faster-whisper's are numpy floats)."""
+    return round(min(max(float(value), 0.0), duration), 3)
 
 
 def compute_type(device: Device, requested: str | None) -> str:
@@ -166,16 +167,19 @@ class FasterWhisperBackend(Backend):
         )
         # faster-whisper decodes a window only when the next segment is asked for.
         reached = 0.0
+        duration = request.audio.duration
         for segment in segments:
             self.segments_done += 1
-            self.audio_seconds_done += max(0.0, segment.end - reached)
-            reached = max(reached, segment.end)
+            end = min(segment.end, duration)
+            self.audio_seconds_done += max(0.0, end - reached)
+            reached = max(reached, end)
             yield TranscriptChunk(segment=TranscriptSegment(
                 id=segment.id,
-                start=_seconds(segment.start),
-                end=_seconds(segment.end),
+                start=_seconds(segment.start, duration),
+                end=_seconds(segment.end, duration),
                 text=segment.text,
-                words=tuple(Word(w.word, _seconds(w.start), _seconds(w.end)) for w in segment.words or ()),
+                words=tuple(Word(w.word, _seconds(w.start, duration), _seconds(w.end, duration))
+                            for w in segment.words or ()),
                 seek=segment.seek,
                 tokens=tuple(segment.tokens),
                 temperature=float(segment.temperature or 0.0),
