@@ -24,7 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if DEVICE.kind == "cuda":
         return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU: run with NEXA_DEVICE=cuda (nox -s faster_whisper_cuda)")
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (CUDA 12, cuDNN 9): run with NEXA_DEVICE=cuda")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)

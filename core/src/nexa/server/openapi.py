@@ -48,7 +48,7 @@ class TranscriptionOperation(Operation):
         refs = [s for s in getattr(schema, "one_of", None) or () if isinstance(s, Reference)]
         text = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
         ok.content = {
-            "application/json": OpenAPIMediaType(schema=Schema(one_of=refs) if len(refs) > 1 else schema),
+            "application/json": OpenAPIMediaType(schema=Schema(any_of=refs) if len(refs) > 1 else schema),
             "text/plain": text,
             "text/vtt": text,
             "text/event-stream": OpenAPIMediaType(

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar.datastructures import UploadFile
-from litestar.openapi.spec import OpenAPIType, Schema
+from litestar.openapi.spec import OpenAPIType, Reference, Schema
 from litestar.params import KwargDefinition
 from msgspec import UNSET, Meta, UnsetType
 
@@ -304,27 +304,42 @@ class ImagesResponse(msgspec.Struct, kw_only=True):
 # --- rerank -------------------------------------------------------------------------
 
 
-RerankText = Annotated[str, Meta(max_length=_CAPS.max_rerank_chars)]
+# Not blank: a document or query of only whitespace has nothing to rank by. An explicit
+# class, as Python's \s and JSON Schema's (ECMA) \s differ on control characters.
+NOT_BLANK = r"[^ \t\n\r\f\v]"
+RerankText = Annotated[str, Meta(max_length=_CAPS.max_rerank_chars, pattern=NOT_BLANK)]
 
 
 class RerankDocument(msgspec.Struct, kw_only=True):
     text: RerankText
 
 
+# Litestar leaves out the constraints of the string member of the items' union (and takes
+# one constraint source per field): the document states them all here.
+_RERANK_ITEMS = KwargDefinition(schema_extra={
+    "items": Schema(one_of=[
+        Schema(type=OpenAPIType.STRING, max_length=_CAPS.max_rerank_chars, pattern=NOT_BLANK),
+        Reference(ref="#/components/schemas/RerankDocument"),
+    ]),
+    "min_items": 1,
+    "max_items": _CAPS.max_rerank_documents,
+})
+
+
 class RerankRequest(msgspec.Struct, kw_only=True):
     """The rerank body of Jina, Cohere (v1 and v2), vLLM and llama.cpp's server."""
 
     model: Annotated[str, Meta(min_length=1, max_length=256)]
-    query: Annotated[str, Meta(min_length=1, max_length=_CAPS.max_rerank_chars)]
-    documents: Annotated[
-        list[RerankText | RerankDocument], Meta(min_length=1, max_length=_CAPS.max_rerank_documents)
-    ]
+    query: RerankText
+    # Counted in ``routes.rerank`` (none, too many) with messages that say so.
+    documents: Annotated[list[RerankText | RerankDocument], _RERANK_ITEMS]
     top_n: PositiveInt | None = None
     return_documents: bool = False
-    # Cohere options this server cannot honour: refused with a 400 when sent, never ignored.
-    max_tokens_per_doc: int | None = None
-    rank_fields: list[str] | None = None
-    max_chunks_per_doc: int | None = None
+    # Cohere options this server cannot honour (documents are scored whole, and refused
+    # when too long): declared null-only so that sending one is a 400, never ignored.
+    max_tokens_per_doc: None = None
+    rank_fields: None = None
+    max_chunks_per_doc: None = None
 
 
 class RerankResultItem(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -348,7 +363,8 @@ class RerankResponse(msgspec.Struct, kw_only=True):
 # --- speech to text -----------------------------------------------------------------
 
 
-TranscriptFormat = Literal["json", "text", "srt", "vtt", "verbose_json", "diarized_json"]
+# OpenAI's diarized_json is left out: no speaker diarization here (a 400 naming the field).
+TranscriptFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 Granularities = Literal["word", "segment"] | list[Literal["word", "segment"]]
 
 
@@ -356,7 +372,8 @@ class TranscriptionForm(msgspec.Struct, kw_only=True):
     """OpenAI's multipart form for ``/v1/audio/transcriptions``.
 
     ``timestamp_granularities[]`` is how OpenAI's clients name the repeated field; the
-    plain name is taken too. ``diarized_json`` is in the list only to be refused clearly.
+    plain name is taken too. Only with ``verbose_json`` (else a 400); ``stream`` only with
+    ``json`` or ``text``.
     """
 
     file: UploadFile

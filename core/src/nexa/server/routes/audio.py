@@ -49,9 +49,6 @@ def _granularities(form: wire.TranscriptionForm) -> set[str]:
 
 
 def _check_format(response_format: str, stream: bool) -> None:
-    if response_format == "diarized_json":
-        raise BadRequest("response_format diarized_json is not supported: no speaker diarization here",
-                         param="response_format")
     if stream and response_format not in ("json", "text"):
         raise BadRequest(f"stream is only available with response_format json or text, not {response_format}",
                          param="stream")

@@ -28,11 +28,6 @@ PATHS = ["/v1/rerank", "/v2/rerank", "/rerank"]
 
 def rerank_request(body: wire.RerankRequest, config: ServerConfig) -> RerankRequest:
     """The task request for a rerank body, checked against the server's caps."""
-    for name in ("max_tokens_per_doc", "rank_fields", "max_chunks_per_doc"):
-        if getattr(body, name) is not None:
-            raise BadRequest(
-                f"{name} is not supported: documents are scored whole (too long ones are refused)", param=name
-            )
     if not body.documents:
         raise BadRequest("documents must hold at least one document", param="documents")
     if len(body.documents) > config.max_rerank_documents:
@@ -45,15 +40,11 @@ def rerank_request(body: wire.RerankRequest, config: ServerConfig) -> RerankRequ
         raise BadRequest(f"query is {len(body.query)} characters; the limit is {config.max_rerank_chars}", param="query")
     texts = tuple(d if isinstance(d, str) else d.text for d in body.documents)
     for index, text in enumerate(texts):
-        if not text.strip():
-            raise BadRequest(f"documents[{index}] is empty", param="documents")
         if len(text) > config.max_rerank_chars:
             raise BadRequest(
                 f"documents[{index}] is {len(text)} characters; the limit is {config.max_rerank_chars}",
                 param="documents",
             )
-    if not body.query.strip():
-        raise BadRequest("query is empty", param="query")
     return RerankRequest(query=body.query, documents=texts, model=body.model)
 
 
