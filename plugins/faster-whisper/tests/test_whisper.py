@@ -189,3 +189,29 @@ def test_whisper_base_on_the_gpu(whisper_base, speech_dir):
         assert word_error_rate(" ".join(SENTENCES), transcript.text) <= 0.15, transcript.text
     finally:
         asyncio.run(backend.stop())
+
+
+def test_nexa_pull_of_a_faster_whisper_repo_transcribes(tmp_path, monkeypatch, tiny_whisper, speech_dir):
+    """A CTranslate2 Whisper repo (model.bin, config, tokenizer, vocabulary) pulled through
+    huggingface_hub from a loopback Hub is stored as a speech model and served."""
+    from nexa.hub import pull
+    from nexa.store import ModelStore
+    from nexa.testing.hubserver import HubServer
+
+    assert tiny_whisper.root is not None
+    files = {f.path: (Path(tiny_whisper.root) / f.path).read_bytes() for f in tiny_whisper.files}
+    files["README.md"] = b"# a tiny random Whisper\n"
+    for name in ("HF_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    with HubServer({"acme/whisper-tiny-ct2": files}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        manifest = pull(ModelStore(tmp_path / "home"), "acme/whisper-tiny-ct2", progress=False)
+    assert (manifest.format, manifest.tasks) == ("ctranslate2", {Task.TRANSCRIBE})
+    assert {f.path for f in manifest.files} >= {"model.bin", "config.json", "tokenizer.json"}
+    backend = FasterWhisperBackend(manifest, conformance_device())
+    asyncio.run(backend.start())
+    try:
+        transcript = transcribe(backend, TranscribeRequest(audio_of(speech_dir / "s0.wav"), language="en"))
+        assert transcript.language == "en" and transcript.duration > 1
+    finally:
+        asyncio.run(backend.stop())

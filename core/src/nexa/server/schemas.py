@@ -368,25 +368,6 @@ TranscriptFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 Granularities = Literal["word", "segment"] | list[Literal["word", "segment"]]
 
 
-class TranscriptionForm(msgspec.Struct, kw_only=True):
-    """OpenAI's multipart form for ``/v1/audio/transcriptions``.
-
-    ``timestamp_granularities[]`` is how OpenAI's clients name the repeated field; the
-    plain name is taken too. Only with ``verbose_json`` (else a 400); ``stream`` only with
-    ``json`` or ``text``.
-    """
-
-    file: UploadFile
-    model: Annotated[str, Meta(min_length=1, max_length=256)]
-    language: Annotated[str, Meta(pattern=r"^[A-Za-z]{2,3}$")] | None = None
-    prompt: Annotated[str, Meta(max_length=10_000)] | None = None
-    temperature: Float01 | None = None
-    response_format: TranscriptFormat = "json"
-    timestamp_granularities: Granularities | None = None
-    timestamp_granularities_list: Granularities | None = msgspec.field(default=None, name="timestamp_granularities[]")
-    stream: bool = False
-
-
 class TranslationForm(msgspec.Struct, kw_only=True):
     """OpenAI's multipart form for ``/v1/audio/translations`` (speech to English text);
     ``language`` (the speech's, optional) and ``stream`` go beyond OpenAI's."""
@@ -398,6 +379,18 @@ class TranslationForm(msgspec.Struct, kw_only=True):
     temperature: Float01 | None = None
     response_format: TranscriptFormat = "json"
     stream: bool = False
+
+
+class TranscriptionForm(TranslationForm, kw_only=True):
+    """OpenAI's multipart form for ``/v1/audio/transcriptions``.
+
+    ``timestamp_granularities[]`` is how OpenAI's clients name the repeated field; the
+    plain name is taken too. Only with ``verbose_json`` (else a 400); ``stream`` only with
+    ``json`` or ``text``.
+    """
+
+    timestamp_granularities: Granularities | None = None
+    timestamp_granularities_list: Granularities | None = msgspec.field(default=None, name="timestamp_granularities[]")
 
 
 class TranscriptWord(msgspec.Struct, kw_only=True):

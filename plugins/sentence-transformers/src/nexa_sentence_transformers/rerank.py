@@ -13,30 +13,23 @@ ranks them by cosine through the embedding backend.)
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, ClassVar
 
-from nexa.backend import Backend, CancelToken
+from nexa.backend import CancelToken
 from nexa.errors import ContextLengthExceeded, ModelLoadError
 from nexa.rerank import sigmoid
 from nexa.types import Device, Manifest, RerankRequest, RerankResult, Task
-from nexa_sentence_transformers.backend import torch_device
+from nexa_sentence_transformers.backend import TorchModelBackend
 
 logger = logging.getLogger("nexa.sentence_transformers")
 
 DEFAULT_BATCH_SIZE = 32
 
 
-class CrossEncoderBackend(Backend):
+class CrossEncoderBackend(TorchModelBackend):
     """Relevance scores from a cross-encoder, one batch of pairs at a time."""
 
-    name: ClassVar[str] = "sentence-transformers"
     tasks: ClassVar[frozenset[Task]] = frozenset({Task.RERANK})
-    formats: ClassVar[frozenset[str]] = frozenset({"sentence-transformers", "safetensors"})
-    devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda", "metal"})
-    # torch already spreads one batch over every core; requests queue and run one by one.
-    parallel = 1
-    priority: ClassVar[int] = 0
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -48,51 +41,15 @@ class CrossEncoderBackend(Backend):
 
     def __init__(self, manifest: Manifest, device: Device, options: Any = None):
         super().__init__(manifest, device, options)
-        self.model: Any = None
-        self.max_tokens: int | None = None
         self.batch_size = int(self.options.extra.get("rerank_batch_size", DEFAULT_BATCH_SIZE))
 
     def load(self) -> None:
-        if self.manifest.root is None:
-            raise ModelLoadError(f"model {self.manifest.name!r} has no folder on disk")
-        import torch
-        from sentence_transformers import CrossEncoder
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-        if self.options.threads:
-            torch.set_num_threads(self.options.threads)
-        started = time.monotonic()
-        try:
-            # local_files_only: a model in the store is complete; never ask a hub.
-            # trust_remote_code stays off: a model folder must not run code it carries.
-            model = CrossEncoder(
-                str(self.manifest.root),
-                device=torch_device(self.device),
-                local_files_only=True,
-                trust_remote_code=False,
-            )
-        except Exception as exc:
-            raise ModelLoadError(
-                f"could not load cross-encoder {self.manifest.name!r}: {type(exc).__name__}: {str(exc)[:500]}"
-            ) from exc
+        model = self._load("CrossEncoder", "cross-encoder")
         if model.num_labels != 1:
             raise ModelLoadError(
                 f"model {self.manifest.name!r} has {model.num_labels} outputs; a reranker has one (its relevance logit)"
             )
-        model.eval()
         self.model = model
-        self.max_tokens = model.max_seq_length
-        logger.info("loaded cross-encoder %s on %s in %.1fs (window %s tokens)", self.manifest.name,
-                    torch_device(self.device), time.monotonic() - started, self.max_tokens)
-
-    def close(self) -> None:
-        model, self.model = self.model, None
-        del model
-        if self.device.kind == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
 
     def rerank(self, request: RerankRequest, cancel: CancelToken) -> RerankResult:
         if self.model is None:
