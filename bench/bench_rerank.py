@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_single import machine, start_server  # noqa: E402
+from common import machine, start_nexa, stop  # noqa: E402
 
 QUERY = "How do I keep tomato plants healthy through a hot summer?"
 TOPICS = ["tomato plants", "the stock market", "medieval castles", "deep sea fish", "electric cars",
@@ -52,7 +52,7 @@ def main() -> None:
     print(machine())
     print(f"model {args.model}, {args.documents} documents of ~{len(docs[0].split())} words, {args.rounds} rounds")
     with tempfile.TemporaryDirectory(prefix="nexa-bench-rerank-") as home:
-        proc, base = start_server(Path(home), args.model, args.threads, 512, None)
+        proc, base = start_nexa(args.model, Path(home), threads=args.threads, ctx=512, gpu=None)
         try:
             with httpx.Client(base_url=base, timeout=600) as client:
 
@@ -82,8 +82,7 @@ def main() -> None:
                     print(f"round {round_ + 1}: one request {b * 1000:.0f} ms, {args.documents} requests "
                           f"{s * 1000:.0f} ms, ratio {s / b:.2f}x")
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop(proc)
     print(f"median: one request {statistics.median(batched) * 1000:.0f} ms "
           f"({args.documents / statistics.median(batched):.0f} documents/s), {args.documents} single requests "
           f"{statistics.median(singles) * 1000:.0f} ms; ratio {statistics.median(ratios):.2f}x (target >= 3x)")

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_single import machine, start_server  # noqa: E402
+from common import machine, start_nexa, stop  # noqa: E402
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -88,8 +88,10 @@ def main() -> None:
 
         import openai
 
-        proc, base = start_server(Path(tmp) / "home", WHISPER_BASE_NAME, args.threads, 448,
-                                  args.device if args.device == "cuda" else None)
+        home = Path(tmp) / "home"
+        home.mkdir()
+        proc, base = start_nexa(WHISPER_BASE_NAME, home, threads=args.threads, ctx=448,
+                                gpu=args.device if args.device == "cuda" else None)
         try:
             client = openai.OpenAI(base_url=base + "/v1", api_key="-", max_retries=0, timeout=600)
             served = []
@@ -100,8 +102,7 @@ def main() -> None:
                 served.append((time.perf_counter() - started) / audio.duration)
                 print(f"server run {run + 1}: RTF {served[-1]:.3f}")
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop(proc)
         print(f"server median RTF {statistics.median(served):.3f} (server default: beam "
               f"{'5 on CUDA' if args.device == 'cuda' else '1'}, compute type int8 on CPU / float16 on CUDA)")
 

@@ -158,6 +158,10 @@ def test_embeddings_float_base64_and_dimensions(client, server):
     ({"model": "test/echo", "messages": USER, "max_tokens": 10**9}, 400, "max_tokens"),
     ({"model": "test/echo", "messages": USER, "n": 2}, 400, "n"),
     ({"model": "test/echo", "messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
+    # Checked here once, not again by backends (the llama.cpp plugin's own checks went).
+    ({"model": "test/echo", "messages": USER, "tool_choice": "sometimes"}, 400, None),
+    ({"model": "test/echo", "messages": USER, "tool_choice": {"type": "function", "function": {"name": "nope"}},
+      "tools": [{"type": "function", "function": {"name": "lookup"}}]}, 400, "tool_choice"),
 ])
 def test_bad_chat_bodies_are_400(server, body, status, param):
     error = assert_error(post(server, "/v1/chat/completions", body), status)
@@ -446,3 +450,11 @@ def test_a_test_kit_server_starts_and_answers_without_deprecation_warnings(home)
             assert httpx.get(server.base_url + "/v1/models/test/echo", timeout=10).status_code == 200
     deprecations = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
     assert deprecations == []
+
+
+@pytest.mark.parametrize("field", ["repeat_penalty", "repetition_penalty"])
+def test_a_zero_repeat_penalty_is_refused_once_at_the_edge(server, field):
+    err = assert_error(post(server, "/v1/chat/completions",
+                            {"model": "test/echo", "messages": USER, field: 0}), 400)
+    assert err["param"] == "repeat_penalty"
+    assert post(server, "/v1/chat/completions", {"model": "test/echo", "messages": USER, field: 1.3}).status_code == 200
