@@ -1,6 +1,7 @@
 """Rerank: the CrossEncoder backend on a tiny random cross-encoder written here (mechanics),
 and relevance order on the real all-MiniLM-L6-v2 through the core's cosine path, over
-HTTP with the official Cohere client (v1 and v2) as well as plain JSON.
+HTTP with the official Cohere client (v1 and v2), LangChain's Cohere reranker, and plain
+JSON.
 
 No PyPI package carries a real cross-encoder's weights (searched: ms-marco, bge-reranker,
 jina-reranker, "cross-encoder"); a real cross-encoder's relevance is left to machines
@@ -149,6 +150,16 @@ def test_cohere_v1_client_reranks_the_cross_encoder(server) -> None:
     scores = [r.relevance_score for r in answer.results]
     assert scores == sorted(scores, reverse=True) and all(0.0 < s < 1.0 for s in scores)
     assert {r.document.text for r in answer.results} == set(DOCUMENTS)
+
+
+def test_langchain_cohere_reranker_compresses_documents_through_nexa(server) -> None:
+    from langchain_cohere import CohereRerank
+    from langchain_core.documents import Document
+
+    reranker = CohereRerank(model=MINILM_NAME, base_url=server.base_url, cohere_api_key="unused", top_n=2)
+    kept = reranker.compress_documents([Document(page_content=d) for d in DOCUMENTS], QUERY)
+    assert [d.page_content for d in kept] == [DOCUMENTS[1], DOCUMENTS[3]]
+    assert kept[0].metadata["relevance_score"] > kept[1].metadata["relevance_score"]
 
 
 def test_models_list_shows_which_models_rerank(server) -> None:
