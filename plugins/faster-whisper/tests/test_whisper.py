@@ -205,7 +205,7 @@ def test_nexa_pull_of_a_faster_whisper_repo_transcribes(tmp_path, monkeypatch, t
         monkeypatch.delenv(name, raising=False)
     with HubServer({"acme/whisper-tiny-ct2": files}) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        manifest = pull(ModelStore(tmp_path / "home"), "acme/whisper-tiny-ct2", progress=False)
+        manifest = pull(ModelStore(tmp_path / "home"), "acme/whisper-tiny-ct2")
     assert (manifest.format, manifest.tasks) == ("ctranslate2", {Task.TRANSCRIBE})
     assert {f.path for f in manifest.files} >= {"model.bin", "config.json", "tokenizer.json"}
     backend = FasterWhisperBackend(manifest, conformance_device())

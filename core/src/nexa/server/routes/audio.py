@@ -150,9 +150,10 @@ class Job:
             return wire.Transcription(text=transcript.text, usage=transcripts.usage(transcript))
         if fmt == "verbose_json":
             return transcripts.verbose(transcript, translate=self.translate, segments=self.segments, words=self.words)
-        body = {"text": transcript.text + "\n", "srt": transcripts.srt, "vtt": transcripts.vtt}[fmt]
-        if callable(body):
-            body = body(transcript.segments)
+        if fmt == "text":
+            body = transcript.text + "\n"
+        else:
+            body = (transcripts.srt if fmt == "srt" else transcripts.vtt)(transcript.segments)
         return Response(body, media_type=TEXT_FORMATS[fmt], status_code=200)
 
     async def frames(

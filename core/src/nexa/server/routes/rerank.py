@@ -9,8 +9,10 @@ embedding backend (``nexa.rerank.rerank_by_embedding``).
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 
+import msgspec
 from litestar import Request, post
 from litestar.params import JSONBody
 
@@ -18,7 +20,7 @@ from nexa.config import ServerConfig
 from nexa.errors import BadRequest, NexaError, NoBackend, UnsupportedTask
 from nexa.rerank import ranking, rerank_by_embedding
 from nexa.server import schemas as wire
-from nexa.server.deps import Config, Manager, Store
+from nexa.server.deps import Config, Manager
 from nexa.server.errors import INFERENCE, error_responses
 from nexa.server.work import run_on_model
 from nexa.types import RerankRequest, RerankResult, Task
@@ -73,17 +75,17 @@ async def score(request: Request, manager: Manager, config: Config, spec: Rerank
 @post(PATHS, tags=["rerank"], status_code=200, summary="Rank documents by relevance to a query",
       responses=error_responses(*INFERENCE))
 async def rerank(
-    data: JSONBody[wire.RerankRequest], request: Request, manager: Manager, config: Config, store: Store
+    data: JSONBody[wire.RerankRequest], request: Request, manager: Manager, config: Config
 ) -> wire.RerankResponse:
     spec = rerank_request(data, config)
     result = await score(request, manager, config, spec)
-    if len(result.scores) != len(spec.documents):
-        raise NexaError("the backend returned a wrong number of scores")
+    if len(result.scores) != len(spec.documents) or not all(math.isfinite(x) for x in result.scores):
+        raise NexaError("the backend returned a wrong number of scores, or scores that are not numbers")
     results = [
         wire.RerankResultItem(
             index=index,
             relevance_score=float(result.scores[index]),
-            document=wire.RerankDocument(text=spec.documents[index]) if data.return_documents else wire.UNSET,
+            document=wire.RerankDocument(text=spec.documents[index]) if data.return_documents else msgspec.UNSET,
         )
         for index in ranking(result.scores, data.top_n)
     ]
