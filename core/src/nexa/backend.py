@@ -181,13 +181,13 @@ class Backend:
     def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
         """Chunks of the answer; closing the iterator (or cancelling) cancels the work.
         An override may be an ``async def`` generator."""
-        return self._stream(self.chat, request)
+        return self._stream_on_worker(self.chat, request)
 
     def stream_transcribe(self, request: TranscribeRequest) -> AsyncIterator[TranscriptChunk]:
         """Segments as each window is decoded; closing the iterator cancels the work."""
-        return self._stream(self.transcribe, request)
+        return self._stream_on_worker(self.transcribe, request)
 
-    async def _stream(self, method: Any, request: Any) -> AsyncIterator[Any]:
+    async def _stream_on_worker(self, method: Any, request: Any) -> AsyncIterator[Any]:
         """Run the synchronous generator ``method(request, cancel)`` on the model's worker
         thread and hand its items to the event loop; closing the iterator cancels it."""
         loop = asyncio.get_running_loop()
