@@ -45,8 +45,8 @@ WEIGHTS_SHA256 = "weights_sha256"
 
 
 def _seconds(value: Any, duration: float) -> float:
-    """A time as a plain float to the millisecond, within the audio: Whisper's timestamp
-    tokens can point past the end of the last window (faster-whisper's are numpy floats)."""
+    """A time as a plain float to the millisecond, within the audio (faster-whisper's word
+    times are numpy floats)."""
     return round(min(max(float(value), 0.0), duration), 3)
 
 
@@ -168,18 +168,27 @@ class FasterWhisperBackend(Backend):
         # faster-whisper decodes a window only when the next segment is asked for.
         reached = 0.0
         duration = request.audio.duration
+        floor = 0.0
         for segment in segments:
             self.segments_done += 1
-            end = min(segment.end, duration)
+            # Times within the audio and never going backwards (subtitles need ordered
+            # cues): Whisper's timestamp tokens can point past the end of the audio, and a
+            # window decoded at a fallback temperature can restart earlier than the last.
+            start = max(floor, _seconds(segment.start, duration))
+            end = max(start, _seconds(segment.end, duration))
+            floor = start
             self.audio_seconds_done += max(0.0, end - reached)
             reached = max(reached, end)
+            words = tuple(
+                Word(w.word, min(max(_seconds(w.start, duration), start), end), min(max(_seconds(w.end, duration), start), end))
+                for w in segment.words or ()
+            )
             yield TranscriptChunk(segment=TranscriptSegment(
                 id=segment.id,
-                start=_seconds(segment.start, duration),
-                end=_seconds(segment.end, duration),
+                start=start,
+                end=end,
                 text=segment.text,
-                words=tuple(Word(w.word, _seconds(w.start, duration), _seconds(w.end, duration))
-                            for w in segment.words or ()),
+                words=words,
                 seek=segment.seek,
                 tokens=tuple(segment.tokens),
                 temperature=float(segment.temperature or 0.0),
