@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from nexa.server.routes.audio import AudioController
 from nexa.server.routes.chat import ChatController
 from nexa.server.routes.embeddings import EmbeddingsController
 from nexa.server.routes.images import ImagesController
 from nexa.server.routes.messages import MessagesController
 from nexa.server.routes.models import ModelsController, health, metrics_endpoint, plugins_report
+from nexa.server.routes.rerank import rerank
 from nexa.server.routes.responses import ResponsesController
 
 ROUTES = [
@@ -15,6 +17,8 @@ ROUTES = [
     ImagesController,
     MessagesController,
     ResponsesController,
+    rerank,
+    AudioController,
     ModelsController,
     health,
     plugins_report,
