@@ -79,6 +79,14 @@ class ServerConfig:
     max_image_side: int = 2048
     max_embed_batch: int = 512
     max_embed_input_chars: int = 100_000
+    max_rerank_documents: int = 1000
+    """Documents one rerank request may carry."""
+    max_rerank_chars: int = 100_000
+    """Characters of the query and of each document in a rerank request."""
+    max_audio_bytes: int = 25 * 1024 * 1024
+    """Bytes of an uploaded audio file (OpenAI's limit); more is a 413."""
+    max_audio_seconds: float = 1800.0
+    """Seconds of decoded audio one transcription may hold; longer is a 413."""
     reasoning_format: str = attrs.field(
         default="separate", validator=attrs.validators.in_(("separate", "inline", "hidden")))
     """How a thinking model's reasoning is returned unless a request says otherwise:

@@ -2,10 +2,14 @@
 
 It lets the core's tests (and plugin authors) exercise the server without weights: chat
 echoes the last user message back word by word, a text completion echoes its prompt,
-embeddings are a hash of the text, and images are flat colours. It declares no
+embeddings are a hash of the text, images are flat colours, rerank scores are the share
+of the query's words a document contains, and a "transcript" has one segment per second
+of audio ("Second 1." ...), in the request's prompt's words when it has a prompt.
+``options["delay"]`` in its manifest slows each token, image or segment so tests can
+exercise queues, cancellation and disconnects. None of this is a model: real rerankers
+and speech models are tested with real weights in their plugins. It declares no
 capabilities (``Backend.capabilities``): log-probabilities, a logit bias and thinking
-switches are refused with a 400, and fill-in-the-middle too. ``options["delay"]`` in its manifest slows each token so tests
-can exercise queues, cancellation and disconnects.
+switches are refused with a 400, and fill-in-the-middle too.
 """
 
 from __future__ import annotations
@@ -29,13 +33,20 @@ from nexa.types import (
     ImageRequest,
     ImageResult,
     Manifest,
+    RerankRequest,
+    RerankResult,
     Task,
     ToolCall,
+    TranscribeRequest,
+    TranscriptChunk,
+    TranscriptSegment,
     Usage,
+    Word,
 )
 
 ECHO_FORMAT = "echo"
 ECHO_DIMENSIONS = 16
+ECHO_TASKS = frozenset({Task.CHAT, Task.VLM, Task.EMBED, Task.IMAGE, Task.RERANK, Task.TRANSCRIBE})
 
 
 def echo_manifest(name: str = "test/echo", **options: object) -> Manifest:
@@ -43,7 +54,7 @@ def echo_manifest(name: str = "test/echo", **options: object) -> Manifest:
     return Manifest(
         name=name,
         format=ECHO_FORMAT,
-        tasks={Task.CHAT, Task.VLM, Task.EMBED, Task.IMAGE},
+        tasks=ECHO_TASKS,
         source="package:nexa-core (test double)",
         context_length=int(options.pop("context_length", 256)),  # type: ignore[call-overload]
         options=options,
@@ -54,7 +65,7 @@ class EchoBackend(Backend):
     """Test double: answers with the words it was sent."""
 
     name = "echo"
-    tasks = frozenset({Task.CHAT, Task.VLM, Task.EMBED, Task.IMAGE})
+    tasks = ECHO_TASKS
     formats = frozenset({ECHO_FORMAT})
     devices = frozenset({"cpu", "cuda", "metal"})
     parallel = 2
@@ -150,3 +161,34 @@ class EchoBackend(Backend):
             Image.new("RGB", (request.width or 512, request.height or 512), colour).save(out, format="PNG")
             images.append(out.getvalue())
         return ImageResult(tuple(images), request.seed)
+
+    def rerank(self, request: RerankRequest, cancel: CancelToken) -> RerankResult:
+        query = set(request.query.lower().split())
+        scores = []
+        tokens = 0
+        for document in request.documents:
+            cancel.raise_if_cancelled()
+            words = set(document.lower().split())
+            tokens += len(request.query.split()) + len(document.split())
+            scores.append(len(query & words) / len(query) if query else 0.0)
+        return RerankResult(tuple(scores), tokens)
+
+    def transcribe(self, request: TranscribeRequest, cancel: CancelToken) -> Iterator[TranscriptChunk]:
+        delay = float(self.manifest.options.get("delay", 0.0))  # type: ignore[arg-type]
+        duration = request.audio.duration
+        prompt = (request.prompt or "").split()
+        count = math.ceil(duration)
+        for i in range(count):
+            cancel.raise_if_cancelled()
+            if delay:
+                time.sleep(delay)
+            start, end = float(i), min(float(i + 1), duration)
+            text = prompt[i] if i < len(prompt) else f"Second {i + 1}."
+            words = ()
+            if request.word_timestamps:
+                parts = text.split()
+                step = (end - start) / len(parts)
+                words = tuple(Word(" " + w, start + k * step, start + (k + 1) * step) for k, w in enumerate(parts))
+            yield TranscriptChunk(segment=TranscriptSegment(
+                id=i, start=start, end=end, text=" " + text, words=words, seek=i * 100))
+        yield TranscriptChunk(done=True, language=request.language or "en")
