@@ -3,8 +3,8 @@
 ``LlamaCppEmbedBackend`` opens the model's ``Llama`` with embeddings on and puts as many
 inputs in one decode as the batch and the sequence limit allow; vectors are pooled the
 model's way (mean when the GGUF declares no pooling) and L2-normalised. Inputs are
-strings or token-id arrays. Rerankers (pooling type rank) are refused. Chat models'
-``/v1/embeddings`` are refused by selection (this class serves embedding models only).
+strings or token-id arrays. Rerankers (pooling type rank) are ``rerank.LlamaCppRerankBackend``'s.
+Chat models' ``/v1/embeddings`` are refused by selection (this class serves embedding models only).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from nexa.backend import CancelToken, LoadOptions
 from nexa.errors import BadRequest, ContextLengthExceeded, ModelLoadError
 from nexa.types import Device, EmbedRequest, EmbedResult, Manifest, Task
-from nexa_llama_cpp.runtime import POOLING_RANK, GgufBackend
+from nexa_llama_cpp.runtime import POOLING_RANK, GgufBackend, decode_pooled, pooled_groups
 
 if TYPE_CHECKING:
     import llama_cpp
@@ -35,7 +35,7 @@ class LlamaCppEmbedBackend(GgufBackend):
         if Task.CHAT in manifest.tasks:
             return "a chat model: embeddings are served for embedding models only"
         if manifest.options.get("pooling_type") == POOLING_RANK:
-            return "reranking models (pooling type rank) are not served"
+            return "a reranker (pooling type rank): served by /v1/rerank, not /v1/embeddings"
         return super().supports(manifest, device)
 
     def __init__(self, manifest: Manifest, device: Device, options: LoadOptions | None = None):
@@ -69,7 +69,6 @@ class LlamaCppEmbedBackend(GgufBackend):
             return self._embed(request, cancel)
 
     def _embed(self, request: EmbedRequest, cancel: CancelToken) -> EmbedResult:
-        import llama_cpp
         import numpy as np
 
         llama = self._llama
@@ -84,14 +83,14 @@ class LlamaCppEmbedBackend(GgufBackend):
                 ids = [int(t) for t in item]
                 if any(t < 0 or t >= n_vocab for t in ids):
                     raise BadRequest(
-                        f"input {i} has token ids outside the model's vocabulary (0..{n_vocab - 1})",
+                        f"input[{i}] has token ids outside the model's vocabulary (0..{n_vocab - 1})",
                         param="input",
                     )
             if not ids:
-                raise BadRequest(f"input {i} is empty", param="input")
+                raise BadRequest(f"input[{i}] is empty", param="input")
             if len(ids) > n_ctx:
                 raise ContextLengthExceeded(
-                    f"input {i} has {len(ids)} tokens; this model's maximum context length "
+                    f"input[{i}] has {len(ids)} tokens; this model's maximum context length "
                     f"is {n_ctx} tokens",
                     param="input",
                 )
@@ -100,33 +99,14 @@ class LlamaCppEmbedBackend(GgufBackend):
         n_embd = llama.n_embd()
         max_seqs = max(1, int(llama.context_params.n_seq_max))
         vectors: list[tuple[float, ...]] = [()] * len(sequences)
-
-        def run(group: list[int]) -> None:
+        # As many inputs per decode as the batch and the sequence limit allow.
+        for group in pooled_groups([len(s) for s in sequences], llama.n_batch, max_seqs):
             cancel.raise_if_cancelled()
-            llama._ctx.kv_cache_clear()
-            llama._batch.reset()
-            for seq, index in enumerate(group):
-                llama._batch.add_sequence(sequences[index], seq, True)
-            llama._ctx.decode(llama._batch)
-            for seq, index in enumerate(group):
-                ptr = llama_cpp.llama_get_embeddings_seq(llama._ctx.ctx, seq)
-                vec = np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(np.float64)
+            pooled = decode_pooled(llama, [sequences[i] for i in group], n_embd)
+            for index, vec in zip(group, pooled, strict=True):
                 norm = float(np.linalg.norm(vec))
                 if norm > 0:
                     vec /= norm
                 vectors[index] = tuple(vec.tolist())
-            llama._batch.reset()
-
-        # As many inputs per decode as the batch and the sequence limit allow.
-        group: list[int] = []
-        used = 0
-        for index, ids in enumerate(sequences):
-            if group and (used + len(ids) > llama.n_batch or len(group) >= max_seqs):
-                run(group)
-                group, used = [], 0
-            group.append(index)
-            used += len(ids)
-        if group:
-            run(group)
         llama._ctx.kv_cache_clear()
         return EmbedResult(vectors=tuple(vectors), prompt_tokens=sum(len(s) for s in sequences))
