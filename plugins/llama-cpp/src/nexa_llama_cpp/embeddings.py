@@ -9,26 +9,18 @@ Chat models' ``/v1/embeddings`` are refused by selection (this class serves embe
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from nexa.backend import CancelToken, LoadOptions
+from nexa.backend import CancelToken
 from nexa.errors import BadRequest, ContextLengthExceeded, ModelLoadError
 from nexa.types import Device, EmbedRequest, EmbedResult, Manifest, Task
-from nexa_llama_cpp.runtime import POOLING_RANK, GgufBackend, decode_pooled, pooled_groups
-
-if TYPE_CHECKING:
-    import llama_cpp
+from nexa_llama_cpp.runtime import POOLING_RANK, PooledGgufBackend, decode_pooled, pooled_groups
 
 
-class LlamaCppEmbedBackend(GgufBackend):
+class LlamaCppEmbedBackend(PooledGgufBackend):
     """GGUF embedding models on llama.cpp."""
 
     tasks: ClassVar[frozenset[Task]] = frozenset({Task.EMBED})
-    parallel = 1
-    """One ``Llama`` context, driven from one worker thread."""
-    default_context: ClassVar[int] = 8192
-    fallback_context: ClassVar[int] = 512
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -38,31 +30,16 @@ class LlamaCppEmbedBackend(GgufBackend):
             return "a reranker (pooling type rank): served by /v1/rerank, not /v1/embeddings"
         return super().supports(manifest, device)
 
-    def __init__(self, manifest: Manifest, device: Device, options: LoadOptions | None = None):
-        import attrs
-
-        options = options or LoadOptions()
-        super().__init__(manifest, device, attrs.evolve(options, parallel=1))
-        self._llama: llama_cpp.Llama | None = None
-        self._lock = threading.Lock()
-
     def load(self) -> None:
         import llama_cpp
 
-        n_ctx = self.context_length()
-        # Non-causal encoders need each input whole in one micro-batch.
-        settings: dict[str, Any] = {"embedding": True, "n_batch": n_ctx, "n_ubatch": n_ctx}
+        settings: dict[str, Any] = {}
         if "pooling_type" not in self.manifest.options:
             # No pooling in the GGUF: mean pooling rather than per-token vectors.
             settings["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
-        self._llama = self.open_llama(**settings)
+        self._llama = self.open_pooled(**settings)
         if self._llama.pooling_type() == POOLING_RANK:
             raise ModelLoadError(f"{self.manifest.name!r} is a reranker, not an embedding model")
-
-    def close(self) -> None:
-        llama, self._llama = self._llama, None
-        if llama is not None:
-            llama.close()
 
     def embed(self, request: EmbedRequest, cancel: CancelToken) -> EmbedResult:
         with self._lock:

@@ -3,7 +3,7 @@
 A reranker reads a query and a document together, and its classification head gives one
 figure per pair. llama-cpp-python's ``Llama.embed`` ignores rank pooling, so this module
 drives the context itself: many pairs per ``llama_decode``, one sequence id each, bounded
-by the batch and the sequence limit (``runtime.decode_pooled``), reading each pair's
+by a token budget and the sequence limit (``runtime.decode_pooled``), reading each pair's
 ``llama_model_n_cls_out`` head outputs from ``llama_get_embeddings_seq``. The cancel token
 is checked between decodes.
 
@@ -30,7 +30,6 @@ pair longer than the context is a 400 naming the document.
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
@@ -41,7 +40,7 @@ from nexa.errors import ContextLengthExceeded, ModelLoadError
 from nexa.rerank import sigmoid
 from nexa.text import SpecialTextGuard
 from nexa.types import BackendMetric, ChatMessage, Device, Manifest, RerankRequest, RerankResult, Task
-from nexa_llama_cpp.runtime import POOLING_RANK, GgufBackend, decode_pooled, pooled_groups, special_texts
+from nexa_llama_cpp.runtime import POOLING_RANK, PooledGgufBackend, decode_pooled, pooled_groups, special_texts
 
 if TYPE_CHECKING:
     import llama_cpp
@@ -51,6 +50,15 @@ SOFTMAX_HEAD_ARCHITECTURES = frozenset({"qwen3", "qwen3vl"})
 (Qwen3-Reranker's "yes"/"no"): the first output is already a probability."""
 
 _PLACEHOLDER = re.compile(r"(\{query\}|\{document\})")
+
+DEFAULT_BATCH_TOKENS = 2048
+"""Tokens one decode scores at most (a longer pair still gets a decode of its own), unless
+``LoadOptions.extra`` or the manifest's options set ``rerank_batch_tokens``. The pairs of
+one decode share one micro-batch, whose attention work grows with the square of its
+tokens even though each pair only attends to itself: with flash attention on a CPU a
+pair cost the same alone or among a few thousand tokens, and half as much again among
+8192. What batching saves is the calls, not the arithmetic, and a few thousand tokens
+already make 64 documents a handful of decodes."""
 
 
 @attrs.frozen
@@ -162,14 +170,10 @@ class PairPrompt:
         return out
 
 
-class LlamaCppRerankBackend(GgufBackend):
+class LlamaCppRerankBackend(PooledGgufBackend):
     """GGUF rerankers (pooling type rank) on llama.cpp, many pairs per decode."""
 
     tasks: ClassVar[frozenset[Task]] = frozenset({Task.RERANK})
-    parallel = 1
-    """One ``Llama`` context, driven from one worker thread."""
-    default_context: ClassVar[int] = 8192
-    fallback_context: ClassVar[int] = 512
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -178,24 +182,23 @@ class LlamaCppRerankBackend(GgufBackend):
         return super().supports(manifest, device)
 
     def __init__(self, manifest: Manifest, device: Device, options: LoadOptions | None = None):
-        options = options or LoadOptions()
-        super().__init__(manifest, device, attrs.evolve(options, parallel=1))
-        self._llama: llama_cpp.Llama | None = None
+        super().__init__(manifest, device, options)
         self._prompt: PairPrompt | None = None
         self._head: PairHead | None = None
-        self._lock = threading.Lock()
         self._decodes = 0
         self._documents = 0
+        setting = self.options.extra.get("rerank_batch_tokens") or manifest.options.get("rerank_batch_tokens")
+        self.batch_tokens = int(setting or DEFAULT_BATCH_TOKENS)
+        """Tokens per decode at most (``DEFAULT_BATCH_TOKENS``)."""
 
     def load(self) -> None:
         import llama_cpp
 
-        n_ctx = self.context_length()
-        # A non-causal encoder needs each pair whole in one micro-batch. Flash attention
-        # (on unless the manifest's options.flash_attn is false) keeps a micro-batch of
-        # n_ctx tokens from materialising n_ctx x n_ctx attention scores per head.
+        # Flash attention (on unless the manifest's options.flash_attn is false) keeps a
+        # micro-batch of the whole context from materialising its square of attention
+        # scores per head.
         flash_attn = self.manifest.options.get("flash_attn", True) is not False
-        llama = self.open_llama(embedding=True, n_batch=n_ctx, n_ubatch=n_ctx, flash_attn=flash_attn)
+        llama = self.open_pooled(flash_attn=flash_attn)
         try:
             if llama.pooling_type() != POOLING_RANK:
                 raise ModelLoadError(f"{self.manifest.name!r} does not pool by rank: it is not a reranker")
@@ -207,11 +210,6 @@ class LlamaCppRerankBackend(GgufBackend):
             llama.close()
             raise
         self._llama = llama
-
-    def close(self) -> None:
-        llama, self._llama = self._llama, None
-        if llama is not None:
-            llama.close()
 
     def rerank(self, request: RerankRequest, cancel: CancelToken) -> RerankResult:
         with self._lock:
@@ -234,8 +232,7 @@ class LlamaCppRerankBackend(GgufBackend):
                     param="documents",
                 )
         scores = [0.0] * len(sequences)
-        max_seqs = max(1, int(llama.context_params.n_seq_max))
-        for group in pooled_groups([len(s) for s in sequences], llama.n_batch, max_seqs):
+        for group in self.groups([len(s) for s in sequences]):
             cancel.raise_if_cancelled()
             outputs = decode_pooled(llama, [sequences[i] for i in group], head.outputs)
             self._decodes += 1
@@ -244,6 +241,15 @@ class LlamaCppRerankBackend(GgufBackend):
         llama._ctx.kv_cache_clear()
         self._documents += len(sequences)
         return RerankResult(scores=tuple(scores), prompt_tokens=sum(len(s) for s in sequences))
+
+    def groups(self, lengths: Sequence[int]) -> list[list[int]]:
+        """The pairs of ``lengths`` tokens, grouped into decodes: at most ``batch_tokens``
+        tokens (the context's n_batch) and llama.cpp's sequence limit per decode."""
+        llama = self._llama
+        if llama is None:
+            raise ModelLoadError(f"model {self.manifest.name!r} is not loaded")
+        budget = max(1, min(llama.n_batch, self.batch_tokens))
+        return list(pooled_groups(lengths, budget, max(1, int(llama.context_params.n_seq_max))))
 
     def runtime_metrics(self) -> list[BackendMetric]:
         """Decodes and documents scored, for ``/metrics``: their ratio is the batching."""

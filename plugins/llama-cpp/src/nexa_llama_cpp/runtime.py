@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from nexa.backend import Backend
+import attrs
+
+from nexa.backend import Backend, LoadOptions
 from nexa.errors import ModelLoadError
 from nexa.types import Device, Manifest
 
@@ -132,6 +135,34 @@ class GgufBackend(Backend):
             ) from exc
 
 
+class PooledGgufBackend(GgufBackend):
+    """Base of the embedding and rerank backends: one ``Llama`` with embeddings on, read
+    per sequence after each decode (``decode_pooled``), one request at a time."""
+
+    parallel = 1
+    """One ``Llama`` context, driven from one worker thread."""
+    default_context: ClassVar[int] = 8192
+    fallback_context: ClassVar[int] = 512
+
+    def __init__(self, manifest: Manifest, device: Device, options: LoadOptions | None = None):
+        options = options or LoadOptions()
+        super().__init__(manifest, device, attrs.evolve(options, parallel=1))
+        self._llama: llama_cpp.Llama | None = None
+        self._lock = threading.Lock()
+        """Held by a request: the one context serves one at a time."""
+
+    def open_pooled(self, **settings: Any) -> llama_cpp.Llama:
+        """The model opened with embeddings on and ``settings``, its batch and micro-batch
+        the whole context: a non-causal encoder needs each sequence whole in one micro-batch."""
+        n_ctx = self.context_length()
+        return self.open_llama(**({"embedding": True, "n_batch": n_ctx, "n_ubatch": n_ctx} | settings))
+
+    def close(self) -> None:
+        llama, self._llama = self._llama, None
+        if llama is not None:
+            llama.close()
+
+
 def special_texts(llama: Any) -> list[str]:
     """The texts of the vocabulary's control and unknown tokens: what llama.cpp parses as
     special only when asked to (user-defined tokens it matches in plain text too)."""
@@ -153,7 +184,7 @@ def special_texts(llama: Any) -> list[str]:
 
 def pooled_groups(lengths: Sequence[int], n_batch: int, max_seqs: int) -> Iterator[list[int]]:
     """Indexes of the sequences of ``lengths`` tokens, grouped in order into decodes of at
-    most ``n_batch`` tokens and ``max_seqs`` sequences (each length is at most ``n_batch``)."""
+    most ``n_batch`` tokens and ``max_seqs`` sequences; a longer sequence is a group alone."""
     group: list[int] = []
     used = 0
     for index, length in enumerate(lengths):
