@@ -243,8 +243,8 @@ class LlamaCppRerankBackend(PooledGgufBackend):
         return RerankResult(scores=tuple(scores), prompt_tokens=sum(len(s) for s in sequences))
 
     def groups(self, lengths: Sequence[int]) -> list[list[int]]:
-        """The pairs of ``lengths`` tokens, grouped into decodes: at most ``batch_tokens``
-        tokens (the context's n_batch) and llama.cpp's sequence limit per decode."""
+        """The pairs of ``lengths`` tokens, grouped into decodes of at most ``batch_tokens``
+        tokens (and never more than the context's batch) and llama.cpp's sequence limit."""
         llama = self._llama
         if llama is None:
             raise ModelLoadError(f"model {self.manifest.name!r} is not loaded")
