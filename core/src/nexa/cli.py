@@ -138,7 +138,31 @@ def _server_config(args: argparse.Namespace):
         max_loaded=args.max_loaded,
         memory_budget=int(args.memory_budget * (1 << 30)) if args.memory_budget else None,
         shutdown_timeout=args.shutdown_timeout,
+        **_limits(args.limit or ()),
     )
+
+
+def _limits(pairs) -> dict[str, int]:
+    """``--limit NAME=VALUE`` pairs as ServerConfig fields (the caps in docs/reliability.md)."""
+    from nexa.config import LIMITS, LOWER_ONLY, ServerConfig
+
+    limits: dict[str, int] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in LIMITS:
+            raise SystemExit(f"--limit {pair!r}: use NAME=VALUE with NAME one of: {', '.join(LIMITS)}")
+        try:
+            number = int(value.strip().replace("_", ""))
+        except ValueError:
+            raise SystemExit(f"--limit {pair!r}: the value must be a whole number") from None
+        if number < 1:
+            raise SystemExit(f"--limit {pair!r}: the value must be at least 1")
+        default = getattr(ServerConfig(), name)
+        if name in LOWER_ONLY and number > default:
+            raise SystemExit(f"--limit {pair!r}: {name} can only be lowered (at most {default})")
+        limits[name] = number
+    return limits
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -272,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--media-dir", action="append", help="folder local image paths may come from (repeatable)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--limit", action="append", metavar="NAME=VALUE",
+                   help="change a per-request cap, e.g. max_messages=10000 (repeatable; names in docs/reliability.md)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
 

@@ -55,6 +55,14 @@ class Forbidden(NexaError):
     code = "forbidden"
 
 
+class UnsupportedMediaType(NexaError):
+    """The body's ``Content-Type`` is not the one the route takes."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class PayloadTooLarge(NexaError):
     status = 413
     type = "invalid_request_error"

@@ -7,6 +7,8 @@
   generating at once and count tokens exactly) use it themselves.
 - ``template_message`` turns a ``ChatMessage`` into the dict Hugging Face-style chat
   templates expect (``tool_calls[].function.arguments`` as an object).
+- ``head_tokens`` tokenizes a text that may be far over a token limit without
+  tokenizing all of it (embedding inputs).
 
 Plain Python on strings: no model library is imported here.
 """
@@ -14,7 +16,7 @@ Plain Python on strings: no model library is imported here.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from nexa.types import ChatMessage, ImagePart, TextPart
@@ -127,3 +129,27 @@ def template_message(
 
 
 __all__ = ["StopHoldBack", "arguments_object", "partial_suffix", "template_message"]
+
+
+CHARS_PER_TOKEN = 16
+"""Characters of a prefix looked at per token of a limit (``head_tokens``): text
+averages 3-6 characters a token, so a prefix this long holds the limit several times."""
+
+
+def head_tokens(tokenize: Callable[[str], Sequence[int]], text: str, limit: int) -> tuple[Sequence[int], int]:
+    """Token ids of ``text[:end]`` and ``end``, for a caller that refuses (or truncates)
+    more than ``limit`` tokens; ``end == len(text)`` when the ids are the whole text's.
+
+    A long text is first tokenized as a prefix of ``(limit + 1) * CHARS_PER_TOKEN``
+    characters; when that prefix alone is well over the limit (twice it: the cut may split
+    its last word differently from the whole text), the whole text is too, and the
+    prefix is what is returned, so a 100,000-character input is never tokenized whole to
+    be refused. Otherwise (a short text, or a sparse one: long runs of spaces, very long
+    tokens) the whole text is tokenized.
+    """
+    cut = (limit + 1) * CHARS_PER_TOKEN
+    if len(text) > cut:
+        ids = tokenize(text[:cut])
+        if len(ids) > 2 * (limit + 1):
+            return ids, cut
+    return tokenize(text), len(text)

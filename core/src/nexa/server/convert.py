@@ -1,7 +1,8 @@
 """Conversions between the OpenAI wire schemas and the task-level types.
 
-Request checks that msgspec can't express (server caps, list shapes, ``size`` limits)
-live here too, so every handler gets a valid task request or a clear 4xx.
+Request checks that msgspec can't express (list shapes, ``size`` limits, the configurable
+caps of ``nexa.server.limits``) run here, before any work, so every handler gets a valid
+task request or a clear 4xx.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import struct
 from collections.abc import Sequence
 
 from nexa.config import ServerConfig
-from nexa.errors import BadRequest, PayloadTooLarge
+from nexa.errors import BadRequest
 from nexa.server import schemas as wire
+from nexa.server.limits import SchemaBudget, check_count, check_embed_inputs, check_schema
 from nexa.server.media import fetch_image
 from nexa.types import (
     ChatMessage,
@@ -30,6 +32,8 @@ from nexa.types import (
 
 def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> ChatRequest:
     """The task request for a chat body; fetches images (blocking: call off the loop)."""
+    check_count(body.messages, config.max_messages, "messages", "messages", "max_messages")
+    check_count(body.tools, config.max_tools, "tools", "tools", "max_tools")
     if body.n != 1:
         raise BadRequest("only n=1 is supported for chat completions", param="n")
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -73,17 +77,23 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
             )
         )
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    # Every schema becomes a grammar on some backend: measured against one budget first.
+    budget = SchemaBudget(config)
     response_format = None
     if body.response_format is not None and body.response_format.type != "text":
         if body.response_format.type == "json_schema":
             spec = body.response_format.json_schema
-            if spec is None or spec.schema is None:
-                raise BadRequest(
-                    "response_format json_schema needs json_schema.schema", param="response_format"
-                )
-            response_format = {"type": "json_schema", "json_schema": {"name": spec.name, "schema": spec.schema}}
+            # No schema (json_schema absent or null, or without "schema"): any JSON
+            # object, as the document says.
+            schema = spec.schema if spec is not None and spec.schema is not None else {"type": "object"}
+            check_schema(schema, "response_format.json_schema.schema", config, budget)
+            name = spec.name if spec is not None else "response"
+            response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
         else:
             response_format = {"type": "json_object"}
+    for index, tool in enumerate(body.tools or ()):
+        if tool.function.parameters is not None:
+            check_schema(tool.function.parameters, f"tools[{index}].function.parameters", config, budget)
     tool_choice = body.tool_choice
     if isinstance(tool_choice, wire.NamedToolChoice):
         names = {t.function.name for t in body.tools or ()}
@@ -155,20 +165,12 @@ def embed_request(body: wire.EmbeddingRequest, config: ServerConfig) -> EmbedReq
             "input must be a string, a list of strings, a token array or a list of token arrays",
             param="input",
         )
-    if len(inputs) > config.max_embed_batch:
-        raise BadRequest(
-            f"input has {len(inputs)} items; the limit is {config.max_embed_batch}", param="input"
-        )
+    check_count(inputs, config.max_embed_batch, "input", "items", "max_embed_batch")
+    check_embed_inputs(inputs, config)
     for item in inputs:
         if isinstance(item, str):
             if not item:
                 raise BadRequest("input strings must not be empty", param="input")
-            if len(item) > config.max_embed_input_chars:
-                raise PayloadTooLarge(
-                    f"an input is {len(item)} characters; the limit is "
-                    f"{config.max_embed_input_chars}",
-                    param="input",
-                )
         elif any(t < 0 for t in item):
             raise BadRequest("token ids must be non-negative", param="input")
     return EmbedRequest(inputs=inputs, model=body.model)

@@ -41,7 +41,7 @@ import attrs
 
 from nexa.backend import Backend, CancelToken, LoadOptions
 from nexa.errors import BadRequest, Cancelled, ContextLengthExceeded, ModelLoadError, UnsupportedTask
-from nexa.text import StopHoldBack
+from nexa.text import StopHoldBack, head_tokens
 from nexa.types import (
     BackendMetric,
     ChatChunk,
@@ -794,7 +794,10 @@ class LlamaCppBackend(Backend):
         sequences: list[list[int]] = []
         for i, item in enumerate(request.inputs):
             if isinstance(item, str):
-                ids = llama.tokenize(item.encode("utf-8"), add_bos=True, special=False)
+                # Only as far as it takes to know an input is over the context.
+                ids, _ = head_tokens(
+                    lambda text: llama.tokenize(text.encode("utf-8"), add_bos=True, special=False), item, n_ctx
+                )
             else:
                 ids = [int(t) for t in item]
                 if any(t < 0 or t >= n_vocab for t in ids):
@@ -806,8 +809,7 @@ class LlamaCppBackend(Backend):
                 raise BadRequest(f"input {i} is empty", param="input")
             if len(ids) > n_ctx:
                 raise ContextLengthExceeded(
-                    f"input {i} has {len(ids)} tokens; this model's maximum context length "
-                    f"is {n_ctx} tokens",
+                    f"input {i} has more than {n_ctx} tokens, this model's maximum context length",
                     param="input",
                 )
             sequences.append(ids)
