@@ -253,9 +253,9 @@ def test_embedding_characters_are_capped_before_tokenizing(server, tight):
 
 def test_serve_limit_flag_sets_caps():
     args = cli.build_parser().parse_args(["serve", "--limit", "max_messages=10000", "--limit", "max-tools=8",
-                                          "--limit", "max_tokens_cap=1000"])
+                                          "--limit", "max_image_n=2"])
     config = cli._server_config(args)
-    assert (config.max_messages, config.max_tools, config.max_tokens_cap) == (10000, 8, 1000)
-    for bad in ("max_nothing=3", "max_messages", "max_messages=x", "max_messages=0", "max_tokens_cap=99999"):
+    assert (config.max_messages, config.max_tools, config.max_image_n) == (10000, 8, 2)
+    for bad in ("max_nothing=3", "max_messages", "max_messages=x", "max_messages=0", "max_image_n=5"):
         with pytest.raises(SystemExit):
             cli._server_config(cli.build_parser().parse_args(["serve", "--limit", bad]))

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 18181
+CATCH_ALL_ALIAS = "*"
+
+
+def _pairs(value: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    return tuple((str(k), str(v)) for k, v in items)
 
 
 @attrs.frozen
@@ -22,6 +30,12 @@ class ServerConfig:
     """Force ``cuda``/``metal``/``cpu``; None: detect."""
     backend: str | None = None
     """Pin every model to this backend name (``--backend``)."""
+    engine: str | None = None
+    """Where backends run (``--engine``): None or ``local`` in this process, else the name
+    of an engine plugin (``ray``)."""
+    engine_options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+    """Settings the chosen engine reads (``--replicas``, ``--ray-address``, ``--placement``);
+    each engine documents and checks its own."""
     default_model: str | None = None
     """Model loaded at start-up (``nexa serve MODEL``)."""
     keepalive: float = 300.0
@@ -34,6 +48,13 @@ class ServerConfig:
     """Requests each loaded model runs at once; None: the backend's own default."""
     context_length: int | None = None
     """Override every model's context length (``--ctx``)."""
+    aliases: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_pairs)
+    """(NAME, MODEL) pairs (``--alias NAME=MODEL``): a client's ``model`` NAME that is not in
+    the store is served by MODEL; NAME ``*`` catches every unknown name. A dict works too."""
+    responses_ttl: float = 30 * 24 * 3600.0
+    """Seconds a stored ``/v1/responses`` answer is kept (``--responses-ttl``)."""
+    responses_max: int = 10_000
+    """Stored responses kept at most; the oldest go first (``--responses-max``)."""
     threads: int | None = None
     queue_size: int = 64
     """Requests that may wait per model; beyond that, 503 with Retry-After."""
@@ -58,8 +79,6 @@ class ServerConfig:
     max_image_pixels: int = 40_000_000
     """Pixels of one image, read from its header before decoding (413 beyond)."""
     max_images_per_request: int = 8
-    max_tokens_cap: int = 32768
-    """The largest ``max_tokens`` a request may ask for."""
     max_image_n: int = 4
     """Images one generation request may ask for (``n``)."""
     max_image_side: int = 2048
@@ -95,12 +114,12 @@ class ServerConfig:
 
 
 LIMITS = (
-    "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_tokens_cap",
-    "max_image_n", "max_image_side", "max_embed_batch", "max_embed_input_chars", "max_embed_total_chars",
+    "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_image_n",
+    "max_image_side", "max_embed_batch", "max_embed_input_chars", "max_embed_total_chars",
     "max_messages", "max_tools", "max_json_depth", "max_schema_bytes", "max_schema_depth",
     "max_schema_repeat", "max_grammar_size",
 )
 """The per-request caps (``ServerConfig`` fields) a user may set: ``nexa serve --limit NAME=VALUE``."""
-LOWER_ONLY = ("max_tokens_cap", "max_image_n", "max_image_side", "max_embed_batch", "max_embed_input_chars")
+LOWER_ONLY = ("max_image_n", "max_image_side", "max_embed_batch", "max_embed_input_chars")
 """Caps whose defaults are part of the wire schema (and so of the OpenAPI document): they
 can be lowered, not raised."""

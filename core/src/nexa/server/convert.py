@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from nexa.config import ServerConfig
 from nexa.errors import BadRequest
 from nexa.server import schemas as wire
-from nexa.server.limits import SchemaBudget, check_count, check_embed_inputs, check_schema
+from nexa.server.limits import check_chat, check_count, check_embed_inputs
 from nexa.server.media import fetch_image
 from nexa.types import (
     ChatMessage,
@@ -32,16 +32,12 @@ from nexa.types import (
 
 def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> ChatRequest:
     """The task request for a chat body; fetches images (blocking: call off the loop)."""
+    # Counted before any message is looked at (or any image fetched); the rest of the
+    # caps (schemas) once the task is built, in check_chat.
     check_count(body.messages, config.max_messages, "messages", "messages", "max_messages")
-    check_count(body.tools, config.max_tools, "tools", "tools", "max_tools")
     if body.n != 1:
         raise BadRequest("only n=1 is supported for chat completions", param="n")
     max_tokens = body.max_completion_tokens or body.max_tokens
-    if max_tokens is not None and max_tokens > config.max_tokens_cap:
-        raise BadRequest(
-            f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens_cap}",
-            param="max_tokens",
-        )
     image_count = 0
     messages: list[ChatMessage] = []
     for message in body.messages:
@@ -77,8 +73,6 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
             )
         )
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    # Every schema becomes a grammar on some backend: measured against one budget first.
-    budget = SchemaBudget(config)
     response_format = None
     if body.response_format is not None and body.response_format.type != "text":
         if body.response_format.type == "json_schema":
@@ -86,14 +80,10 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
             # No schema (json_schema absent or null, or without "schema"): any JSON
             # object, as the document says.
             schema = spec.schema if spec is not None and spec.schema is not None else {"type": "object"}
-            check_schema(schema, "response_format.json_schema.schema", config, budget)
             name = spec.name if spec is not None else "response"
             response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
         else:
             response_format = {"type": "json_object"}
-    for index, tool in enumerate(body.tools or ()):
-        if tool.function.parameters is not None:
-            check_schema(tool.function.parameters, f"tools[{index}].function.parameters", config, budget)
     tool_choice = body.tool_choice
     if isinstance(tool_choice, wire.NamedToolChoice):
         names = {t.function.name for t in body.tools or ()}
@@ -116,7 +106,7 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
         }
         for t in body.tools or ()
     )
-    return ChatRequest(
+    chat = ChatRequest(
         messages=messages,
         sampling=Sampling(
             max_tokens=max_tokens,
@@ -135,16 +125,14 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
         response_format=response_format,
         model=body.model,
     )
+    check_chat(chat, config)
+    return chat
 
 
 def _repeat_penalty(body: wire.ChatCompletionRequest) -> float:
     value = body.repeat_penalty if body.repeat_penalty is not None else body.repetition_penalty
-    if value is None:
-        return 1.0
-    if value <= 0:
-        # Multiplicative: 0 would divide by zero in llama.cpp and MLX alike.
-        raise BadRequest("repeat_penalty must be greater than 0 (1 turns it off)", param="repeat_penalty")
-    return value
+    # Above 0 (the wire schema says so: 0 would divide by zero in llama.cpp and MLX alike).
+    return 1.0 if value is None else value
 
 
 def embed_request(body: wire.EmbeddingRequest, config: ServerConfig) -> EmbedRequest:

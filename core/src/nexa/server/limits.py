@@ -22,6 +22,7 @@ import msgspec
 
 from nexa.config import ServerConfig
 from nexa.errors import BadRequest, PayloadTooLarge
+from nexa.types import ChatRequest
 
 
 def check_count(items: Sized | None, cap: int, param: str, what: str, setting: str) -> None:
@@ -32,6 +33,27 @@ def check_count(items: Sized | None, cap: int, param: str, what: str, setting: s
             f"{param} has {count} {what}; this server takes at most {cap} ({setting})",
             param=param, code="too_many_items",
         )
+
+
+def check_chat(chat: ChatRequest, config: ServerConfig, *, tool_schema: str = "tools[{i}].function.parameters",
+               response_schema: str = "response_format.json_schema.schema") -> None:
+    """The caps on one chat task, whatever API dialect it came in: message and tool counts,
+    and every JSON schema it carries (a tool's parameters, the response format's), against
+    one grammar budget. ``tool_schema`` and ``response_schema`` name those fields in the
+    dialect's own terms for the error's ``param``. Called by each converter before the
+    task goes anywhere near a model."""
+    check_count(chat.messages, config.max_messages, "messages", "messages", "max_messages")
+    check_count(chat.tools, config.max_tools, "tools", "tools", "max_tools")
+    budget = SchemaBudget(config)
+    fmt = chat.response_format or {}
+    spec = fmt.get("json_schema") if isinstance(fmt, Mapping) else None
+    if isinstance(spec, Mapping) and spec.get("schema") is not None:
+        check_schema(spec["schema"], response_schema, config, budget)
+    for index, tool in enumerate(chat.tools):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        parameters = function.get("parameters") if isinstance(function, Mapping) else None
+        if parameters is not None:
+            check_schema(parameters, tool_schema.format(i=index), config, budget)
 
 
 def check_embed_inputs(inputs: Sequence[str | Sequence[int]], config: ServerConfig) -> None:

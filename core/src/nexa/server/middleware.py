@@ -16,6 +16,8 @@ from nexa.server.errors import error_payload
 
 ENDPOINTS = (
     "/v1/chat/completions",
+    "/v1/messages",
+    "/v1/responses",
     "/v1/embeddings",
     "/v1/images/generations",
     "/v1/images/files",

@@ -52,7 +52,9 @@ def documented_max_bytes(cap: int) -> KwargDefinition:
 Float01 = Annotated[float, Meta(ge=0.0, le=1.0), MIN0]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
-MaxTokens = Annotated[int, Meta(ge=1, le=_CAPS.max_tokens_cap)]
+# No upper bound: agents ask for 32k-128k; the backend caps it at the room the context
+# leaves (finish reason ``length``) instead of refusing.
+MaxTokens = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0), MIN0]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 # A model name is looked up in the store and echoed back: no control characters (C0, DEL,

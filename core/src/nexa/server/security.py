@@ -6,9 +6,10 @@ guards of routers and controllers, so a route added later can't skip it). In ord
 1. **Host** (DNS rebinding): on a loopback-bound server the ``Host`` header must be a
    loopback name.
 2. **API key**: when one is set, every route but ``/health`` needs
-   ``Authorization: Bearer KEY``. The scheme is matched case-insensitively
-   (``bearer``), scheme and key are separated by one or more spaces, and whitespace
-   around the key (spaces, tabs) is ignored; the key itself is compared in constant time.
+   ``Authorization: Bearer KEY`` (OpenAI's clients) or ``x-api-key: KEY`` (Anthropic's).
+   The scheme is matched case-insensitively (``bearer``), scheme and key are separated by
+   one or more spaces, and whitespace around the header and the key (spaces, tabs) is
+   ignored; the key itself is compared in constant time.
 3. **Cross-site** (a web page the user visits driving the server from their browser):
    a request that can change something (any method but GET, HEAD and OPTIONS) is refused
    when the browser says it comes from another site (``Sec-Fetch-Site: cross-site`` or
@@ -115,6 +116,16 @@ def check_content_type(connection: ASGIConnection, handler: BaseRouteHandler) ->
         )
 
 
+def presented_key_matches(connection: ASGIConnection, key: bytes) -> bool:
+    """Whether the request carries ``key``: ``Authorization: Bearer KEY`` (OpenAI's clients)
+    or ``x-api-key: KEY`` (Anthropic's). Either one matching is enough."""
+    scheme, _, token = connection.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key):
+        return True
+    header = connection.headers.get("x-api-key")
+    return header is not None and hmac.compare_digest(header.strip().encode(), key)
+
+
 def make_guard(config: ServerConfig):
     loopback_bind = bind_is_loopback(config.host)
     key = config.api_key.encode() if config.api_key else None
@@ -129,9 +140,8 @@ def make_guard(config: ServerConfig):
             if host and not is_loopback_host(host):
                 raise Forbidden("requests to this loopback server must use a loopback Host name")
         if key is not None and connection.url.path not in OPEN_PATHS and method != "OPTIONS":
-            scheme, _, token = connection.headers.get("authorization", "").strip().partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
-                raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")
+            if not presented_key_matches(connection, key):
+                raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key> or x-api-key: <key>)")
         if method not in SAFE_METHODS:
             reason = cross_site_reason(connection, origins)
             if reason is not None:

@@ -67,13 +67,17 @@ class EchoBackend(Backend):
         # Shows how a backend reports its own figures; tests read them back from /metrics.
         return [BackendMetric("echo_chats_started", self.chats_started, "counter", "Chats the echo double began")]
 
+    def count_prompt_tokens(self, request: ChatRequest) -> int:
+        # One word or image is one token, as ``chat`` counts them (no template, no tools).
+        return sum(len(m.text.split()) + len(m.images) for m in request.messages)
+
     def chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
         self.chats_started += 1
         delay = float(self.manifest.options.get("delay", 0.0))  # type: ignore[arg-type]
         last_user = next((m for m in reversed(request.messages) if m.role == "user"), None)
         text = last_user.text if last_user else ""
         words = text.split()
-        prompt_tokens = sum(len(m.text.split()) + len(m.images) for m in request.messages)
+        prompt_tokens = self.count_prompt_tokens(request)
         context = self.options.context_length or self.manifest.context_length or 256
         if prompt_tokens > context:
             raise ContextLengthExceeded(

@@ -5,12 +5,16 @@ from __future__ import annotations
 from nexa.server.routes.chat import ChatController
 from nexa.server.routes.embeddings import EmbeddingsController
 from nexa.server.routes.images import ImagesController
+from nexa.server.routes.messages import MessagesController
 from nexa.server.routes.models import ModelsController, health, metrics_endpoint, plugins_report
+from nexa.server.routes.responses import ResponsesController
 
 ROUTES = [
     ChatController,
     EmbeddingsController,
     ImagesController,
+    MessagesController,
+    ResponsesController,
     ModelsController,
     health,
     plugins_report,

@@ -41,13 +41,13 @@ class ModelsController(Controller):
     tags = ["models"]
 
     @get(summary="List the models this server can serve", responses=error_responses(*GUARDED))
-    async def list_models(self, store: Store, manager: Manager) -> wire.ModelList:
-        manifests = await asyncio.to_thread(store.list)
+    async def list_models(self, model_store: Store, manager: Manager) -> wire.ModelList:
+        manifests = await asyncio.to_thread(model_store.list)
         return wire.ModelList(data=[model_card(manager, m) for m in manifests])
 
     @get("/{model_id:path}", summary="Describe one model", responses=error_responses(400, 404, *GUARDED))
-    async def get_model(self, model_id: FromPath[str], store: Store, manager: Manager) -> wire.ModelCard:
-        manifest = await asyncio.to_thread(store.get, model_id.lstrip("/"))
+    async def get_model(self, model_id: FromPath[str], manager: Manager) -> wire.ModelCard:
+        manifest = await asyncio.to_thread(manager.find, model_id.lstrip("/"))
         return model_card(manager, manifest)
 
 
