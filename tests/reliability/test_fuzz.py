@@ -189,6 +189,12 @@ def _ground_messages(body: dict) -> None:
     # Tools without a schema and with a versioned type run on Anthropic's side: not offered.
     tools = [t for t in body.get("tools") or [] if isinstance(t, dict)
              and (t.get("input_schema") is not None or t.get("type") in (None, "custom"))]
+    for tool in tools:
+        if isinstance(tool.get("input_schema"), dict):
+            tool["input_schema"] = _a_schema(tool["input_schema"])
+    for holder in (body.get("output_format"), (body.get("output_config") or {}).get("format")):
+        if isinstance(holder, dict) and isinstance(holder.get("schema"), dict):
+            holder["schema"] = _a_schema(holder["schema"])
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") in ("tool", "any"):
         if not tools:
@@ -211,9 +217,10 @@ def _ground_responses(body: dict) -> None:
                          ("top_logprobs", None), ("truncation", "disabled")):
         if field in body:
             body[field] = value
+    # A json_schema format without a schema (absent or null) asks for any JSON object.
     fmt = (body.get("text") or {}).get("format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and not isinstance(fmt.get("schema"), dict):
-        fmt["schema"] = {"type": "object"}
+    if isinstance(fmt, dict) and isinstance(fmt.get("schema"), dict):
+        fmt["schema"] = _a_schema(fmt["schema"])
 
 
 def openai_errors(ctx, response, case) -> None:
@@ -368,23 +375,28 @@ def test_fuzz_hostile_bodies(fuzz_server, http, fuzz_home, path, hostile):
     r = http.post(fuzz_server.base_url + path, data=body, headers={"Content-Type": content_type}, timeout=60)
     assert r.status_code < 500, f"POST {path} ({content_type}): {r.status_code} {r.text[:300]}"
     if r.status_code >= 400:
-        relkit.check_error_body(r.json(), fuzz_home)
+        relkit.check_error_body_for(path, r.json(), fuzz_home)
     if not content_type.startswith("application/json"):
         assert r.status_code == 415, r.text
     COUNTS[f"hostile {path}"][r.status_code] += 1
 
 
-@pytest.mark.parametrize("response_format", [
-    {"type": "json_schema", "json_schema": None},
-    {"type": "json_schema"},
-    {"type": "json_schema", "json_schema": {"name": "answer"}},
-    {"type": "json_schema", "json_schema": {"name": "answer", "schema": None}},
+@pytest.mark.parametrize(("path", "body"), [
+    *(("/v1/chat/completions", {**_CHAT, "response_format": fmt}) for fmt in (
+        {"type": "json_schema", "json_schema": None},
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"name": "answer"}},
+        {"type": "json_schema", "json_schema": {"name": "answer", "schema": None}},
+    )),
+    *(("/v1/responses", {"model": MODEL, "input": "hi", "text": {"format": fmt}}) for fmt in (
+        {"type": "json_schema", "name": "answer", "schema": None},
+        {"type": "json_schema", "name": "answer"},
+    )),
 ])
-def test_fuzz_json_schema_without_a_schema_is_accepted(fuzz_server, http, response_format):
+def test_fuzz_json_schema_without_a_schema_is_accepted(fuzz_server, http, path, body):
     """The document calls these valid (any JSON object is asked for): schemathesis'
     positive-data check, with all its other checks, on each."""
-    body = {**_CHAT, "response_format": response_format}
-    operation = schema["/v1/chat/completions"]["POST"]
+    operation = schema[path]["POST"]
 
     @given(case=operation.as_strategy(body=body))
     @settings(max_examples=1, deadline=None, database=None, suppress_health_check=list(HealthCheck),

@@ -259,3 +259,53 @@ def test_serve_limit_flag_sets_caps():
     for bad in ("max_nothing=3", "max_messages", "max_messages=x", "max_messages=0", "max_image_n=5"):
         with pytest.raises(SystemExit):
             cli._server_config(cli.build_parser().parse_args(["serve", "--limit", bad]))
+
+
+# --- the other dialects: Anthropic Messages and OpenAI Responses ---------------------------
+
+MESSAGES = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
+RESPONSES = {"model": MODEL, "input": "hello"}
+
+
+def anthropic_error(resp, status: int) -> str:
+    assert resp.status_code == status, f"expected {status}, got {resp.status_code}: {resp.text[:300]}"
+    return relkit.check_anthropic_error_body(resp.json())["message"]
+
+
+@pytest.mark.parametrize(("change", "field"), [({"max_tokens": "8"}, "max_tokens"), ({"stream": "true"}, "stream"),
+                                               ({"temperature": "1"}, "temperature"), ({"model": MODEL + "\n"}, "model"),
+                                               ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role")])
+def test_messages_route_is_strict_too(server, change, field):
+    assert f"'{field}'" in anthropic_error(post(server, "/v1/messages", {**MESSAGES, **change}), 400)
+    assert post(server, "/v1/messages", MESSAGES).status_code == 200
+
+
+@pytest.mark.parametrize(("change", "field"), [({"max_output_tokens": "8"}, "max_output_tokens"),
+                                               ({"stream": "true"}, "stream"), ({"model": MODEL + "\n"}, "model")])
+def test_responses_route_is_strict_too(server, change, field):
+    err = relkit.assert_error(post(server, "/v1/responses", {**RESPONSES, **change}), 400)
+    assert err["param"] == field, err
+    assert post(server, "/v1/responses", RESPONSES).status_code == 200
+
+
+def test_the_other_dialects_share_the_caps(server):
+    deep = "[" * DEEP + "]" * DEEP
+    body = json.dumps(MESSAGES)[:-1] + ', "tools": [{"name": "f", "input_schema": {"x": ' + deep + "}}]}"
+    assert "nested too deeply" in anthropic_error(post(server, "/v1/messages", body), 400)
+    many = {**MESSAGES, "messages": [{"role": "user", "content": "hi"}] * 10_000}
+    assert "max_messages" in anthropic_error(post(server, "/v1/messages", many), 400)
+    items = {**RESPONSES, "input": [{"role": "user", "content": "hi"}] * 10_000}
+    relkit.assert_error(post(server, "/v1/responses", items), 400, "too_many_items")
+    abusive = {"type": "string", "minLength": 10_000_000}
+    for message in (
+        anthropic_error(post(server, "/v1/messages", {**MESSAGES, "tools": [{"name": "f", "input_schema": abusive}]}),
+                        400),
+        anthropic_error(post(server, "/v1/messages", {**MESSAGES, "output_config": {
+            "format": {"type": "json_schema", "schema": abusive}}}), 400),
+    ):
+        assert "max_schema_repeat" in message
+    for body in ({**RESPONSES, "tools": [{"type": "function", "name": "f", "parameters": abusive}]},
+                 {**RESPONSES, "text": {"format": {"type": "json_schema", "name": "a", "schema": abusive}}}):
+        err = relkit.assert_error(post(server, "/v1/responses", body), 400, "schema_too_large")
+        assert "max_schema_repeat" in err["message"]
+    assert not_loaded(server)
