@@ -14,7 +14,7 @@ from conftest import CHAT
 from nexa.backend import CancelToken, LoadOptions
 from nexa.errors import BadRequest, Cancelled, ContextLengthExceeded, UnsupportedTask
 from nexa.testing import conformance
-from nexa.types import ChatMessage, ChatRequest
+from nexa.types import ChatMessage, ChatRequest, merge_tool_calls
 from nexa_llama_cpp.backend import LlamaCppBackend
 
 HELLO = (ChatMessage("user", "hello world"),)
@@ -203,7 +203,7 @@ def test_named_tool_choice_forces_a_valid_call(fixture, request):
         backend, max_tokens=120, temperature=0.7, seed=1, tools=[WEATHER, TIME],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
-    calls = [c for chunk in chunks for c in chunk.tool_calls]
+    calls = merge_tool_calls(c for chunk in chunks for c in chunk.tool_calls)
     assert chunks[-1].finish_reason == "tool_calls"
     assert len(calls) == 1 and calls[0].name == "get_weather"
     jsonschema.validate(json.loads(calls[0].arguments), WEATHER["function"]["parameters"])
@@ -213,7 +213,7 @@ def test_named_tool_choice_forces_a_valid_call(fixture, request):
 def test_required_tool_choice_calls_one_of_the_tools(tools_backend):
     _, chunks = run(tools_backend, max_tokens=120, temperature=0, tools=[WEATHER, TIME],
                     tool_choice="required")
-    calls = [c for chunk in chunks for c in chunk.tool_calls]
+    calls = merge_tool_calls(c for chunk in chunks for c in chunk.tool_calls)
     assert len(calls) == 1 and calls[0].name in ("get_weather", "get_time")
     assert chunks[-1].finish_reason == "tool_calls"
 
