@@ -530,7 +530,7 @@ def _write_qwen3vl_mmproj(path: Path, rng: np.random.Generator, *, text_embd: in
 # --- jina-embeddings-v2 ---------------------------------------------------------------------
 
 _WORDPIECE_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-_WORDPIECE_WORDS = ["hello", "world", "the", "cat", "paris", "capital", "of", "france", "is", "a"]
+_WORDPIECE_WORDS = ["hello", "world", "the", "cat", "paris", "capital", "of", "france", "is"]
 
 
 def wordpiece_vocab() -> list[str]:
@@ -539,7 +539,9 @@ def wordpiece_vocab() -> list[str]:
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
     punctuation = list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
     words = ["\u2581" + w for w in _WORDPIECE_WORDS]
-    return [*_WORDPIECE_SPECIAL, *("\u2581" + c for c in letters + punctuation), *letters, *words]
+    vocab = [*_WORDPIECE_SPECIAL, *("\u2581" + c for c in letters + punctuation), *letters, *words]
+    assert len(set(vocab)) == len(vocab), "llama.cpp aborts on a vocabulary with a token twice"
+    return vocab
 
 
 def write_tiny_jina_v2(
