@@ -29,6 +29,7 @@ from nexa_llama_cpp import seed_models as sm
 SEED = "NexaAI/Qwen3-0.6B-GGUF"
 R1 = "test/tiny-r1"
 TOOL_THINKER = "test/tiny-tool-thinker"
+CONTROL_THINKER = "test/tiny-control-thinker"
 # The seed's first chat command, byte for byte (README: `nexa serve`, then this curl).
 SEED_CURL_BODY = ('{"model": "NexaAI/Qwen3-0.6B-GGUF", "messages": [{"role": "user", "content": "Hello!"}], '
                   '"max_tokens": 64}')
@@ -63,6 +64,9 @@ def server(tmp_path_factory, model_sources, device):
             src / "tiny-tool-thinker-F32.gguf",
             [(sm.THINKING_ON, ["<think>", "<tool_call>", *sm.pieces(CALL), "</tool_call>", "</think>", " fine"])],
         ),
+        # The markers as control tokens: the backend shows their text to find the thought.
+        CONTROL_THINKER: sm.write_scripted_qwen3(src / "tiny-control-thinker-F32.gguf", THINKER_SCRIPTS,
+                                                 control_think=True),
         CHAT: model_sources[CHAT],  # a llama without FIM tokens or a thinking template
     }
     home = tmp_path_factory.mktemp("reasoning-home")
@@ -196,6 +200,24 @@ def test_the_server_defaults_apply_and_a_request_overrides_them(tmp_path, server
 def test_a_prompt_that_opens_the_thought_deepseek_r1(server):
     msg = message(post(server, "/v1/chat/completions", {"model": R1, "messages": HELLO}))
     assert (msg["content"], msg["reasoning_content"]) == ("paris", "hello world")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_thought_markers_that_are_control_tokens(client, stream):
+    if not stream:
+        answer = client.chat.completions.create(model=CONTROL_THINKER, messages=HELLO, logprobs=True)
+        msg = answer.choices[0].message
+        assert (msg.content, msg.model_extra["reasoning_content"]) == ("paris", "hello world")
+        assert [r.token for r in answer.choices[0].logprobs.content] == [" paris"]
+        off = client.chat.completions.create(model=CONTROL_THINKER, messages=HELLO, reasoning_effort="none")
+        assert off.choices[0].message.content == " rome"
+        return
+    content = reasoning = ""
+    for chunk in client.chat.completions.create(model=CONTROL_THINKER, messages=HELLO, stream=True):
+        if chunk.choices:
+            content += chunk.choices[0].delta.content or ""
+            reasoning += (chunk.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+    assert (content, reasoning) == ("paris", "hello world")
 
 
 def test_a_tool_call_inside_the_thought_is_not_made(server):

@@ -280,7 +280,7 @@ def _spm(text: str) -> str:
     return text.replace(" ", "\u2581")
 
 
-def qwen_vocab(extra: Iterable[str] = ()) -> tuple[list[str], list[float], list[int]]:
+def qwen_vocab(extra: Iterable[str] = (), *, control_think: bool = False) -> tuple[list[str], list[float], list[int]]:
     """The tiny Qwen vocabulary: ``testing``'s base one (``<|im_start|>``/``<|im_end|>``,
     ``<tool_call>``, bytes, ASCII, a few words, ``hello`` whole), Qwen's control and added
     tokens, its newline tokens, then ``extra`` pieces (a script's words) as normal tokens."""
@@ -299,7 +299,9 @@ def qwen_vocab(extra: Iterable[str] = ()) -> tuple[list[str], list[float], list[
     for text in QWEN_CONTROL:
         add(text, TokenType.CONTROL)
     for text in QWEN_ADDED:
-        add(text, TokenType.USER_DEFINED)
+        # Some GGUFs mark the thought's markers as control tokens (hidden in decoded text).
+        control = control_think and text in ("<think>", "</think>")
+        add(text, TokenType.CONTROL if control else TokenType.USER_DEFINED)
     for text in QWEN_NEWLINES:
         add(text, TokenType.NORMAL)
     for text in extra:
@@ -388,6 +390,7 @@ def write_scripted_qwen3(
     template: str = QWEN3_TEMPLATE,
     context_length: int = 4096,
     name: str = "tiny-scripted-qwen3",
+    control_think: bool = False,
 ) -> Path:
     """A Qwen3 GGUF that, after a prompt ending in each script's first item (one piece:
     ``THINKING_ON``, ``THINKING_OFF``, ``<|fim_middle|>``, `` hello``...), writes the
@@ -395,9 +398,10 @@ def write_scripted_qwen3(
     a third item False leaves the turn open (the last piece goes on as scripted elsewhere).
 
     Every piece of every script is one token of the vocabulary; a token may lead to one
-    successor only, across all scripts (checked)."""
+    successor only, across all scripts (checked). ``control_think``: ``<think>`` and
+    ``</think>`` are control tokens rather than Qwen3's user-defined ones."""
     words = [p for start, script, *_ in scripts for p in (start, *script)]
-    tokens, scores, types = qwen_vocab(words)
+    tokens, scores, types = qwen_vocab(words, control_think=control_think)
     ids = {text: i for i, text in enumerate(tokens)}
     end = ids["<|im_end|>"]
     following: dict[int, int] = {}
