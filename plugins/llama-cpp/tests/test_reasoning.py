@@ -30,6 +30,7 @@ SEED = "NexaAI/Qwen3-0.6B-GGUF"
 R1 = "test/tiny-r1"
 TOOL_THINKER = "test/tiny-tool-thinker"
 CONTROL_THINKER = "test/tiny-control-thinker"
+CALLER = "test/tiny-caller"
 # The seed's first chat command, byte for byte (README: `nexa serve`, then this curl).
 SEED_CURL_BODY = ('{"model": "NexaAI/Qwen3-0.6B-GGUF", "messages": [{"role": "user", "content": "Hello!"}], '
                   '"max_tokens": 64}')
@@ -67,6 +68,11 @@ def server(tmp_path_factory, model_sources, device):
         # The markers as control tokens: the backend shows their text to find the thought.
         CONTROL_THINKER: sm.write_scripted_qwen3(src / "tiny-control-thinker-F32.gguf", THINKER_SCRIPTS,
                                                  control_think=True),
+        # Calls the tool after a short thought.
+        CALLER: sm.write_scripted_qwen3(
+            src / "tiny-caller-F32.gguf",
+            [(sm.THINKING_ON, ["<think>", " hello", "</think>", "<tool_call>", *sm.pieces(CALL), "</tool_call>"])],
+        ),
         CHAT: model_sources[CHAT],  # a llama without FIM tokens or a thinking template
     }
     home = tmp_path_factory.mktemp("reasoning-home")
@@ -227,6 +233,42 @@ def test_a_tool_call_inside_the_thought_is_not_made(server):
     assert not msg.get("tool_calls")
     assert "<tool_call>" in msg["reasoning_content"] and "get_weather" in msg["reasoning_content"]
     assert r.json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_tool_call_arguments_stream_to_the_openai_client(client):
+    deltas, reasoning, finish = [], "", None
+    for chunk in client.chat.completions.create(model=CALLER, messages=HELLO, tools=[WEATHER], stream=True):
+        if chunk.choices:
+            deltas += chunk.choices[0].delta.tool_calls or []
+            reasoning += (chunk.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+            finish = chunk.choices[0].finish_reason or finish
+    assert reasoning == "hello" and finish == "tool_calls"
+    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
+    # The arguments came in several deltas of the one call, as the model wrote them.
+    fragments = [d.function.arguments for d in deltas if d.function.arguments]
+    assert len(fragments) >= 2 and {d.index for d in deltas} == {0}
+    assert json.loads("".join(fragments)) == {"city": "Oslo"}
+
+
+def test_earlier_thoughts_stay_out_of_the_prompt_where_the_template_says(server):
+    def prompt_tokens(messages):
+        r = post(server, "/v1/chat/completions", {"model": SEED, "messages": messages, "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    thought = "a long thought about the capital of france " * 4
+    earlier = [*HELLO, {"role": "assistant", "content": "paris"}, {"role": "user", "content": "And Italy?"}]
+    with_thought = [*HELLO, {"role": "assistant", "content": "paris", "reasoning_content": thought},
+                    {"role": "user", "content": "And Italy?"}]
+    # Qwen3's template drops the thoughts of turns before the last user message...
+    assert prompt_tokens(with_thought) == prompt_tokens(earlier)
+    # ...and keeps the current turn's (a tool round after the last user message).
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    tool_turn = [*HELLO, {"role": "assistant", "content": "", "tool_calls": [call]},
+                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    tool_turn_thought = [*HELLO, {"role": "assistant", "content": "", "reasoning_content": thought,
+                                  "tool_calls": [call]}, {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    assert prompt_tokens(tool_turn_thought) > prompt_tokens(tool_turn) + 10
 
 
 def test_langchain_gets_answers_without_the_thought(server):
