@@ -129,7 +129,6 @@ class PromptBuilder:
 
         return shielded.tokenize(text, markup, plain)
 
-
     def completion(self, request: CompletionRequest, n_vocab: int, fim: FimTokens | None) -> list[int]:
         """A legacy completion's prompt tokens. The client's text is never parsed as control
         tokens (a token array names them where a client wants them); BOS goes first where
