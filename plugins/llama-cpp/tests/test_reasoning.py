@@ -299,18 +299,22 @@ def test_logprobs_cover_the_answer_tokens_plain_and_streamed(client):
 
 
 def test_logit_bias_moves_the_choice_and_the_logprobs(server):
-    paris = token_id(THINKER_SCRIPTS, " paris")
-    body = {"model": SEED, "messages": HELLO, "logit_bias": {str(paris): -100}, "logprobs": True, "max_tokens": 8}
+    paris, rome = token_id(THINKER_SCRIPTS, " paris"), token_id(THINKER_SCRIPTS, " rome")
+    # After the thought the model means " paris" (a margin of ~60); -100 rules it out and
+    # +30 makes " rome" the choice there, while the scripted tokens (~60) still win elsewhere.
+    bias = {str(paris): -100, str(rome): 30}
+    body = {"model": SEED, "messages": HELLO, "logit_bias": bias, "logprobs": True, "top_logprobs": 2}
     r = post(server, "/v1/chat/completions", body)
     msg = message(r)
-    assert "paris" not in msg["content"]
-    assert msg["reasoning_content"] == "hello world"
-    first = r.json()["choices"][0]["logprobs"]["content"][0]
-    assert first["token"] != " paris"
-    banned = post(server, "/v1/chat/completions", body | {"logit_bias": {str(paris): 100}, "messages": HELLO,
-                                                          "reasoning_effort": "none"})
-    # Thinking off: the model meant " rome"; a +100 bias makes it write " paris" instead.
-    assert message(banned)["content"].startswith(" paris")
+    assert (msg["content"], msg["reasoning_content"]) == ("rome", "hello world")
+    (record,) = r.json()["choices"][0]["logprobs"]["content"]
+    # The logprobs are the biased ones: " rome" is now all but certain, " paris" out of the top.
+    assert record["token"] == " rome" and record["logprob"] > -0.01
+    assert " paris" not in [t["token"] for t in record["top_logprobs"]]
+    forced = post(server, "/v1/chat/completions", {"model": SEED, "messages": HELLO, "max_tokens": 3,
+                                                   "logit_bias": {str(paris): 100}, "reasoning_effort": "none"})
+    # Thinking off: the model means " rome"; +100 makes it write " paris", again and again.
+    assert message(forced)["content"] == " paris paris paris"
 
 
 def test_a_logit_bias_outside_the_vocabulary_is_a_400(server):
