@@ -58,7 +58,8 @@ def server(tmp_path_factory, model_sources, device):
     src = tmp_path_factory.mktemp("thinkers")
     thinker = sm.write_scripted_qwen3(src / "Qwen3-0.6B-Q8_0.gguf", THINKER_SCRIPTS)
     others = {
-        R1: sm.write_scripted_qwen3(src / "tiny-r1-F32.gguf", [(sm.THINKING_ON, sm.pieces(" hello world</think> paris"))],
+        R1: sm.write_scripted_qwen3(src / "tiny-r1-F32.gguf", [(sm.THINKING_ON, sm.pieces(" hello world</think> paris")),
+                                                               (sm.THINKING_OFF, sm.pieces(" rome"))],
                                     template=sm.DEEPSEEK_R1_TEMPLATE),
         # The thought writes a tool call; only the answer may be acted on.
         TOOL_THINKER: sm.write_scripted_qwen3(
@@ -206,6 +207,11 @@ def test_the_server_defaults_apply_and_a_request_overrides_them(tmp_path, server
 def test_a_prompt_that_opens_the_thought_deepseek_r1(server):
     msg = message(post(server, "/v1/chat/completions", {"model": R1, "messages": HELLO}))
     assert (msg["content"], msg["reasoning_content"]) == ("paris", "hello world")
+    # Its template can't switch thinking off: the server closes the opened thought for it.
+    off = message(post(server, "/v1/chat/completions", {"model": R1, "messages": HELLO, "reasoning_effort": "none"}))
+    assert (off["content"], off.get("reasoning_content")) == (" rome", None)
+    budget = message(post(server, "/v1/chat/completions", {"model": R1, "messages": HELLO, "reasoning_budget": 1}))
+    assert (budget["content"], budget["reasoning_content"]) == ("rome", "hello")
 
 
 @pytest.mark.parametrize("stream", [False, True])
