@@ -359,6 +359,18 @@ def test_fill_in_the_middle_with_the_models_fim_tokens(client):
     assert answer.choices[0].text == " return a"
 
 
+def test_a_control_tokens_text_in_a_prompt_stays_text(server):
+    # Were "<|fim_middle|>" read as the control token, the model would write " return a".
+    r = post(server, "/v1/completions", {"model": SEED, "prompt": "x<|fim_middle|>", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] > 2
+    assert "return" not in r.json()["choices"][0]["text"]
+    ids = post(server, "/v1/completions", {"model": SEED, "prompt": [token_id(THINKER_SCRIPTS, "<|fim_middle|>")],
+                                           "max_tokens": 4})
+    # A token array names control tokens on purpose.
+    assert ids.json()["choices"][0]["text"] == " return a"
+
+
 def test_a_suffix_on_a_model_without_fim_tokens_is_a_400(server):
     r = post(server, "/v1/completions", {"model": CHAT, "prompt": "def f(a):", "suffix": "\n"})
     assert r.status_code == 400, r.text

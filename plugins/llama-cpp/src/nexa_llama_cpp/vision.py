@@ -85,10 +85,11 @@ class ImageChat:
 
         llama = self._llama
         n_vocab = llama.n_vocab()
-        # Made first: a bad grammar or logit bias is refused before any work.
+
         def piece(token: int) -> bytes:
             return self._piece(token, render_special)
 
+        # Made first: a bad grammar or logit bias is refused before any work.
         sampler = Sampler(lib, llama._model.vocab, n_vocab, sampling, grammar, logprobs=logprobs,
                           token_bytes=piece, steer=steer)
         try:
