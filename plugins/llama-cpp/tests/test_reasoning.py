@@ -11,6 +11,7 @@ the seed's own name and asked with the seed's own curl body.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -25,12 +26,14 @@ from nexa.testing import serve
 from nexa.testing.hubserver import HubServer
 from nexa_llama_cpp import plugin
 from nexa_llama_cpp import seed_models as sm
+from nexa_llama_cpp.testing import png_bytes
 
 SEED = "NexaAI/Qwen3-0.6B-GGUF"
 R1 = "test/tiny-r1"
 TOOL_THINKER = "test/tiny-tool-thinker"
 CONTROL_THINKER = "test/tiny-control-thinker"
 CALLER = "test/tiny-caller"
+VISION_THINKER = "test/tiny-vision-thinker"
 # The seed's first chat command, byte for byte (README: `nexa serve`, then this curl).
 SEED_CURL_BODY = ('{"model": "NexaAI/Qwen3-0.6B-GGUF", "messages": [{"role": "user", "content": "Hello!"}], '
                   '"max_tokens": 64}')
@@ -51,6 +54,11 @@ def token_id(scripts, text: str) -> int:
     """A piece's token id in the scripted model's vocabulary (the writer's own order)."""
     tokens, _, _ = sm.qwen_vocab([p for start, script, *_ in scripts for p in (start, *script)])
     return tokens.index(text.replace(" ", "\u2581"))
+
+
+def vision_thinker(folder):
+    sm.write_scripted_qwen3(folder / "thinker-F32.gguf", THINKER_SCRIPTS, mmproj=folder / "mmproj-thinker-F32.gguf")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +82,8 @@ def server(tmp_path_factory, model_sources, device):
             src / "tiny-caller-F32.gguf",
             [(sm.THINKING_ON, ["<think>", " hello", "</think>", "<tool_call>", *sm.pieces(CALL), "</tool_call>"])],
         ),
+        # The thinker with an image projector: image chats take the vision path.
+        VISION_THINKER: vision_thinker(src / "vision-thinker"),
         CHAT: model_sources[CHAT],  # a llama without FIM tokens or a thinking template
     }
     home = tmp_path_factory.mktemp("reasoning-home")
@@ -230,6 +240,24 @@ def test_thought_markers_that_are_control_tokens(client, stream):
             content += chunk.choices[0].delta.content or ""
             reasoning += (chunk.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
     assert (content, reasoning) == ("paris", "hello world")
+
+
+def test_image_chats_think_the_same_way(server):
+    url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    look = [{"role": "user", "content": [{"type": "text", "text": "what is it?"},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+    r = post(server, "/v1/chat/completions", {"model": VISION_THINKER, "messages": look, "logprobs": True})
+    msg = message(r)
+    assert (msg["content"], msg["reasoning_content"]) == ("paris", "hello world")
+    assert [t["token"] for t in r.json()["choices"][0]["logprobs"]["content"]] == [" paris"]
+    assert r.json()["usage"]["completion_tokens_details"]["reasoning_tokens"] == 4
+    off = message(post(server, "/v1/chat/completions", {"model": VISION_THINKER, "messages": look,
+                                                        "chat_template_kwargs": {"enable_thinking": False}}))
+    assert (off["content"], off.get("reasoning_content")) == (" rome", None)
+    # The budget is forced on the image path too (its Sampler's steer).
+    budget = message(post(server, "/v1/chat/completions", {"model": VISION_THINKER, "messages": look,
+                                                           "reasoning_budget": 2}))
+    assert (budget["content"], budget["reasoning_content"]) == ("rome", "hello")
 
 
 def test_a_tool_call_inside_the_thought_is_not_made(server):

@@ -175,6 +175,7 @@ def write_scripted_qwen3(
     context_length: int = 4096,
     name: str = "tiny-scripted-qwen3",
     control_think: bool = False,
+    mmproj: str | Path | None = None,
 ) -> Path:
     """A Qwen3 GGUF that, after a prompt ending in each script's first item (one piece:
     ``THINKING_ON``, ``THINKING_OFF``, ``<|fim_middle|>``, `` hello``...), writes the
@@ -183,7 +184,9 @@ def write_scripted_qwen3(
 
     Every piece of every script is one token of the vocabulary; a token may lead to one
     successor only, across all scripts (checked). ``control_think``: ``<think>`` and
-    ``</think>`` are control tokens rather than Qwen3's user-defined ones."""
+    ``</think>`` are control tokens rather than Qwen3's user-defined ones. ``mmproj``: also
+    write there a random CLIP projector into this model's width (``testing``), for image
+    chats: the scripted output follows the last token, whatever the images' embeddings."""
     words = [p for start, script, *_ in scripts for p in (start, *script)]
     tokens, scores, types = qwen_vocab(words, control_think=control_think)
     ids = {text: i for i, text in enumerate(tokens)}
@@ -215,6 +218,10 @@ def write_scripted_qwen3(
     successor = [following.get(i, end) for i in range(n_vocab)]
     head[successor, np.arange(n_vocab)] = 3.0
     w.add_tensor("output.weight", head)
+    if mmproj is not None:
+        from nexa_llama_cpp.testing import write_tiny_mmproj
+
+        write_tiny_mmproj(mmproj, text_n_embd=n_embd)
     return _finish(w)
 
 
