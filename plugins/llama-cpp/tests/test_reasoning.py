@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 
 import httpx
 import openai
 import pytest
-from conftest import CHAT
+from conftest import CHAT, pull_from_loopback_hub
 
 from nexa.testing import serve
-from nexa.testing.hubserver import HubServer
 from nexa_llama_cpp import plugin
 from nexa_llama_cpp import seed_models as sm
 from nexa_llama_cpp.testing import png_bytes
@@ -87,13 +83,7 @@ def server(tmp_path_factory, model_sources, device):
         CHAT: model_sources[CHAT],  # a llama without FIM tokens or a thinking template
     }
     home = tmp_path_factory.mktemp("reasoning-home")
-    with HubServer({SEED: {thinker.name: thinker.read_bytes(), "README.md": b"# Qwen3\n"}}) as hub:
-        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
-        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-            env.pop(var, None)
-        out = subprocess.run([sys.executable, "-m", "nexa.cli", "--home", str(home), "pull", SEED, "--quiet"],
-                             env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
+    pull_from_loopback_hub(home, {SEED: {thinker.name: thinker.read_bytes(), "README.md": b"# Qwen3\n"}})
     with serve(home=home, extra_plugins=[plugin], device=device.kind, threads=1) as handle:
         for name, path in others.items():
             handle.store.import_path(path, name=name)

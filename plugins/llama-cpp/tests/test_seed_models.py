@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import base64
 import math
-import os
-import subprocess
-import sys
 
 import httpx
 import pytest
+from conftest import pull_from_loopback_hub
 
 from nexa.testing import serve
-from nexa.testing.hubserver import HubServer
 from nexa_llama_cpp import plugin
 from nexa_llama_cpp import seed_models as sm
 from nexa_llama_cpp.testing import png_bytes
@@ -35,14 +32,7 @@ def server(tmp_path_factory, device):
         EMBED: {jina.name: jina.read_bytes(), "README.md": b"# jina v2\n"},
     }
     home = tmp_path_factory.mktemp("seed-home")
-    with HubServer(repos) as hub:
-        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
-        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-            env.pop(var, None)
-        for repo in repos:
-            out = subprocess.run([sys.executable, "-m", "nexa.cli", "--home", str(home), "pull", repo, "--quiet"],
-                                 env=env, capture_output=True, text=True, timeout=300)
-            assert out.returncode == 0, out.stderr
+    pull_from_loopback_hub(home, repos)
     with serve(home=home, extra_plugins=[plugin], device=device.kind, threads=1) as handle:
         yield handle
 
