@@ -26,6 +26,7 @@ from nexa.types import (
     BackendMetric,
     ChatChunk,
     ChatRequest,
+    ContextPlan,
     Device,
     EmbedRequest,
     EmbedResult,
@@ -160,6 +161,13 @@ class Backend:
         the model's chat template and tokenized exactly as ``chat`` would, without
         generating (``POST /v1/messages/count_tokens``). Runs on a worker thread."""
         raise UnsupportedTask(f"model {self.manifest.name!r} (backend {self.name}) cannot count prompt tokens")
+
+    def context_plan(self) -> ContextPlan | None:
+        """The context this model gets and why; None when the backend has no fixed
+        context. Asked of a backend made but not loaded (``nexa show``: may read the
+        model's files) and of a loaded one (``GET /v1/models``, on the event loop: keep
+        the plan made at load and return it)."""
+        return None
 
     def runtime_metrics(self) -> list[BackendMetric]:
         """Figures about this loaded model for ``GET /metrics`` (a batching engine's active

@@ -142,7 +142,9 @@ def test_stop_string_cuts_the_answer_before_it(backend):
     assert content(chunks) == expected
     assert stop not in content(chunks)
     assert chunks[-1].finish_reason == "stop"
+    assert chunks[-1].stop_sequence == stop  # Anthropic's stop_reason "stop_sequence"
     assert chunks[-1].usage.completion_tokens < 30
+    assert ask(backend, max_tokens=30)[-1].stop_sequence is None
 
 
 def test_earliest_of_several_stops_wins(backend):
@@ -150,6 +152,7 @@ def test_earliest_of_several_stops_wins(backend):
     late, early = full[15:18], full[5:8]
     chunks = ask(backend, max_tokens=30, stop=[late, early])
     assert content(chunks) == full[: full.index(early)]
+    assert chunks[-1].stop_sequence == early
 
 
 def test_end_of_sequence_token_finishes_with_stop(tiny_folder, tmp_path, backend, device):

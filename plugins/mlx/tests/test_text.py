@@ -41,9 +41,11 @@ def test_held_back_prefix_is_released_when_it_turns_out_not_to_be_a_stop():
 
 
 def test_earliest_of_several_stops_wins():
-    events = run(AnswerParser(["world", "lo"]), ["hello world"])
+    parser = AnswerParser(["world", "lo"])
+    events = run(parser, ["hello world"])
     assert text_of(events) == "hel"
     assert events[-1] == Stop()
+    assert parser.matched == "lo"
 
 
 def test_stop_at_start_gives_no_content():

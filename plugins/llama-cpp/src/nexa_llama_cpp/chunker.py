@@ -3,7 +3,8 @@
 ``AnswerChunker`` takes the generation's events (``engine.TextPiece`` / ``engine.Finished``)
 and applies, in this order: stop strings (core's ``nexa.text.StopHoldBack``: the backend
 stops natively, so the server leaves them to it), tool-call parsing (``tools.ToolCallStream``
-when the request has tools), then the finish reason and usage. When it reports
+when the request has tools), then the finish reason, the stop string that ended the answer
+(``ChatChunk.stop_sequence``) and usage. When it reports
 ``stopped``, its caller ends the generation (``Generation.finish``).
 """
 
@@ -52,7 +53,8 @@ class AnswerChunker:
             if self._tools.calls:
                 reason = "tool_calls"
         usage = Usage(self.n_prompt, self.n_generated, cached_tokens=self.n_cached)
-        out.append(ChatChunk(finish_reason=reason, usage=usage))
+        matched = self._stop.matched if reason == "stop" and self.stopped else None
+        out.append(ChatChunk(finish_reason=reason, usage=usage, stop_sequence=matched))
         return out
 
     def _emit(self, text: str) -> list[ChatChunk]:

@@ -351,7 +351,8 @@ class MlxBackend(Backend):
                 yield chunk
         if made_tool_call and finish == "stop":
             finish = "tool_calls"
-        yield ChatChunk(finish_reason=finish, usage=Usage(prompt_tokens, generated))
+        matched = parser.matched if finish == "stop" else None
+        yield ChatChunk(finish_reason=finish, usage=Usage(prompt_tokens, generated), stop_sequence=matched)
 
     def tool_markers(self) -> tuple[str, str]:
         """The model's tool-call start and end markers ("" where it has none)."""

@@ -55,6 +55,8 @@ class AnswerParser:
         self.tool_start = tool_start or None
         self.tool_end = tool_end or None
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string that ended the answer, once ``stopped``."""
         self._in_tool = False
         self._buffer = ""
 
@@ -96,6 +98,7 @@ class AnswerParser:
                 self._in_tool = True
             else:
                 self.stopped = True
+                self.matched = marker
                 self._buffer = ""
                 events.append(Stop())
         return events
