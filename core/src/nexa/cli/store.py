@@ -85,8 +85,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         print_json({**model_dict(manifest, detail=True), "serve_context": served})
         return 0
     print(manifest.to_json())
-    if served is not None:
-        print(f"context when served by {served['backend']}: {served['length']} tokens ({served['reason']})")
+    if served is not None:  # on stderr: stdout stays the manifest's JSON for scripts
+        print(f"context when served by {served['backend']}: {served['length']} tokens ({served['reason']})",
+              file=sys.stderr)
     return 0
 
 

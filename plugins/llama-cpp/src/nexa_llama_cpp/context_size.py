@@ -46,6 +46,7 @@ MEMORY_CEILING = 0.75
 ASSUMED_MEMORY = 8 << 30
 """The memory assumed when the device does not say (as the server's model budget does)."""
 F16_BYTES = 2.0
+TRAINED = "the length the model was trained for"
 CELL_STEP = 256
 """Pools and capped contexts are whole multiples of this (llama.cpp pads to it)."""
 
@@ -168,10 +169,11 @@ def choose_context(
         n_ctx, why = FALLBACK_CONTEXT, "the model does not say how long a context it was trained for"
     elif bytes_per_token is None:
         n_ctx = min(trained, AGENT_CONTEXT)
-        why = (f"the model's trained length ({trained})" if n_ctx == trained else
-               f"the model's trained length ({trained}) capped at {AGENT_CONTEXT}: the size of its KV cache is unknown")
+        why = (TRAINED if n_ctx == trained else
+               f"the model was trained for {trained} tokens, capped at {AGENT_CONTEXT}: the size of its KV cache "
+               "is unknown")
     else:
-        n_ctx, why = trained, f"the model's trained length ({trained})"
+        n_ctx, why = trained, TRAINED
     base = ContextLayout(n_ctx, n_ctx * parallel, False, why, trained, bytes_per_token)
     if bytes_per_token is None:
         return base
