@@ -14,6 +14,7 @@ import pytest
 from conftest import CHAT
 
 from nexa.backend import CancelToken, LoadOptions
+from nexa.errors import ContextLengthExceeded
 from nexa.formats import read_gguf_metadata
 from nexa.testing import serve
 from nexa.types import ChatMessage, ChatRequest, Device, Manifest
@@ -78,8 +79,23 @@ def test_a_long_trained_model_gets_its_whole_length_per_sequence(long_model, dev
         plan = backend.context_plan()
         assert plan.length == LONG
         assert plan.reason.startswith(f"the length the model was trained for; 4 sequences x {LONG} tokens")
-        chunks = list(backend.chat(ChatRequest.create((ChatMessage("user", "hi"),), max_tokens=3), CancelToken()))
-        assert chunks[-1].usage.completion_tokens == 3
+        # An agent-sized prompt is taken (with room to answer; not run: the figures suffice)...
+        def prompt(words: int) -> ChatRequest:
+            return ChatRequest.create((ChatMessage("user", "hello " * words),), max_tokens=2)
+
+        per_word = backend.count_prompt_tokens(prompt(1001)) - backend.count_prompt_tokens(prompt(1000))
+        agent = prompt((AGENT_CONTEXT + 500) // per_word)
+        assert AGENT_CONTEXT < backend.count_prompt_tokens(agent) < LONG
+        _plan, job = backend.prepare_text(attrs.evolve(agent, sampling=attrs.evolve(agent.sampling, max_tokens=None)))
+        assert len(job.prompt_tokens) == backend.count_prompt_tokens(agent)
+        assert job.sampling.max_tokens == LONG - len(job.prompt_tokens)
+        # ...and one past the trained length is refused with the figures.
+        with pytest.raises(ContextLengthExceeded) as exc:
+            list(backend.chat(prompt(LONG // per_word), CancelToken()))
+        assert exc.value.message.startswith(f"This model's maximum context length is {LONG} tokens (the length "
+                                            "the model was trained for; 4 sequences")
+        assert "nexa serve --ctx 3" in exc.value.message and f"trained for {LONG} tokens" in exc.value.message
+        assert f"resulted in {backend.count_prompt_tokens(prompt(LONG // per_word))} tokens" in exc.value.message
     finally:
         backend.close()
 

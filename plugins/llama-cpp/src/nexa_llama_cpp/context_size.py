@@ -122,8 +122,11 @@ class ContextLayout:
     unified: bool
     """The sequences share one pool (``kv_unified``) rather than owning ``n_ctx`` each."""
     reason: str
+    """Why, for people: logged at load, in ``nexa show``, ``/v1/models`` and the 400."""
     trained: int | None = None
+    """The length the model was trained for, when it says."""
     bytes_per_token: int | None = None
+    """A token's K and V over all layers, when the GGUF header tells the shape."""
 
     @property
     def kv_bytes(self) -> int | None:
@@ -186,6 +189,8 @@ def choose_context(
         return attrs.evolve(base, reason=f"{why}; {sequences} x {n_ctx} tokens of KV cache take {size(own)} "
                                    f"({per_token}), within {budget.describe()}")
     single = (1 + extra_contexts) * n_ctx * bpt
+    if override and parallel == 1:
+        return attrs.evolve(base, reason=f"{why}; {size(own)} of KV cache ({per_token}), over {budget.describe()}")
     if single <= budget.soft or override:
         cells = (budget.soft // bpt) - extra_contexts * n_ctx
         cells = max(n_ctx, min(parallel * n_ctx, cells // CELL_STEP * CELL_STEP))
@@ -204,13 +209,14 @@ def choose_context(
     room = budget.hard // per_context // CELL_STEP * CELL_STEP
     n_ctx = max(capped, min(floor, room), CELL_STEP)
     if n_ctx > capped:
-        cause = (f"the least an agent's prompt needs (the {size(budget.soft)} budget holds {capped}; "
+        least = "the least an agent's prompt needs" if trained else "the length given a model that does not say"
+        cause = (f"{least} (the {size(budget.soft)} budget holds {capped}; "
                  f"{size(n_ctx * bpt)} of KV cache at {per_token})")
     else:
         cause = f"what {budget.describe()} holds at {per_token}"
+    trained_text = f"the model was trained for {trained} tokens" if trained else "the model does not say its length"
     return ContextLayout(n_ctx, n_ctx, parallel > 1,
-                         f"capped by memory: the model was trained for {trained or 'an unknown length of'} tokens; "
-                         f"{n_ctx} is {cause}, in one pool shared by {sequences}",
+                         f"capped by memory: {trained_text}; {n_ctx} is {cause}, in one pool shared by {sequences}",
                          trained, bpt)
 
 
