@@ -316,6 +316,24 @@ def tiny_png(size: tuple[int, int] = (4, 4), colour: tuple[int, int, int] = (200
     return out.getvalue()
 
 
+def tiny_wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    """A WAV of a quiet 440 Hz tone (16-bit mono), for audio uploads."""
+    import io
+    import math
+    import struct
+    import wave
+
+    count = int(seconds * rate)
+    frames = struct.pack(f"<{count}h", *(int(3000 * math.sin(2 * math.pi * 440 * i / rate)) for i in range(count)))
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(frames)
+    return out.getvalue()
+
+
 def data_uri(png: bytes, mime: str = "image/png") -> str:
     import base64
 

@@ -38,6 +38,7 @@ from nexa.testing import EchoBackend, StaticPlugin, echo_manifest, serve
 CASES = int(os.environ.get("NEXA_FUZZ_CASES", "50"))
 MODEL = "test/echo"
 PNG_URI = relkit.data_uri(relkit.tiny_png())
+WAV = relkit.tiny_wav()
 pytestmark = pytest.mark.fuzz
 
 
@@ -93,6 +94,8 @@ def ground(case) -> None:
         return
     if isinstance(body.get("model"), str) and _pick(body, "model", 4):
         body["model"] = MODEL
+    if "file" in body:
+        ground_audio(body)
     if isinstance(body.get("dimensions"), (int, float)) and not isinstance(body["dimensions"], bool):
         body["dimensions"] = min(int(body["dimensions"]), 16)  # the echo model's vector size
     messages = body.get("messages")
@@ -126,6 +129,21 @@ def ground(case) -> None:
             body["tool_choice"] = "auto"
     elif choice == "required" and not tools:
         body["tool_choice"] = "auto"
+    # The deprecated functions: not beside tools; function_call only with them, naming one.
+    functions = body.get("functions")
+    if functions and "tools" in body:
+        del body["functions"]
+        functions = None
+    call = body.get("function_call")
+    if call is not None and not functions:
+        del body["function_call"]
+    elif isinstance(call, dict):
+        call["name"] = functions[0]["name"]
+    # The echo double declares no capabilities: these fields are refused with a 400 by
+    # design (core/tests/test_chat_api.py checks it), so valid bodies go without them.
+    for field in ("logprobs", "top_logprobs", "logit_bias", "reasoning_effort", "think", "chat_template_kwargs",
+                  "reasoning_budget", "suffix"):
+        body.pop(field, None)
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         spec = fmt.get("json_schema") or {}
@@ -196,6 +214,18 @@ def _ground_responses(body: dict) -> None:
     fmt = (body.get("text") or {}).get("format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and not isinstance(fmt.get("schema"), dict):
         fmt["schema"] = {"type": "object"}
+
+
+def ground_audio(body: dict) -> None:
+    """An audio upload (multipart): a real WAV, and the cross-field rules of OpenAI's form
+    (timestamp_granularities only with verbose_json; stream only with json or text)."""
+    body["file"] = WAV
+    for name in [k for k, v in body.items() if v is None]:
+        del body[name]  # a form has no null; a client leaves the field out
+    if body.get("timestamp_granularities") or body.get("timestamp_granularities[]"):
+        body["response_format"] = "verbose_json"
+    if body.get("stream") in (True, "true") and body.get("response_format", "json") not in ("json", "text"):
+        body["stream"] = False
 
 
 def openai_errors(ctx, response, case) -> None:

@@ -79,6 +79,21 @@ class ServerConfig:
     max_image_side: int = 2048
     max_embed_batch: int = 512
     max_embed_input_chars: int = 100_000
+    max_rerank_documents: int = 1000
+    """Documents one rerank request may carry."""
+    max_rerank_chars: int = 100_000
+    """Characters of the query and of each document in a rerank request."""
+    max_audio_bytes: int = 25 * 1024 * 1024
+    """Bytes of an uploaded audio file (OpenAI's limit); more is a 413."""
+    max_audio_seconds: float = 1800.0
+    """Seconds of decoded audio one transcription may hold; longer is a 413."""
+    reasoning_format: str = attrs.field(
+        default="separate", validator=attrs.validators.in_(("separate", "inline", "hidden")))
+    """How a thinking model's reasoning is returned unless a request says otherwise:
+    ``separate`` (``reasoning_content``), ``inline`` (left in ``content``), ``hidden``."""
+    reasoning_budget: int = attrs.field(default=-1, validator=attrs.validators.ge(-1))
+    """Thinking tokens a thinking model may spend before its thought is closed, unless a
+    request says otherwise; -1: unlimited, 0: no thinking."""
     image_ttl: float = 3600.0
     """Seconds a generated image stays fetchable by URL."""
     image_store_bytes: int = 512 * 1024 * 1024

@@ -38,6 +38,8 @@ _TASK_WORDS = {
     Task.VLM: "a vision (image+text) model",
     Task.EMBED: "an embedding model",
     Task.IMAGE: "an image generation model",
+    Task.RERANK: "a reranker or embedding model",
+    Task.TRANSCRIBE: "a speech-to-text model",
 }
 
 
@@ -253,7 +255,8 @@ class ModelManager:
     async def preload(self, model: str) -> None:
         """Load a model now (``nexa serve MODEL``) for whichever task it serves first."""
         manifest = self.find(model)
-        task = next(t for t in (Task.CHAT, Task.EMBED, Task.IMAGE, Task.VLM) if t in manifest.tasks)
+        order = (Task.CHAT, Task.EMBED, Task.RERANK, Task.TRANSCRIBE, Task.IMAGE, Task.VLM)
+        task = next(t for t in order if t in manifest.tasks)
         async with self.acquire(model, task):
             pass
 

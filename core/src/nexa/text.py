@@ -127,6 +127,10 @@ def template_message(
         out["name"] = message.name
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
+    if message.reasoning:
+        # Qwen3's and DeepSeek's templates read it, and drop it from turns before the
+        # last user message.
+        out["reasoning_content"] = message.reasoning
     if message.tool_calls:
         out["tool_calls"] = [
             {

@@ -46,8 +46,7 @@ class MessagesTask:
     """What a Messages body asks for, in task-level terms."""
 
     chat: ChatRequest
-    max_tool_calls: int | None = None
-    """1 with ``disable_parallel_tool_use``; None: as many as the model makes."""
+    """Its ``max_tool_calls`` is 1 with ``disable_parallel_tool_use``."""
     show_thinking: bool = True
     """False with ``thinking.display: "omitted"``: thinking blocks carry no text."""
 
@@ -91,10 +90,11 @@ def messages_task(body: wire.CountTokensRequest, config: ServerConfig) -> Messag
         tool_choice=tool_choice,
         response_format=_response_format(body),
         reasoning=_reasoning(thinking, body.output_config),
+        max_tool_calls=max_tool_calls,
         model=body.model,
     )
     omitted = getattr(thinking, "display", None) == "omitted"
-    return MessagesTask(chat, max_tool_calls, show_thinking=not omitted)
+    return MessagesTask(chat, show_thinking=not omitted)
 
 
 def system_text(system: str | list[wire.TextBlock] | None) -> str:

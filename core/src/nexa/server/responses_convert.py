@@ -61,7 +61,6 @@ class ResponsesTask:
     chat: ChatRequest
     offered: Mapping[str, OfferedTool]
     """Flat name (as the model calls it) -> the tool it stands for."""
-    max_tool_calls: int | None
     items: tuple[dict[str, Any], ...]
     """This request's input items, normalised, as they are stored for a continuation."""
 
@@ -120,9 +119,10 @@ def responses_task(
         tool_choice=tool_choice,
         response_format=_response_format(body.text),
         reasoning=reasoning,
+        max_tool_calls=max_tool_calls,
         model=body.model,
     )
-    return ResponsesTask(chat, offered, max_tool_calls, tuple(items))
+    return ResponsesTask(chat, offered, tuple(items))
 
 
 def _refuse_unsupported(body: wire.ResponsesRequest) -> None:

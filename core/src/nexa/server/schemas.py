@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar.openapi.spec import OpenAPIType, Schema
+from litestar.datastructures import UploadFile
+from litestar.openapi.spec import OpenAPIType, Reference, Schema
 from litestar.params import KwargDefinition
 from msgspec import UNSET, Meta, UnsetType
 
@@ -82,6 +83,11 @@ class Message(msgspec.Struct, kw_only=True):
     name: str | None = None
     tool_calls: list[ToolCallWire] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCall | None = None
+    """An assistant turn's call in the deprecated ``functions`` style."""
+    reasoning_content: str | None = None
+    """An earlier assistant turn's reasoning, sent back; the chat template decides
+    whether it belongs in the prompt."""
 
 
 class FunctionDef(msgspec.Struct, kw_only=True):
@@ -119,6 +125,21 @@ class ResponseFormat(msgspec.Struct, kw_only=True):
 
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
+    include_obfuscation: bool | None = None
+    """Accepted and ignored: a loopback server has no side channel to pad against."""
+
+
+# The unknown-field policy (docs/reasoning.md), one rule for every route: fields outside
+# OpenAI's spec are ignored, as clients send vendor extensions (msgspec drops unknown
+# fields); the OpenAI fields below marked "accepted and ignored" change nothing here; the
+# ones marked "400 unless default" are refused when set (``nexa.server.chat_options``);
+# every other field is honoured.
+LogitBias = Annotated[
+    dict[Annotated[str, Meta(pattern=r"^[0-9]{1,9}$")], Annotated[float, Meta(ge=-100.0, le=100.0)]],
+    Meta(max_length=1024),
+]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+Effort3 = Literal["low", "medium", "high"]
 
 
 class ChatCompletionRequest(msgspec.Struct, kw_only=True):
@@ -141,28 +162,90 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    functions: Annotated[list[FunctionDef], Meta(min_length=1, max_length=128)] | None = None
+    """Deprecated form of ``tools``; the answer then carries ``function_call``."""
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
+    """Deprecated form of ``tool_choice``."""
     response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20), MIN0] | None = None
+    logit_bias: LogitBias | None = None
+    # Thinking models (docs/reasoning.md): OpenAI's switch, vLLM's and llama.cpp's
+    # template variables, Ollama's, and nexa's own format and budget.
+    reasoning_effort: ReasoningEffort | None = None
+    chat_template_kwargs: Annotated[dict[str, Any], Meta(max_length=64)] | None = None
+    think: bool | Effort3 | None = None
+    reasoning_format: Literal["separate", "inline", "hidden"] | None = None
+    reasoning_budget: Annotated[int, Meta(ge=-1)] | None = None
     n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
+    # 400 unless default: the schema admits only the default, so the document says so.
+    audio: Annotated[None, Meta(description="audio output is not supported (null only)")] = None
+    modalities: Annotated[list[Literal["text"]], Meta(min_length=1, max_length=1,
+                                                      description='only ["text"]')] | None = None
+    prediction: Annotated[None, Meta(description="predicted outputs are not supported (null only)")] = None
+    web_search_options: Annotated[None, Meta(description="web search is not supported (null only)")] = None
+    # Accepted and ignored.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class TopLogprob(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobWire(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct, kw_only=True):
+    content: list[TokenLogprobWire] | None
+    refusal: list[TokenLogprobWire] | None = None
 
 
 class ChoiceMessage(msgspec.Struct, kw_only=True):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | UnsetType = UNSET
+    """The model's reasoning (thinking models, format ``separate``); absent when none."""
     tool_calls: list[ToolCallWire] | None = None
+    function_call: FunctionCall | UnsetType = UNSET
+    """The call, when the request used the deprecated ``functions``."""
 
 
 class Choice(msgspec.Struct, kw_only=True):
     index: int
     message: ChoiceMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class CompletionTokensDetails(msgspec.Struct, kw_only=True):
+    reasoning_tokens: int = 0
+    """Of ``completion_tokens``, those spent thinking."""
+
+
+class PromptTokensDetails(msgspec.Struct, kw_only=True):
+    cached_tokens: int = 0
 
 
 class UsageWire(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
+    """Every generated token, reasoning included."""
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | UnsetType = UNSET
+    prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
 
 
 class ChatCompletion(msgspec.Struct, kw_only=True):
@@ -182,7 +265,12 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
 
 class FunctionCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: str | UnsetType = UNSET
-    arguments: str = ""
+    arguments: str | UnsetType = UNSET
+
+
+class FunctionCallDeltaLegacy(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
 
 
 class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -195,14 +283,16 @@ class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
 class ChunkDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: Literal["assistant"] | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    reasoning_content: str | UnsetType = UNSET
     tool_calls: list[ToolCallDelta] | UnsetType = UNSET
+    function_call: FunctionCallDeltaLegacy | UnsetType = UNSET
 
 
 class ChunkChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     delta: ChunkDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, kw_only=True):
@@ -212,6 +302,80 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
     model: str
     choices: list[ChunkChoice]
     usage: UsageWire | None | UnsetType = UNSET
+
+
+# --- legacy text completions -------------------------------------------------------
+
+
+_EXCLUSIVE0 = KwargDefinition(schema_extra=_SchemaExtra(exclusive_minimum=0))
+CompletionPromptItem = str | Annotated[int, Meta(ge=0), MIN0] | Annotated[list[Annotated[int, Meta(ge=0)]], Meta(min_length=1)]
+# As for embeddings' input: the four real shapes, stated for the document.
+_PROMPT_TOKENS = Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.INTEGER, minimum=0), min_items=1)
+_PROMPT = KwargDefinition(
+    schema_extra={
+        "one_of": [
+            Schema(type=OpenAPIType.STRING),
+            Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.STRING), min_items=1, max_items=16),
+            _PROMPT_TOKENS,
+            Schema(type=OpenAPIType.ARRAY, items=_PROMPT_TOKENS, min_items=1, max_items=16),
+        ],
+        "type": None,
+    }
+)
+
+
+class CompletionRequest(msgspec.Struct, kw_only=True):
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    # A string, a list of strings, a token array, or a list of token arrays (``convert``
+    # refuses mixed lists: msgspec allows one array type per union).
+    prompt: Annotated[str | Annotated[list[CompletionPromptItem], Meta(min_length=1, max_length=16)], _PROMPT]
+    suffix: str | None = None
+    max_tokens: MaxTokens | None = 16
+    temperature: Temperature | None = None
+    top_p: Float01 | None = None
+    top_k: Annotated[int, Meta(ge=0), MIN0] | None = None
+    min_p: Float01 | None = None
+    seed: Seed | None = None
+    stop: str | Annotated[list[str], Meta(max_length=16), MAX16] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    # Multiplicative: 0 would divide by zero (see ``convert``).
+    repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0), _EXCLUSIVE0] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0), _EXCLUSIVE0] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    logprobs: Annotated[int, Meta(ge=0, le=5), MIN0] | None = None
+    logit_bias: LogitBias | None = None
+    n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
+    best_of: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] | None = None
+    user: str | None = None
+
+
+class CompletionLogprobs(msgspec.Struct, kw_only=True):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(msgspec.Struct, kw_only=True):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class TextCompletion(msgspec.Struct, kw_only=True):
+    """A completion, whole or (with ``stream: true``) one event of it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageWire | None | UnsetType = UNSET
+    system_fingerprint: str | None = None
 
 
 # --- embeddings ---------------------------------------------------------------------
@@ -300,6 +464,148 @@ class ImageData(msgspec.Struct, kw_only=True, omit_defaults=True):
 class ImagesResponse(msgspec.Struct, kw_only=True):
     created: int
     data: list[ImageData]
+
+
+# --- rerank -------------------------------------------------------------------------
+
+
+# Not blank: a document or query of only whitespace has nothing to rank by. An explicit
+# class, as Python's \s and JSON Schema's (ECMA) \s differ on control characters.
+NOT_BLANK = r"[^ \t\n\r\f\v]"
+RerankText = Annotated[str, Meta(max_length=_CAPS.max_rerank_chars, pattern=NOT_BLANK)]
+
+
+class RerankDocument(msgspec.Struct, kw_only=True):
+    text: RerankText
+
+
+# Litestar leaves out the constraints of the string member of the items' union (and takes
+# one constraint source per field): the document states them all here.
+_RERANK_ITEMS = KwargDefinition(schema_extra={
+    "items": Schema(one_of=[
+        Schema(type=OpenAPIType.STRING, max_length=_CAPS.max_rerank_chars, pattern=NOT_BLANK),
+        Reference(ref="#/components/schemas/RerankDocument"),
+    ]),
+    "min_items": 1,
+    "max_items": _CAPS.max_rerank_documents,
+})
+
+
+class RerankRequest(msgspec.Struct, kw_only=True):
+    """The rerank body of Jina, Cohere (v1 and v2), vLLM and llama.cpp's server."""
+
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    query: RerankText
+    # Counted in ``routes.rerank`` (none, too many) with messages that say so.
+    documents: Annotated[list[RerankText | RerankDocument], _RERANK_ITEMS]
+    top_n: PositiveInt | None = None
+    return_documents: bool = False
+    # Cohere options this server cannot honour (documents are scored whole, and refused
+    # when too long): declared null-only so that sending one is a 400, never ignored.
+    max_tokens_per_doc: None = None
+    rank_fields: None = None
+    max_chunks_per_doc: None = None
+
+
+class RerankResultItem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    index: int
+    relevance_score: float
+    document: RerankDocument | UnsetType = UNSET
+    """Present when the request asked for ``return_documents``."""
+
+
+class RerankUsage(msgspec.Struct, kw_only=True):
+    total_tokens: int
+
+
+class RerankResponse(msgspec.Struct, kw_only=True):
+    id: str
+    model: str
+    results: list[RerankResultItem]
+    usage: RerankUsage
+
+
+# --- speech to text -----------------------------------------------------------------
+
+
+# OpenAI's diarized_json is left out: no speaker diarization here (a 400 naming the field).
+TranscriptFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
+Granularities = Literal["word", "segment"] | list[Literal["word", "segment"]]
+
+
+class TranslationForm(msgspec.Struct, kw_only=True):
+    """OpenAI's multipart form for ``/v1/audio/translations`` (speech to English text);
+    ``language`` (the speech's, optional) and ``stream`` go beyond OpenAI's."""
+
+    file: UploadFile
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    language: Annotated[str, Meta(pattern=r"^[A-Za-z]{2,3}$")] | None = None
+    prompt: Annotated[str, Meta(max_length=10_000)] | None = None
+    temperature: Float01 | None = None
+    response_format: TranscriptFormat = "json"
+    stream: bool = False
+
+
+class TranscriptionForm(TranslationForm, kw_only=True):
+    """OpenAI's multipart form for ``/v1/audio/transcriptions``.
+
+    ``timestamp_granularities[]`` is how OpenAI's clients name the repeated field; the
+    plain name is taken too. Only with ``verbose_json`` (else a 400); ``stream`` only with
+    ``json`` or ``text``.
+    """
+
+    timestamp_granularities: Granularities | None = None
+    timestamp_granularities_list: Granularities | None = msgspec.field(default=None, name="timestamp_granularities[]")
+
+
+class TranscriptWord(msgspec.Struct, kw_only=True):
+    word: str
+    start: float
+    end: float
+
+
+class TranscriptSegmentWire(msgspec.Struct, kw_only=True):
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+
+class DurationUsage(msgspec.Struct, kw_only=True):
+    type: Literal["duration"] = "duration"
+    seconds: int
+
+
+class Transcription(msgspec.Struct, kw_only=True):
+    text: str
+    usage: DurationUsage
+
+
+class TranscriptionVerbose(msgspec.Struct, kw_only=True, omit_defaults=True):
+    task: Literal["transcribe", "translate"]
+    language: str
+    duration: float
+    text: str
+    segments: list[TranscriptSegmentWire] | UnsetType = UNSET
+    words: list[TranscriptWord] | UnsetType = UNSET
+    usage: DurationUsage
+
+
+class TranscriptTextDelta(msgspec.Struct, kw_only=True):
+    type: Literal["transcript.text.delta"] = "transcript.text.delta"
+    delta: str
+
+
+class TranscriptTextDone(msgspec.Struct, kw_only=True):
+    type: Literal["transcript.text.done"] = "transcript.text.done"
+    text: str
+    usage: DurationUsage
 
 
 # --- models, health, errors ---------------------------------------------------------

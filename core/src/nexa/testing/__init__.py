@@ -74,6 +74,14 @@ class StaticPlugin:
         self._register(Task.EMBED, register)
 
     @hookimpl
+    def register_rerank_backends(self, register: Any) -> None:
+        self._register(Task.RERANK, register)
+
+    @hookimpl
+    def register_transcribe_backends(self, register: Any) -> None:
+        self._register(Task.TRANSCRIBE, register)
+
+    @hookimpl
     def register_models(self, register: Any) -> None:
         for manifest in self.models:
             register(manifest)

@@ -15,7 +15,15 @@ from nexa.manager import LoadedModel
 from nexa.server import schemas as wire
 from nexa.server.deps import Manager, MetricsDep, Plugins, Registry, Store
 from nexa.server.errors import GUARDED, error_responses
-from nexa.types import ContextPlan, Manifest
+from nexa.types import ContextPlan, Manifest, Task
+
+
+def served_tasks(manifest: Manifest) -> list[str]:
+    """The model's tasks, plus ``rerank`` for an embedding model (it ranks by cosine)."""
+    tasks = set(manifest.tasks)
+    if Task.EMBED in tasks:
+        tasks.add(Task.RERANK)
+    return sorted(t.value for t in tasks)
 
 
 def model_card(manager: Manager, manifest: Manifest) -> wire.ModelCard:
@@ -31,7 +39,7 @@ def model_card(manager: Manager, manifest: Manifest) -> wire.ModelCard:
         created=created,
         owned_by=owner,
         format=manifest.format,
-        tasks=sorted(t.value for t in manifest.tasks),
+        tasks=served_tasks(manifest),
         size=manifest.size,
         quant=manifest.quant,
         loaded=manifest.name in loaded,
