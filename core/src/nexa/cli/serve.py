@@ -62,6 +62,7 @@ def server_config(args: argparse.Namespace):
         engine_options=_engine_options(args),
         reasoning_format=args.reasoning_format,
         reasoning_budget=_budget(args.reasoning_budget),
+        **_limits(args.limit or ()),
     )
 
 
@@ -69,6 +70,29 @@ def _budget(value: int) -> int:
     if value < -1:
         raise SystemExit(f"--reasoning-budget must be -1 (unlimited), 0 (no thinking) or more; got {value}")
     return value
+
+
+def _limits(pairs) -> dict[str, int]:
+    """``--limit NAME=VALUE`` pairs as ServerConfig fields (the caps in docs/reliability.md)."""
+    from nexa.config import LIMITS, LOWER_ONLY, ServerConfig
+
+    limits: dict[str, int] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in LIMITS:
+            raise SystemExit(f"--limit {pair!r}: use NAME=VALUE with NAME one of: {', '.join(LIMITS)}")
+        try:
+            number = int(value.strip().replace("_", ""))
+        except ValueError:
+            raise SystemExit(f"--limit {pair!r}: the value must be a whole number") from None
+        if number < 1:
+            raise SystemExit(f"--limit {pair!r}: the value must be at least 1")
+        default = getattr(ServerConfig(), name)
+        if name in LOWER_ONLY and number > default:
+            raise SystemExit(f"--limit {pair!r}: {name} can only be lowered (at most {default})")
+        limits[name] = number
+    return limits
 
 
 def _per_model(values: list[str] | None, flag: str, parse) -> dict[str, object]:
@@ -227,6 +251,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--media-dir", action="append", help="folder local image paths may come from (repeatable)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--limit", action="append", metavar="NAME=VALUE",
+                   help="change a per-request cap, e.g. max_messages=10000 (repeatable; names in docs/reliability.md)")
     p.add_argument("--alias", action="append", metavar="NAME=MODEL",
                    help="serve MODEL when a client asks for NAME (repeatable; NAME '*' catches every unknown name)")
     p.add_argument("--responses-ttl", type=float, default=30 * 24 * 3600.0,

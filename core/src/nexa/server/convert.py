@@ -1,7 +1,8 @@
 """Conversions between the OpenAI wire schemas and the task-level types.
 
-Request checks that msgspec can't express (server caps, list shapes, ``size`` limits)
-live here too, so every handler gets a valid task request or a clear 4xx.
+Request checks that msgspec can't express (list shapes, ``size`` limits, the configurable
+caps of ``nexa.server.limits``) run here, before any work, so every handler gets a valid
+task request or a clear 4xx.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import struct
 from collections.abc import Sequence
 
 from nexa.config import ServerConfig
-from nexa.errors import BadRequest, PayloadTooLarge
+from nexa.errors import BadRequest
 from nexa.server import chat_options
 from nexa.server import schemas as wire
+from nexa.server.limits import check_chat, check_count, check_embed_inputs
 from nexa.server.media import fetch_image
 from nexa.types import (
     ChatMessage,
@@ -32,6 +34,9 @@ from nexa.types import (
 
 def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> ChatRequest:
     """The task request for a chat body; fetches images (blocking: call off the loop)."""
+    # Counted before any message is looked at (or any image fetched); the rest of the
+    # caps (schemas) once the task is built, in check_chat.
+    check_count(body.messages, config.max_messages, "messages", "messages", "max_messages")
     if body.n != 1:
         raise BadRequest("only n=1 is supported for chat completions", param="n")
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -74,11 +79,11 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
     if body.response_format is not None and body.response_format.type != "text":
         if body.response_format.type == "json_schema":
             spec = body.response_format.json_schema
-            if spec is None or spec.schema is None:
-                raise BadRequest(
-                    "response_format json_schema needs json_schema.schema", param="response_format"
-                )
-            response_format = {"type": "json_schema", "json_schema": {"name": spec.name, "schema": spec.schema}}
+            # No schema (json_schema absent or null, or without "schema"): any JSON
+            # object, as the document says.
+            schema = spec.schema if spec is not None and spec.schema is not None else {"type": "object"}
+            name = spec.name if spec is not None else "response"
+            response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
         else:
             response_format = {"type": "json_object"}
     body_tools, tool_choice = _tools_and_choice(body)
@@ -103,7 +108,7 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
         }
         for t in body_tools
     )
-    return ChatRequest(
+    chat = ChatRequest(
         messages=messages,
         sampling=_sampling(body, max_tokens),
         tools=tools,
@@ -116,6 +121,8 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
         max_tool_calls=1 if body.parallel_tool_calls is False or body.functions is not None else None,
         model=body.model,
     )
+    check_chat(chat, config)
+    return chat
 
 
 def _sampling(body: wire.ChatCompletionRequest | wire.CompletionRequest, max_tokens: int | None) -> Sampling:
@@ -143,6 +150,8 @@ def completion_requests(body: wire.CompletionRequest, config: ServerConfig) -> l
     if body.echo and body.suffix is not None:
         raise BadRequest("echo with suffix is not supported", param="echo")
     prompts = texts_or_tokens(body.prompt, "prompt")
+    # Each prompt is a generation of its own: as many as messages in a chat, at most.
+    check_count(prompts, config.max_messages, "prompt", "prompts", "max_messages")
     if body.suffix is not None and any(not isinstance(p, str) for p in prompts):
         raise BadRequest("suffix needs a text prompt", param="suffix")
     sampling = _sampling(body, body.max_tokens)
@@ -175,12 +184,8 @@ def _tools_and_choice(body: wire.ChatCompletionRequest) -> tuple[list[wire.Tool]
 
 def _repeat_penalty(body: wire.ChatCompletionRequest | wire.CompletionRequest) -> float:
     value = body.repeat_penalty if body.repeat_penalty is not None else body.repetition_penalty
-    if value is None:
-        return 1.0
-    if value <= 0:
-        # Multiplicative: 0 would divide by zero in llama.cpp and MLX alike.
-        raise BadRequest("repeat_penalty must be greater than 0 (1 turns it off)", param="repeat_penalty")
-    return value
+    # Above 0 (the wire schema says so: 0 would divide by zero in llama.cpp and MLX alike).
+    return 1.0 if value is None else value
 
 
 def texts_or_tokens(raw: object, param: str) -> list[str | tuple[int, ...]]:
@@ -203,20 +208,12 @@ def texts_or_tokens(raw: object, param: str) -> list[str | tuple[int, ...]]:
 
 def embed_request(body: wire.EmbeddingRequest, config: ServerConfig) -> EmbedRequest:
     inputs = texts_or_tokens(body.input, "input")
-    if len(inputs) > config.max_embed_batch:
-        raise BadRequest(
-            f"input has {len(inputs)} items; the limit is {config.max_embed_batch}", param="input"
-        )
+    check_count(inputs, config.max_embed_batch, "input", "items", "max_embed_batch")
+    check_embed_inputs(inputs, config)
     for item in inputs:
         if isinstance(item, str):
             if not item:
                 raise BadRequest("input strings must not be empty", param="input")
-            if len(item) > config.max_embed_input_chars:
-                raise PayloadTooLarge(
-                    f"an input is {len(item)} characters; the limit is "
-                    f"{config.max_embed_input_chars}",
-                    param="input",
-                )
         elif any(t < 0 for t in item):
             raise BadRequest("token ids must be non-negative", param="input")
     return EmbedRequest(inputs=inputs, model=body.model)

@@ -35,6 +35,7 @@ from nexa.config import ServerConfig
 from nexa.errors import BadRequest
 from nexa.server import messages_wire as wire
 from nexa.server.answer import Collected
+from nexa.server.limits import check_chat, check_count
 from nexa.server.media import fetch_image
 from nexa.types import ChatMessage, ChatRequest, ContentPart, ImagePart, Reasoning, Sampling, TextPart, ToolCall, Usage
 
@@ -53,6 +54,7 @@ class MessagesTask:
 
 def messages_task(body: wire.CountTokensRequest, config: ServerConfig) -> MessagesTask:
     """The task for a Messages (or count_tokens) body; fetches images (blocking: call off the loop)."""
+    check_count(body.messages, config.max_messages, "messages", "messages", "max_messages")
     images = _ImageBudget(config)
     messages: list[ChatMessage] = []
     system = system_text(body.system)
@@ -93,6 +95,7 @@ def messages_task(body: wire.CountTokensRequest, config: ServerConfig) -> Messag
         max_tool_calls=max_tool_calls,
         model=body.model,
     )
+    check_chat(chat, config, tool_schema="tools[{i}].input_schema", response_schema="output_config.format.schema")
     omitted = getattr(thinking, "display", None) == "omitted"
     return MessagesTask(chat, show_thinking=not omitted)
 

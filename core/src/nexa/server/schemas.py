@@ -1,9 +1,10 @@
 """OpenAI wire schemas: the JSON bodies the HTTP API accepts and returns.
 
-msgspec Structs, so Litestar validates requests against them and the OpenAPI document at
-``/schema`` describes every endpoint truly. Unknown fields are ignored, as OpenAI's
-clients send many optional ones. Conversion to the task-level types lives in
-``nexa.server.convert``.
+msgspec Structs: request bodies are decoded into them strictly (``nexa.server.body``: a
+string is never taken for a number or a boolean), and the OpenAPI document at ``/schema``
+describes every endpoint truly, extension fields included. Unknown fields are ignored, as
+OpenAI's clients send many optional ones. Conversion to the task-level types and the
+server's configurable caps live in ``nexa.server.convert`` and ``nexa.server.limits``.
 """
 
 from __future__ import annotations
@@ -34,8 +35,20 @@ class _SchemaExtra(dict):
 # Litestar leaves out a constraint whose value is 0 (it tests the value for truth), so a
 # documented ``ge=0`` has to be stated again; without it the document allows negatives.
 MIN0 = KwargDefinition(schema_extra=_SchemaExtra(minimum=0))
+ABOVE0 = KwargDefinition(schema_extra=_SchemaExtra(exclusive_minimum=0))
 # Litestar also leaves out the constraints of a list in a union of three or more.
 MAX16 = KwargDefinition(schema_extra=_SchemaExtra(max_items=16))
+
+
+def documented_max_items(cap: int) -> Meta:
+    """``maxItems`` in the document only: the server enforces the configured cap itself
+    (``nexa.server.limits``), which ``nexa serve --limit`` may raise above the default."""
+    return Meta(extra_json_schema={"extra": _SchemaExtra(max_items=cap)})
+
+
+def documented_max_bytes(cap: int) -> KwargDefinition:
+    """``maxProperties`` can't state a size in bytes; say it in the field's description."""
+    return KwargDefinition(description=f"A JSON schema of at most {cap} bytes (the server's default cap)")
 
 Float01 = Annotated[float, Meta(ge=0.0, le=1.0), MIN0]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
@@ -45,14 +58,26 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 MaxTokens = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0), MIN0]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+# A model name is looked up in the store and echoed back: no control characters (C0, DEL,
+# C1), and no space at either end (``"name\n"`` is refused, not quietly served as
+# ``name``). Explicit ranges, not ``\s``: Python's and ECMAScript's differ (U+0085); and
+# ``$(?!\n)``: Python's ``$`` also matches before a final newline, ECMAScript's doesn't.
+MODEL_NAME_RE = r"^[^\x00-\x20\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f])?$(?!\n)"
+ModelName = Annotated[str, Meta(min_length=1, max_length=256, pattern=MODEL_NAME_RE)]
+ShortText = Annotated[str, Meta(max_length=256)]
+"""Names and ids (a message's ``name``, tool call ids, ``user``)."""
+StopText = Annotated[str, Meta(max_length=256), KwargDefinition(max_length=256)]
 
 
 # --- chat ---------------------------------------------------------------------------
 
 
 class ImageUrl(msgspec.Struct, kw_only=True):
-    url: Annotated[str, Meta(min_length=1)]
-    detail: Literal["auto", "low", "high"] | None = None
+    url: Annotated[str, Meta(min_length=1, description=(
+        "A data: URI (base64), a local path under the server's media folders, or http(s) "
+        "when the server allows it. PNG, JPEG, WebP or GIF (first frame)"))]
+    detail: Annotated[Literal["auto", "low", "high"], Meta(
+        description="Accepted for compatibility; the model sees the image at its own resolution")] | None = None
 
 
 class TextContentPart(msgspec.Struct, tag="text", tag_field="type", kw_only=True):
@@ -67,12 +92,12 @@ ContentPart = TextContentPart | ImageContentPart
 
 
 class FunctionCall(msgspec.Struct, kw_only=True):
-    name: str
+    name: ShortText
     arguments: str = ""
 
 
 class ToolCallWire(msgspec.Struct, kw_only=True):
-    id: str = ""
+    id: ShortText = ""
     type: Literal["function"] = "function"
     function: FunctionCall
 
@@ -80,9 +105,9 @@ class ToolCallWire(msgspec.Struct, kw_only=True):
 class Message(msgspec.Struct, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: ShortText | None = None
     tool_calls: list[ToolCallWire] | None = None
-    tool_call_id: str | None = None
+    tool_call_id: ShortText | None = None
     function_call: FunctionCall | None = None
     """An assistant turn's call in the deprecated ``functions`` style."""
     reasoning_content: str | None = None
@@ -91,10 +116,11 @@ class Message(msgspec.Struct, kw_only=True):
 
 
 class FunctionDef(msgspec.Struct, kw_only=True):
-    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$(?!\n)")]
     description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    parameters: Annotated[dict[str, Any], documented_max_bytes(_CAPS.max_schema_bytes)] | None = None
+    strict: Annotated[bool, Meta(description=(
+        "Accepted; arguments always follow `parameters` when the call is forced by `tool_choice`"))] | None = None
 
 
 class Tool(msgspec.Struct, kw_only=True):
@@ -112,15 +138,17 @@ class NamedToolChoice(msgspec.Struct, kw_only=True):
 
 
 class JsonSchemaSpec(msgspec.Struct, kw_only=True):
-    name: str = "response"
-    schema: dict[str, Any] | None = None
-    strict: bool | None = None
+    name: ShortText = "response"
+    schema: Annotated[dict[str, Any], documented_max_bytes(_CAPS.max_schema_bytes), Meta(
+        description="The JSON schema the answer follows; absent or null: any JSON object")] | None = None
+    strict: Annotated[bool, Meta(description="Accepted; the answer always follows the schema")] | None = None
     description: str | None = None
 
 
 class ResponseFormat(msgspec.Struct, kw_only=True):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaSpec | None = None
+    json_schema: Annotated[JsonSchemaSpec, Meta(
+        description="With type json_schema; absent or null means any JSON object")] | None = None
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -143,25 +171,31 @@ Effort3 = Literal["low", "medium", "high"]
 
 
 class ChatCompletionRequest(msgspec.Struct, kw_only=True):
-    model: Annotated[str, Meta(min_length=1, max_length=256)]
-    messages: Annotated[list[Message], Meta(min_length=1)]
+    model: ModelName
+    messages: Annotated[list[Message], Meta(min_length=1), documented_max_items(_CAPS.max_messages)]
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: Float01 | None = None
-    top_k: Annotated[int, Meta(ge=0), MIN0] | None = None
-    min_p: Float01 | None = None
+    top_k: Annotated[int, Meta(ge=0, description="Extension: sample from the k likeliest tokens (0: off)"),
+                     MIN0] | None = None
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0, description=(
+        "Extension: drop tokens less likely than min_p times the likeliest (0: off)")), MIN0] | None = None
     seed: Seed | None = None
-    stop: str | Annotated[list[str], Meta(max_length=16), MAX16] | None = None
+    stop: StopText | Annotated[list[StopText], Meta(max_length=16), MAX16] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repeat_penalty: Annotated[float, Meta(ge=0.0, le=10.0), MIN0] | None = None
-    repetition_penalty: Annotated[float, Meta(ge=0.0, le=10.0), MIN0] | None = None
+    # Multiplicative: 0 would divide by zero in llama.cpp and MLX alike.
+    repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0, description=(
+        "Extension (llama.cpp's): divide the odds of tokens already seen (1: off)")), ABOVE0] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0, description=(
+        "Extension: the same as repeat_penalty (the Hugging Face name)")), ABOVE0] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], documented_max_items(_CAPS.max_tools)] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: Annotated[bool, Meta(description=(
+        "false: at most one tool call in the answer (later ones are dropped)"))] | None = None
     functions: Annotated[list[FunctionDef], Meta(min_length=1, max_length=128)] | None = None
     """Deprecated form of ``tools``; the answer then carries ``function_call``."""
     function_call: Literal["none", "auto"] | NamedFunction | None = None
@@ -185,7 +219,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     prediction: Annotated[None, Meta(description="predicted outputs are not supported (null only)")] = None
     web_search_options: Annotated[None, Meta(description="web search is not supported (null only)")] = None
     # Accepted and ignored.
-    user: str | None = None
+    user: Annotated[ShortText, Meta(description="Accepted for compatibility; not stored")] | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -403,7 +437,7 @@ _EMBED_INPUT = KwargDefinition(
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
-    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    model: ModelName
     # A string, a list of strings, a token array, or a list of token arrays.
     input: Annotated[
         EmbedText | Annotated[list[EmbedText | TokenId | TokenArray], Meta(min_length=1, max_length=_CAPS.max_embed_batch)],
@@ -411,7 +445,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     ]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
-    user: str | None = None
+    user: Annotated[ShortText, Meta(description="Accepted for compatibility; not stored")] | None = None
 
 
 class EmbeddingData(msgspec.Struct, kw_only=True):
@@ -437,22 +471,28 @@ class EmbeddingResponse(msgspec.Struct, kw_only=True):
 
 # WIDTHxHEIGHT, each side 8..2048 (the default max_image_side), no leading zeros.
 _SIDE = r"(?:[89]|[1-9][0-9]|[1-9][0-9]{2}|1[0-9]{3}|20[0-3][0-9]|204[0-8])"
-IMAGE_SIZE_RE = rf"^{_SIDE}x{_SIDE}$"
+IMAGE_SIZE_RE = rf"^{_SIDE}x{_SIDE}$(?!\n)"
 
 
 class ImageGenerationRequest(msgspec.Struct, kw_only=True):
     prompt: Annotated[str, Meta(min_length=1, max_length=10_000)]
-    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    model: ModelName
     n: Annotated[int, Meta(ge=1, le=_CAPS.max_image_n)] = 1
     size: Annotated[str, Meta(pattern=IMAGE_SIZE_RE)] | None = None
     response_format: Literal["url", "b64_json"] = "url"
-    seed: Seed | None = None
-    num_inference_steps: Annotated[int, Meta(ge=1, le=500)] | None = None
-    guidance_scale: Annotated[float, Meta(ge=0.0, le=50.0), MIN0] | None = None
-    negative_prompt: Annotated[str, Meta(max_length=10_000)] | None = None
-    quality: str | None = None
-    style: str | None = None
-    user: str | None = None
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1, description=(
+        "Extension: the same seed, prompt and settings give the same image"))] | None = None
+    num_inference_steps: Annotated[int, Meta(ge=1, le=500, description=(
+        "Extension: denoising steps (default: the model's own)"))] | None = None
+    guidance_scale: Annotated[float, Meta(ge=0.0, le=50.0, description=(
+        "Extension: how closely the image follows the prompt (default: the model's own)")), MIN0] | None = None
+    negative_prompt: Annotated[str, Meta(max_length=10_000, description=(
+        "Extension: what the image should not show"))] | None = None
+    quality: Annotated[str, Meta(max_length=64, description=(
+        "Accepted for compatibility with OpenAI's clients; ignored"))] | None = None
+    style: Annotated[str, Meta(max_length=64, description=(
+        "Accepted for compatibility with OpenAI's clients; ignored"))] | None = None
+    user: Annotated[ShortText, Meta(description="Accepted for compatibility; not stored")] | None = None
 
 
 class ImageData(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from nexa.backend import CancelToken
 from nexa.errors import BadRequest, ContextLengthExceeded, ModelLoadError
+from nexa.text import head_tokens
 from nexa.types import Device, EmbedRequest, EmbedResult, Manifest, Task
 from nexa_llama_cpp.runtime import POOLING_RANK, PooledGgufBackend, decode_pooled, pooled_groups
 
@@ -55,7 +56,10 @@ class LlamaCppEmbedBackend(PooledGgufBackend):
         sequences: list[list[int]] = []
         for i, item in enumerate(request.inputs):
             if isinstance(item, str):
-                ids = llama.tokenize(item.encode("utf-8"), add_bos=True, special=False)
+                # Only as far as it takes to know an input is over the context.
+                ids, _ = head_tokens(
+                    lambda text: llama.tokenize(text.encode("utf-8"), add_bos=True, special=False), item, n_ctx
+                )
             else:
                 ids = [int(t) for t in item]
                 if any(t < 0 or t >= n_vocab for t in ids):
@@ -67,8 +71,7 @@ class LlamaCppEmbedBackend(PooledGgufBackend):
                 raise BadRequest(f"input[{i}] is empty", param="input")
             if len(ids) > n_ctx:
                 raise ContextLengthExceeded(
-                    f"input[{i}] has {len(ids)} tokens; this model's maximum context length "
-                    f"is {n_ctx} tokens",
+                    f"input[{i}] has more than {n_ctx} tokens, this model's maximum context length",
                     param="input",
                 )
             sequences.append(ids)
