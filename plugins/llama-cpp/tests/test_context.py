@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import attrs
+import httpx
 import pytest
 from conftest import CHAT
 
@@ -197,6 +198,17 @@ def test_models_endpoint_shows_the_loaded_context_and_the_400_says_how_to_raise_
         assert card["context_reason"].startswith("the length the model was trained for; 4 sequences")
         listed = {m.id: m.model_extra for m in client.models.list().data}
         assert listed[CHAT]["context_reason"] == card["context_reason"]
+        # The agent routes say the same, each in its own error shape.
+        anthropic_error = httpx.post(server.base_url + "/v1/messages", timeout=60, json={
+            "model": CHAT, "max_tokens": 4, "messages": [{"role": "user", "content": "hello " * 2000}]})
+        assert anthropic_error.status_code == 400
+        body = anthropic_error.json()
+        assert (body["type"], body["error"]["type"]) == ("error", "invalid_request_error")
+        assert "maximum context length is 1024 tokens" in body["error"]["message"]
+        assert "nexa serve --ctx " in body["error"]["message"]
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(model=CHAT, max_output_tokens=4, input="hello " * 2000)
+        assert "nexa serve --ctx " in exc.value.body["message"]
 
 
 def test_ctx_fixes_the_length(store, device):
