@@ -5,6 +5,7 @@ where the choice shows (the engine's cells, ``nexa show``, ``/v1/models``, the 4
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -70,11 +71,15 @@ def test_kv_bytes_per_token_from_the_gguf_header_are_what_llama_cpp_stores(store
         assert KvShape.from_gguf(read_gguf_metadata(paths[1])).bytes_per_token() == 30 * 3 * 64 * 2 * 2
 
 
-def test_a_long_trained_model_gets_its_whole_length_per_sequence(long_model, device, tiny_options):
+def test_a_long_trained_model_gets_its_whole_length_per_sequence(long_model, device, tiny_options, caplog):
     backend = LlamaCppBackend(long_model, device, attrs.evolve(tiny_options, parallel=4))
-    backend.load()
+    with caplog.at_level(logging.INFO, logger="nexa_llama_cpp.backend"):
+        backend.load()
     try:
         assert backend.context_length() == LONG >= AGENT_CONTEXT
+        # The choice and why are printed at load.
+        said = [r.getMessage() for r in caplog.records if r.name == "nexa_llama_cpp.backend"]
+        assert f"{long_model.name}: context of {LONG} tokens: {backend.context_plan().reason}" in said
         stats = backend.engine_stats()
         assert (stats.n_seq, stats.kv_size) == (4, 4 * LONG)  # every sequence owns a whole context
         plan = backend.context_plan()
