@@ -171,6 +171,18 @@ class BackendMetric:
     several places (an engine's replicas) reports one figure per ``replica`` and ``node``."""
 
 
+
+@attrs.frozen
+class ContextPlan:
+    """The context a backend gives one model, and why (``Backend.context_plan``): logged
+    at load, shown by ``nexa show`` and, for a loaded model, in ``GET /v1/models``."""
+
+    length: int
+    """Tokens one request's prompt and answer share."""
+    reason: str
+    """Why this length, for people (the trained length, ``--ctx``, the memory its KV
+    cache takes for the sequences run at once...)."""
+
 # --- chat ---------------------------------------------------------------------------
 
 

@@ -1,7 +1,9 @@
 """The llama.cpp chat backend: text chat on the batching engine, image chat on MTMD.
 
 One ``LlamaCppBackend`` is one loaded GGUF chat model (plus its ``mmproj`` for vision).
-A chat goes through these steps, each in its own module:
+Its context per request and the KV cache's layout are chosen at load from the model's
+trained length and the memory its KV cache takes (``context_size``). A chat goes through
+these steps, each in its own module:
 
 1. ``prompt``: the chat template rendered with the request's tools and reasoning
    switches, the grammar that constrains the answer (forced tool call,
@@ -19,7 +21,8 @@ It declares the ``reasoning``, ``logprobs`` and ``logit_bias`` capabilities on b
 ``complete`` serves ``/v1/completions`` on the engine (raw text or token ids, and
 fill-in-the-middle with the model's FIM tokens).
 
-Text chats stream from the engine's thread straight to the event loop (``stream_chat``);
+``count_prompt_tokens`` builds the same prompt without generating. Text chats stream from
+the engine's thread straight to the event loop (``stream_chat``);
 the synchronous ``chat`` (the ``Backend`` contract) reads the same engine events on the
 caller's thread. Embedding models are ``embeddings.LlamaCppEmbedBackend``.
 
@@ -37,12 +40,14 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 
 from nexa.backend import CancelToken, LoadOptions
-from nexa.errors import ContextLengthExceeded, ModelLoadError, UnsupportedTask
+from nexa.errors import ContextLengthExceeded, ModelLoadError, StoreError, UnsupportedTask
 from nexa.fim import FIM_TRIPLETS, FimTokens, fim_tokens
+from nexa.formats import read_gguf_metadata
 from nexa.reasoning import ThinkFormat, reasoning_for
-from nexa.types import BackendMetric, ChatChunk, ChatRequest, CompletionRequest, Device, Manifest, Task
+from nexa.types import BackendMetric, ChatChunk, ChatRequest, CompletionRequest, ContextPlan, Device, Manifest, Task
 from nexa_llama_cpp.chat_template import ChatTemplate
 from nexa_llama_cpp.chunker import AnswerChunker
+from nexa_llama_cpp.context_size import ContextLayout, KvBudget, KvShape, choose_context
 from nexa_llama_cpp.prompt import ChatPlan, PromptBuilder, fit_context
 from nexa_llama_cpp.runtime import GgufBackend, special_texts
 from nexa_llama_cpp.thinking import budget_closer, find_format
@@ -93,13 +98,42 @@ class LlamaCppBackend(GgufBackend):
         """The model's thought markers (``thinking.find_format``); None: it does not think."""
         self._render_special = False
         self._fim: FimTokens | None | bool = False  # False: not looked up yet
+        self._layout: ContextLayout | None = None
+
+    # --- the context -------------------------------------------------------------------
+
+    def layout(self) -> ContextLayout:
+        """The context per request and the KV cache's layout (``context_size``), worked
+        out once from the GGUF header, the device's memory and ``parallel``."""
+        if self._layout is None:
+            try:
+                shape = KvShape.from_gguf(read_gguf_metadata(self.manifest.file_path("weights")))
+            except (StoreError, KeyError):
+                shape = None  # the load reports an unreadable file
+            self._layout = choose_context(
+                trained=self.manifest.context_length,
+                override=self.options.context_length,
+                parallel=self.parallel,
+                bytes_per_token=shape.bytes_per_token() if shape is not None else None,
+                budget=KvBudget.of(self.device, self.manifest.size),
+                extra_contexts=1 if self.manifest.has_role("mmproj") else 0,
+            )
+        return self._layout
+
+    def context_length(self) -> int:
+        """Tokens a chat's prompt and answer share (``layout``)."""
+        return self.layout().n_ctx
+
+    def context_plan(self) -> ContextPlan:
+        return self.layout().plan()
 
     # --- loading ---------------------------------------------------------------------
 
     def load(self) -> None:
         from nexa_llama_cpp.engine import BatchEngine
 
-        n_ctx = self.context_length()
+        layout = self.layout()
+        n_ctx = layout.n_ctx
         # Flash attention, as llama.cpp's server does by default ("auto"); the manifest's
         # options.flash_attn = false turns it off.
         flash_attn = self.manifest.options.get("flash_attn", True) is not False
@@ -132,13 +166,16 @@ class LlamaCppBackend(GgufBackend):
         if self.manifest.has_role("mmproj"):
             from nexa_llama_cpp.vision import ImageChat
 
-            self._vision = ImageChat(llama, self.manifest.file_path("mmproj"), use_gpu=self.device.kind != "cpu")
+            self._vision = ImageChat(llama, self.manifest.file_path("mmproj"), layout,
+                                     use_gpu=self.device.kind != "cpu")
         # Same weights (no second load), its own context with one KV sequence per slot.
         settings = self.llama_settings()
         self._engine = BatchEngine(
             model=llama._model.model,
             n_seq=self.parallel,
             n_ctx=n_ctx,
+            kv_size=layout.kv_cells,
+            kv_unified=layout.unified,
             n_threads=settings["n_threads"],
             n_threads_batch=settings["n_threads_batch"],
             n_batch=min(512, n_ctx),
@@ -146,11 +183,7 @@ class LlamaCppBackend(GgufBackend):
             op_offload=settings["op_offload"],
         )
         self._engine.start()
-
-    @property
-    def text_context(self) -> int:
-        """Tokens a text chat's prompt and answer share (the engine's context per sequence)."""
-        return self.context_length()
+        log.info("%s: context of %d tokens: %s", self.manifest.name, n_ctx, layout.reason)
 
     def close(self) -> None:
         engine, self._engine = self._engine, None
@@ -185,7 +218,7 @@ class LlamaCppBackend(GgufBackend):
         engine = self._running_engine()
         tokens = self._builder().completion(request, engine.n_vocab, self._fim_tokens() if request.suffix else None)
         try:
-            sampling = fit_context(request.sampling, len(tokens), self.text_context)
+            sampling = fit_context(request.sampling, len(tokens), self.layout())
         except ContextLengthExceeded as exc:
             exc.param = "prompt"  # the completion's own field
             raise
@@ -233,10 +266,8 @@ class LlamaCppBackend(GgufBackend):
         """The plan of a text chat and the engine request it becomes."""
         from nexa_llama_cpp.engine import GenerationRequest
 
-        prompts = self._builder()
-        plan = prompts.plan(request)
-        tokens = prompts.tokenize(plan.prompt, plan.shielded)
-        sampling = fit_context(request.sampling, len(tokens), self.text_context)
+        plan, tokens = self._text_prompt(request)
+        sampling = fit_context(request.sampling, len(tokens), self.layout())
         return plan, GenerationRequest(tokens, sampling, grammar=plan.grammar, render_special=self._render_special,
                                        logprobs=request.logprobs, steer=self._budget_closer(request, plan))
 
@@ -267,16 +298,37 @@ class LlamaCppBackend(GgufBackend):
             self._fim = fim_tokens(found)
         return self._fim  # type: ignore[return-value]
 
-    def _image_chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+    def _text_prompt(self, request: ChatRequest) -> tuple[ChatPlan, list[int]]:
+        prompts = self._builder()
+        plan = prompts.plan(request)
+        return plan, prompts.tokenize(plan.prompt, plan.shielded)
+
+    def count_prompt_tokens(self, request: ChatRequest) -> int:
+        """The prompt's tokens exactly as ``chat`` builds them (template, tools, images),
+        whatever its length: a prompt over the context is counted, not refused."""
+        if not request.has_images:
+            return len(self._text_prompt(request)[1])
+        vision = self._vision_chat()
+        prompts = self._builder()
+        plan = prompts.plan(request, media_marker=vision.media_marker)
+        images = [image for m in request.messages for image in m.images]
+        with self._lock:
+            return vision.count_tokens(plan.prompt, plan.shielded, images, prompts)
+
+    def _vision_chat(self) -> ImageChat:
         if self._vision is None:
             raise UnsupportedTask(
                 f"model {self.manifest.name!r} has no vision projector (mmproj) and cannot read images",
                 param="messages",
             )
+        return self._vision
+
+    def _image_chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        vision = self._vision_chat()
         prompts = self._builder()
-        plan = prompts.plan(request, media_marker=self._vision.media_marker)
+        plan = prompts.plan(request, media_marker=vision.media_marker)
         images = [image for m in request.messages for image in m.images]
-        n_prompt, events = self._vision.generate(
+        n_prompt, events = vision.generate(
             plan.prompt, plan.shielded, images, prompts, request.sampling, plan.grammar, cancel,
             logprobs=request.logprobs, steer=self._budget_closer(request, plan), render_special=self._render_special,
         )

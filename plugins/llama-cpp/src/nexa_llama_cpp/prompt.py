@@ -13,7 +13,7 @@
   tokenized with special-token parsing, a special token's text that came from a client
   as plain text.
 - ``fit_context``: the one context check: the prompt must leave room to generate, and
-  ``max_tokens`` is capped at that room.
+  ``max_tokens`` is capped at that room (the context itself: ``context_size``).
 
 Text only; the image path tokenizes through MTMD (``vision``) with the same pieces.
 """
@@ -24,12 +24,13 @@ from collections.abc import Callable, Mapping
 
 import attrs
 
-from nexa.errors import BadRequest, ContextLengthExceeded
+from nexa.errors import BadRequest
 from nexa.fim import FimTokens
 from nexa.reasoning import Position, ThinkFormat, empty_thought, prompt_position, template_kwargs
 from nexa.text import Shielded, SpecialTextGuard
 from nexa.types import ChatRequest, CompletionRequest, Sampling
 from nexa_llama_cpp.chat_template import ChatTemplate
+from nexa_llama_cpp.context_size import ContextLayout
 from nexa_llama_cpp.tools import describe_tools, tool_functions
 
 
@@ -155,17 +156,13 @@ class PromptBuilder:
         return tokens
 
 
-def fit_context(sampling: Sampling, n_prompt: int, n_ctx: int) -> Sampling:
+def fit_context(sampling: Sampling, n_prompt: int, limit: ContextLayout) -> Sampling:
     """``sampling`` with ``max_tokens`` capped at the room a prompt of ``n_prompt`` tokens
-    leaves in ``n_ctx``; a prompt that leaves none is the client's 400."""
-    if n_prompt >= n_ctx:
-        raise ContextLengthExceeded(
-            f"This model's maximum context length is {n_ctx} tokens. However, your "
-            f"messages resulted in {n_prompt} tokens. Shorten the messages, or serve "
-            "the model with a larger context.",
-            param="messages",
-        )
-    room = n_ctx - n_prompt
+    leaves in the context; a prompt that leaves none is the client's 400, which says the
+    prompt's size, the limit and why, and how to raise it."""
+    if n_prompt >= limit.n_ctx:
+        raise limit.refusal(n_prompt)
+    room = limit.n_ctx - n_prompt
     return attrs.evolve(sampling, max_tokens=min(sampling.max_tokens or room, room))
 
 

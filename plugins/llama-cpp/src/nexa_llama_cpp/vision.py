@@ -15,6 +15,7 @@ the engine's events (``TextPiece``, ``Finished``) for the same chunker.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from nexa.backend import CancelToken
 from nexa.errors import BadRequest, Cancelled, ModelLoadError
 from nexa.text import Shielded
 from nexa.types import ImagePart, Sampling
+from nexa_llama_cpp.context_size import ContextLayout
 from nexa_llama_cpp.engine.records import Event, Finished, TextPiece
 from nexa_llama_cpp.engine.sampler import Sampler, Scratch
 from nexa_llama_cpp.native import PrefillAbort
@@ -33,7 +35,7 @@ from nexa_llama_cpp.prompt import PromptBuilder, fit_context
 class ImageChat:
     """Image chats on one loaded ``Llama`` with its mmproj (one at a time)."""
 
-    def __init__(self, llama: Any, mmproj: Path, *, use_gpu: bool) -> None:
+    def __init__(self, llama: Any, mmproj: Path, limit: ContextLayout, *, use_gpu: bool) -> None:
         import llama_cpp.llama_cpp as lib
         import llama_cpp.mtmd_cpp as mtmd_cpp
         from llama_cpp.llama_chat_format import MTMDChatHandler
@@ -52,6 +54,8 @@ class ImageChat:
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"the mmproj {mmproj.name} could not be loaded: {exc}") from exc
         self._llama = llama
+        self.limit = limit
+        """The context of a request (the ``Llama``'s own is as long)."""
         self.handler = handler
         self.media_marker = mtmd_cpp.mtmd_default_marker().decode("utf-8")
         """MTMD's placeholder: the template renders it where each image goes."""
@@ -146,9 +150,32 @@ class ImageChat:
     ) -> tuple[int, Sampling]:
         """Tokenize text and images, check the context, evaluate them into the KV cache.
         Returns the prompt's token count and ``sampling`` capped to the room left."""
+        llama = self._llama
+        with self._tokenized(prompt, shielded, images, builder) as (text_tokens, parts, total):
+            sampling = fit_context(sampling, total, self.limit)
+            # Image positions leave stale ids in input_ids: the cache is never reused.
+            llama.reset()
+            llama._ctx.kv_cache_clear()
+            for i, tokens in enumerate(text_tokens):
+                self._eval_text(tokens, cancel)
+                if i < len(parts):
+                    for chunk in parts[i]:
+                        self._eval_chunk(chunk, cancel)
+            return total, sampling
+
+    def count_tokens(self, prompt: str, shielded: Shielded, images: Sequence[ImagePart], builder: PromptBuilder) -> int:
+        """The prompt's tokens, images included, as ``generate`` counts them (nothing evaluated)."""
+        with self._tokenized(prompt, shielded, images, builder) as (_text, _parts, total):
+            return total
+
+    @contextlib.contextmanager
+    def _tokenized(
+        self, prompt: str, shielded: Shielded, images: Sequence[ImagePart], builder: PromptBuilder
+    ) -> Iterator[tuple[list[list[int]], list[list[Any]], int]]:
+        """The text's token lists, each image's MTMD chunks and the total token count;
+        the native chunks and bitmaps are freed on leaving."""
         import llama_cpp.mtmd_cpp as mtmd
 
-        llama = self._llama
         text_tokens = self.text_tokens(prompt, shielded, builder, len(images))
         bitmaps: list[Any] = []
         chunk_lists: list[Any] = []
@@ -164,16 +191,7 @@ class ImageChat:
             total = sum(len(t) for t in text_tokens) + sum(
                 mtmd.mtmd_input_chunk_get_n_tokens(c) for chunk in parts for c in chunk
             )
-            sampling = fit_context(sampling, total, llama.n_ctx())
-            # Image positions leave stale ids in input_ids: the cache is never reused.
-            llama.reset()
-            llama._ctx.kv_cache_clear()
-            for i, tokens in enumerate(text_tokens):
-                self._eval_text(tokens, cancel)
-                if i < len(parts):
-                    for chunk in parts[i]:
-                        self._eval_chunk(chunk, cancel)
-            return total, sampling
+            yield text_tokens, parts, total
         finally:
             for chunks in chunk_lists:
                 mtmd.mtmd_input_chunks_free(chunks)
