@@ -68,6 +68,14 @@ class LoadOptions:
     """Override of the backend's ``parallel`` (``nexa serve --parallel``)."""
     threads: int | None = None
     """CPU threads for inference; None lets the backend choose."""
+    draft: Manifest | str | None = None
+    """Speculative decoding (``nexa serve --draft``): a draft model's manifest, or a
+    backend's own word for a kind of drafting (llama.cpp: ``lookup``, ``off``); None
+    lets the backend choose."""
+    cache_type_k: str | None = None
+    """Data type of the KV cache's keys (``--cache-type-k``: llama.cpp's names, f16, q8_0...)."""
+    cache_type_v: str | None = None
+    """...and of its values (``--cache-type-v``)."""
     extra: Mapping[str, Any] = attrs.field(factory=dict)
 
 
@@ -141,6 +149,11 @@ class Backend:
     def generate_images(self, request: ImageRequest, cancel: CancelToken) -> ImageResult:
         """Return ``request.n`` PNG images."""
         raise UnsupportedTask(f"model {self.manifest.name!r} does not generate images")
+
+    def runtime_info(self) -> Mapping[str, Any]:
+        """What this loaded model runs with (threads, cache sizes...), shown with the model
+        in ``GET /v1/models``. Called on the event loop: numbers at hand, JSON values only."""
+        return {}
 
     def runtime_metrics(self) -> list[BackendMetric]:
         """Figures about this loaded model for ``GET /metrics`` (a batching engine's active

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 import attrs
 
 from nexa.backend import Backend, LoadOptions
-from nexa.config import ServerConfig
+from nexa.config import DRAFT_WORDS, ServerConfig
 from nexa.errors import Busy, ModelLoadError, NexaError, UnsupportedTask
 from nexa.metrics import BackendCollector, Metrics
 from nexa.registry import BackendRegistry
@@ -139,6 +139,9 @@ class ModelManager:
             context_length=self.config.context_length,
             parallel=self.config.parallel,
             threads=self.config.threads,
+            draft=self._draft_for(manifest),
+            cache_type_k=self.config.cache_type_k,
+            cache_type_v=self.config.cache_type_v,
         )
         backend = cls(manifest, self.device, options)
         loop = asyncio.get_running_loop()
@@ -151,6 +154,14 @@ class ModelManager:
         self._models[key] = entry
         loop.create_task(self._load(key, entry), name=f"load {manifest.name}")
         return entry
+
+    def _draft_for(self, manifest: Manifest) -> Manifest | str | None:
+        """``--draft``: a draft model pairs with the model named at start (its vocabulary
+        is that model's); lookup/off apply to every model."""
+        draft = self.config.draft
+        if draft is None or draft in DRAFT_WORDS:
+            return draft
+        return self.store.get(draft) if manifest.name == self.config.default_model else None
 
     async def _load(self, key: tuple[str, str], entry: LoadedModel) -> None:
         name = entry.manifest.name

@@ -313,6 +313,8 @@ class ModelCard(msgspec.Struct, kw_only=True):
     size: int
     quant: str | None = None
     loaded: bool = False
+    runtime: dict[str, Any] | None = None
+    """When loaded: what the model runs with (threads, KV cache size and types...)."""
 
 
 class ModelList(msgspec.Struct, kw_only=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from litestar import Controller, Response, get
 from litestar.params import FromPath
@@ -19,6 +20,10 @@ from nexa.types import Manifest
 
 def model_card(manager: Manager, manifest: Manifest) -> wire.ModelCard:
     loaded = {e.manifest.name for e in manager.loaded()}
+    runtime: dict[str, Any] | None = None
+    for entry in manager.loaded():
+        if entry.manifest.name == manifest.name and entry.ready.done() and not entry.ready.cancelled() and entry.ready.exception() is None:
+            runtime = {**(runtime or {}), **entry.backend.runtime_info()}
     owner = manifest.name.split("/", 1)[0] if "/" in manifest.name else "local"
     created = 0
     if manifest.root is not None:
@@ -33,6 +38,7 @@ def model_card(manager: Manager, manifest: Manifest) -> wire.ModelCard:
         size=manifest.size,
         quant=manifest.quant,
         loaded=manifest.name in loaded,
+        runtime=runtime,
     )
 
 

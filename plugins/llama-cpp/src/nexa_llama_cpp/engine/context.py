@@ -35,6 +35,8 @@ class EngineContext:
         kv_unified: bool,
         op_offload: bool,
         flash_attn: bool,
+        type_k: int = 1,
+        type_v: int = 1,
     ) -> None:
         import llama_cpp.llama_cpp as L  # heavy: only on the engine thread
         from llama_cpp._logger import logger as native_log
@@ -74,6 +76,8 @@ class EngineContext:
             cparams.op_offload = op_offload
             cparams.no_perf = True
             cparams.flash_attn_type = 1 if flash_attn else 0
+            cparams.type_k = type_k  # ggml types (engine.kv_types); 1 = f16, llama.cpp's default
+            cparams.type_v = type_v
             self.ctx = L.llama_init_from_model(self.model, cparams)
             if not self.ctx:
                 raise ModelLoadError("llama.cpp could not create a context (out of memory?)")
