@@ -195,8 +195,13 @@ class Serve:
             self._seen.notify_all()
 
     def wait_for(self, text: str, timeout: float = 300) -> str:
+        """The first log line with ``text`` (fails at once when the model could not load)."""
+
+        def seen() -> bool:
+            return any(text in line or "could not load" in line for line in self.lines) or "" in self.lines
+
         with self._seen:
-            ok = self._seen.wait_for(lambda: any(text in line for line in self.lines) or "" in self.lines, timeout)
+            ok = self._seen.wait_for(seen, timeout)
             found = [line for line in self.lines if text in line]
         assert ok and found, "".join(self.lines)
         return found[0]

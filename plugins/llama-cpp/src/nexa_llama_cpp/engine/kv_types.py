@@ -92,20 +92,38 @@ class KvFootprint:
         )
 
 
-def bytes_per_token(lib: Any, model: Any, type_k: KvType, type_v: KvType) -> int:
-    """K and V bytes of one token over all layers, from the model's attention shape.
+def check_head_sizes(lib: Any, model: Any, type_k: KvType, type_v: KvType) -> None:
+    """Refuse a quantized type whose blocks do not divide the model's attention heads
+    (llama.cpp stores each head's values in whole blocks)."""
+    key_len, value_len = head_sizes(lib, model)
+    for flag, kind, size in (("--cache-type-k", type_k, key_len), ("--cache-type-v", type_v, value_len)):
+        if size % kind.block_elems:
+            raise ModelLoadError(
+                f"{flag} {kind.name} stores values in blocks of {kind.block_elems}, which do not divide this "
+                f"model's attention heads of {size} values: use f16, bf16 or f32"
+            )
 
-    Every layer holds ``n_head_kv`` heads of ``key_length`` (K) and ``value_length`` (V)
-    values per token (the GGUF's ``{arch}.attention.key_length``/``value_length``, else
-    ``n_embd / n_head``), stored in rows of whole type blocks, as llama.cpp sizes them.
-    """
-    n_layer = lib.llama_model_n_layer(model)
+
+def head_sizes(lib: Any, model: Any) -> tuple[int, int]:
+    """Values per attention head in K and in V (the GGUF's ``{arch}.attention.key_length``
+    and ``value_length``, else ``n_embd / n_head``)."""
     n_head = max(1, lib.llama_model_n_head(model))
-    n_head_kv = lib.llama_model_n_head_kv(model)
     default_head = lib.llama_model_n_embd(model) // n_head
     arch = _meta(lib, model, "general.architecture") or ""
     key_len = int(_meta(lib, model, f"{arch}.attention.key_length") or default_head)
     value_len = int(_meta(lib, model, f"{arch}.attention.value_length") or default_head)
+    return key_len, value_len
+
+
+def bytes_per_token(lib: Any, model: Any, type_k: KvType, type_v: KvType) -> int:
+    """K and V bytes of one token over all layers, from the model's attention shape.
+
+    Every layer holds ``n_head_kv`` heads of ``head_sizes`` values per token in K and
+    in V, stored in rows of whole type blocks, as llama.cpp sizes them.
+    """
+    n_layer = lib.llama_model_n_layer(model)
+    n_head_kv = lib.llama_model_n_head_kv(model)
+    key_len, value_len = head_sizes(lib, model)
     per_layer = type_k.row_bytes(key_len * n_head_kv) + type_v.row_bytes(value_len * n_head_kv)
     return n_layer * per_layer
 

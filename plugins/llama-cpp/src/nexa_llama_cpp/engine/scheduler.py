@@ -335,8 +335,8 @@ class BatchEngine(Decoding, EmbeddingJobs):
             kv_unified=self.kv_unified,
             op_offload=self._op_offload,
             flash_attn=flash_attn,
-            type_k=self.type_k.ggml_type,
-            type_v=self.type_v.ggml_type,
+            type_k=self.type_k,
+            type_v=self.type_v,
         )
         self.n_vocab = c.n_vocab
         self.kv_footprint = kv_types.KvFootprint(
