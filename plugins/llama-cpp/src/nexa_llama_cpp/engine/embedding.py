@@ -42,6 +42,13 @@ class EmbeddingContext:
         self._ctx: Any = None
         self._n_ctx = 0
 
+    def use_threads(self, n: int) -> None:
+        """Decode with ``n`` threads from now on (the engine's current count)."""
+        if n != self._n_threads:
+            self._n_threads = self._n_threads_batch = n
+            if self._ctx is not None:
+                self._L.llama_set_n_threads(self._ctx, n, n)
+
     def run(self, job: EmbedJob) -> list[list[float]]:
         """One vector per input of ``job`` (raises ``Cancelled`` between inputs)."""
         import numpy as np
@@ -128,6 +135,7 @@ class EmbeddingJobs:
     _counters: dict[str, int]
     n_ctx: int
     n_vocab: int
+    threads: int
 
     def embed(
         self, inputs: Sequence[Sequence[int]], *, normalize: bool = True, cancel: Any = None
@@ -188,6 +196,7 @@ class EmbeddingJobs:
             return
         assert self._embedder is not None
         try:
+            self._embedder.use_threads(self.threads)
             job.done(self._embedder.run(job))
             self._counters["embed_requests"] += 1
         except BaseException as exc:
