@@ -92,6 +92,10 @@ class Backend:
     (``nexa serve --parallel`` overrides it through ``LoadOptions.parallel``)."""
     priority: ClassVar[int] = 0
     """Higher wins when several backends support a model."""
+    load_settings: ClassVar[frozenset[str]] = frozenset()
+    """The optional ``LoadOptions`` fields this backend honours (``draft``,
+    ``cache_type_k``, ``cache_type_v``); the server drops the others, with a warning, before
+    they reach it."""
     stops_natively: ClassVar[bool] = False
     """True when ``chat`` itself ends the answer at ``request.sampling.stop`` strings (with
     ``nexa.text.StopHoldBack``), stopping generation at once and counting tokens exactly.

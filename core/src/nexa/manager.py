@@ -139,9 +139,7 @@ class ModelManager:
             context_length=self.config.context_length,
             parallel=self.config.parallel,
             threads=self.config.threads,
-            draft=self._draft_for(manifest),
-            cache_type_k=self.config.cache_type_k,
-            cache_type_v=self.config.cache_type_v,
+            **self._optional_settings(manifest, cls),
         )
         backend = cls(manifest, self.device, options)
         loop = asyncio.get_running_loop()
@@ -154,6 +152,21 @@ class ModelManager:
         self._models[key] = entry
         loop.create_task(self._load(key, entry), name=f"load {manifest.name}")
         return entry
+
+    def _optional_settings(self, manifest: Manifest, cls: type[Backend]) -> dict[str, object]:
+        """``--draft`` and ``--cache-type-k/-v`` for a backend that honours them; a warning
+        (not a silent drop) for one that does not."""
+        wanted = {
+            "draft": self._draft_for(manifest),
+            "cache_type_k": self.config.cache_type_k,
+            "cache_type_v": self.config.cache_type_v,
+        }
+        given = {k: v for k, v in wanted.items() if v is not None}
+        ignored = sorted(set(given) - cls.load_settings)
+        if ignored:
+            log.warning("%s runs on %s, which has no %s: the setting does not apply to it",
+                        manifest.name, cls.name, ", ".join("--" + k.replace("_", "-") for k in ignored))
+        return {k: v for k, v in given.items() if k in cls.load_settings}
 
     def _draft_for(self, manifest: Manifest) -> Manifest | str | None:
         """``--draft``: a draft model pairs with the model named at start (its vocabulary

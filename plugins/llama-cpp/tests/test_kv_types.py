@@ -133,3 +133,17 @@ def test_nexa_serve_reports_the_cache_at_start(tmp_path, wide):
         assert re.search(r"KV cache q8_0/q8_0: [\d.]+ MiB for \d+ tokens \([\d.]+ KiB per token\)", line), line
     finally:
         server.close()
+
+
+def test_the_backend_gives_the_bytes_per_token_for_a_context_size_choice(store, device, wide):
+    store.import_path(wide, name=WIDE)
+    for kind in ("f16", "q4_0"):
+        backend = LlamaCppBackend(store.get(WIDE), device, LoadOptions(threads=1, parallel=1, cache_type_k=kind,
+                                                                       cache_type_v=kind))
+        backend.load()
+        try:
+            assert backend.kv_bytes_per_token() == backend._engine.kv_footprint.bytes_per_token
+            # 2 layers x 2 KV heads x 32 values, K and V
+            assert backend.kv_bytes_per_token() == 2 * 2 * (2 * 32 * 2 if kind == "f16" else 2 * 18)
+        finally:
+            backend.close()

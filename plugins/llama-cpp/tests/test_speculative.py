@@ -18,7 +18,7 @@ import threading
 import httpx
 import openai
 import pytest
-from conftest import CHAT
+from conftest import CHAT, assert_same_answer
 
 from nexa.backend import CancelToken, LoadOptions
 from nexa.errors import Cancelled
@@ -140,7 +140,8 @@ def test_greedy_answers_are_the_same_with_drafting(target, drafters, reference, 
 
 
 def test_two_threads_short_contexts_are_the_same_too(target, drafters, reference):
-    # Under 512 cached cells llama.cpp never takes its split lone-row kernel.
+    # Up to 256 cached tokens llama.cpp attends over 256 cells and never takes its split
+    # lone-row kernel (that needs 512 or more).
     prompts, texts, _seeded = reference
     with engine_with(target, drafters["self"], threads=2) as engine:
         assert [collect(engine, greedy(p))[0] for p in prompts[:3]] == texts[:3]
@@ -221,20 +222,22 @@ def answer(backend, **fields) -> tuple[str, object]:
     return "".join(c.content for c in chunks), chunks[-1]
 
 
-def test_stop_strings_cut_the_same_text(backends):
+def test_stop_strings_cut_the_same_text(backends, device):
     plain, drafted = backends
     full, _ = answer(plain, max_tokens=40, temperature=0)
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert stop.strip()
     want, want_last = answer(plain, max_tokens=40, temperature=0, stop=[stop])
     got, got_last = answer(drafted, max_tokens=40, temperature=0, stop=[stop])
-    assert got == want and stop not in got
-    assert got_last.finish_reason == want_last.finish_reason == "stop"
-    assert got_last.usage.completion_tokens == want_last.usage.completion_tokens
+    assert stop not in got
     assert drafted.engine_stats().tokens_drafted > 0
+    assert_same_answer(got, want, device.kind)
+    if device.kind == "cpu":  # on a GPU the texts may drift apart (conftest.assert_same_answer)
+        assert got_last.finish_reason == want_last.finish_reason == "stop"
+        assert got_last.usage.completion_tokens == want_last.usage.completion_tokens
 
 
-def test_grammar_constrained_answers_are_the_same(backends):
+def test_grammar_constrained_answers_are_the_same(backends, device):
     plain, drafted = backends
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
               "required": ["name", "n"]}
@@ -242,7 +245,7 @@ def test_grammar_constrained_answers_are_the_same(backends):
     before = drafted.engine_stats().tokens_drafted
     want, _ = answer(plain, max_tokens=48, temperature=0, response_format=fmt)
     got, _ = answer(drafted, max_tokens=48, temperature=0, response_format=fmt)
-    assert got == want
+    assert_same_answer(got, want, device.kind)
     assert drafted.engine_stats().tokens_drafted > before
 
 

@@ -61,6 +61,7 @@ class LlamaCppBackend(GgufBackend):
     tasks: ClassVar[frozenset[Task]] = frozenset({Task.CHAT, Task.VLM})
     parallel = DEFAULT_PARALLEL
     stops_natively = True
+    load_settings: ClassVar[frozenset[str]] = frozenset({"draft", "cache_type_k", "cache_type_v"})
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -140,6 +141,21 @@ class LlamaCppBackend(GgufBackend):
         # here rather than in it; the engine warmed the model itself.
         self.prepare_text(ChatRequest.create([ChatMessage("user", "Hello")], max_tokens=1))
         log.info("%s: %s", self.manifest.name, self.describe_runtime())
+
+    def kv_bytes_per_token(self) -> int:
+        """What one token of context costs in the KV cache with this server's cache types
+        (all layers, K and V), known once the weights are open: what a context-size default
+        divides the memory it may use by."""
+        import llama_cpp
+
+        if self._llama is None:
+            raise ModelLoadError(f"model {self.manifest.name!r} is not loaded")
+        return kv_types.bytes_per_token(
+            llama_cpp,
+            self._llama._model.model,
+            kv_types.kv_type(self.options.cache_type_k, flag="--cache-type-k"),
+            kv_types.kv_type(self.options.cache_type_v, flag="--cache-type-v"),
+        )
 
     def _draft_setting(self) -> str:
         """The engine's ``draft``: ``lookup`` unless told otherwise (``--draft``, or the

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 MAX_DRAFT = 16
 """Most tokens one sequence guesses in a step."""
+EXPLORE_EVERY = 32
+"""A step with good guesses that the costs say to skip is taken anyway this often, so that
+a cost measured on a bad moment (another process took the core) is measured again."""
 
 
 class Drafter(Protocol):
@@ -106,7 +109,13 @@ def expected_tokens(p: float, d: int) -> float:
 
 class StepCosts:
     """The fastest measured time of a generation step by (threads, sequences, rows per
-    sequence); unknown row counts are interpolated, or extrapolated from the last two known."""
+    sequence). A step with more rows is priced from the measurements at the thread count
+    in use (interpolated, or extrapolated from the last two), else from those at another
+    count, else from ``PRIOR_ROW_COST``: the first guessed steps then measure it."""
+
+    PRIOR_ROW_COST = 0.4
+    """What one more row adds to a one-row step before anything was measured (an extra
+    row costs more on small models, whose steps are compute-bound, than on large ones)."""
 
     def __init__(self) -> None:
         self._best: dict[tuple[int, int, int], float] = {}
@@ -123,23 +132,28 @@ class StepCosts:
         """Time of a step with ``rows`` rows per sequence over one with one row (>= 1)."""
         if rows <= 1:
             return 1.0
-        known = sorted((r, t) for (th, n, r), t in self._best.items() if th == threads and n == n_seq)
-        base = dict(known).get(1)
-        if base is None:
-            return float(rows)  # nothing measured: assume each row costs a whole step
-        if rows in dict(known):
-            return max(1.0, dict(known)[rows] / base)
-        below = [(r, t) for r, t in known if r < rows]
-        above = [(r, t) for r, t in known if r > rows]
+        counts = sorted({th for th, n, _r in self._best if n == n_seq}, key=lambda th: (abs(th - threads), th))
+        for th in counts:
+            found = self._ratio_at(th, n_seq, rows)
+            if found is not None:
+                return max(1.0, found)
+        return 1.0 + self.PRIOR_ROW_COST * (rows - 1)
+
+    def _ratio_at(self, threads: int, n_seq: int, rows: int) -> float | None:
+        known = dict(sorted((r, t) for (th, n, r), t in self._best.items() if th == threads and n == n_seq))
+        base = known.get(1)
+        if base is None or len(known) < 2:
+            return None
+        if rows in known:
+            return known[rows] / base
+        points = sorted(known.items())
+        below = [p for p in points if p[0] < rows]
+        above = [p for p in points if p[0] > rows]
         if below and above:
             (r0, t0), (r1, t1) = below[-1], above[0]
-            t = t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
-        elif len(below) >= 2:
-            (r0, t0), (r1, t1) = below[-2], below[-1]
-            t = t1 + max(0.0, (t1 - t0) / (r1 - r0)) * (rows - r1)
-        else:
-            return float(rows)
-        return max(1.0, t / base)
+            return (t0 + (t1 - t0) * (rows - r0) / (r1 - r0)) / base
+        (r0, t0), (r1, t1) = below[-2], below[-1]
+        return (t1 + max(0.0, (t1 - t0) / (r1 - r0)) * (rows - r1)) / base
 
 
 class PromptLookup:
@@ -208,8 +222,7 @@ class Speculator:
         benchmarks); None: as many as pay."""
         self.drafted = 0
         self.accepted = 0
-        self.steps = 0
-        """Steps in which sequences drafted."""
+        self._declined = 0
 
     # --- per sequence -----------------------------------------------------------------
 
@@ -249,7 +262,12 @@ class Speculator:
         ps = [stats.p for _seq, stats, _cap in wanted]
         if self.drafter.free_to_check:
             guesses = self.drafter.propose(wanted)
-            d = self._best_length(n, ps, min(len(g) for g in guesses))
+            longest = min(len(g) for g in guesses)
+            d = self._best_length(n, ps, longest)
+            if d == 0 and longest >= 2 and min(ps) >= 0.5:
+                self._declined += 1
+                if self._declined % EXPLORE_EVERY == 0:
+                    d = min(longest, 4)
             if d == 0:
                 for (_seq, stats, _cap), guess in zip(wanted, guesses, strict=True):
                     stats.shadow = guess[:]  # checked against the tokens that do come
