@@ -31,9 +31,11 @@ nox.options.sessions = [
     "core",
     "llama_cpp_cpu",
     "sentence_transformers",
+    "faster_whisper",
     "diffusers",
     "mlx_cpu" if not IS_APPLE_SILICON else "mlx_metal",
     "e2e",
+    "ray",
 ]
 if HAS_CUDA:
     nox.options.sessions.append("llama_cpp_cuda")
@@ -73,12 +75,14 @@ def _pytest(session: nox.Session, *paths: str, env: dict[str, str] | None = None
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff==0.17.6")
-    session.run("ruff", "check", "core", "plugins", "tests", "bench", "noxfile.py")
+    session.run("ruff", "check", "core", "plugins", "tests", "bench", "docs", "noxfile.py")
 
 
 @nox.session
 def core(session: nox.Session) -> None:
     _install(session)
+    # A real GGUF (data only) for the docs' manifest example and the format readers.
+    session.install("--no-deps", SMOLLM2)
     _pytest(session, "core/tests")
 
 
@@ -119,6 +123,16 @@ def sentence_transformers(session: nox.Session) -> None:
     _install(session, "sentence-transformers", torch=True)
     # Models come from packages and test folders; nothing may reach for a hub.
     _pytest(session, "plugins/sentence-transformers/tests", env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
+def faster_whisper(session: nox.Session) -> None:
+    """Speech to text: Whisper base (from PyPI) on espeak-ng speech, and a tiny random
+    Whisper written with transformers (hence torch) for the mechanics."""
+    _install(session, "faster-whisper", torch=True)
+    # Not HF_HUB_OFFLINE: a test pulls a Whisper repo from a loopback Hub (HF_ENDPOINT);
+    # models load with local_files_only, so nothing else reaches for a hub.
+    _pytest(session, "plugins/faster-whisper/tests")
 
 
 @nox.session
@@ -167,3 +181,12 @@ def load(session: nox.Session) -> None:
     _install(session, "llama-cpp", "sentence-transformers", llama="cpu", torch=True)
     session.install("-r", str(ROOT / "tests" / "requirements.txt"))
     _pytest(session, "tests/reliability", "-m", "load", env={"NEXA_LOAD_REQUESTS": "200", "NEXA_LOAD_THREADS": "1"})
+
+
+@nox.session
+def ray(session: nox.Session) -> None:
+    """The Ray engine on a two-node cluster on loopback started by the tests: real SmolLM2
+    and MiniLM replicas, the conformance kit, replica and node loss, restart (marker
+    ``loss``: bounded to 200 requests of <= 16 tokens each)."""
+    _install(session, "ray", "llama-cpp", "sentence-transformers", llama="cpu", torch=True)
+    _pytest(session, "plugins/ray/tests", env={"HF_HUB_OFFLINE": "1"})

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from test_store import write_gguf
 
 
@@ -50,3 +51,34 @@ def test_non_loopback_bind_without_key_is_refused(home):
     out = nexa("serve", "--host", "0.0.0.0", home=home, timeout=60)
     assert out.returncode != 0
     assert "without an API key" in out.stderr
+
+
+def test_serve_aliases_and_response_store_settings():
+    from nexa.cli import build_parser
+    from nexa.cli.serve import server_config
+
+    args = build_parser().parse_args(["serve", "--alias", "claude-sonnet-4-6=nexa/smollm2-135m-instruct",
+                                      "--alias", "*=me/tiny", "--responses-ttl", "60", "--responses-max", "5"])
+    config = server_config(args)
+    assert config.aliases == (("claude-sonnet-4-6", "nexa/smollm2-135m-instruct"), ("*", "me/tiny"))
+    assert (config.responses_ttl, config.responses_max) == (60.0, 5)
+
+
+def test_malformed_alias_stops_serve(home):
+    out = nexa("serve", "--alias", "no-equals-sign", home=home, timeout=60)
+    assert out.returncode != 0 and "NAME=MODEL" in out.stderr
+
+
+def test_serve_reasoning_flags_reach_the_server_config(home):
+    from nexa.cli.main import build_parser
+    from nexa.cli.serve import server_config
+
+    parser = build_parser()
+    config = server_config(parser.parse_args(["serve", "--reasoning-format", "hidden", "--reasoning-budget", "0"]))
+    assert (config.reasoning_format, config.reasoning_budget) == ("hidden", 0)
+    default = server_config(parser.parse_args(["serve"]))
+    assert (default.reasoning_format, default.reasoning_budget) == ("separate", -1)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--reasoning-format", "none"])
+    with pytest.raises(SystemExit, match="reasoning-budget"):
+        server_config(parser.parse_args(["serve", "--reasoning-budget", "-5"]))

@@ -5,7 +5,9 @@ instance. Concurrent requests for an unloaded model cause exactly one load; each
 runs ``backend.parallel`` requests at once and lets at most ``queue_size`` more wait
 (the rest get 503 with Retry-After). Idle models unload after ``keepalive`` seconds, and
 loading a model that would exceed the memory budget evicts least-recently-used idle
-models first; a model in use is never evicted.
+models first; a model in use is never evicted. With an engine (``--engine``, see
+``nexa.engine``) the backend instance is the engine's stand-in for the model, and all of
+the above applies to it unchanged.
 """
 
 from __future__ import annotations
@@ -19,20 +21,25 @@ from collections.abc import AsyncIterator
 import attrs
 
 from nexa.backend import Backend, LoadOptions
-from nexa.config import DRAFT_WORDS, ServerConfig
-from nexa.errors import Busy, ModelLoadError, NexaError, UnsupportedTask
+from nexa.config import CATCH_ALL_ALIAS, DRAFT_WORDS, ServerConfig
+from nexa.engine import create_engine
+from nexa.errors import Busy, ModelLoadError, ModelNotFound, NexaError, UnsupportedTask
 from nexa.metrics import BackendCollector, Metrics
 from nexa.registry import BackendRegistry
-from nexa.store import ModelStore
+from nexa.store import ModelStore, split_quant
 from nexa.types import Device, Manifest, Task
 
 log = logging.getLogger("nexa.manager")
+MAX_NAMES_SHOWN = 20
+"""Model names a not-found error lists at most."""
 
 _TASK_WORDS = {
     Task.CHAT: "a chat model",
     Task.VLM: "a vision (image+text) model",
     Task.EMBED: "an embedding model",
     Task.IMAGE: "an image generation model",
+    Task.RERANK: "a reranker or embedding model",
+    Task.TRANSCRIBE: "a speech-to-text model",
 }
 
 
@@ -68,6 +75,8 @@ class ModelManager:
         self.config = config
         self.metrics = metrics or Metrics()
         self.metrics.registry.register(BackendCollector(self.loaded))
+        self.engine = create_engine(registry.plugins, config, device)
+        """Where backends run (``--engine``); None: in this process."""
         self._models: dict[tuple[str, str], LoadedModel] = {}
         # The backend chosen for a (task, model), kept while the store hands back the same
         # manifest object (it re-reads a manifest only when the file changed): choosing
@@ -81,8 +90,29 @@ class ModelManager:
 
     # --- resolution ------------------------------------------------------------------
 
+    def find(self, model: str) -> Manifest:
+        """The manifest a client's ``model`` string names: a model in the store, else an
+        alias (``--alias NAME=MODEL``), else the catch-all alias ``*``. Unknown without an
+        alias: ModelNotFound listing the models this server has."""
+        try:
+            return self.store.get(model)
+        except ModelNotFound:
+            aliases = dict(self.config.aliases)
+            target = aliases.get(model.strip()) or aliases.get(CATCH_ALL_ALIAS)
+            if target is not None:
+                return self.store.get(target)
+            names = [m.name for m in self.store.list()]
+            shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (", ..." if len(names) > MAX_NAMES_SHOWN else "")
+            name = split_quant(model.strip())[0] or "NAME"
+            raise ModelNotFound(
+                f"model {model!r} is not served here; this server has: {shown or 'no models'}. "
+                f"Pull it with `nexa pull {name}`, or serve a local model under that name with "
+                f"`nexa serve --alias {name}=MODEL`",
+                param="model",
+            ) from None
+
     def resolve(self, model: str, task: Task) -> tuple[Manifest, type[Backend]]:
-        manifest = self.store.get(model)
+        manifest = self.find(model)
         if task not in manifest.tasks:
             have = ", ".join(sorted(t.value for t in manifest.tasks)) or "none"
             raise UnsupportedTask(
@@ -141,7 +171,10 @@ class ModelManager:
             threads=self.config.threads,
             **self._optional_settings(manifest, cls),
         )
-        backend = cls(manifest, self.device, options)
+        if self.engine is None:
+            backend = cls(manifest, self.device, options)
+        else:
+            backend = self.engine.backend(cls, manifest, self.device, options)
         loop = asyncio.get_running_loop()
         entry = LoadedModel(
             manifest=manifest,
@@ -245,12 +278,15 @@ class ModelManager:
 
     async def preload(self, model: str) -> None:
         """Load a model now (``nexa serve MODEL``) for whichever task it serves first."""
-        manifest = self.store.get(model)
-        task = next(t for t in (Task.CHAT, Task.EMBED, Task.IMAGE, Task.VLM) if t in manifest.tasks)
+        manifest = self.find(model)
+        order = (Task.CHAT, Task.EMBED, Task.RERANK, Task.TRANSCRIBE, Task.IMAGE, Task.VLM)
+        task = next(t for t in order if t in manifest.tasks)
         async with self.acquire(model, task):
             pass
 
     async def start(self) -> None:
+        if self.engine is not None:
+            await self.engine.start()
         if self.config.keepalive > 0:
             self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="keepalive")
 
@@ -268,5 +304,9 @@ class ModelManager:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        if self.engine is not None:
+            self.engine.detach()
         for key in list(self._models):
             await self._unload(key, "shutdown")
+        if self.engine is not None:
+            await self.engine.stop()

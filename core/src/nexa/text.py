@@ -1,4 +1,5 @@
-"""Text helpers every text backend shares: stop strings and chat-template messages.
+"""Text helpers every text backend shares: stop strings, chat-template messages, and
+client text kept from becoming control tokens.
 
 - ``StopHoldBack`` cuts generated text at the first stop string and never lets a part of
   one out before it is decided (text that could still become a stop string is held).
@@ -11,6 +12,8 @@
   control tokens: client strings that contain a special token's text are rendered with
   private sentinels in its place, and the rendered prompt is then tokenized piece by
   piece (template markup with special-token parsing, the client's text as plain text).
+- ``head_tokens`` tokenizes a text that may be far over a token limit without
+  tokenizing all of it (embedding inputs).
 
 Plain Python on strings: no model library is imported here.
 """
@@ -49,14 +52,17 @@ class StopHoldBack:
     tail (it was not a stop string after all).
     """
 
-    __slots__ = ("stops", "stopped", "_held")
+    __slots__ = ("stops", "stopped", "matched", "_held")
 
     def __init__(self, stops: Iterable[str]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string that was found (the earliest in the text), once ``stopped``."""
         self._held = ""
 
     def feed(self, text: str) -> str:
+        """The next piece of generated text in; the part that may be shown now out."""
         if not self.stops:
             return text
         if self.stopped:
@@ -67,6 +73,7 @@ class StopHoldBack:
             i = text.find(stop)
             if i != -1 and (first == -1 or i < first):
                 first = i
+                self.matched = stop
         if first != -1:
             self._held = ""
             self.stopped = True
@@ -122,6 +129,10 @@ def template_message(
         out["name"] = message.name
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
+    if message.reasoning:
+        # Qwen3's and DeepSeek's templates read it, and drop it from turns before the
+        # last user message.
+        out["reasoning_content"] = message.reasoning
     if message.tool_calls:
         out["tool_calls"] = [
             {
@@ -249,7 +260,9 @@ class Shielded:
     (``SpecialTextGuard.shield``), and how to tokenize what they render to."""
 
     messages: tuple[ChatMessage, ...]
+    """The request's messages, each special text in a client string replaced by its sentinel."""
     tools: tuple[Mapping[str, Any], ...]
+    """The request's tool definitions, treated the same way."""
     prefix: str
     """What every sentinel of this request starts with ("" when nothing was replaced)."""
     originals: tuple[str, ...]
@@ -296,11 +309,36 @@ class Shielded:
         return tokens
 
 
+CHARS_PER_TOKEN = 16
+"""Characters of a prefix looked at per token of a limit (``head_tokens``): text
+averages 3-6 characters a token, so a prefix this long holds the limit several times."""
+
+
+def head_tokens(tokenize: Callable[[str], Sequence[int]], text: str, limit: int) -> tuple[Sequence[int], int]:
+    """Token ids of ``text[:end]`` and ``end``, for a caller that refuses (or truncates)
+    more than ``limit`` tokens; ``end == len(text)`` when the ids are the whole text's.
+
+    A long text is first tokenized as a prefix of ``(limit + 1) * CHARS_PER_TOKEN``
+    characters; when that prefix alone is well over the limit (twice it: the cut may split
+    its last word differently from the whole text), the whole text is too, and the
+    prefix is what is returned, so a 100,000-character input is never tokenized whole to
+    be refused. Otherwise (a short text, or a sparse one: long runs of spaces, very long
+    tokens) the whole text is tokenized.
+    """
+    cut = (limit + 1) * CHARS_PER_TOKEN
+    if len(text) > cut:
+        ids = tokenize(text[:cut])
+        if len(ids) > 2 * (limit + 1):
+            return ids, cut
+    return tokenize(text), len(text)
+
+
 __all__ = [
     "Shielded",
     "SpecialTextGuard",
     "StopHoldBack",
     "arguments_object",
+    "head_tokens",
     "partial_suffix",
     "template_message",
 ]

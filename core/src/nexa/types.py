@@ -26,6 +26,9 @@ class Task(enum.StrEnum):
     VLM = "vlm"
     IMAGE = "image"
     EMBED = "embed"
+    RERANK = "rerank"
+    TRANSCRIBE = "transcribe"
+    """Speech to text, and speech to English text (Whisper's translate mode)."""
 
 
 def _tasks(value: Any) -> frozenset[Task]:
@@ -77,11 +80,13 @@ class Manifest:
     backend: str | None = None
     """Backend hint: a backend name that should serve this model when it can."""
     source: str = "local"
-    """Where it came from: ``hf:ORG/REPO@REVISION``, ``local:PATH`` or ``package:DIST``."""
+    """Where it came from: ``hf:ORG/REPO@COMMIT``, ``local:NAME`` (the imported file or
+    folder) or ``package:DIST``."""
     context_length: int | None = None
     """The model's trained context length when the format tells it."""
     options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
-    """Format-specific settings a backend reads (e.g. ``pooling``, ``chat_template``)."""
+    """Format-specific facts and settings a backend reads (``architecture``,
+    ``pooling_type``, ``chat_template``...; ``docs/manifest.md`` lists them)."""
     version: int = MANIFEST_VERSION
     """Manifest schema version."""
 
@@ -99,15 +104,18 @@ class Manifest:
         raise KeyError(f"model {self.name} has no {role} file")
 
     def has_role(self, role: str) -> bool:
+        """Whether some file has ``role`` (``mmproj``: a vision model's projector)."""
         return any(f.role == role for f in self.files)
 
     def to_json(self) -> str:
+        """The ``manifest.json`` text: every field but ``root``, keys sorted (``docs/manifest.md``)."""
         data = attrs.asdict(self, recurse=True, filter=lambda a, _v: a.name != "root")
         data["tasks"] = sorted(t.value for t in self.tasks)
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], root: Path | None = None) -> Manifest:
+        """The manifest a parsed ``manifest.json`` describes; ValueError on an unknown key."""
         data = dict(data)
         files = tuple(ModelFile(**f) for f in data.pop("files", ()))
         known = {a.name for a in attrs.fields(cls)}
@@ -127,12 +135,17 @@ class BackendInfo:
     """What a backend declares about itself, shown by ``nexa plugins`` and over HTTP."""
 
     name: str
+    """``Backend.name``."""
     tasks: frozenset[Task] = attrs.field(converter=_tasks)
+    """``Backend.tasks``: the tasks it serves."""
     formats: frozenset[str] = attrs.field(converter=frozenset)
+    """``Backend.formats``: the manifest formats it reads."""
     devices: frozenset[str] = attrs.field(converter=frozenset)
+    """``Backend.devices``: the device kinds it runs on."""
     parallel: int
     """How many requests one loaded model runs at once."""
     priority: int
+    """``Backend.priority``: higher wins when several backends support a model."""
     plugin: str
     """The plugin (distribution or module) that registered it."""
 
@@ -148,9 +161,14 @@ class BackendMetric:
     name: str
     """Lowercase ``[a-z0-9_]``; a counter's name has no ``_total`` (Prometheus adds it)."""
     value: float
+    """The figure now (a counter's running total)."""
     kind: str = attrs.field(default="gauge", validator=attrs.validators.in_(("gauge", "counter")))
     """``gauge`` (a level now) or ``counter`` (only ever goes up while the model is loaded)."""
     help: str = ""
+    """One line for the Prometheus ``# HELP`` text; the name when empty."""
+    labels: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
+    """More labels beside ``model`` and ``backend``: a backend that runs the model in
+    several places (an engine's replicas) reports one figure per ``replica`` and ``node``."""
 
 
 # --- chat ---------------------------------------------------------------------------
@@ -161,9 +179,13 @@ class ImagePart:
     """An image already fetched and checked by the server: raw bytes, never a URL."""
 
     data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
+    """The encoded image: PNG, JPEG, WebP or GIF as sent, any other format re-encoded as
+    PNG; already decoded once and checked against the server's pixel cap."""
     mime: str = "image/png"
+    """Its MIME type, from the decoded format (never from what the client claimed)."""
 
     def data_uri(self) -> str:
+        """The image as a ``data:`` URI, for libraries that take image URLs."""
         import base64
 
         return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
@@ -171,7 +193,10 @@ class ImagePart:
 
 @attrs.frozen
 class TextPart:
+    """The text of one ``{"type": "text"}`` part of a message's content list."""
+
     text: str
+    """The text, as the client sent it."""
 
 
 ContentPart = TextPart | ImagePart
@@ -179,35 +204,72 @@ ContentPart = TextPart | ImagePart
 
 @attrs.frozen
 class ToolCall:
-    """A function call the model made."""
+    """A function call the model made, whole or one piece of it.
+
+    A backend may send a call whole, or stream it as it is generated: the first piece
+    carries the ``id``, the ``name`` and the start of the ``arguments``; each later piece
+    repeats the ``id`` with an empty ``name`` and carries the next fragment of the
+    arguments. The pieces' arguments joined are the call's arguments (``merge_tool_calls``).
+    """
 
     id: str
+    """The call's id (``call_...``); a ``tool`` message answers it by ``tool_call_id``."""
     name: str
+    """The function's name, one of the request's ``tools``."""
     arguments: str
-    """JSON text, as OpenAI sends it."""
+    """JSON text, as OpenAI sends it (or the next fragment of it, in a later piece)."""
+
+
+def merge_tool_calls(calls: Any) -> list[ToolCall]:
+    """Whole calls from calls and pieces of calls in the order they came."""
+    merged: dict[str, ToolCall] = {}
+    for call in calls:
+        before = merged.get(call.id)
+        if before is None:
+            merged[call.id] = call
+        else:
+            merged[call.id] = attrs.evolve(before, arguments=before.arguments + call.arguments)
+    return list(merged.values())
 
 
 @attrs.frozen
 class ChatMessage:
+    """One message of the conversation, in the order the client sent them."""
+
     role: str
+    """``system``, ``user``, ``assistant`` or ``tool`` (``developer`` arrives as ``system``)."""
     content: str | tuple[ContentPart, ...] | None = None
+    """A string, or ``TextPart``/``ImagePart`` items when the client sent a content list;
+    None for an assistant message that only made tool calls."""
     name: str | None = None
+    """An optional participant name the client gave."""
     tool_calls: tuple[ToolCall, ...] = ()
+    """The calls an earlier assistant message made (conversation history)."""
     tool_call_id: str | None = None
+    """On a ``tool`` message: the id of the call it answers."""
+    reasoning: str | None = None
+    """An earlier assistant turn's reasoning sent back by the client (``reasoning_content``);
+    handed to the chat template, which decides whether it belongs in the prompt."""
 
     @property
     def images(self) -> tuple[ImagePart, ...]:
+        """The message's images, in order (empty for string content)."""
         if isinstance(self.content, tuple):
             return tuple(p for p in self.content if isinstance(p, ImagePart))
         return ()
 
     @property
     def text(self) -> str:
+        """The message's text: the string content, or its text parts joined; images left out."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+def _bias(value: Any) -> dict[int, float]:
+    return {int(k): float(v) for k, v in (value or {}).items()}
 
 
 def _stops(value: Any) -> tuple[str, ...]:
@@ -234,21 +296,36 @@ class Sampling:
     temperature: float = 1.0
     """0 means greedy (the most likely token every time)."""
     top_p: float = 1.0
+    """Nucleus sampling: choose among the most likely tokens that make up this much
+    probability; 1.0: off."""
     top_k: int = 0
     """0: no top-k cut."""
     min_p: float = 0.0
+    """Drop tokens less likely than ``min_p`` times the most likely one; 0: off."""
     seed: int | None = None
     """None: a fresh random seed per request. The same seed and prompt give the same text."""
     presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of every token already generated; 0: off."""
     frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit per time it was generated; 0: off."""
     repeat_penalty: float = 1.0
     """1.0: off (llama.cpp's multiplicative repetition penalty)."""
     stop: tuple[str, ...] = attrs.field(converter=_stops, default=())
-    """Strings that end the answer; never emitted, not even in part (``nexa.text.StopHoldBack``)."""
+    """Strings that end the answer; never emitted, not even in part (``nexa.text.StopHoldBack``).
+    They apply to the answer only, never to the reasoning of a thinking model."""
+    logit_bias: Mapping[int, float] = attrs.field(factory=dict, converter=_bias)
+    """Token id -> a number added to that token's logit before sampling (-100 bans it,
+    100 all but forces it). Ids are checked against the vocabulary by the backend."""
 
     @property
     def greedy(self) -> bool:
+        """Whether decoding is greedy (``temperature`` 0)."""
         return self.temperature <= 0.0
+
+
+REASONING_FORMATS = ("separate", "inline", "hidden")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+"""The values of ``reasoning_effort`` the official openai SDK allows; ``none`` is off."""
 
 
 @attrs.frozen
@@ -267,9 +344,19 @@ class Reasoning:
     budget: int = -1
     """Thinking tokens at most before the thought is closed and the answer starts;
     -1: unlimited, 0: no thinking."""
-    format: str = "separate"
+    format: str = attrs.field(default="separate", validator=attrs.validators.in_(REASONING_FORMATS))
     """``separate``: reasoning in ``ChatChunk.reasoning``; ``inline``: left in the content
     as the model wrote it; ``hidden``: dropped."""
+
+    @property
+    def off(self) -> bool:
+        """Thinking switched off (by a switch or a budget of 0)."""
+        return self.enabled is False or self.budget == 0
+
+    @property
+    def token_budget(self) -> int:
+        """Thinking tokens allowed: -1 unlimited, 0 when thinking is off."""
+        return 0 if self.off else self.budget
 
 
 @attrs.frozen
@@ -277,6 +364,7 @@ class ChatRequest:
     """One chat completion, as a backend sees it."""
 
     messages: tuple[ChatMessage, ...] = attrs.field(converter=tuple)
+    """The conversation, oldest first; never empty."""
     sampling: Sampling = Sampling()
     """Token choice and limits, already validated (``Sampling``)."""
     tools: tuple[Mapping[str, Any], ...] = attrs.field(converter=tuple, default=())
@@ -288,7 +376,18 @@ class ChatRequest:
     """``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
     reasoning: Reasoning = Reasoning()
     """Thinking on or off, its effort, budget and how it is returned."""
+    template_kwargs: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+    """Extra variables for the chat template from the client (``chat_template_kwargs``),
+    already checked; a template-rendering backend passes ``nexa.reasoning.template_kwargs``
+    (these plus the reasoning switches) to the template."""
+    logprobs: int | None = None
+    """None: no log-probabilities; n >= 0: each answer token's log-probability and its n
+    most likely alternatives (``ChatChunk.logprobs``)."""
+    max_tool_calls: int | None = None
+    """At most this many tool calls (``parallel_tool_calls: false`` and Anthropic's
+    ``disable_parallel_tool_use`` are 1); the server drops later ones. None: no limit."""
     model: str = ""
+    """The ``model`` string the client sent (for logs; the backend already holds its model)."""
 
     @classmethod
     def create(cls, messages: Any, **fields: Any) -> ChatRequest:
@@ -300,12 +399,17 @@ class ChatRequest:
 
     @property
     def has_images(self) -> bool:
+        """Whether some message carries an image (the request is then a ``vlm`` task)."""
         return any(m.images for m in self.messages)
 
 
 @attrs.frozen
 class Usage:
+    """Tokens one answer took, as counted by the backend (``docs/plugin-guide.md`` says how
+    to count without a tokenizer)."""
+
     prompt_tokens: int = 0
+    """The whole rendered prompt: every message, the template's markup, tool definitions."""
     completion_tokens: int = 0
     """Every generated token, reasoning included (as OpenAI counts)."""
     reasoning_tokens: int = 0
@@ -315,7 +419,22 @@ class Usage:
 
     @property
     def total_tokens(self) -> int:
+        """``prompt_tokens + completion_tokens``."""
         return self.prompt_tokens + self.completion_tokens
+
+
+@attrs.frozen
+class TokenLogprob:
+    """One generated token's log-probability, with the most likely alternatives there."""
+
+    token: str
+    """The token's text."""
+    logprob: float
+    """Its natural-log probability (0 is certain)."""
+    top: tuple[tuple[str, float], ...] = ()
+    """(text, logprob) of the most likely tokens at that position, most likely first."""
+    bytes: bytes | None = None
+    """The token's raw bytes when they are not whole UTF-8 (None: ``token`` encoded)."""
 
 
 @attrs.frozen
@@ -323,12 +442,38 @@ class ChatChunk:
     """One piece of a chat answer. The last chunk carries ``finish_reason`` and ``usage``."""
 
     content: str = ""
+    """The next piece of the answer's text (may be empty)."""
     reasoning: str = ""
     """Thinking text of this piece, kept apart from ``content`` (``reasoning_content``)."""
     tool_calls: tuple[ToolCall, ...] = ()
+    """Tool calls made in this piece: whole, or pieces of calls (see ``ToolCall``)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Log-probabilities of the answer tokens this chunk completes, when the request asked
+    for them (``ChatRequest.logprobs``)."""
     finish_reason: str | None = None
     """``stop``, ``length`` or ``tool_calls`` on the last chunk."""
     usage: Usage | None = None
+    """On the last chunk: the tokens the answer took."""
+    stop_sequence: str | None = None
+    """On the last chunk: the stop string (``Sampling.stop``) that ended the answer, when
+    one did (``finish_reason`` is then ``stop``); Anthropic's ``stop_sequence`` reports it."""
+
+
+@attrs.frozen
+class CompletionRequest:
+    """One legacy text completion (``POST /v1/completions``): raw text continued, no chat
+    template, no reasoning split, no tools. Answered with ``ChatChunk`` values (``content``)."""
+
+    prompt: str | tuple[int, ...]
+    """The text to continue, or token ids where the backend accepts them."""
+    sampling: Sampling = Sampling()
+    """Token choice and limits, already validated (``Sampling``)."""
+    suffix: str | None = None
+    """Text after the gap: fill-in-the-middle with the model's FIM tokens."""
+    logprobs: int | None = None
+    """As ``ChatRequest.logprobs``."""
+    model: str = ""
+    """The ``model`` string the client sent."""
 
 
 # --- embeddings ---------------------------------------------------------------------
@@ -336,16 +481,26 @@ class ChatChunk:
 
 @attrs.frozen
 class EmbedRequest:
+    """One ``/v1/embeddings`` call: a batch of inputs, already checked against the
+    server's caps (batch size, input length)."""
+
     inputs: tuple[str | tuple[int, ...], ...] = attrs.field(converter=tuple)
-    """Texts, or token id arrays where the backend accepts them."""
+    """Non-empty texts, or non-empty arrays of non-negative token ids (OpenAI's token
+    input); a backend checks ids against its vocabulary or refuses them (``BadRequest``,
+    ``param="input"``)."""
     model: str = ""
+    """The ``model`` string the client sent."""
 
 
 @attrs.frozen
 class EmbedResult:
+    """The vectors of one ``EmbedRequest``. The server applies ``dimensions`` (truncate and
+    renormalise) and ``encoding_format`` itself."""
+
     vectors: tuple[tuple[float, ...], ...]
     """One L2-normalised vector per input, in input order."""
     prompt_tokens: int
+    """Tokens of all inputs together (reported as ``usage``)."""
 
 
 # --- images -------------------------------------------------------------------------
@@ -353,20 +508,178 @@ class EmbedResult:
 
 @attrs.frozen
 class ImageRequest:
+    """One ``/v1/images/generations`` call, already checked against the server's caps."""
+
     prompt: str
+    """What to draw."""
     n: int = 1
+    """How many images."""
     width: int | None = None
     """None: the model's native resolution (the request named no ``size``)."""
     height: int | None = None
+    """None: the model's native resolution."""
     seed: int | None = None
+    """None: random; the same seed, prompt and settings give the same images."""
     steps: int | None = None
+    """Denoising steps; None: the model's default."""
     guidance_scale: float | None = None
+    """Classifier-free guidance strength; None: the model's default."""
     negative_prompt: str | None = None
+    """What the image should not show."""
     model: str = ""
+    """The ``model`` string the client sent."""
 
 
 @attrs.frozen
 class ImageResult:
+    """The images of one ``ImageRequest``; the server turns them into URLs or base64."""
+
     images: tuple[bytes, ...]
     """PNG files, one per requested image."""
     seed: int | None = None
+    """The seed used, when the backend knows it; for logs and tests (OpenAI's image
+    response has no seed, so clients never see it)."""
+
+
+# --- rerank -------------------------------------------------------------------------
+
+
+@attrs.frozen
+class RerankRequest:
+    """Documents to score against one query, as a backend sees it (already checked)."""
+
+    query: str
+    """The text documents are scored against."""
+    documents: tuple[str, ...] = attrs.field(converter=tuple)
+    """Non-empty texts, in the client's order; scored together in batches, never one by one."""
+    model: str = ""
+    """The model name the client asked for."""
+
+
+@attrs.frozen
+class RerankResult:
+    """One ``RerankRequest``'s scores, as a backend returns them."""
+
+    scores: tuple[float, ...]
+    """One relevance score per document, in document order; higher is more relevant. A
+    cross-encoder returns the sigmoid of its logit (0..1), a bi-encoder the cosine
+    similarity of query and document (-1..1). The core sorts, ties broken by index."""
+    prompt_tokens: int
+    """Tokens the model read, special tokens included."""
+
+
+# --- speech to text -----------------------------------------------------------------
+
+SAMPLE_RATE = 16_000
+"""Samples per second of the audio every transcription backend receives (Whisper's rate)."""
+
+
+@attrs.frozen
+class Audio:
+    """Decoded speech: mono 32-bit float PCM (little-endian) at ``SAMPLE_RATE``.
+
+    The server has already decoded the uploaded file (wav, mp3, flac, ogg, m4a...) and
+    checked its size and duration; a backend never receives a file or a path.
+    ``numpy.frombuffer(audio.samples, "<f4")`` gives the array Whisper runtimes take.
+    """
+
+    samples: bytes = attrs.field(repr=lambda d: f"<{len(d) // 4} samples>")
+    """Little-endian float32 samples in -1..1, one channel."""
+    sample_rate: int = SAMPLE_RATE
+    """Samples per second (always ``SAMPLE_RATE`` from the server)."""
+
+    @property
+    def duration(self) -> float:
+        """Seconds of audio."""
+        return len(self.samples) / 4 / self.sample_rate
+
+
+@attrs.frozen
+class TranscribeRequest:
+    """One transcription (or translation into English), as a backend sees it."""
+
+    audio: Audio
+    """The speech, decoded and checked by the server."""
+    language: str | None = None
+    """ISO 639-1 code of the speech (``en``); None: the model detects it."""
+    prompt: str | None = None
+    """Text that precedes the audio (spellings, style); plain text, never control tokens."""
+    temperature: float = 0.0
+    """0: greedy, falling back to higher temperatures when decoding fails (as OpenAI's
+    Whisper does); above 0: sample at exactly this temperature."""
+    translate: bool = False
+    """True: write the speech as English text (``/v1/audio/translations``)."""
+    word_timestamps: bool = False
+    """True: every segment carries its ``words`` with their times."""
+    model: str = ""
+    """The model name the client asked for."""
+
+
+@attrs.frozen
+class Word:
+    """One word of a segment and when it was spoken (``timestamp_granularities=["word"]``)."""
+
+    word: str
+    """The word as the model wrote it (with its leading space)."""
+    start: float
+    """Seconds from the start of the audio."""
+    end: float
+    """Seconds from the start of the audio."""
+
+
+@attrs.frozen
+class TranscriptSegment:
+    """A stretch of speech and its text, as Whisper's segments (OpenAI's ``verbose_json``)."""
+
+    id: int
+    """The segment's number, from 0 in the order spoken."""
+    start: float
+    """Seconds from the start of the audio."""
+    end: float
+    """Seconds from the start of the audio."""
+    text: str
+    """The text as the model wrote it (Whisper's begins with a space)."""
+    words: tuple[Word, ...] = attrs.field(converter=tuple, default=())
+    """Filled when the request asked for ``word_timestamps``."""
+    seek: int = 0
+    """Offset of the window this segment came from, in 10 ms frames."""
+    tokens: tuple[int, ...] = attrs.field(converter=tuple, default=())
+    """The model's token ids for ``text`` (``verbose_json``)."""
+    temperature: float = 0.0
+    """The temperature the segment was decoded at (higher after a fallback)."""
+    avg_logprob: float = 0.0
+    """Mean log probability of its tokens (``verbose_json``)."""
+    compression_ratio: float = 0.0
+    """gzip compression ratio of ``text`` (high means repetitive output)."""
+    no_speech_prob: float = 0.0
+    """The model's probability that the window holds no speech."""
+
+
+@attrs.frozen
+class TranscriptChunk:
+    """What a transcription backend yields: one chunk per segment as its window is
+    decoded, then a last chunk with ``done=True`` that names the language."""
+
+    segment: TranscriptSegment | None = None
+    """The segment just decoded; None on the last chunk."""
+    done: bool = False
+    """True on the last chunk."""
+    language: str | None = None
+    """ISO 639-1 code of the speech (detected, or the request's); set on the last chunk."""
+
+
+@attrs.frozen
+class Transcript:
+    """A whole transcription: what ``Backend.run_transcribe`` returns."""
+
+    segments: tuple[TranscriptSegment, ...]
+    """Every segment, in the order spoken."""
+    language: str
+    """ISO 639-1 code of the speech."""
+    duration: float
+    """Seconds of audio transcribed."""
+
+    @property
+    def text(self) -> str:
+        """The whole transcript: the segments' text joined, outer spaces trimmed."""
+        return "".join(s.text for s in self.segments).strip()

@@ -14,6 +14,17 @@ from nexa.config import DEFAULT_HOST, DEFAULT_PORT
 DEFAULT_MODEL = "nexa/smollm2-135m-instruct"
 
 
+def aliases(values: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """``--alias NAME=MODEL`` values as pairs; a malformed one stops ``nexa serve``."""
+    pairs = []
+    for value in values or ():
+        name, sep, model = value.partition("=")
+        if not sep or not name.strip() or not model.strip():
+            raise SystemExit(f"--alias {value!r}: use NAME=MODEL (NAME '*' maps every unknown model name)")
+        pairs.append((name.strip(), model.strip()))
+    return tuple(pairs)
+
+
 def server_config(args: argparse.Namespace):
     from nexa.config import ServerConfig
     from nexa.server.app import bind_is_loopback
@@ -34,6 +45,9 @@ def server_config(args: argparse.Namespace):
         keepalive=args.keepalive,
         parallel=args.parallel,
         context_length=args.ctx,
+        aliases=aliases(args.alias),
+        responses_ttl=args.responses_ttl,
+        responses_max=args.responses_max,
         threads=args.threads,
         draft=args.draft,
         cache_type_k=args.cache_type_k,
@@ -47,7 +61,77 @@ def server_config(args: argparse.Namespace):
         max_loaded=args.max_loaded,
         memory_budget=int(args.memory_budget * (1 << 30)) if args.memory_budget else None,
         shutdown_timeout=args.shutdown_timeout,
+        engine=args.engine,
+        engine_options=_engine_options(args),
+        reasoning_format=args.reasoning_format,
+        reasoning_budget=_budget(args.reasoning_budget),
+        **_limits(args.limit or ()),
     )
+
+
+def _budget(value: int) -> int:
+    if value < -1:
+        raise SystemExit(f"--reasoning-budget must be -1 (unlimited), 0 (no thinking) or more; got {value}")
+    return value
+
+
+def _limits(pairs) -> dict[str, int]:
+    """``--limit NAME=VALUE`` pairs as ServerConfig fields (the caps in docs/reliability.md)."""
+    from nexa.config import LIMITS, LOWER_ONLY, ServerConfig
+
+    limits: dict[str, int] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in LIMITS:
+            raise SystemExit(f"--limit {pair!r}: use NAME=VALUE with NAME one of: {', '.join(LIMITS)}")
+        try:
+            number = int(value.strip().replace("_", ""))
+        except ValueError:
+            raise SystemExit(f"--limit {pair!r}: the value must be a whole number") from None
+        if number < 1:
+            raise SystemExit(f"--limit {pair!r}: the value must be at least 1")
+        default = getattr(ServerConfig(), name)
+        if name in LOWER_ONLY and number > default:
+            raise SystemExit(f"--limit {pair!r}: {name} can only be lowered (at most {default})")
+        limits[name] = number
+    return limits
+
+
+def _per_model(values: list[str] | None, flag: str, parse) -> dict[str, object]:
+    """``[MODEL=]VALUE`` flags to ``{MODEL or "": parsed VALUE}`` ("" is every model)."""
+    out: dict[str, object] = {}
+    for value in values or ():
+        model, sep, rest = value.partition("=")
+        if not sep or model.lstrip().startswith("{"):
+            model, rest = "", value
+        try:
+            out[model.strip()] = parse(rest.strip())
+        except ValueError as exc:
+            raise SystemExit(f"{flag} {value!r}: {exc}") from None
+    return out
+
+
+def _replica_count(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise ValueError("a model needs at least 1 replica")
+    return n
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, object]:
+    """The engine flags of ``nexa serve``; refused without an engine that reads them."""
+    options: dict[str, object] = {}
+    if args.replicas:
+        options["replicas"] = _per_model(args.replicas, "--replicas", _replica_count)
+    if args.placement:
+        options["placement"] = _per_model(args.placement, "--placement", str)
+    if args.ray_address:
+        options["address"] = args.ray_address
+    if options and args.engine in (None, "local"):
+        raise SystemExit("--replicas, --placement and --ray-address need an engine that runs replicas "
+                         "(e.g. --engine ray)")
+    return options
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -121,11 +205,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                 request = ChatRequest(messages=history, sampling=Sampling(
                     max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed))
                 answer = []
+                thinking = False
                 async with manager.acquire(args.model, Task.CHAT) as backend:
                     async for chunk in backend.stream_answer(request):
-                        print(chunk.content, end="", flush=True)
-                        answer.append(chunk.content)
-                print(flush=True)
+                        if chunk.reasoning:
+                            # A thinking model's thought, dimmed on a terminal, before the answer.
+                            if not thinking and interactive:
+                                print("\033[2m", end="")
+                            thinking = True
+                            print(chunk.reasoning, end="", flush=True)
+                        if chunk.content:
+                            if thinking:
+                                print("\033[0m\n" if interactive else "\n", end="")
+                                thinking = False
+                            print(chunk.content, end="", flush=True)
+                            answer.append(chunk.content)
+                print("\033[0m" if thinking and interactive else "", flush=True)
                 history.append(ChatMessage("assistant", "".join(answer)))
         finally:
             await manager.shutdown()
@@ -185,7 +280,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--media-dir", action="append", help="folder local image paths may come from (repeatable)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--limit", action="append", metavar="NAME=VALUE",
+                   help="change a per-request cap, e.g. max_messages=10000 (repeatable; names in docs/reliability.md)")
+    p.add_argument("--alias", action="append", metavar="NAME=MODEL",
+                   help="serve MODEL when a client asks for NAME (repeatable; NAME '*' catches every unknown name)")
+    p.add_argument("--responses-ttl", type=float, default=30 * 24 * 3600.0,
+                   help="seconds a stored /v1/responses answer is kept (default 30 days)")
+    p.add_argument("--responses-max", type=int, default=10_000, help="stored /v1/responses answers kept at most")
+    p.add_argument("--reasoning-format", choices=["separate", "inline", "hidden"], default="separate",
+                   help="a thinking model's reasoning: in reasoning_content (separate), left in content "
+                        "(inline) or dropped (hidden); a request's reasoning_format overrides it")
+    p.add_argument("--reasoning-budget", type=int, default=-1,
+                   help="thinking tokens before the thought is closed (-1: unlimited, 0: no thinking); "
+                        "a request's switches override it")
     p.add_argument("--verbose", action="store_true", help="log every request")
+    p.add_argument("--engine", default=None,
+                   help="where models run: local (this process, the default) or an engine plugin (ray)")
+    p.add_argument("--replicas", action="append", metavar="[MODEL=]N",
+                   help="replicas of every model, or of MODEL (repeatable); with --engine ray")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster to use with --engine ray (default: RAY_ADDRESS, else a new "
+                        "local one on 127.0.0.1)")
+    p.add_argument("--placement", action="append", metavar="[MODEL=]JSON",
+                   help="what each replica of every model, or of MODEL, asks the cluster for "
+                        "(repeatable); with --engine ray, Ray actor options: num_cpus, num_gpus, "
+                        "memory, resources, label_selector")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="chat with a model in the terminal")

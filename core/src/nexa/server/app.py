@@ -3,8 +3,8 @@
 ``create_app`` builds the server's resources (store, registry, model manager, metrics,
 generated-image files), hands them to route handlers by dependency injection (a handler
 names ``manager: ModelManager`` and gets it), starts and stops the manager in the app's
-lifespan, and wires the guard (``security``), the metrics middleware (``middleware``)
-and the error mapping (``errors``). The routes live in ``nexa.server.routes``.
+lifespan, and wires the guard (``security``), the strict body decoder (``body``), the
+metrics middleware (``middleware``) and the error mapping (``errors``). The routes live in ``nexa.server.routes``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ from nexa.manager import ModelManager
 from nexa.metrics import Metrics
 from nexa.plugins import PluginSet, load_plugins
 from nexa.registry import BackendRegistry
+from nexa.server.anthropic_errors import with_anthropic_shape
+from nexa.server.body import NexaRequest
 from nexa.server.errors import EXCEPTION_HANDLERS
 from nexa.server.images import ImageFiles
 from nexa.server.middleware import metrics_middleware
+from nexa.server.responses_store import ResponseStore
 from nexa.server.routes import ROUTES
 from nexa.server.security import bind_is_loopback, make_guard
 from nexa.store import ModelStore
@@ -64,14 +67,20 @@ def create_app(
     metrics = Metrics()
     manager = ModelManager(store, registry, device, config, metrics)
     images = ImageFiles(store.home / "images", config.image_ttl, config.image_store_bytes)
+    responses = ResponseStore(store.home / "responses.db", ttl=config.responses_ttl,
+                              max_count=config.responses_max, api_key=config.api_key)
     resources: dict[str, Any] = {
         "config": config,
-        "store": store,
+        # Not "store": Litestar reports a request-body field that fails validation as a
+        # server error when its name is a dependency's, and the Responses API has a
+        # ``store`` field.
+        "model_store": store,
         "plugins": plugins,
         "registry": registry,
         "manager": manager,
         "metrics": metrics,
         "images": images,
+        "responses": responses,
     }
 
     @asynccontextmanager
@@ -92,6 +101,7 @@ def create_app(
             if preload is not None:
                 preload.cancel()
             await manager.shutdown()
+            await responses.close()
 
     cors = CORSConfig(allow_origins=list(config.origins), allow_headers=["*"]) if config.origins else None
     return Litestar(
@@ -100,8 +110,10 @@ def create_app(
         # Also on app.state, for tests and tools that inspect a running server.
         state=State(resources),
         lifespan=[lifespan],
-        before_request=make_guard(config),
-        exception_handlers=EXCEPTION_HANDLERS,
+        # A guard, not before_request: app guards add to those of routes, never replaced.
+        guards=[make_guard(config)],
+        request_class=NexaRequest,
+        exception_handlers=with_anthropic_shape(EXCEPTION_HANDLERS),
         cors_config=cors,
         middleware=[metrics_middleware(metrics)],
         request_max_body_size=config.max_body_bytes,

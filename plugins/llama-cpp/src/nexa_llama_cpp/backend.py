@@ -35,7 +35,7 @@ from nexa_llama_cpp.chat_template import ChatTemplate
 from nexa_llama_cpp.chunker import AnswerChunker
 from nexa_llama_cpp.engine import kv_types
 from nexa_llama_cpp.prompt import ChatPlan, PromptBuilder, fit_context
-from nexa_llama_cpp.runtime import GgufBackend
+from nexa_llama_cpp.runtime import GgufBackend, special_texts
 
 if TYPE_CHECKING:
     import llama_cpp
@@ -332,22 +332,6 @@ class LlamaCppBackend(GgufBackend):
             BackendMetric(name, getattr(stats, field), kind, text)
             for name, field, kind, text in _ENGINE_METRICS
         ]
-
-
-def special_texts(llama: Any) -> list[str]:
-    """The texts of the vocabulary's control and unknown tokens: what llama.cpp parses as
-    special only when asked to (user-defined tokens it matches in plain text too)."""
-    import llama_cpp
-
-    vocab = llama._model.vocab
-    wanted = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
-    out = []
-    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
-        if llama_cpp.llama_vocab_get_attr(vocab, token) & wanted:
-            text = llama_cpp.llama_vocab_get_text(vocab, token)
-            if text:
-                out.append(text.decode("utf-8", "replace"))
-    return out
 
 
 # (metric name, EngineStats field, kind, help) exported as nexa_backend_<name>.

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from nexa.backend import Backend, CancelToken
 from nexa.errors import BadRequest, ContextLengthExceeded, ModelLoadError
+from nexa.text import head_tokens
 from nexa.types import Device, EmbedRequest, EmbedResult, Manifest, Task
 
 logger = logging.getLogger("nexa.sentence_transformers")
@@ -31,21 +32,71 @@ ENCODER_ARCHITECTURES = (
 DEFAULT_BATCH_SIZE = 32
 
 
-def _torch_device(device: Device) -> str:
+def torch_device(device: Device) -> str:
     return {"cuda": "cuda", "metal": "mps"}.get(device.kind, "cpu")
 
 
-class SentenceTransformersBackend(Backend):
-    """Embeddings with sentence-transformers, one batch at a time per loaded model."""
+class TorchModelBackend(Backend):
+    """What the plugin's backends share: a sentence-transformers model (an embedding model
+    or a cross-encoder) loaded from its local folder onto the device, freed on close."""
 
     name: ClassVar[str] = "sentence-transformers"
-    tasks: ClassVar[frozenset[Task]] = frozenset({Task.EMBED})
     formats: ClassVar[frozenset[str]] = frozenset({"sentence-transformers", "safetensors"})
     devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda", "metal"})
     # torch already spreads one batch over every core; a second worker would only
     # compete for them. Requests queue and each runs as one batch.
     parallel = 1
     priority: ClassVar[int] = 0
+
+    def __init__(self, manifest: Manifest, device: Device, options: Any = None):
+        super().__init__(manifest, device, options)
+        self.model: Any = None
+        self.max_tokens: int | None = None
+
+    def _load(self, model_class: str, kind: str) -> Any:
+        """``sentence_transformers.<model_class>`` from the manifest's folder, local files only."""
+        if self.manifest.root is None:
+            raise ModelLoadError(f"model {self.manifest.name!r} has no folder on disk")
+        import sentence_transformers
+        import torch
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        started = time.monotonic()
+        try:
+            # local_files_only: a model in the store is complete; never ask a hub.
+            # trust_remote_code stays off: a model folder must not run code it carries.
+            model = getattr(sentence_transformers, model_class)(
+                str(self.manifest.root),
+                device=torch_device(self.device),
+                local_files_only=True,
+                trust_remote_code=False,
+            )
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not load {kind} {self.manifest.name!r}: {type(exc).__name__}: {str(exc)[:500]}"
+            ) from exc
+        model.eval()
+        self.max_tokens = model.max_seq_length
+        logger.info("loaded %s %s on %s in %.1fs (window %s tokens)", kind, self.manifest.name,
+                    torch_device(self.device), time.monotonic() - started, self.max_tokens)
+        return model
+
+    def close(self) -> None:
+        model, self.model = self.model, None
+        del model
+        if self.device.kind == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+class SentenceTransformersBackend(TorchModelBackend):
+    """Embeddings with sentence-transformers, one batch at a time per loaded model."""
+
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.EMBED})
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -61,8 +112,6 @@ class SentenceTransformersBackend(Backend):
 
     def __init__(self, manifest: Manifest, device: Device, options: Any = None):
         super().__init__(manifest, device, options)
-        self.model: Any = None
-        self.max_tokens: int | None = None
         self.batch_size = int(self.options.extra.get("embed_batch_size", DEFAULT_BATCH_SIZE))
         # Opt-in only: silently embedding the first N tokens of a long document gives a
         # vector for text the client never meant; OpenAI and TEI refuse instead.
@@ -71,46 +120,8 @@ class SentenceTransformersBackend(Backend):
         )
 
     def load(self) -> None:
-        if self.manifest.root is None:
-            raise ModelLoadError(f"model {self.manifest.name!r} has no folder on disk")
-        import torch
-        from sentence_transformers import SentenceTransformer
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-        if self.options.threads:
-            torch.set_num_threads(self.options.threads)
-        started = time.monotonic()
-        try:
-            # local_files_only: a model in the store is complete; never ask a hub.
-            # trust_remote_code stays off: a model folder must not run code it carries.
-            model = SentenceTransformer(
-                str(self.manifest.root),
-                device=_torch_device(self.device),
-                local_files_only=True,
-                trust_remote_code=False,
-            )
-        except Exception as exc:
-            raise ModelLoadError(
-                f"could not load embedding model {self.manifest.name!r}: "
-                f"{type(exc).__name__}: {str(exc)[:500]}"
-            ) from exc
-        model.eval()
-        self.model = model
-        self.max_tokens = model.max_seq_length
-        logger.info(
-            "loaded %s on %s in %.1fs (dimension %s, window %s tokens)",
-            self.manifest.name, _torch_device(self.device), time.monotonic() - started,
-            model.get_embedding_dimension(), self.max_tokens,
-        )
-
-    def close(self) -> None:
-        model, self.model = self.model, None
-        del model
-        if self.device.kind == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
+        self.model = self._load("SentenceTransformer", "embedding model")
+        logger.info("%s embeds %s dimensions", self.manifest.name, self.model.get_embedding_dimension())
 
     def embed(self, request: EmbedRequest, cancel: CancelToken) -> EmbedResult:
         if self.model is None:
@@ -118,7 +129,7 @@ class SentenceTransformersBackend(Backend):
         if not request.inputs:
             raise BadRequest("input must not be empty", param="input")
         texts = [self._as_text(i, item) for i, item in enumerate(request.inputs)]
-        prompt_tokens = self._count_tokens(texts)
+        texts, prompt_tokens = self._fit_window(texts, cancel)
         import torch
 
         vectors: list[tuple[float, ...]] = []
@@ -156,26 +167,37 @@ class SentenceTransformersBackend(Backend):
             raise BadRequest(f"input[{index}] is an empty token list", param="input")
         return tokenizer.decode(list(item), skip_special_tokens=True)
 
-    def _count_tokens(self, texts: list[str]) -> int:
-        """Tokens the model sees, special tokens included; refuse inputs past the window."""
+    def _fit_window(self, texts: list[str], cancel: CancelToken) -> tuple[list[str], int]:
+        """The texts to encode and the tokens the model sees (special tokens included).
+
+        One text at a time, stopping at the first one past the window (refused unless
+        ``truncate``): a batch of long texts is not tokenized in full just to be refused,
+        and a long text is only tokenized as far as it takes to know (``head_tokens``).
+        """
         tokenizer = self.model.tokenizer
         limit = self.max_tokens
+
+        def tokenize(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=True)["input_ids"]
+
         if limit is None:
-            return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
-        # Tokenizing one past the window is enough to tell "too long", and keeps a
-        # 100k-character input from being tokenized in full just to be refused.
-        encoded = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=limit + 1)
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-        if not self.truncate:
-            for index, length in enumerate(lengths):
-                if length > limit:
-                    raise ContextLengthExceeded(
-                        f"input[{index}] is longer than {limit} tokens, the most model "
-                        f"{self.manifest.name!r} embeds per input; split the text into smaller "
-                        "chunks",
-                        param="input",
-                    )
-        return sum(min(length, limit) for length in lengths)
+            return texts, sum(len(tokenize(text)) for text in texts)
+        fitted: list[str] = []
+        total = 0
+        for index, text in enumerate(texts):
+            if index % 64 == 0:
+                cancel.raise_if_cancelled()
+            ids, end = head_tokens(tokenize, text, limit)
+            if len(ids) > limit and not self.truncate:
+                raise ContextLengthExceeded(
+                    f"input[{index}] is longer than {limit} tokens, the most model "
+                    f"{self.manifest.name!r} embeds per input; split the text into smaller chunks",
+                    param="input",
+                )
+            # Truncating: encode only the prefix already known to hold the window.
+            fitted.append(text[:end])
+            total += min(len(ids), limit)
+        return fitted, total
 
 
 def _architectures(manifest: Manifest) -> list[str]:

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from nexa.server.routes.audio import AudioController
 from nexa.server.routes.chat import ChatController
+from nexa.server.routes.completions import CompletionsController
 from nexa.server.routes.embeddings import EmbeddingsController
 from nexa.server.routes.images import ImagesController
+from nexa.server.routes.messages import MessagesController
 from nexa.server.routes.models import ModelsController, health, metrics_endpoint, plugins_report
+from nexa.server.routes.rerank import rerank
+from nexa.server.routes.responses import ResponsesController
 
 ROUTES = [
     ChatController,
+    CompletionsController,
     EmbeddingsController,
     ImagesController,
+    MessagesController,
+    ResponsesController,
+    rerank,
+    AudioController,
     ModelsController,
     health,
     plugins_report,
