@@ -8,7 +8,7 @@ from __future__ import annotations
 from conftest import CHAT
 
 from nexa.types import Sampling
-from nexa_llama_cpp.engine import BatchEngine, Finished, GenerationRequest, TextPiece
+from nexa_llama_cpp.engine import BatchEngine, Finished, GenerationRequest, TextPiece, warmup
 from nexa_llama_cpp.engine.threads import generation_shape
 
 
@@ -44,3 +44,18 @@ def test_the_engine_warms_up_at_load_and_leaves_the_cache_empty(model_sources):
         assert cold._governor.usual(2, generation_shape(1, 1, 2)) is None
         cold_text, _ = answer(cold)
     assert warm_text == cold_text
+
+
+def test_past_its_budget_the_warm_up_only_warms(model_sources, monkeypatch):
+    # A machine whose cores are taken makes every decode slow: the timed decodes stop at
+    # the budget (here none fit), the model is still warmed, and the engine times its own
+    # steps from the first request on.
+    monkeypatch.setattr(warmup, "BUDGET", 0.0)
+    with BatchEngine(model_sources[CHAT], n_seq=2, n_ctx=256, n_threads=2, adaptive_threads=True) as engine:
+        assert engine.warmup_seconds > 0
+        one_row = generation_shape(1, 1, 2)
+        assert engine._governor.usual(2, one_row) is None and engine._governor.usual(1, one_row) is None
+        assert engine._spec is not None and engine._spec.costs.seconds(2, 1, 4) is None
+        _text, end = answer(engine)
+        assert end.cached_tokens == 0 and end.completion_tokens > 0
+        assert engine.stats().decode_steps > 0

@@ -4,8 +4,10 @@ As llama.cpp's own server does, a short decode runs before the engine takes requ
 the weights are paged in and the compute buffers and graph are made at load, not inside
 the first request. The same decodes time the shapes the engine's choices start from: one
 row at every thread count the ``ThreadGovernor`` may use (what it compares a step
-against), and a few rows at once (what a speculative step costs, ``StepCosts``). The
-cache is empty again afterwards.
+against), and a few rows at once (what a speculative step costs, ``StepCosts``), while
+they fit in ``BUDGET``: on a machine whose cores are taken by other work an all-core
+decode can take seconds, and the timings are only a head start (the engine measures
+every step anyway). The cache is empty again afterwards.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ ROUNDS = 2
 """Timed decodes per shape (the fastest counts)."""
 DRAFT_ROWS = (2, 4, 8)
 """Rows of one sequence timed for the cost of a speculative step."""
+BUDGET = 2.0
+"""Seconds the timed decodes may take in all (each started only within it)."""
 
 
 def warm_up(
@@ -30,9 +34,11 @@ def warm_up(
     governor: ThreadGovernor,
     capacity: int,
     step_cost: Callable[[int, int, int, float], None] | None = None,
+    budget: float | None = None,
 ) -> float:
     """Run the warm-up decodes on sequence 0 (at most ``capacity`` rows, the batch's size)
-    and clear the cache; returns the seconds taken."""
+    and clear the cache; returns the seconds taken. ``budget``: seconds for the timed
+    decodes (default ``BUDGET``)."""
     L = lib
     started = time.perf_counter()
     memory = L.llama_get_memory(ctx)
@@ -53,11 +59,18 @@ def warm_up(
 
     try:
         decode(first, 0)
+        timed_until = time.perf_counter() + (BUDGET if budget is None else budget)
+
+        def in_budget() -> bool:
+            return time.perf_counter() < timed_until
+
         pos = len(first)
         counts = [governor.most] + ([governor.most - 1] if governor.adaptive and governor.most > 1 else [])
         filler = first[-1]
         for _ in range(ROUNDS):
             for threads in counts:
+                if not in_budget():
+                    break
                 governor.use(threads)
                 seconds = decode([filler], pos)
                 L.llama_memory_seq_rm(memory, 0, pos, -1)
@@ -67,7 +80,7 @@ def warm_up(
             if step_cost is not None:
                 governor.use(governor.most)
                 for rows in DRAFT_ROWS:
-                    if rows > capacity:
+                    if rows > capacity or not in_budget():
                         break
                     seconds = decode([filler] * rows, pos)
                     L.llama_memory_seq_rm(memory, 0, pos, -1)
