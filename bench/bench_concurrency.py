@@ -39,6 +39,8 @@ from pathlib import Path
 import attrs
 from common import (
     PROMPTS,
+    add_llama_server_option,
+    check_llama_server,
     free_port,
     load_average,
     machine,
@@ -205,10 +207,11 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--levels", default="1,2,4,8")
     parser.add_argument("--targets", help="comma-separated (default: all; llama-server when --llama-server)")
-    parser.add_argument("--llama-server", help="path to llama.cpp's llama-server binary, adds that target")
+    add_llama_server_option(parser, required=False, what="adds that target")
     parser.add_argument("--gpu", choices=["cuda", "metal"], default=None,
                         help="offload every layer to this GPU on every server (default: CPU only)")
     args = parser.parse_args()
+    check_llama_server(args)
     if args.targets is None:
         args.targets = ",".join(t for t in TARGETS if t != "llama-server" or args.llama_server)
     if "llama-server" in args.targets and not args.llama_server:

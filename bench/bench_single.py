@@ -35,7 +35,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PROMPTS, load_average, machine, resolve_model, start_llama_server, start_nexa, stop
+from common import (
+    PROMPTS,
+    add_llama_server_option,
+    check_llama_server,
+    load_average,
+    machine,
+    resolve_model,
+    start_llama_server,
+    start_nexa,
+    stop,
+)
 
 
 def messages(i: int) -> list[dict[str, str]]:
@@ -142,11 +152,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=12)
     parser.add_argument("--ctx", type=int, default=4096)
-    parser.add_argument("--llama-server", help="path to llama.cpp's llama-server binary: adds that path")
+    add_llama_server_option(parser, required=False, what="adds that path")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds of quiet before each measured request")
     parser.add_argument("--gpu", choices=["cuda", "metal"], default=None,
                         help="offload every layer to this GPU on every path (default: CPU only)")
     args = parser.parse_args()
+    check_llama_server(args)
 
     import llama_cpp
     import openai

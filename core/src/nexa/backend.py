@@ -80,6 +80,14 @@ class LoadOptions:
     """Override of the backend's ``parallel`` (``nexa serve --parallel``)."""
     threads: int | None = None
     """CPU threads for inference; None lets the backend choose."""
+    draft: Manifest | str | None = None
+    """Speculative decoding (``nexa serve --draft``): a draft model's manifest, or a
+    backend's own word for a kind of drafting (llama.cpp: ``lookup``, ``off``); None
+    lets the backend choose."""
+    cache_type_k: str | None = None
+    """Data type of the KV cache's keys (``--cache-type-k``: llama.cpp's names, f16, q8_0...)."""
+    cache_type_v: str | None = None
+    """...and of its values (``--cache-type-v``)."""
     extra: Mapping[str, Any] = attrs.field(factory=dict)
     """Backend-specific settings by name, for scripts and tests that build a backend
     themselves (the server sets none): ``dtype`` (diffusers), ``truncate``
@@ -104,6 +112,10 @@ class Backend:
     (``nexa serve --parallel`` overrides it through ``LoadOptions.parallel``)."""
     priority: ClassVar[int] = 0
     """Higher wins when several backends support a model."""
+    load_settings: ClassVar[frozenset[str]] = frozenset()
+    """The optional ``LoadOptions`` fields this backend honours (``draft``,
+    ``cache_type_k``, ``cache_type_v``); the server drops the others, with a warning, before
+    they reach it."""
     stops_natively: ClassVar[bool] = False
     """True when ``chat`` itself ends the answer at ``request.sampling.stop`` strings (with
     ``nexa.text.StopHoldBack``), stopping generation at once and counting tokens exactly.
@@ -177,6 +189,11 @@ class Backend:
     def generate_images(self, request: ImageRequest, cancel: CancelToken) -> ImageResult:
         """Return ``request.n`` PNG images."""
         raise UnsupportedTask(f"model {self.manifest.name!r} does not generate images")
+
+    def runtime_info(self) -> Mapping[str, Any]:
+        """What this loaded model runs with (threads, cache sizes...), shown with the model
+        in ``GET /v1/models``. Called on the event loop: numbers at hand, JSON values only."""
+        return {}
 
     def count_prompt_tokens(self, request: ChatRequest) -> int:
         """How many tokens ``request`` is as a prompt: its messages and tools rendered with

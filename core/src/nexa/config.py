@@ -10,6 +10,8 @@ import attrs
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 18181
+DRAFT_WORDS = ("lookup", "off")
+"""``--draft`` values that name a kind of drafting rather than a draft model."""
 CATCH_ALL_ALIAS = "*"
 
 
@@ -56,6 +58,13 @@ class ServerConfig:
     responses_max: int = 10_000
     """Stored responses kept at most; the oldest go first (``--responses-max``)."""
     threads: int | None = None
+    """CPU threads per model (``--threads``); None: the backend's own (adaptive) choice."""
+    draft: str | None = None
+    """Speculative decoding for the model named at start (``--draft``): a draft model's
+    name, or ``lookup``/``off``; None: the backend's default."""
+    cache_type_k: str | None = None
+    """KV-cache data types (``--cache-type-k/-v``) for the models that have one."""
+    cache_type_v: str | None = None
     queue_size: int = 64
     """Requests that may wait per model; beyond that, 503 with Retry-After."""
     request_timeout: float = 600.0

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 import attrs
 
 from nexa.backend import Backend, LoadOptions
-from nexa.config import CATCH_ALL_ALIAS, ServerConfig
+from nexa.config import CATCH_ALL_ALIAS, DRAFT_WORDS, ServerConfig
 from nexa.engine import create_engine
 from nexa.errors import Busy, ModelLoadError, ModelNotFound, NexaError, UnsupportedTask
 from nexa.metrics import BackendCollector, Metrics
@@ -169,6 +169,7 @@ class ModelManager:
             context_length=self.config.context_length,
             parallel=self.config.parallel,
             threads=self.config.threads,
+            **self._optional_settings(manifest, cls),
         )
         if self.engine is None:
             backend = cls(manifest, self.device, options)
@@ -184,6 +185,29 @@ class ModelManager:
         self._models[key] = entry
         loop.create_task(self._load(key, entry), name=f"load {manifest.name}")
         return entry
+
+    def _optional_settings(self, manifest: Manifest, cls: type[Backend]) -> dict[str, object]:
+        """``--draft`` and ``--cache-type-k/-v`` for a backend that honours them; a warning
+        (not a silent drop) for one that does not."""
+        wanted = {
+            "draft": self._draft_for(manifest),
+            "cache_type_k": self.config.cache_type_k,
+            "cache_type_v": self.config.cache_type_v,
+        }
+        given = {k: v for k, v in wanted.items() if v is not None}
+        ignored = sorted(set(given) - cls.load_settings)
+        if ignored:
+            log.warning("%s runs on %s, which has no %s: the setting does not apply to it",
+                        manifest.name, cls.name, ", ".join("--" + k.replace("_", "-") for k in ignored))
+        return {k: v for k, v in given.items() if k in cls.load_settings}
+
+    def _draft_for(self, manifest: Manifest) -> Manifest | str | None:
+        """``--draft``: a draft model pairs with the model named at start (its vocabulary
+        is that model's); lookup/off apply to every model."""
+        draft = self.config.draft
+        if draft is None or draft in DRAFT_WORDS:
+            return draft
+        return self.store.get(draft) if manifest.name == self.config.default_model else None
 
     async def _load(self, key: tuple[str, str], entry: LoadedModel) -> None:
         name = entry.manifest.name

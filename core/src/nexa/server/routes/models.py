@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from litestar import Controller, Response, get
 from litestar.params import FromPath
@@ -29,6 +30,10 @@ def served_tasks(manifest: Manifest) -> list[str]:
 def model_card(manager: Manager, manifest: Manifest) -> wire.ModelCard:
     loaded = {e.manifest.name for e in manager.loaded()}
     plan = next((p for e in manager.loaded() if e.manifest.name == manifest.name and (p := _context_plan(e))), None)
+    runtime: dict[str, Any] | None = None
+    for entry in manager.loaded():
+        if entry.manifest.name == manifest.name and entry.ready.done() and not entry.ready.cancelled() and entry.ready.exception() is None:
+            runtime = {**(runtime or {}), **entry.backend.runtime_info()}
     owner = manifest.name.split("/", 1)[0] if "/" in manifest.name else "local"
     created = 0
     if manifest.root is not None:
@@ -45,6 +50,7 @@ def model_card(manager: Manager, manifest: Manifest) -> wire.ModelCard:
         loaded=manifest.name in loaded,
         context_length=plan.length if plan else None,
         context_reason=plan.reason if plan else None,
+        runtime=runtime,
     )
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nexa.errors import ModelLoadError
+from nexa_llama_cpp.engine.kv_types import DEFAULT_KV_TYPE, KV_TYPES, KvType, check_head_sizes
 from nexa_llama_cpp.native import PrefillAbort, route_native_logs
 
 
@@ -35,6 +36,8 @@ class EngineContext:
         kv_unified: bool,
         op_offload: bool,
         flash_attn: bool,
+        type_k: KvType | None = None,
+        type_v: KvType | None = None,
     ) -> None:
         import llama_cpp.llama_cpp as L  # heavy: only on the engine thread
         from llama_cpp._logger import logger as native_log
@@ -62,6 +65,9 @@ class EngineContext:
                     raise ModelLoadError(f"llama.cpp could not load {model_path}")
             self.vocab = L.llama_model_get_vocab(self.model)
             self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+            type_k = type_k or KV_TYPES[DEFAULT_KV_TYPE]
+            type_v = type_v or KV_TYPES[DEFAULT_KV_TYPE]
+            check_head_sizes(L, self.model, type_k, type_v)
 
             cparams = L.llama_context_default_params()
             cparams.n_ctx = kv_size
@@ -74,6 +80,8 @@ class EngineContext:
             cparams.op_offload = op_offload
             cparams.no_perf = True
             cparams.flash_attn_type = 1 if flash_attn else 0
+            cparams.type_k = type_k.ggml_type
+            cparams.type_v = type_v.ggml_type
             self.ctx = L.llama_init_from_model(self.model, cparams)
             if not self.ctx:
                 raise ModelLoadError("llama.cpp could not create a context (out of memory?)")

@@ -5,15 +5,19 @@ weights (no second load), created when the first embedding job arrives and grown
 longer input comes. The engine thread runs its jobs between decode steps, so an embedding
 never waits for the running chats to end and never races the chat context. Pooling is the
 model's own (``pooling_type`` in the GGUF, or the engine's ``embed_pooling``); a chat model
-that declares none is mean-pooled.
+that declares none is mean-pooled. ``EmbeddingJobs`` is the engine's side of it: the
+``embed``/``aembed`` calls and running a job on the engine thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import queue
+from collections.abc import Sequence
 from typing import Any
 
-from nexa.errors import Cancelled
-from nexa_llama_cpp.engine.records import EmbedJob
+from nexa.errors import BadRequest, Cancelled
+from nexa_llama_cpp.engine.records import Control, EmbedJob
 
 
 class EmbeddingContext:
@@ -37,6 +41,13 @@ class EmbeddingContext:
         self._pooling = pooling
         self._ctx: Any = None
         self._n_ctx = 0
+
+    def use_threads(self, n: int) -> None:
+        """Decode with ``n`` threads from now on (the engine's current count)."""
+        if n != self._n_threads:
+            self._n_threads = self._n_threads_batch = n
+            if self._ctx is not None:
+                self._L.llama_set_n_threads(self._ctx, n, n)
 
     def run(self, job: EmbedJob) -> list[list[float]]:
         """One vector per input of ``job`` (raises ``Cancelled`` between inputs)."""
@@ -112,3 +123,81 @@ class EmbeddingContext:
             self._L.llama_free(self._ctx)
             self._ctx = None
             self._n_ctx = 0
+
+
+class EmbeddingJobs:
+    """``BatchEngine``'s embedding calls (a mixin: the engine owns the queue and the thread)."""
+
+    _embedder: EmbeddingContext | None
+    _embed_inbox: Any
+    _cv: Any
+    _closing: bool
+    _counters: dict[str, int]
+    n_ctx: int
+    n_vocab: int
+    threads: int
+
+    def embed(
+        self, inputs: Sequence[Sequence[int]], *, normalize: bool = True, cancel: Any = None
+    ) -> list[list[float]]:
+        """Pooled embeddings of token sequences, computed on the engine thread between
+        decode steps (ahead of waiting generations), so they never wait for chats to end."""
+        result: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._submit_embed(inputs, normalize, result.put, Control(cancel))
+        value = result.get()
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    async def aembed(
+        self, inputs: Sequence[Sequence[int]], *, normalize: bool = True, cancel: Any = None
+    ) -> list[list[float]]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def done(value: Any) -> None:
+            def settle() -> None:
+                if future.done():
+                    return
+                if isinstance(value, BaseException):
+                    future.set_exception(value)
+                else:
+                    future.set_result(value)
+
+            loop.call_soon_threadsafe(settle)
+
+        control = Control(cancel)
+        self._submit_embed(inputs, normalize, done, control)
+        try:
+            return await future
+        finally:
+            control.close()
+
+    def _submit_embed(self, inputs: Sequence[Sequence[int]], normalize: bool, done: Any, control: Control) -> None:
+        self._open()
+        token_lists = [list(t) for t in inputs]
+        for tokens in token_lists:
+            if not tokens:
+                raise BadRequest("an input is empty", param="input")
+            if len(tokens) > self.n_ctx:
+                raise ValueError(f"an input has {len(tokens)} tokens; this engine takes at most {self.n_ctx}")
+            if min(tokens) < 0 or max(tokens) >= self.n_vocab:
+                raise BadRequest("input token id out of the vocabulary's range", param="input")
+        job = EmbedJob(inputs=token_lists, normalize=normalize, done=done, control=control)
+        with self._cv:
+            if self._closing:
+                raise Cancelled()
+            self._embed_inbox.append(job)
+            self._cv.notify_all()
+
+    def _run_embed(self, job: EmbedJob) -> None:
+        if job.control.done():
+            job.done(Cancelled())
+            return
+        assert self._embedder is not None
+        try:
+            self._embedder.use_threads(self.threads)
+            job.done(self._embedder.run(job))
+            self._counters["embed_requests"] += 1
+        except BaseException as exc:
+            job.done(exc)

@@ -112,6 +112,21 @@ class EngineStats:
     embed_requests: int
     sequences_moved: int
     """Running sequences moved to a lower id to keep the ids contiguous."""
+    tokens_drafted: int = 0
+    """Guessed tokens checked by speculative decoding."""
+    tokens_accepted: int = 0
+    """Guessed tokens that were right (each one a decode step saved)."""
+    threads: int = 0
+    """CPU threads the engine decodes with now."""
+    threads_most: int = 0
+    """The most it uses (the adaptive count's ceiling, or ``--threads``)."""
+    threads_given_back: int = 0
+    """Times the engine decoded with one thread fewer because steps had slowed (contention)."""
+
+    @property
+    def draft_acceptance(self) -> float:
+        """Share of guessed tokens that were right (0 before any)."""
+        return self.tokens_accepted / self.tokens_drafted if self.tokens_drafted else 0.0
 
 
 COUNTERS = (
@@ -124,6 +139,8 @@ COUNTERS = (
     "decode_steps",
     "embed_requests",
     "sequences_moved",
+    "tokens_drafted",
+    "tokens_accepted",
 )
 """The ``EngineStats`` fields the engine thread counts up."""
 
@@ -203,8 +220,10 @@ class Running:
     n_unreported: int = 0
     """Generated tokens not yet counted in a TextPiece."""
     i_batch: int = -1
-    """Index of this sequence's output row in the current batch, -1 when none."""
+    """Index of this sequence's (first) output row in the current batch, -1 when none."""
     decoder: Any = attrs.field(factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    drafts: Any = None
+    """Its speculative-decoding record (``engine.speculative.DraftStats``), once it generates."""
 
 
 @attrs.define(eq=False)

@@ -7,6 +7,9 @@ of that thread's loop puts the next token of every running sequence into one
 samples every sequence with its own sampler (``engine.sampler``), and retires finished or
 cancelled sequences at once. Where a request runs and how much of its prompt is already
 cached is ``engine.slots``; embeddings on the same weights are ``engine.embedding``.
+Around that loop: the decode thread count (``engine.threads``), the warm-up at load
+(``engine.warmup``), speculative decoding (``engine.speculative``, ``engine.draft_model``)
+and KV-cache types (``engine.kv_types``), each behind one call here.
 
 It knows nothing about chat templates, tools, stop strings or HTTP: callers hand it token
 ids and a ``GenerationRequest`` and read ``TextPiece`` events and one ``Finished`` event
@@ -17,36 +20,39 @@ slow down for good once a second thread has decoded).
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import os
-import queue
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from nexa.errors import BadRequest, Cancelled, ModelLoadError
+from nexa_llama_cpp.engine import kv_types
 from nexa_llama_cpp.engine.context import EngineContext
-from nexa_llama_cpp.engine.embedding import EmbeddingContext
+from nexa_llama_cpp.engine.decoding import Decoding
+from nexa_llama_cpp.engine.embedding import EmbeddingContext, EmbeddingJobs
 from nexa_llama_cpp.engine.records import (
     COUNTERS,
     Control,
     EmbedJob,
     EngineStats,
     Event,
-    Finished,
     GenerationRequest,
     Job,
     Running,
-    TextPiece,
 )
 from nexa_llama_cpp.engine.sampler import Sampler, Scratch
 from nexa_llama_cpp.engine.slots import SlotTable
+from nexa_llama_cpp.engine.speculative import PromptLookup, Speculator
 from nexa_llama_cpp.engine.streams import AsyncGeneration, Generation
+from nexa_llama_cpp.engine.threads import ThreadGovernor, physical_cores
+
+DRAFT_LOOKUP = "lookup"
+"""``draft=``: guess from the sequence's own tokens (prompt lookup), the default."""
+DRAFT_OFF = "off"
 
 
-class BatchEngine:
+class BatchEngine(Decoding, EmbeddingJobs):
     """One llama.cpp model serving up to ``n_seq`` generations at once by continuous batching.
 
     ``model_path`` is a GGUF file; alternatively pass ``model`` (a ``llama_model*`` loaded
@@ -69,6 +75,15 @@ class BatchEngine:
     only the rest. Requests that arrive together with a shared prefix (a system prompt)
     are admitted one after the other: the second waits until the first has computed the
     shared part, then copies it.
+
+    Threads: ``n_threads`` (default: the physical cores) is the most the engine decodes
+    with; with ``adaptive_threads`` (default: when no count is given and no layer is on a
+    GPU) it gives threads back while other work takes cores (``engine.threads``).
+    Drafting (``draft``): ``"lookup"`` (guesses from the sequence's own tokens), ``"off"``,
+    or the path of a draft model's GGUF with the same vocabulary; a sequence drafts only
+    in steps where the measured costs say it pays (``engine.speculative``), or always
+    ``draft_length`` tokens when that is given (tests, benchmarks).
+    ``type_k``/``type_v``: the KV cache's data types (``engine.kv_types``).
     """
 
     def __init__(
@@ -82,12 +97,18 @@ class BatchEngine:
         kv_unified: bool = False,
         n_threads: int | None = None,
         n_threads_batch: int | None = None,
+        adaptive_threads: bool | None = None,
         n_batch: int = 512,
         prompt_chunk: int = 64,
         flash_attn: bool | None = None,
         n_gpu_layers: int = 0,
         op_offload: bool | None = None,
         embed_pooling: int | None = None,
+        draft: str | os.PathLike[str] | None = DRAFT_LOOKUP,
+        draft_length: int | None = None,
+        type_k: str | None = None,
+        type_v: str | None = None,
+        warmup: bool = True,
     ) -> None:
         if model_path is None and model is None:
             raise ValueError("give model_path or model")
@@ -102,7 +123,12 @@ class BatchEngine:
             self.kv_size = max(kv_size or n_ctx * n_seq, n_ctx)
         else:
             self.kv_size = n_ctx * n_seq
-        self.n_threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
+        # Adaptive unless the count is given, or the model runs on a GPU (threads then
+        # only feed it, and its step times say nothing about CPU contention).
+        if adaptive_threads is None:
+            adaptive_threads = n_threads is None and n_gpu_layers == 0
+        self.adaptive_threads = adaptive_threads
+        self.n_threads = n_threads or physical_cores()
         self.n_threads_batch = n_threads_batch or self.n_threads
         self.n_batch = max(n_batch, n_seq)
         self.prompt_chunk = max(4, prompt_chunk)
@@ -115,6 +141,16 @@ class BatchEngine:
         # kept on the CPU; off when the engine runs on the CPU alone (no layer offloaded).
         self._op_offload = op_offload if op_offload is not None else (model is not None or n_gpu_layers != 0)
         self._embed_pooling = embed_pooling
+        self._draft = DRAFT_OFF if draft is None else os.fspath(draft)
+        self._draft_length = draft_length
+        self.type_k = kv_types.kv_type(type_k, flag="--cache-type-k")
+        self.type_v = kv_types.kv_type(type_v, flag="--cache-type-v")
+        self._warmup = warmup
+        self.kv_footprint: kv_types.KvFootprint | None = None
+        """What the KV cache takes in memory (known once started)."""
+        self.warmup_seconds = 0.0
+        self._governor: ThreadGovernor | None = None
+        self._spec: Speculator | None = None
 
         self._model = model
         self._c: EngineContext | None = None
@@ -220,61 +256,6 @@ class BatchEngine:
             self._inbox.append(job)
             self._cv.notify_all()
 
-    # --- embeddings on the chat model ---------------------------------------------------
-
-    def embed(
-        self, inputs: Sequence[Sequence[int]], *, normalize: bool = True, cancel: Any = None
-    ) -> list[list[float]]:
-        """Pooled embeddings of token sequences, computed on the engine thread between
-        decode steps (ahead of waiting generations), so they never wait for chats to end."""
-        result: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._submit_embed(inputs, normalize, result.put, Control(cancel))
-        value = result.get()
-        if isinstance(value, BaseException):
-            raise value
-        return value
-
-    async def aembed(
-        self, inputs: Sequence[Sequence[int]], *, normalize: bool = True, cancel: Any = None
-    ) -> list[list[float]]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-
-        def done(value: Any) -> None:
-            def settle() -> None:
-                if future.done():
-                    return
-                if isinstance(value, BaseException):
-                    future.set_exception(value)
-                else:
-                    future.set_result(value)
-
-            loop.call_soon_threadsafe(settle)
-
-        control = Control(cancel)
-        self._submit_embed(inputs, normalize, done, control)
-        try:
-            return await future
-        finally:
-            control.close()
-
-    def _submit_embed(self, inputs: Sequence[Sequence[int]], normalize: bool, done: Any, control: Control) -> None:
-        self._open()
-        token_lists = [list(t) for t in inputs]
-        for tokens in token_lists:
-            if not tokens:
-                raise BadRequest("an input is empty", param="input")
-            if len(tokens) > self.n_ctx:
-                raise ValueError(f"an input has {len(tokens)} tokens; this engine takes at most {self.n_ctx}")
-            if min(tokens) < 0 or max(tokens) >= self.n_vocab:
-                raise BadRequest("input token id out of the vocabulary's range", param="input")
-        job = EmbedJob(inputs=token_lists, normalize=normalize, done=done, control=control)
-        with self._cv:
-            if self._closing:
-                raise Cancelled()
-            self._embed_inbox.append(job)
-            self._cv.notify_all()
-
     # --- observability -------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
@@ -286,8 +267,21 @@ class BatchEngine:
                 active_sequences=len(running),
                 waiting_requests=len(self._waiting) + len(self._inbox),
                 kv_cells_reserved=sum(s.job.reserve for s in running),
+                threads=self.threads,
+                threads_most=self.n_threads,
+                threads_given_back=self._governor.stepped_down if self._governor is not None else 0,
                 **self._counters,
             )
+
+    @property
+    def threads(self) -> int:
+        """CPU threads the engine decodes with now."""
+        return self._governor.current if self._governor is not None else self.n_threads
+
+    @property
+    def drafting(self) -> str:
+        """``off``, ``lookup`` or the draft model's file name."""
+        return self._draft if self._draft in (DRAFT_OFF, DRAFT_LOOKUP) else os.path.basename(self._draft)
 
     # --- the engine thread -----------------------------------------------------------------
 
@@ -295,6 +289,7 @@ class BatchEngine:
         try:
             self._load()
         except BaseException as exc:
+            self._free()
             self._start_error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(str(exc))
             self._started.set()
             return
@@ -327,6 +322,11 @@ class BatchEngine:
             self._shutdown()
 
     def _load(self) -> None:
+        # Flash attention on unless asked otherwise, as llama.cpp's own server does
+        # ("auto"); solo and batched greedy texts stay the same with it
+        # (tests/test_engine_smollm2.py). Speed: docs/benchmarks.md.
+        flash_attn = self._flash_attn if self._flash_attn is not None else True
+        kv_types.check(self.type_k, self.type_v, flash_attn=flash_attn, model=self.model_path or "this model")
         c = self._c = EngineContext(
             model_path=self.model_path,
             model=self._model,
@@ -338,21 +338,65 @@ class BatchEngine:
             n_threads_batch=self.n_threads_batch,
             kv_unified=self.kv_unified,
             op_offload=self._op_offload,
-            # Flash attention on unless asked otherwise, as llama.cpp's own server does
-            # ("auto"); solo and batched greedy texts stay the same with it
-            # (tests/test_engine_smollm2.py). Speed: docs/benchmarks.md.
-            flash_attn=self._flash_attn if self._flash_attn is not None else True,
+            flash_attn=flash_attn,
+            type_k=self.type_k,
+            type_v=self.type_v,
         )
         self.n_vocab = c.n_vocab
+        self.kv_footprint = kv_types.KvFootprint(
+            self.type_k.name, self.type_v.name,
+            kv_types.bytes_per_token(c.L, c.model, self.type_k, self.type_v), self.kv_size,
+        )
         self._kv = SlotTable(
-            c.L, c.memory, n_seq=self.n_seq, kv_unified=self.kv_unified, kv_size=self.kv_size, lock=self._cv
+            c.L, c.memory, n_seq=self.n_seq, kv_unified=self.kv_unified, kv_size=self.kv_size, lock=self._cv,
+            ctx=c.ctx, on_move=self._moved,
         )
         self._embedder = EmbeddingContext(
             c.L, c.model, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
             op_offload=self._op_offload, pooling=self._embed_pooling,
         )
+        self._governor = ThreadGovernor(self.n_threads, self._set_threads, adaptive=self.adaptive_threads)
+        self._spec = self._speculator(flash_attn)
+        if self._warmup:
+            from nexa_llama_cpp.engine.warmup import warm_up
+
+            step_cost = None if self._spec is None else self._spec.costs.observe
+            self.warmup_seconds = warm_up(c.L, c.ctx, c.batch, c.vocab, self._governor, self.n_batch, step_cost)
+
+    def _speculator(self, flash_attn: bool) -> Speculator | None:
+        if self._draft == DRAFT_OFF:
+            return None
+        c = self._c
+        assert c is not None and self._governor is not None
+        if self._draft == DRAFT_LOOKUP:
+            drafter: Any = PromptLookup()
+        else:
+            from nexa_llama_cpp.engine.draft_model import DraftModel
+
+            drafter = DraftModel(
+                c.L, self._draft, target_vocab=c.vocab, n_seq=self.n_seq, n_ctx=self.n_ctx,
+                n_threads=self.n_threads, n_gpu_layers=self._n_gpu_layers, flash_attn=flash_attn,
+                op_offload=self._op_offload,
+            )
+        governor = self._governor
+        return Speculator(drafter, lambda: governor.current, max_rows=self.n_batch, fixed=self._draft_length)
+
+    def _moved(self, src: int, dst: int) -> None:
+        if self._spec is not None:
+            self._spec.moved(src, dst)
+
+    def _set_threads(self, n: int) -> None:
+        c = self._c
+        assert c is not None
+        c.L.llama_set_n_threads(c.ctx, n, n)
+        drafter = self._spec.drafter if self._spec is not None else None
+        if drafter is not None and hasattr(drafter, "set_threads"):
+            drafter.set_threads(n)
 
     def _free(self) -> None:
+        if self._spec is not None:
+            self._spec.close()
+            self._spec = None
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
@@ -395,18 +439,19 @@ class BatchEngine:
         self._admit()
         self._counters["sequences_moved"] += kv.compact()
         running = sorted(kv.running(), key=lambda q: q.order)
-        # Generated tokens of all sequences go in one batch; a prompt goes in its own
-        # call, one sequence at a time. llama.cpp's CPU kernels give a token slightly
-        # different numbers when it is its sequence's only row in a batch than when it
-        # comes with others of the same sequence (measured), and a mixed batch is cut
-        # into ubatches in ways that can leave such lone rows; this split keeps every
+        # Generated tokens of all sequences go in one batch (with the same number of
+        # rows each); a prompt goes in its own call, one sequence at a time. llama.cpp's
+        # CPU flash attention computes a lone query row of a lone sequence over 512 or
+        # more cached cells with a split-KV kernel whose sums differ from the one every
+        # other row gets (and depend on the thread count: measured), and a mixed batch is
+        # cut into ubatches in ways that can leave such lone rows; this split keeps every
         # sequence's numbers the same whatever runs beside it.
         # In sequence-id order: llama.cpp puts per-sequence caches' tokens in one ubatch
         # only while the ids go up by one (split_equal, sequential), so 0,1,2,3 is one
         # graph run and 3,1,0,2 would be four.
-        generating = [(q, 1) for q in sorted(running, key=lambda q: q.slot.seq_id) if not q.n_prompt_left]
+        generating = [q for q in sorted(running, key=lambda q: q.slot.seq_id) if not q.n_prompt_left]
         if generating:
-            self._decode(generating)
+            self._generate(generating)
         # Prompts, oldest first, until this step's budget is spent: several short prompts
         # start together, a long one is taken in bites while the others keep streaming.
         budget = self.prompt_chunk if generating else self.n_batch
@@ -480,115 +525,9 @@ class BatchEngine:
             self._counters["requests_started"] += 1
             self._counters["prompt_tokens_reused"] += n_reuse
 
-    def _decode(self, feeds: list[tuple[Running, int]], abort: Callable[[], bool] | None = None) -> bool:
-        """One ``llama_decode``: the next ``k`` pending tokens of each sequence given.
-
-        With ``abort``, the decode stops mid-graph once it returns true; then False is
-        returned and the sequences' caches hold exactly what their ``slot.tokens`` say.
-        """
-        c, kv = self._c, self._kv
-        assert c is not None and kv is not None
-        L, batch = c.L, c.batch
-        n = 0
-        for seq, k in feeds:
-            pos0 = len(seq.slot.tokens)
-            # Logits only where a token gets sampled: a generated token, or a prompt's last.
-            last = k == len(seq.pending) if seq.n_prompt_left else True
-            for j in range(k):
-                batch.token[n] = seq.pending[j]
-                batch.pos[n] = pos0 + j
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = seq.slot.seq_id
-                batch.logits[n] = last and j == k - 1
-                n += 1
-            seq.i_batch = n - 1 if last else -1
-        batch.n_tokens = n
-
-        armed = c.abort.armed(abort) if abort is not None and c.abort is not None else None
-        with armed or contextlib.nullcontext():
-            ret = L.llama_decode(c.ctx, batch)
-            if ret == 1:
-                # No room in the cache (the budget should prevent this): drop the idle
-                # prefix caches and try once more; a failed call leaves the cache unchanged.
-                kv.clear_idle()
-                ret = L.llama_decode(c.ctx, batch)
-        if ret == 2 and abort is not None:
-            # Aborted: cut each sequence back to its known cached tokens (llama.cpp drops
-            # the aborted ubatch's cells itself; this also covers earlier ubatches).
-            for seq, _k in feeds:
-                L.llama_memory_seq_rm(c.memory, seq.slot.seq_id, len(seq.slot.tokens), -1)
-                seq.i_batch = -1
-            return False
-        if ret != 0:
-            raise RuntimeError(f"llama_decode failed with status {ret}")
-        self._counters["decode_steps"] += 1
-
-        for seq, k in feeds:
-            seq.slot.tokens.extend(seq.pending[:k])
-            del seq.pending[:k]
-            if seq.n_prompt_left:
-                seq.n_prompt_left -= k
-                self._counters["prompt_tokens_evaluated"] += k
-        for seq, _k in feeds:
-            if seq.i_batch >= 0:
-                self._sample_and_emit(seq)
-                seq.i_batch = -1
-        return True
-
-    def _sample_and_emit(self, seq: Running) -> None:
-        c, job = self._c, seq.job
-        assert c is not None
-        if self._scratch is None and job.sampler.needs_scratch:
-            self._scratch = Scratch(c.L, self.n_vocab)
-        token = job.sampler.sample(c.ctx, seq.i_batch, self._scratch)
-        if c.is_eog(token):
-            self._finish(seq, "stop")
-            return
-        seq.n_generated += 1
-        seq.n_unreported += 1
-        self._counters["tokens_generated"] += 1
-        text = seq.decoder.decode(c.token_bytes(token, special=job.request.render_special))
-        if text or job.request.logprobs is not None and seq.n_generated >= job.max_new:
-            # With logprobs, the records of a character cut short by the length go too.
-            self._emit(job, TextPiece(text, seq.n_unreported, job.sampler.take_logprobs()))
-            seq.n_unreported = 0
-        if seq.n_generated >= job.max_new:
-            self._finish(seq, "length")
-        else:
-            seq.pending.append(token)
-
-    def _finish(self, seq: Running, reason: str) -> None:
-        job = seq.job
-        # The bytes of a character the generation ended inside (max_tokens cut it) are
-        # dropped: its last bytes were never generated, and U+FFFD would be text the model
-        # never wrote.
-        seq.decoder.reset()
-        self._release(seq)
-        self._counters["requests_finished"] += 1
-        self._emit(
-            job,
-            Finished(
-                finish_reason=reason,
-                prompt_tokens=len(job.request.prompt_tokens),
-                completion_tokens=seq.n_generated,
-                cached_tokens=seq.n_reused,
-            ),
-        )
-
     def _fail_all_running(self, exc: BaseException) -> None:
         assert self._kv is not None
         for seq in self._kv.running():
             self._release(seq)
             self._emit(seq.job, exc)
         self._kv.wipe()
-
-    def _run_embed(self, job: EmbedJob) -> None:
-        if job.control.done():
-            job.done(Cancelled())
-            return
-        assert self._embedder is not None
-        try:
-            job.done(self._embedder.run(job))
-            self._counters["embed_requests"] += 1
-        except BaseException as exc:
-            job.done(exc)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from nexa_llama_cpp.engine.records import Job, Running, Slot, common_prefix
 
@@ -30,14 +30,20 @@ class SlotTable:
         kv_size: int,
         lock: threading.Condition,
         min_copy: int = 16,
+        ctx: object = None,
+        on_move: Callable[[int, int], None] | None = None,
     ) -> None:
         self._L = lib
         self._mem = memory
+        self._ctx = ctx
+        self._state = None  # a reusable host buffer for copying cells between sequences
+        self.on_move = on_move
+        """Told (source id, destination id) when ``compact`` moves a running sequence."""
         self.kv_unified = kv_unified
         self.kv_size = kv_size
         self.min_copy = min_copy
-        """Shortest prefix worth copying from another sequence's own cells (the copy
-        moves that sequence's whole KV buffer, so a few tokens are cheaper to recompute)."""
+        """Shortest prefix worth copying from another sequence's own cells (a copy costs a
+        pass over that sequence's cells, so a few tokens are cheaper to recompute)."""
         self._lock = lock
         self.slots = [Slot(seq_id=i) for i in range(n_seq)]
 
@@ -110,8 +116,7 @@ class SlotTable:
                     # One pool: the cells are shared, only their metadata changes.
                     L.llama_memory_seq_cp(mem, best.seq_id, target.seq_id, 0, n_reuse)
                 else:
-                    # Separate buffers: llama.cpp copies whole buffers only; cut after.
-                    L.llama_memory_seq_cp(mem, best.seq_id, target.seq_id, -1, -1)
+                    self._copy_cells(best.seq_id, target.seq_id)
                     L.llama_memory_seq_rm(mem, target.seq_id, n_reuse, -1)
                 target.tokens = list(prompt[:n_reuse])
         return target, n_reuse
@@ -156,14 +161,35 @@ class SlotTable:
             slot.tokens = []
         self._L.llama_memory_clear(self._mem, True)
 
+    def _copy_cells(self, src: int, dst: int) -> None:
+        """Give the (cleared) sequence ``dst`` a copy of ``src``'s cells.
+
+        Separate per-sequence buffers: llama.cpp's own copy moves the whole buffer (all
+        ``n_ctx`` cells; ~90 MB for SmolLM2 at 4096 tokens), so only the cells in use are
+        copied, byte for byte, through llama.cpp's sequence state (in position order, as
+        the cells of a sequence computed in place lie); a context that cannot (none given,
+        or a memory without that state) falls back to the whole-buffer copy.
+        """
+        import ctypes
+
+        L = self._L
+        if self._ctx is not None:
+            size = L.llama_state_seq_get_size(self._ctx, src)
+            if self._state is None or len(self._state) < size:
+                self._state = (ctypes.c_uint8 * max(size, 1 << 20))()
+            written = L.llama_state_seq_get_data(self._ctx, self._state, size, src)
+            if written and L.llama_state_seq_set_data(self._ctx, self._state, written, dst):
+                return
+            L.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        L.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+
     def compact(self) -> int:
         """Move running sequences down into free lower ids so the ids stay contiguous;
         returns how many moved.
 
         With per-sequence caches a gap (0, 1, 3) costs a second graph run every step (see
-        BatchEngine._step). A move is one buffer copy inside llama.cpp (done at the next
-        decode, before anything is computed), far cheaper than that; the free id's cached
-        prefix is lost.
+        BatchEngine._step). A move copies the sequence's cells (``_copy_cells``), far
+        cheaper than that; the free id's cached prefix is lost.
         """
         if self.kv_unified:
             return 0
@@ -178,8 +204,10 @@ class SlotTable:
             if low is None or low.seq_id > high.seq_id:
                 return moved
             L.llama_memory_seq_rm(mem, low.seq_id, -1, -1)
-            L.llama_memory_seq_cp(mem, high.seq_id, low.seq_id, -1, -1)
+            self._copy_cells(high.seq_id, low.seq_id)
             L.llama_memory_seq_rm(mem, high.seq_id, -1, -1)
+            if self.on_move is not None:
+                self.on_move(high.seq_id, low.seq_id)
             seq = high.active
             assert seq is not None
             with self._lock:
