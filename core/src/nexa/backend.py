@@ -32,6 +32,7 @@ from nexa.types import (
     ImageRequest,
     ImageResult,
     Manifest,
+    ResidentInfo,
     Task,
     Usage,
 )
@@ -84,6 +85,9 @@ class Backend:
     (``nexa serve --parallel`` overrides it through ``LoadOptions.parallel``)."""
     priority: ClassVar[int] = 0
     """Higher wins when several backends support a model."""
+    honours_context_length: ClassVar[bool] = False
+    """True when the backend sizes its context from ``LoadOptions.context_length``
+    (``nexa serve --ctx``, a load's ``context``); a load asking others for a context is refused."""
     stops_natively: ClassVar[bool] = False
     """True when ``chat`` itself ends the answer at ``request.sampling.stop`` strings (with
     ``nexa.text.StopHoldBack``), stopping generation at once and counting tokens exactly.
@@ -148,6 +152,16 @@ class Backend:
         already at hand, never block. The server already counts requests, tokens and
         latency for every backend; report only what only the backend knows."""
         return []
+
+    def resident_info(self) -> ResidentInfo:
+        """What this loaded model holds in memory, for ``GET /v1/admin/models``. Called on
+        the event loop: return figures at hand, never block. The default knows the files'
+        size and the context asked for; a backend that holds a KV cache says how big."""
+        return ResidentInfo(
+            device=self.device.kind,
+            weights_bytes=self.manifest.size,
+            context=(self.honours_context_length and self.options.context_length) or self.manifest.context_length,
+        )
 
     # --- the async interface the server uses -----------------------------------------
 

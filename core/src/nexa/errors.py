@@ -55,6 +55,22 @@ class Forbidden(NexaError):
     code = "forbidden"
 
 
+class ModelNotLoaded(NexaError):
+    """The model is in the store but not resident (management of loaded models)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_loaded"
+
+
+class Conflict(NexaError):
+    """The request contradicts the server's current state (a model resident with other settings)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class PayloadTooLarge(NexaError):
     status = 413
     type = "invalid_request_error"
@@ -71,6 +87,15 @@ class Busy(NexaError):
     def __init__(self, message: str, *, retry_after: int = 1):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ModelUnloaded(NexaError):
+    """The model was unloaded on request (``/v1/admin/models/unload``, mode ``cancel``)
+    while this request waited for it or ran on it."""
+
+    status = 503
+    type = "server_error"
+    code = "model_unloaded"
 
 
 class NoBackend(NexaError):

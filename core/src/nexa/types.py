@@ -153,6 +153,22 @@ class BackendMetric:
     help: str = ""
 
 
+@attrs.frozen
+class ResidentInfo:
+    """What one loaded model holds, as only its backend knows it (``Backend.resident_info``);
+    listed by ``GET /v1/admin/models`` and ``nexa ps``."""
+
+    device: str
+    """Where the weights live: ``cpu``, ``cuda``, ``metal``..."""
+    weights_bytes: int
+    """Memory held by the weights (the model files' size when the backend cannot tell better)."""
+    kv_cache_bytes: int | None = None
+    """Memory held by the KV cache of every slot together; None when the backend has none or
+    cannot tell."""
+    context: int | None = None
+    """Tokens one request's prompt and answer may span; None when not a text model or unknown."""
+
+
 # --- chat ---------------------------------------------------------------------------
 
 

@@ -42,6 +42,14 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 MaxTokens = Annotated[int, Meta(ge=1, le=_CAPS.max_tokens_cap)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0), MIN0]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+KeepAlive = Annotated[
+    float | Annotated[str, Meta(max_length=64)],
+    Meta(description=(
+        "nexa extension (Ollama's field): how long the model stays loaded after this request, "
+        "in seconds or as a duration (\"5m\", \"1h\"); 0 unloads it after the request, "
+        "a negative value keeps it loaded"
+    )),
+]
 
 
 # --- chat ---------------------------------------------------------------------------
@@ -142,6 +150,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     response_format: ResponseFormat | None = None
     n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
     user: str | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class ChoiceMessage(msgspec.Struct, kw_only=True):
@@ -246,6 +255,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
     user: str | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class EmbeddingData(msgspec.Struct, kw_only=True):
@@ -287,6 +297,7 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True):
     quality: str | None = None
     style: str | None = None
     user: str | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class ImageData(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -359,3 +370,64 @@ class PluginsReport(msgspec.Struct, kw_only=True):
     failed: list[PluginFailureWire]
     disabled: list[str]
     backends: list[BackendWire]
+
+
+# --- management (/v1/admin) ----------------------------------------------------------
+# Request bodies refuse unknown fields: a management call that silently ignored a
+# misspelt setting would load or unload something else than asked.
+
+
+class ResidentModel(msgspec.Struct, kw_only=True):
+    model: str
+    backend: str
+    device: str
+    state: Literal["loading", "ready", "unloading"]
+    weights_bytes: int
+    kv_cache_bytes: int | None = None
+    context: int | None = None
+    slots_busy: int
+    slots_total: int
+    queued: int
+    keep_alive: float | None = None
+    """Seconds the model stays loaded when idle; null: for good."""
+    expires_in: float | None = None
+    """Seconds until keep-alive unloads it; null while it will not (pinned, in use, kept for good)."""
+    pinned: bool
+
+
+class ResidentList(msgspec.Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[ResidentModel]
+
+
+ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class LoadModelRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: ModelName
+    context: Annotated[int, Meta(ge=16, le=1 << 20)] | None = None
+    parallel: Annotated[int, Meta(ge=1, le=256)] | None = None
+    keep_alive: KeepAlive | None = None
+
+
+class UnloadModelRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: ModelName
+    mode: Literal["wait", "cancel"] = "wait"
+    """``wait``: let in-flight requests finish; ``cancel``: stop them (their clients get an error)."""
+
+
+class UnloadResult(msgspec.Struct, kw_only=True):
+    model: str
+    unloaded: bool
+    cancelled: int
+    """Requests cancelled (mode ``cancel``)."""
+
+
+class PinModelRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: ModelName
+    pinned: bool = True
+
+
+class PullRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: Annotated[str, Meta(min_length=1, max_length=300)]
+    """``ORG/REPO`` or ``ORG/REPO:QUANT`` on the Hub."""

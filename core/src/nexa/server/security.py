@@ -2,8 +2,9 @@
 
 ``make_guard`` builds the ``before_request`` hook every route runs through: on a
 loopback-bound server the ``Host`` header must be a loopback name (DNS rebinding), and
-when an API key is set every route but ``/health`` needs ``Authorization: Bearer KEY``
-(the scheme is matched case-insensitively and surrounding whitespace is ignored).
+when an API key is set every route but ``/health`` and the web page's files needs
+``Authorization: Bearer KEY`` (the scheme is matched case-insensitively and surrounding
+whitespace is ignored).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from litestar import Request
 from nexa.config import ServerConfig
 from nexa.errors import Forbidden, Unauthorized
 
-OPEN_PATHS = ("/health",)
-"""Routes that need no API key (liveness probes)."""
+OPEN_PATHS = ("/health", "/")
+"""Routes that need no API key: liveness probes, and the web page (which asks for the key)."""
+OPEN_PREFIXES = ("/ui/",)
+"""The web page's own files (HTML, CSS, JavaScript; no data)."""
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 
 
@@ -52,7 +55,9 @@ def make_guard(config: ServerConfig):
             host = request.headers.get("host", "")
             if host and not is_loopback_host(host):
                 raise Forbidden("requests to this loopback server must use a loopback Host name")
-        if key is not None and request.url.path not in OPEN_PATHS and request.method != "OPTIONS":
+        path = request.url.path
+        if key is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES) \
+                and request.method != "OPTIONS":
             auth = request.headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):

@@ -52,6 +52,7 @@ from nexa.types import (
     EmbedResult,
     ImagePart,
     Manifest,
+    ResidentInfo,
     Task,
     ToolCall,
     Usage,
@@ -196,6 +197,7 @@ class LlamaCppBackend(Backend):
     parallel = DEFAULT_PARALLEL
     priority = 10
     stops_natively = True
+    honours_context_length = True
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -576,6 +578,26 @@ class LlamaCppBackend(Backend):
             BackendMetric(name, getattr(stats, field), kind, text)
             for name, field, kind, text in _ENGINE_METRICS
         ]
+
+    def resident_info(self) -> ResidentInfo:
+        """The KV cache from the model's shape: cells of this model's llama.cpp contexts x
+        layers x (key + value width of the KV heads) x 2 bytes (f16, the cache type used)."""
+        info = super().resident_info()
+        llama = self._llama
+        if llama is None:
+            return info
+        import llama_cpp
+
+        model, meta = llama._model.model, llama.metadata
+        arch = meta.get("general.architecture", "")
+        head_dim = llama_cpp.llama_model_n_embd(model) // max(1, llama_cpp.llama_model_n_head(model))
+        width = llama_cpp.llama_model_n_head_kv(model) * (
+            int(meta.get(f"{arch}.attention.key_length", head_dim)) + int(meta.get(f"{arch}.attention.value_length", head_dim)))
+        # Encoders (BERT-like embedders) have no KV memory at all.
+        cells = (llama.n_ctx() if llama_cpp.llama_get_memory(llama._ctx.ctx) else 0) + (
+            self._engine.kv_size if self._engine is not None else 0)
+        return attrs.evolve(info, kv_cache_bytes=cells * llama_cpp.llama_model_n_layer(model) * width * 2,
+                            context=self.text_context or llama.n_ctx())
 
     def _prefill(self, prompt: list[int], cancel: CancelToken) -> None:
         """Evaluate ``prompt`` into the KV cache, reusing the longest cached prefix.

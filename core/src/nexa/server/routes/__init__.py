@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from nexa.server.routes.admin import AdminController
 from nexa.server.routes.chat import ChatController
 from nexa.server.routes.embeddings import EmbeddingsController
 from nexa.server.routes.images import ImagesController
 from nexa.server.routes.models import ModelsController, health, metrics_endpoint, plugins_report
+from nexa.server.routes.page import page_asset, page_index
 
 ROUTES = [
     ChatController,
     EmbeddingsController,
     ImagesController,
     ModelsController,
+    AdminController,
+    page_index,
+    page_asset,
     health,
     plugins_report,
     metrics_endpoint,
