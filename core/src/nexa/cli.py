@@ -1,4 +1,5 @@
-"""The ``nexa`` command: pull, list, show, remove, clean, serve, run, plugins.
+"""The ``nexa`` command: pull, list, show, remove, clean, serve, run, plugins, and ps,
+load, unload (``nexa.admin_client``: a running server's management API).
 
 Only the standard library is imported at start-up so ``nexa --help`` stays fast; each
 command imports what it needs when it runs.
@@ -274,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
+
+    from nexa.admin_client import add_commands
+
+    add_commands(sub)  # ps, load, unload: the running server's management API
 
     p = sub.add_parser("run", help="chat with a model in the terminal")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
