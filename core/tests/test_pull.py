@@ -50,24 +50,10 @@ def ggufs() -> dict[str, bytes]:
 
 
 @pytest.fixture
-def env(monkeypatch):
-    # The machine's own token or offline switch must not change what the tests see.
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hub_module, "RETRY_WAIT", 0.01)
-    return monkeypatch
-
-
-@pytest.fixture
 def hub(ggufs, env):
     with HubServer({GGUF_REPO: ggufs}) as server:
         env.setenv("HF_ENDPOINT", server.url)
         yield server
-
-
-@pytest.fixture
-def store(home) -> ModelStore:
-    return ModelStore(home)
 
 
 def file_requests(server: HubServer, repo: str) -> set[str]:
@@ -84,7 +70,7 @@ def leftover_partials(store: ModelStore) -> list[Path]:
 
 
 def test_full_pull_takes_default_quant_and_projector_only(hub, store, ggufs):
-    manifest = pull(store, GGUF_REPO, progress=False)
+    manifest = pull(store, GGUF_REPO)
 
     assert manifest.name == GGUF_REPO
     assert manifest.format == "gguf"
@@ -114,21 +100,25 @@ def test_full_pull_takes_default_quant_and_projector_only(hub, store, ggufs):
 
 
 def test_pulling_again_is_a_no_op_until_the_repo_or_quant_changes(hub, store, ggufs):
-    first = pull(store, GGUF_REPO, progress=False)
+    first = pull(store, GGUF_REPO)
     hub.reset_counters()
-    again = pull(store, GGUF_REPO, progress=False)
+    again = pull(store, GGUF_REPO)
     assert again == first
     assert file_requests(hub, GGUF_REPO) == set()  # only the repo info was asked for
     # A deleted file is fetched again.
     (first.root / "mmproj-Vision-F16.gguf").unlink()
-    repaired = pull(store, GGUF_REPO, progress=False)
+    repaired = pull(store, GGUF_REPO)
     assert (repaired.root / "mmproj-Vision-F16.gguf").read_bytes() == ggufs["mmproj-Vision-F16.gguf"]
-    # A new commit on the hub is pulled again.
-    hub.add_repo(GGUF_REPO, {**ggufs, "README.md": b"# changed"})
+    # A new commit on the hub is pulled again: the changed file is fetched, the unchanged
+    # one is linked from the installed model instead of crossing the wire again.
+    new_weights = tiny_gguf_bytes(pad_bytes=300_000, name="vision v2")
+    hub.add_repo(GGUF_REPO, {**ggufs, "Vision-Q4_K_M.gguf": new_weights})
     hub.reset_counters()
-    updated = pull(store, GGUF_REPO, progress=False)
+    updated = pull(store, GGUF_REPO)
     assert updated.source == f"hf:{GGUF_REPO}@{hub.commits[GGUF_REPO]}" != first.source
-    assert "Vision-Q4_K_M.gguf" in file_requests(hub, GGUF_REPO)
+    assert file_requests(hub, GGUF_REPO) == {"Vision-Q4_K_M.gguf", "cdn:Vision-Q4_K_M.gguf"}
+    assert updated.file_path("weights").read_bytes() == new_weights
+    assert (updated.root / "mmproj-Vision-F16.gguf").read_bytes() == ggufs["mmproj-Vision-F16.gguf"]
 
 
 def test_a_second_pull_of_the_same_model_at_once_is_refused(hub, store, ggufs):
@@ -138,13 +128,13 @@ def test_a_second_pull_of_the_same_model_at_once_is_refused(hub, store, ggufs):
     hub.stall_at[(GGUF_REPO, path)] = 10_000
     results: list[object] = []
     first = threading.Thread(
-        target=lambda: results.append(pull(store, GGUF_REPO, progress=False)), daemon=True
+        target=lambda: results.append(pull(store, GGUF_REPO)), daemon=True
     )
     first.start()
     try:
         assert hub.stalled.wait(30)
         with pytest.raises(StoreError, match="another pull of acme/Vision-GGUF is running"):
-            pull(store, GGUF_REPO, progress=False)
+            pull(store, GGUF_REPO)
     finally:
         hub.stall_at.clear()
         hub.release()
@@ -155,18 +145,20 @@ def test_a_second_pull_of_the_same_model_at_once_is_refused(hub, store, ggufs):
 
 
 def test_explicit_quant_is_case_insensitive(hub, store, ggufs):
-    manifest = pull(store, f"{GGUF_REPO}:q8_0", progress=False)
+    manifest = pull(store, f"{GGUF_REPO}:q8_0")
     assert manifest.quant == "Q8_0"
     assert manifest.context_length == 4096
     assert {f.path for f in manifest.files} == {"Vision-Q8_0.gguf", "mmproj-Vision-F16.gguf"}
     assert store.get(f"{GGUF_REPO}:Q8_0").quant == "Q8_0"
-    # A second quant replaces the first under the same name.
-    assert [m.quant for m in store.list()] == ["Q8_0"]
+    # Named as pulled, with the quant's canonical label.
+    assert manifest.name == f"{GGUF_REPO}:Q8_0"
+    assert [m.name for m in store.list()] == [f"{GGUF_REPO}:Q8_0"]
+    assert (store.models_dir / "acme" / "Vision-GGUF@Q8_0" / "manifest.json").is_file()
 
 
 def test_missing_quant_lists_the_available_ones(hub, store):
     with pytest.raises(StoreError) as err:
-        pull(store, f"{GGUF_REPO}:Q2_K", progress=False)
+        pull(store, f"{GGUF_REPO}:Q2_K")
     assert "Q2_K" in err.value.message
     for label in ("F16", "Q4_K_M", "Q8_0"):
         assert label in err.value.message
@@ -185,9 +177,9 @@ def test_split_gguf_takes_every_part_of_the_chosen_quant(env, store):
     }
     with HubServer({"acme/Big-GGUF": files}) as server:
         env.setenv("HF_ENDPOINT", server.url)
-        manifest = pull(store, "acme/Big-GGUF", progress=False)
+        manifest = pull(store, "acme/Big-GGUF")
         with pytest.raises(StoreError, match="available: Q4_K_M, Q8_0"):
-            pull(store, "acme/Big-GGUF:IQ2_XS", progress=False)
+            pull(store, "acme/Big-GGUF:IQ2_XS")
     assert manifest.quant == "Q4_K_M"
     assert [f.path for f in manifest.files] == [
         f"Q4_K_M/Big-Q4_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)
@@ -234,7 +226,7 @@ def test_cut_off_pull_resumes_in_a_new_call_from_the_last_byte(hub, store, ggufs
     hub.drop_at[(GGUF_REPO, path)] = cut  # the link dies at this byte, on every retry
 
     with pytest.raises(StoreError, match=f"stopped at byte {cut} of {size}.*run the same pull again"):
-        pull(store, GGUF_REPO, progress=False)
+        pull(store, GGUF_REPO)
     assert store.list() == []
     assert not (store.models_dir / GGUF_REPO).exists()
     assert hub.bytes_served[(GGUF_REPO, path)] == cut
@@ -243,7 +235,7 @@ def test_cut_off_pull_resumes_in_a_new_call_from_the_last_byte(hub, store, ggufs
 
     hub.drop_at.clear()
     hub.reset_counters()
-    manifest = pull(store, GGUF_REPO, progress=False)
+    manifest = pull(store, GGUF_REPO)
 
     assert hub.range_starts[(GGUF_REPO, path)] == [cut]
     assert hub.bytes_served[(GGUF_REPO, path)] == size - cut
@@ -256,7 +248,7 @@ def test_cut_off_pull_resumes_in_a_new_call_from_the_last_byte(hub, store, ggufs
 def test_dropped_connection_is_resumed_within_one_call(hub, store, ggufs):
     path = "Vision-Q4_K_M.gguf"
     hub.drop_once_at[(GGUF_REPO, path)] = 50_001
-    manifest = pull(store, GGUF_REPO, progress=False)
+    manifest = pull(store, GGUF_REPO)
     assert hub.range_starts[(GGUF_REPO, path)] == [0, 50_001]
     assert hub.bytes_served[(GGUF_REPO, path)] == len(ggufs[path])
     assert manifest.file_path("weights").read_bytes() == ggufs[path]
@@ -266,11 +258,11 @@ def test_server_errors_are_retried_then_reported(hub, store, ggufs):
     path = "Vision-Q4_K_M.gguf"
     hub.fail_status[(GGUF_REPO, path)] = 503
     with pytest.raises(StoreError, match="run the same pull again"):
-        pull(store, GGUF_REPO, progress=False)
+        pull(store, GGUF_REPO)
     # 503 is transient: retried RETRIES times before giving up, then a clear error.
     assert hub.requests[("GET", GGUF_REPO, f"cdn:{path}")] == hub_module.RETRIES + 1
     hub.fail_status.clear()
-    assert pull(store, GGUF_REPO, progress=False).quant == "Q4_K_M"
+    assert pull(store, GGUF_REPO).quant == "Q4_K_M"
 
 
 _PULL_SCRIPT = textwrap.dedent(
@@ -278,7 +270,7 @@ _PULL_SCRIPT = textwrap.dedent(
     import sys
     from nexa.hub import pull
     from nexa.store import ModelStore
-    manifest = pull(ModelStore(sys.argv[1]), sys.argv[2], progress=False)
+    manifest = pull(ModelStore(sys.argv[1]), sys.argv[2])
     print("OK", manifest.name, manifest.quant, manifest.files[0].sha256)
     """
 )
@@ -337,14 +329,14 @@ def test_lfs_file_with_wrong_bytes_is_rejected_and_nothing_is_visible(hub, store
     hub.corrupt.add((GGUF_REPO, path))
     with pytest.raises(StoreError, match=f"{path} .*failed verification: expected sha256 "
                                          f"{sha256(ggufs[path])}"):
-        pull(store, GGUF_REPO, progress=False)
+        pull(store, GGUF_REPO)
     assert store.list() == []
     assert not (store.models_dir / GGUF_REPO).exists()
     # The bad bytes are gone, so the next pull starts clean instead of resuming them.
     assert not any(p.name.endswith(".part") for p in leftover_partials(store))
     hub.corrupt.clear()
     hub.reset_counters()
-    manifest = pull(store, GGUF_REPO, progress=False)
+    manifest = pull(store, GGUF_REPO)
     assert hub.range_starts[(GGUF_REPO, path)] == [0]
     assert manifest.file_path("weights").read_bytes() == ggufs[path]
 
@@ -354,10 +346,10 @@ def test_hashes_come_from_the_file_headers_when_the_listing_has_none(ggufs, env,
         env.setenv("HF_ENDPOINT", server.url)
         server.corrupt.add((GGUF_REPO, "mmproj-Vision-F16.gguf"))
         with pytest.raises(StoreError, match="mmproj-Vision-F16.gguf .*failed verification"):
-            pull(store, GGUF_REPO, progress=False)
+            pull(store, GGUF_REPO)
         assert store.list() == []
         server.corrupt.clear()
-        manifest = pull(store, GGUF_REPO, progress=False)
+        manifest = pull(store, GGUF_REPO)
         assert server.requests[("HEAD", GGUF_REPO, "Vision-Q4_K_M.gguf")] >= 1
     assert {f.path: f.sha256 for f in manifest.files} == {
         p: sha256(ggufs[p]) for p in ("Vision-Q4_K_M.gguf", "mmproj-Vision-F16.gguf")
@@ -372,10 +364,10 @@ def test_small_git_file_with_wrong_bytes_is_rejected(env, store):
         env.setenv("HF_ENDPOINT", server.url)
         server.corrupt.add((repo, "config.json"))
         with pytest.raises(StoreError, match="config.json .*expected git blob sha1"):
-            pull(store, repo, progress=False)
+            pull(store, repo)
         assert store.list() == []
         server.corrupt.clear()
-        manifest = pull(store, repo, progress=False)
+        manifest = pull(store, repo)
     assert manifest.format == "safetensors"
     config = next(f for f in manifest.files if f.path == "config.json")
     assert config.sha256 == sha256(files["config.json"])
@@ -425,7 +417,7 @@ def test_diffusers_repo_takes_the_pipeline_components(env, store):
     }
     with HubServer({repo: {**wanted, **unwanted}}) as server:
         env.setenv("HF_ENDPOINT", server.url)
-        manifest = pull(store, repo, progress=False)
+        manifest = pull(store, repo)
         fetched = {w.removeprefix("cdn:") for w in file_requests(server, repo)}
     assert manifest.format == "diffusers"
     assert manifest.tasks == {Task.IMAGE}
@@ -468,7 +460,7 @@ def test_sentence_transformers_repo_skips_exports_and_duplicates(env, store):
     }
     with HubServer({repo: {**wanted, **unwanted}}) as server:
         env.setenv("HF_ENDPOINT", server.url)
-        manifest = pull(store, repo, progress=False)
+        manifest = pull(store, repo)
     assert manifest.format == "sentence-transformers"
     assert manifest.tasks == {Task.EMBED}
     assert {f.path for f in manifest.files} == set(wanted)
@@ -488,9 +480,9 @@ def test_mlx_repo_takes_config_tokenizer_and_weights(env, store):
     }
     with HubServer({repo: {**wanted, "README.md": b"# mlx", ".gitattributes": b""}}) as server:
         env.setenv("HF_ENDPOINT", server.url)
-        manifest = pull(store, repo, progress=False)
+        manifest = pull(store, repo)
         with pytest.raises(StoreError, match="GGUF repos only"):
-            pull(store, f"{repo}:Q4_K_M", progress=False)
+            pull(store, f"{repo}:Q4_K_M")
     assert manifest.format == "mlx"
     assert manifest.context_length == 1024
     assert {f.path for f in manifest.files} == set(wanted)
@@ -501,7 +493,7 @@ def test_repo_without_usable_weights_is_refused(env, store):
                                        "README.md": b"#"}}) as server:
         env.setenv("HF_ENDPOINT", server.url)
         with pytest.raises(StoreError, match="no weights nexa can use"):
-            pull(store, "acme/onnx-only", progress=False)
+            pull(store, "acme/onnx-only")
     assert store.list() == []
 
 
@@ -519,7 +511,7 @@ def test_malicious_file_names_refuse_the_pull(env, store, tmp_path, evil):
     with HubServer({repo: files}) as server:
         env.setenv("HF_ENDPOINT", server.url)
         with pytest.raises(StoreError, match="unsafe name"):
-            pull(store, repo, progress=False)
+            pull(store, repo)
         assert file_requests(server, repo) == set()  # refused before downloading anything
     assert store.list() == []
     assert not (tmp_path / "escape.gguf").exists()
@@ -533,25 +525,25 @@ def test_repo_manifest_json_cannot_replace_the_store_manifest(env, store):
              "manifest.json": json.dumps({"name": "other/model", "format": "gguf"}).encode()}
     with HubServer({repo: files}) as server:
         env.setenv("HF_ENDPOINT", server.url)
-        manifest = pull(store, repo, progress=False)
+        manifest = pull(store, repo)
     assert "manifest.json" not in {f.path for f in manifest.files}
     assert store.get(repo).name == repo
 
 
 def test_unknown_repo_and_bad_names_are_clear_errors(hub, store):
     with pytest.raises(StoreError, match="no model repo 'acme/nothing'"):
-        pull(store, "acme/nothing", progress=False)
+        pull(store, "acme/nothing")
     with pytest.raises(StoreError, match="invalid model name"):
-        pull(store, "../../etc", progress=False)
+        pull(store, "../../etc")
     with pytest.raises(StoreError, match="invalid quant"):
-        pull(store, f"{GGUF_REPO}:../x", progress=False)
+        pull(store, f"{GGUF_REPO}:../x")
 
 
 def test_unreachable_hub_is_a_clear_error(env, store):
     with HubServer({}) as server:
         url = server.url
     with pytest.raises(StoreError, match="cannot reach the hub"):
-        pull(store, GGUF_REPO, progress=False, endpoint=url)
+        pull(store, GGUF_REPO, endpoint=url)
 
 
 def test_endpoint_argument_and_token(ggufs, env, store):
@@ -563,7 +555,7 @@ def test_endpoint_argument_and_token(ggufs, env, store):
     # huggingface_hub reads this switch once at import; the test needs implicit tokens on.
     env.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
     with HubServer({GGUF_REPO: ggufs}) as server:
-        manifest = pull(store, f"hf.co/{GGUF_REPO}:Q8_0", progress=False, endpoint=server.url)
+        manifest = pull(store, f"hf.co/{GGUF_REPO}:Q8_0", endpoint=server.url)
         auth = server.auth_headers
     assert manifest.quant == "Q8_0"
     api = [a for p, a in auth if p.startswith("/api/")]

@@ -446,3 +446,11 @@ def test_a_test_kit_server_starts_and_answers_without_deprecation_warnings(home)
             assert httpx.get(server.base_url + "/v1/models/test/echo", timeout=10).status_code == 200
     deprecations = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
     assert deprecations == []
+
+
+@pytest.mark.parametrize("field", ["repeat_penalty", "repetition_penalty"])
+def test_a_zero_repeat_penalty_is_refused_once_at_the_edge(server, field):
+    err = assert_error(post(server, "/v1/chat/completions",
+                            {"model": "test/echo", "messages": USER, field: 0}), 400)
+    assert err["param"] == "repeat_penalty"
+    assert post(server, "/v1/chat/completions", {"model": "test/echo", "messages": USER, field: 1.3}).status_code == 200

@@ -129,7 +129,7 @@ def test_hub_file_names_never_escape(home, canary, monkeypatch, evil):
     store = ModelStore(home)
     with HubServer({"acme/Evil-GGUF": {"Evil-Q4_K_M.gguf": tiny_gguf_bytes(), evil: tiny_gguf_bytes()}}) as hub:
         with pytest.raises(StoreError, match="unsafe name"):
-            pull(store, "acme/Evil-GGUF", progress=False, endpoint=hub.url)
+            pull(store, "acme/Evil-GGUF", endpoint=hub.url)
     assert _snapshot(canary) == before
     assert store.list() == []
     assert not any("evil" in str(p).lower() for p in home.rglob("*")), list(home.rglob("*"))

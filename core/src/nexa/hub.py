@@ -2,14 +2,9 @@
 
 This module owns three things:
 
-1. **Which files make the model.** A GGUF repo gives one quant (``:QUANT`` or the first of
-   ``QUANT_PREFERENCE`` present, else the smallest), all parts of a split GGUF
-   (``-00001-of-0000N``), and one ``mmproj`` file when the repo has any (vision models;
-   ``MMPROJ_PREFERENCE``). A diffusers repo gives ``model_index.json`` and the folders of
-   the components it names. Sentence-transformers, MLX and transformers repos give their
-   configs, tokenizer files and weights. Everywhere, safetensors win over the same weights
-   as ``.bin``/``.pt``/``.ckpt``; ONNX/TF/Flax/OpenVINO exports, READMEs, images and
-   remote code are left out.
+1. **Which files make the model**: ``nexa.repofiles.choose_files`` on the repo's listing
+   (one GGUF quant and its mmproj, a diffusers pipeline's components, a transformers
+   folder's configs and weights).
 2. **Resumable, verified download.** huggingface_hub's own ``hf_hub_download`` neither
    resumes across processes nor checks sha256 (see the environment notes), so each file
    is fetched here from the repo's ``resolve`` URL (built by ``hf_hub_url`` at the commit
@@ -18,13 +13,17 @@ This module owns three things:
    ``partial/blobs/<algo>-<hash>.part``. A pull that is cut off, even by a killed process,
    goes on from the last byte on disk. Every file is checked against the Hub's hash (the
    LFS sha256, or the git blob sha1 of small files) while it streams; a mismatch deletes
-   the file and raises ``StoreError``.
+   the file and raises ``StoreError``. A file some model in the store already has (same
+   sha256 and size: the mmproj every quant of a vision repo shares) is hard-linked from
+   there instead. Progress goes to a callback as ``nexa.progress.PullProgress`` events,
+   and a ``CancelToken`` is checked between chunks.
 3. **Atomic install.** Verified blobs are linked into a staging folder, the manifest is
    built by ``nexa.formats.describe_folder``, and ``ModelStore.install`` renames the folder
-   into place: a model is visible complete or not at all.
+   into place: a model is visible complete or not at all. ``ORG/REPO:QUANT`` installs as
+   its own model beside ``ORG/REPO`` and the repo's other quants.
 
-File names from the Hub are untrusted: any unsafe name in a repo listing (``..``,
-absolute, backslashes, control characters) refuses the whole pull.
+File names from the Hub are untrusted: any unsafe name in a repo listing refuses the
+whole pull (``nexa.repofiles.check_names``).
 
 The endpoint is ``endpoint=``, else ``HF_ENDPOINT`` read at call time (huggingface_hub reads
 it once at import), else huggingface.co. ``HF_TOKEN`` is honoured by huggingface_hub.
@@ -40,16 +39,22 @@ import os
 import re
 import shutil
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-import attrs
-
+from nexa.backend import CancelToken
 from nexa.errors import StoreError
-from nexa.formats import is_mmproj, quant_of
-from nexa.store import MANIFEST_NAME, ModelStore, split_quant, validate_name
+from nexa.progress import ProgressCallback, PullTracker
+from nexa.repofiles import (
+    MMPROJ_PREFERENCE,
+    QUANT_PREFERENCE,
+    RemoteFile,
+    check_names,
+    choose_files,
+    variant_label,
+)
+from nexa.store import ModelStore, folder_of, link_or_copy, split_quant, validate_name
 from nexa.types import Manifest, ModelFile
 
 __all__ = [
@@ -62,252 +67,21 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-QUANT_PREFERENCE: tuple[str, ...] = (
-    # 4-bit K-quants: the usual best size/quality trade-off on CPU and GPU alike.
-    "Q4_K_M", "Q4_K_S", "Q4_K_XL", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS",
-    # Bigger and better, then smaller and worse.
-    "Q5_K_M", "Q5_K_S", "Q5_0", "Q6_K", "Q8_0", "Q3_K_M", "Q3_K_L",
-    # Unquantised last: several times the size.
-    "F16", "BF16", "F32",
-)
-"""Default GGUF quant, first present wins; a repo with none of these gives its smallest."""
-
-MMPROJ_PREFERENCE: tuple[str, ...] = ("F16", "BF16", "F32", "Q8_0")
-"""Vision projector precision, first present wins; then the model's own quant, then smallest.
-Projectors are small, and llama.cpp's vision path is tested mostly at F16."""
-
 RETRIES = 4
 """Attempts per file after a network error that made no progress (progress resets it)."""
 RETRY_WAIT = 1.0
 """Seconds before the first retry; doubles each time."""
 
 _CHUNK = 1 << 20
-_SPLIT_RE = re.compile(r"^(?P<base>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.I)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
-# Non-GGUF repos: what a model folder needs, and what to leave on the Hub.
-_KEEP_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".vocab", ".spm", ".npz")
-_PREFERRED_WEIGHTS = (".safetensors",)
-_FALLBACK_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
-_WEIGHT_SUFFIXES = _PREFERRED_WEIGHTS + _FALLBACK_WEIGHTS + (".npz",)
-_SKIP_DIRS = frozenset(
-    {"onnx", "openvino", "coreml", "tflite", "tensorrt", "flax", "tf", "runs", "logs",
-     "checkpoints", "images", "samples", "assets", "original"}
-)
-# Training state that shares the weights' suffixes but is never needed for inference.
-_TRAINING_FILES = re.compile(r"^(training_args|optimizer|scheduler|rng_state[^/]*)\.(bin|pt|pth)$")
-_VARIANT_RE = re.compile(r"\.(fp16|bf16|fp32|fp8|non_ema|ema)(?=\.|-\d)", re.I)
-_VARIANT_PREFERENCE = ("fp16", "bf16", "fp32")
-
-
-@attrs.frozen
-class RemoteFile:
-    """One file of a Hub repo as its listing describes it."""
-
-    path: str
-    size: int | None = None
-    sha256: str | None = None
-    """Content sha256 of an LFS file."""
-    git_sha1: str | None = None
-    """Git blob id; the content hash of a non-LFS file."""
-
-
-# --- choosing files ----------------------------------------------------------------------
-
-
-def _unsafe_reason(path: str) -> str | None:
-    if not path or len(path) > 1024:
-        return "empty or too long"
-    if any(ord(c) < 32 or c in '\\:*?"<>|' for c in path):
-        return "a control character, backslash or reserved character"
-    if path.startswith("/"):
-        return "an absolute path"
-    parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        return "an empty, '.' or '..' path segment"
-    if any(len(p) > 255 for p in parts):
-        return "a path segment over 255 characters"
-    return None
-
-
-def _check_names(files: Sequence[RemoteFile], repo: str) -> None:
-    for f in files:
-        reason = _unsafe_reason(f.path)
-        if reason:
-            raise StoreError(
-                f"the hub listed a file of {repo} with an unsafe name ({reason}): {f.path[:200]!r}; "
-                "refusing to pull from it"
-            )
-
-
-# Labels nexa.formats.quant_of doesn't know: ternary and MXFP4 quants, ARM repacks.
-_MORE_QUANTS = re.compile(r"(?<![A-Za-z0-9])(TQ[12]_0|MXFP4(?:_MOE)?|Q4_0_[48]_[48])(?![A-Za-z0-9])", re.I)
-
-
-def _quant_label(stem: str) -> str | None:
-    extra = _MORE_QUANTS.search(stem)
-    label = extra.group(1).upper() if extra else quant_of(stem + ".gguf")
-    return {"FP16": "F16", "FP32": "F32"}.get(label, label) if label else None
-
-
-def _total_size(files: Sequence[RemoteFile]) -> float:
-    if any(f.size is None for f in files):
-        return float("inf")
-    return float(sum(f.size or 0 for f in files))
-
-
-def _gguf_variants(ggufs: Sequence[RemoteFile]) -> dict[str, list[RemoteFile]]:
-    """Model GGUFs grouped into variants (one file, or all parts of a split), by quant label."""
-    groups: dict[str, list[RemoteFile]] = defaultdict(list)
-    for f in ggufs:
-        match = _SPLIT_RE.match(f.path)
-        groups[match["base"] if match else f.path[: -len(".gguf")]].append(f)
-    variants: dict[str, list[RemoteFile]] = {}
-    for key in sorted(groups, key=lambda k: (len(k), k)):
-        members = sorted(groups[key], key=lambda f: f.path)
-        splits = [_SPLIT_RE.match(f.path) for f in members]
-        if all(splits):
-            totals = {int(m["total"]) for m in splits if m}
-            parts = sorted(int(m["part"]) for m in splits if m)
-            if len(totals) != 1 or parts != list(range(1, totals.pop() + 1)):
-                log.warning("skipping %s: its split parts are incomplete", key)
-                continue
-        elif len(members) > 1:
-            continue  # a plain file and a split of the same name: ambiguous, leave it
-        name = PurePosixPath(key).name
-        label = _quant_label(name) or name
-        # Two files with one label (e.g. an "-imat" copy): the shorter name wins.
-        variants.setdefault(label.upper(), members)
-    return variants
-
-
-def _choose_gguf(
-    files: Sequence[RemoteFile], quant: str | None, repo: str
-) -> tuple[list[RemoteFile], str | None]:
-    ggufs = [f for f in files if f.path.lower().endswith(".gguf")]
-    models = [f for f in ggufs if not is_mmproj(f.path)]
-    projectors = [f for f in ggufs if is_mmproj(f.path)]
-    variants = _gguf_variants(models)
-    if not variants:
-        raise StoreError(
-            f"{repo} has no complete model GGUF (only projector files or incomplete split parts)"
-        )
-    if quant:
-        # Same labelling as the files get: "fp16" finds F16, "UD-Q4_K_XL" finds Q4_K_XL.
-        label = _quant_label(quant) or quant.upper()
-        if label not in variants:
-            raise StoreError(
-                f"{repo} has no {quant} GGUF; available: {', '.join(sorted(variants))}",
-                param="model",
-            )
-    else:
-        label = next((q for q in QUANT_PREFERENCE if q in variants), None) or min(
-            variants, key=lambda q: (_total_size(variants[q]), q)
-        )
-    chosen = list(variants[label])
-    if projectors:
-        by_label: dict[str, RemoteFile] = {}
-        for f in sorted(projectors, key=lambda f: (_total_size([f]), f.path)):
-            by_label.setdefault(_quant_label(PurePosixPath(f.path).stem) or "", f)
-        pick = next((by_label[q] for q in (*MMPROJ_PREFERENCE, label) if q in by_label), None)
-        chosen.append(pick or min(projectors, key=lambda f: (_total_size([f]), f.path)))
-    return chosen, (label if _quant_label(label) == label else None)
-
-
-def _weights_in_folder(files: list[RemoteFile]) -> list[RemoteFile]:
-    """Drop duplicate weights within one folder: safetensors over pickles, one variant."""
-    names = [PurePosixPath(f.path).name for f in files]
-    has_safetensors = any(n.endswith(_PREFERRED_WEIGHTS) for n in names)
-    out = []
-    for f, name in zip(files, names, strict=True):
-        if has_safetensors and (
-            name.endswith(_FALLBACK_WEIGHTS) or re.search(r"\.(bin|pt|pth)\.index\.json$", name)
-        ):
-            continue
-        out.append(f)
-    # diffusers-style variants (x.fp16.safetensors beside x.safetensors): keep the
-    # unsuffixed weights when present (what loaders take by default), else one variant.
-    variants = {f.path: m.group(1).lower() for f in out if (m := _VARIANT_RE.search(f.path))}
-    if not variants:
-        return out
-    plain_weights = any(
-        f.path not in variants and PurePosixPath(f.path).name.endswith(_WEIGHT_SUFFIXES)
-        for f in out
-    )
-    if plain_weights:
-        return [f for f in out if f.path not in variants]
-    present = set(variants.values())
-    keep = next((v for v in _VARIANT_PREFERENCE if v in present), min(present))
-    return [f for f in out if variants.get(f.path, keep) == keep]
-
-
-def _choose_folder(files: Sequence[RemoteFile], *, roots: set[str] | None = None) -> list[RemoteFile]:
-    """The files a transformers / sentence-transformers / MLX / diffusers folder needs.
-
-    ``roots``: when given (diffusers), only files inside these top-level folders are taken,
-    plus ``model_index.json``.
-    """
-    kept: dict[str, list[RemoteFile]] = defaultdict(list)
-    for f in files:
-        parts = PurePosixPath(f.path).parts
-        name = parts[-1]
-        folder = "/".join(parts[:-1])
-        if name == MANIFEST_NAME and not folder:
-            continue  # would clash with the store's own manifest
-        if any(p.startswith(".") or p.lower() in _SKIP_DIRS for p in parts):
-            continue
-        if roots is not None and not (f.path == "model_index.json" or (folder and parts[0] in roots)):
-            continue
-        lowered = name.lower()
-        if _TRAINING_FILES.match(lowered):
-            continue
-        if not lowered.endswith(_KEEP_SUFFIXES + _PREFERRED_WEIGHTS + _FALLBACK_WEIGHTS):
-            continue
-        kept[folder].append(f)
-    out: list[RemoteFile] = []
-    for folder in sorted(kept):
-        out.extend(_weights_in_folder(kept[folder]))
-    return out
-
-
-def choose_files(
-    files: Sequence[RemoteFile],
-    quant: str | None = None,
-    *,
-    repo: str = "repo",
-    model_index: dict[str, Any] | None = None,
-) -> tuple[list[RemoteFile], str | None]:
-    """The files to download from a repo listing, and the GGUF quant label chosen.
-
-    ``model_index``: the parsed ``model_index.json`` of a diffusers repo (its components
-    decide which folders are needed).
-    """
-    _check_names(files, repo)
-    if any(f.path.lower().endswith(".gguf") for f in files):
-        return _choose_gguf(files, quant, repo)
-    if quant:
-        raise StoreError(
-            f"{repo} has no GGUF files; ':{quant}' picks a quant in GGUF repos only", param="model"
-        )
-    if model_index is not None:
-        components = {
-            key for key, value in model_index.items()
-            if not key.startswith("_") and isinstance(value, list) and len(value) == 2
-            and value[0] is not None
-        }
-        chosen = _choose_folder(files, roots=components)
-    else:
-        chosen = _choose_folder(files)
-    if not any(PurePosixPath(f.path).name.lower().endswith(_WEIGHT_SUFFIXES) for f in chosen):
-        raise StoreError(
-            f"{repo} has no weights nexa can use (expected .gguf, or .safetensors/.bin beside a "
-            "config.json or model_index.json)"
-        )
-    return chosen, None
-
 
 # --- downloading -------------------------------------------------------------------------
+
+
+Expected = tuple[int | None, str, str]
+"""(size, algo, hex digest) that a file's bytes must match; algo is sha256 or gitsha1."""
 
 
 def _hasher(algo: str, size: int | None) -> Any:
@@ -319,28 +93,33 @@ def _hasher(algo: str, size: int | None) -> Any:
 
 
 class _Downloader:
-    """Fetches files of one repo commit into ``partial/blobs``, verified."""
+    """Fetches files of one repo commit into ``partial/blobs``, verified, cancellable."""
 
-    def __init__(self, store: ModelStore, repo: str, commit: str, endpoint: str, progress: bool):
+    def __init__(self, store: ModelStore, repo: str, commit: str, endpoint: str,
+                 cancel: CancelToken | None = None):
         from huggingface_hub.utils import build_hf_headers, get_session
 
         self.repo = repo
         self.commit = commit
         self.endpoint = endpoint
-        self.progress = progress
+        self.cancel = cancel
         self.blobs = store.partial_dir / "blobs"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.session = get_session()
         # identity: byte offsets for Range must be offsets in the file, not a gzip stream.
         self.headers = build_hf_headers(headers={"Accept-Encoding": "identity"})
 
+    def check_cancelled(self) -> None:
+        if self.cancel is not None:
+            self.cancel.raise_if_cancelled()
+
     def url(self, path: str) -> str:
         from huggingface_hub import hf_hub_url
 
         return hf_hub_url(self.repo, path, revision=self.commit, endpoint=self.endpoint)
 
-    def expect(self, f: RemoteFile) -> tuple[int | None, str, str]:
-        """(size, algo, hex digest) that the file's bytes must match."""
+    def expect(self, f: RemoteFile) -> Expected:
+        """What the file's bytes must match: from the listing, else the file's headers."""
         size, algo, digest = f.size, None, None
         if f.sha256:
             algo, digest = "sha256", f.sha256.lower()
@@ -366,31 +145,41 @@ class _Downloader:
             raise StoreError(f"the hub gave a malformed checksum for {f.path}: {digest[:80]!r}")
         return size, algo, digest
 
-    def remaining(self, f: RemoteFile) -> int:
-        """Bytes still to fetch (for the disk-space check), from what is on disk."""
-        if f.size is None:
-            return 0
-        digest = (f.sha256 or f.git_sha1 or "").lower()
-        algo = "sha256" if f.sha256 else "gitsha1"
+    def _paths(self, expected: Expected) -> tuple[Path, Path]:
+        _size, algo, digest = expected
         final = self.blobs / f"{algo}-{digest}"
-        if digest and final.is_file():
-            return 0
-        part = final.with_name(final.name + ".part")
-        have = part.stat().st_size if digest and part.is_file() else 0
-        return max(0, f.size - have)
+        return final, final.with_name(final.name + ".part")
 
-    def fetch(self, f: RemoteFile) -> Path:
-        """The verified blob for ``f`` (downloaded or resumed as needed)."""
+    def on_disk(self, expected: Expected) -> int:
+        """Bytes of the file already in ``partial/blobs`` (complete, or left by a cut run)."""
+        size = expected[0]
+        final, part = self._paths(expected)
+        if final.is_file() and (size is None or final.stat().st_size == size):
+            return final.stat().st_size
+        return part.stat().st_size if part.is_file() else 0
+
+    def fetch(self, f: RemoteFile, expected: Expected | None = None,
+              tracker: PullTracker | None = None, *, have: Path | None = None) -> Path:
+        """The verified blob for ``f`` (downloaded or resumed as needed).
+
+        ``have``: a file of a model in the store with the same bytes; the blob becomes a
+        hard link to it (a download only if it vanished meanwhile, say removed).
+        """
         from filelock import FileLock
 
-        size, algo, digest = self.expect(f)
-        final = self.blobs / f"{algo}-{digest}"
-        part = final.with_name(final.name + ".part")
+        expected = expected or self.expect(f)
+        size, algo, digest = expected
+        final, part = self._paths(expected)
+        tracker = tracker or PullTracker("", ())
         # Another pull (another model sharing the blob) may be fetching it: wait for it.
         with FileLock(str(final) + ".lock"):
+            if have is not None and not final.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    link_or_copy(have, final)
             if final.is_file() and (size is None or final.stat().st_size == size):
+                tracker.complete(f.path, reused=True)
                 return final
-            actual = self._download(f, part, size, algo)
+            actual = self._download(f, part, size, algo, tracker)
             if actual != digest:
                 part.unlink(missing_ok=True)
                 kind = "sha256" if algo == "sha256" else "git blob sha1"
@@ -399,14 +188,15 @@ class _Downloader:
                     f"got {actual}; the file was deleted and nothing was installed"
                 )
             os.replace(part, final)
+        tracker.complete(f.path)
         return final
 
-    def _download(self, f: RemoteFile, part: Path, size: int | None, algo: str) -> str:
+    def _download(self, f: RemoteFile, part: Path, size: int | None, algo: str,
+                  tracker: PullTracker) -> str:
         import httpx2
         from huggingface_hub import constants
         from huggingface_hub.errors import HfHubHTTPError
         from huggingface_hub.utils import hf_raise_for_status
-        from huggingface_hub.utils import tqdm as hf_tqdm
 
         hasher = _hasher(algo, size)
         offset = part.stat().st_size if part.is_file() else 0
@@ -419,12 +209,10 @@ class _Downloader:
                 while block := fh.read(_CHUNK):
                     hasher.update(block)
             log.info("resuming %s at byte %d of %s", f.path, offset, size)
+        tracker.begin(f.path, offset)
         url = self.url(f.path)
         failures = 0
-        with part.open("ab") as out, hf_tqdm(
-            total=size, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=_short(f.path), disable=None if self.progress else True,
-        ) as bar:
+        with part.open("ab") as out:
             while size is None or offset < size:
                 headers = dict(self.headers)
                 if offset:
@@ -439,8 +227,8 @@ class _Downloader:
                             # The server ignored Range and sends the whole file: start over.
                             out.truncate(0)
                             hasher = _hasher(algo, size)
-                            bar.update(-offset)
                             offset = before = 0
+                            tracker.advance(f.path, 0)
                         elif response.status_code == 206:
                             start = _content_range_start(response.headers.get("Content-Range"))
                             if start != offset:
@@ -449,6 +237,9 @@ class _Downloader:
                                     f"with bytes from {start}"
                                 )
                         for chunk in response.iter_bytes():
+                            # Between chunks: a cancelled pull stops here, its bytes kept
+                            # in the .part file for the next run to resume from.
+                            self.check_cancelled()
                             if size is not None and offset + len(chunk) > size:
                                 raise StoreError(
                                     f"the hub sent more than the {size} bytes of {f.path}"
@@ -458,7 +249,7 @@ class _Downloader:
                             out.flush()
                             hasher.update(chunk)
                             offset += len(chunk)
-                            bar.update(len(chunk))
+                            tracker.advance(f.path, offset)
                     if size is None:
                         size = offset
                     elif offset < size:
@@ -481,10 +272,6 @@ class _Downloader:
 def _content_range_start(header: str | None) -> int | None:
     match = re.match(r"^\s*bytes\s+(\d+)-\d+/(?:\d+|\*)\s*$", header or "")
     return int(match.group(1)) if match else None
-
-
-def _short(path: str) -> str:
-    return path if len(path) <= 40 else "…" + path[-39:]
 
 
 def _describe(exc: BaseException) -> str:
@@ -554,7 +341,7 @@ def _pull_lock(store: ModelStore, name: str) -> Iterator[None]:
 
     locks = store.partial_dir / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(locks / (name.replace("/", "--") + ".lock")))
+    lock = FileLock(str(locks / (folder_of(name).replace("/", "--") + ".lock")))
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -585,14 +372,9 @@ def _sha256(path: Path) -> str:
 def _up_to_date(
     store: ModelStore, name: str, source: str, chosen: Sequence[RemoteFile], label: str | None
 ) -> Manifest | None:
-    """The installed manifest when it already holds exactly these files of this commit."""
-    from nexa.errors import NexaError
-
-    try:
-        manifest = store.get(name)
-    except NexaError:
-        return None
-    if manifest.source != source or manifest.quant != label or manifest.root is None:
+    """The installed model ``name`` when it already holds exactly these files of this commit."""
+    manifest = store.installed(name)
+    if manifest is None or manifest.source != source or manifest.quant != label or manifest.root is None:
         return None
     have = {f.path: f.size for f in manifest.files}
     if have != {f.path: f.size for f in chosen}:
@@ -608,10 +390,20 @@ def pull(
     store: ModelStore,
     spec: str,
     *,
-    progress: bool = True,
     endpoint: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
 ) -> Manifest:
     """Download ``ORG/REPO[:QUANT]`` from the Hub into ``store``; return its manifest.
+
+    The model is named as pulled: ``ORG/REPO`` without a tag, ``ORG/REPO:QUANT`` (the
+    quant's canonical label) with one, so several quants live side by side. A tagged pull
+    of the quant that the untagged model already holds at this commit returns that model.
+    Files the store already has (same sha256) are linked, not downloaded.
+
+    ``on_progress`` receives ``nexa.progress.PullProgress`` events. ``cancel`` is checked
+    between chunks and files; a cancelled pull raises ``nexa.errors.Cancelled``, installs
+    nothing, and leaves its partial files for the next pull to resume.
 
     Raises ``StoreError`` (with what to do next) for unknown repos, missing quants, network
     failures (run again to resume), and files that fail verification (deleted; nothing
@@ -635,13 +427,14 @@ def pull(
         )
         for s in info.siblings or []
     ]
-    _check_names(listing, repo)
-    name = repo
+    check_names(listing, repo)
+    repo_name = repo
     if isinstance(info.id, str) and info.id.lower() == repo.lower():
-        name = validate_name(info.id)  # the hub's own spelling of the name
+        repo_name = validate_name(info.id)  # the hub's own spelling of the name
+    name = repo_name if quant is None else validate_name(f"{repo_name}:{variant_label(quant)}")
 
     with _pull_lock(store, name):
-        downloader = _Downloader(store, repo, commit, endpoint, progress)
+        downloader = _Downloader(store, repo, commit, endpoint, cancel)
         model_index = None
         is_gguf = any(f.path.lower().endswith(".gguf") for f in listing)
         index_file = next((f for f in listing if f.path == "model_index.json"), None)
@@ -656,29 +449,45 @@ def pull(
         chosen, label = choose_files(listing, quant, repo=repo, model_index=model_index)
         source = f"hf:{repo}@{commit}"
         current = _up_to_date(store, name, source, chosen, label)
+        if current is None and name != repo_name:
+            current = _up_to_date(store, repo_name, source, chosen, label)
         if current is not None:
-            log.info("%s is up to date (%s)", name, commit[:12])
+            log.info("%s is up to date (%s)", current.name, commit[:12])
+            tracker = PullTracker(current.name, [(f.path, f.size) for f in current.files], on_progress)
+            tracker.finish()
             return current
 
-        needed = sum(downloader.remaining(f) for f in chosen)
+        plans = [(f, downloader.expect(f)) for f in chosen]
+        # Files a model in the store already has are linked from there, never fetched.
+        shared = store.file_index()
+        reuse = {f.path: shared[(exp[2], exp[0])] for f, exp in plans
+                 if exp[1] == "sha256" and (exp[2], exp[0]) in shared}
+        on_disk = {f.path: (exp[0] or 0) if f.path in reuse else downloader.on_disk(exp) for f, exp in plans}
+        needed = sum((exp[0] or 0) - on_disk[f.path] for f, exp in plans)
         free = shutil.disk_usage(store.partial_dir).free
         if needed > free:
             raise StoreError(
                 f"{repo} needs {needed / 1e9:.1f} GB more disk space; {free / 1e9:.1f} GB free "
                 f"under {store.home}"
             )
-        log.info("pulling %s@%s: %d files", repo, commit[:12], len(chosen))
+        log.info("pulling %s@%s as %s: %d files", repo, commit[:12], name, len(chosen))
+        tracker = PullTracker(name, [(f.path, exp[0]) for f, exp in plans], on_progress)
+        tracker.start(on_disk)
+        blobs: list[tuple[RemoteFile, Expected, Path]] = []
         try:
-            blobs = [(f, downloader.fetch(f)) for f in chosen]
+            for f, exp in plans:
+                downloader.check_cancelled()
+                blobs.append((f, exp, downloader.fetch(f, exp, tracker, have=reuse.get(f.path))))
         except OSError as exc:  # disk full, permissions: not the hub's fault
             raise StoreError(f"cannot write the download under {store.partial_dir}: {exc}") from exc
+        downloader.check_cancelled()
 
         staged = store.staging_dir(name)
         try:
             root = staged.resolve()
             files = []
             placed: dict[Path, Path] = {}
-            for f, blob in blobs:
+            for f, (_size, algo, digest), blob in blobs:
                 target = staged / f.path
                 if not target.resolve().is_relative_to(root):
                     raise StoreError(f"file name {f.path!r} escapes the model folder")
@@ -688,16 +497,18 @@ def pull(
                 else:  # identical bytes under two names, and the blob was moved already
                     shutil.copyfile(placed[blob], target)
                 placed.setdefault(blob, target)
-                sha = f.sha256.lower() if f.sha256 else _sha256(target)
+                sha = digest if algo == "sha256" else _sha256(target)
                 files.append(ModelFile(f.path, target.stat().st_size, sha))
             from nexa.formats import describe_folder
 
             manifest = describe_folder(name, staged, files, source=source, quant=label)
+            downloader.check_cancelled()
             installed = store.install(manifest, staged)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
         # Lock files stay: deleting one that another pull waits on would split the lock.
-        for _, blob in blobs:
+        for _, _, blob in blobs:
             blob.unlink(missing_ok=True)
+        tracker.finish()
         return installed

@@ -1,9 +1,4 @@
-"""The ``nexa`` command: pull, list, show, remove, clean, serve, run, plugins, and ps,
-load, unload (``nexa.admin_client``: a running server's management API).
-
-Only the standard library is imported at start-up so ``nexa --help`` stays fast; each
-command imports what it needs when it runs.
-"""
+"""Engine commands: ``serve`` (the OpenAI HTTP API) and ``run`` (chat in the terminal)."""
 
 from __future__ import annotations
 
@@ -13,103 +8,13 @@ import sys
 from pathlib import Path
 
 from nexa import __version__
+from nexa.cli.common import open_store
 from nexa.config import DEFAULT_HOST, DEFAULT_PORT
 
 DEFAULT_MODEL = "nexa/smollm2-135m-instruct"
 
 
-def _store(args: argparse.Namespace):
-    from nexa.plugins import load_plugins
-    from nexa.store import ModelStore
-
-    store = ModelStore(args.home) if args.home else ModelStore()
-    plugins = load_plugins()
-    store.packaged = list(plugins.models)
-    return store, plugins
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
-
-
-def cmd_pull(args: argparse.Namespace) -> int:
-    store, _ = _store(args)
-    target = args.model
-    local = Path(target).expanduser()
-    if local.exists() and (local.is_dir() or local.is_file()):
-        manifest = store.import_path(local, name=args.name)
-    else:
-        from nexa.hub import pull
-
-        manifest = pull(store, target, progress=not args.quiet)
-    tasks = ", ".join(sorted(t.value for t in manifest.tasks))
-    print(f"pulled {manifest.name} ({manifest.format}, {tasks}, {_human(manifest.size)})")
-    return 0
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    store, _ = _store(args)
-    rows = [("NAME", "FORMAT", "QUANT", "TASKS", "SIZE", "SOURCE")]
-    for m in store.list():
-        rows.append((m.name, m.format, m.quant or "-", ",".join(sorted(t.value for t in m.tasks)),
-                     _human(m.size), m.source.split("@", 1)[0]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    for folder, reason in store.broken():
-        print(f"warning: models/{folder} has a damaged manifest ({reason})", file=sys.stderr)
-    return 0
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    store, _ = _store(args)
-    manifest = store.get(args.model)
-    print(manifest.to_json())
-    return 0
-
-
-def cmd_remove(args: argparse.Namespace) -> int:
-    store, _ = _store(args)
-    manifest = store.remove(args.model)
-    print(f"removed {manifest.name if manifest is not None else args.model}")
-    return 0
-
-
-def cmd_clean(args: argparse.Namespace) -> int:
-    store, _ = _store(args)
-    print(f"freed {_human(store.clean())}")
-    return 0
-
-
-def cmd_plugins(args: argparse.Namespace) -> int:
-    from nexa.plugins import load_plugins
-    from nexa.registry import BackendRegistry
-
-    plugins = load_plugins()
-    registry = BackendRegistry(plugins)
-    print("plugins loaded: " + (", ".join(sorted(plugins.loaded)) or "none"))
-    for name in plugins.disabled:
-        print(f"plugin disabled: {name} (NEXA_DISABLE_PLUGINS)")
-    for f in plugins.failures:
-        print(f"plugin FAILED: {f.plugin} at {f.stage}: {f.error}")
-        if args.verbose and f.detail:
-            print(f.detail)
-    print("backends:")
-    for b in registry.infos():
-        print(f"  {b.name:<22} tasks={','.join(sorted(t.value for t in b.tasks))} "
-              f"formats={','.join(sorted(b.formats))} devices={','.join(sorted(b.devices))} "
-              f"parallel={b.parallel} priority={b.priority} plugin={b.plugin}")
-    if plugins.models:
-        print("ready models from packages: " + ", ".join(m.name for m in plugins.models))
-    return 0
-
-
-def _server_config(args: argparse.Namespace):
+def server_config(args: argparse.Namespace):
     from nexa.config import ServerConfig
     from nexa.server.app import bind_is_loopback
 
@@ -149,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from nexa.server.app import create_app
 
-    config = _server_config(args)
+    config = server_config(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
     print(f"nexa {__version__} serving on http://{config.host}:{config.port} "
@@ -183,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nexa.registry import BackendRegistry
     from nexa.types import ChatMessage, ChatRequest, Sampling, Task
 
-    store, plugins = _store(args)
+    store, plugins = open_store(args)
     config = ServerConfig(home=Path(args.home) if args.home else None, backend=args.backend,
                           context_length=args.ctx, threads=args.threads)
     manager = ModelManager(store, BackendRegistry(plugins, pin=args.backend),
@@ -226,36 +131,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nexa", description="Run AI models locally behind the OpenAI HTTP API.")
-    parser.add_argument("--version", action="version", version=f"nexa {__version__}")
-    parser.add_argument("--home", default=None, help="model store folder (default: NEXA_HOME or the user cache dir)")
-    sub = parser.add_subparsers(dest="command", required=True)
+def engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cuda", "metal", "mps", "cpu"], default=None)
+    p.add_argument("--backend", default=None, help="force this backend for every model (e.g. mlx)")
+    p.add_argument("--ctx", type=int, default=None, help="context length for every model")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per model")
 
-    p = sub.add_parser("pull", help="download ORG/REPO[:QUANT] from the hub, or import a local file/folder")
-    p.add_argument("model")
-    p.add_argument("--name", help="store name for a local import (default: local/<file name>)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_pull)
 
-    sub.add_parser("list", help="list models in the store").set_defaults(func=cmd_list)
-    p = sub.add_parser("show", help="print a model's manifest")
-    p.add_argument("model")
-    p.set_defaults(func=cmd_show)
-    p = sub.add_parser("remove", help="delete a model from the store")
-    p.add_argument("model")
-    p.set_defaults(func=cmd_remove)
-    sub.add_parser("clean", help="delete partial downloads and caches").set_defaults(func=cmd_clean)
-    p = sub.add_parser("plugins", help="installed plugins, failures and backends")
-    p.add_argument("--verbose", action="store_true")
-    p.set_defaults(func=cmd_plugins)
-
-    def engine_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", choices=["cuda", "metal", "mps", "cpu"], default=None)
-        p.add_argument("--backend", default=None, help="force this backend for every model (e.g. mlx)")
-        p.add_argument("--ctx", type=int, default=None, help="context length for every model")
-        p.add_argument("--threads", type=int, default=None, help="CPU threads per model")
-
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"model to load at start (default: {DEFAULT_MODEL})")
@@ -276,10 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
 
-    from nexa.admin_client import add_commands
-
-    add_commands(sub)  # ps, load, unload: the running server's management API
-
     p = sub.add_parser("run", help="chat with a model in the terminal")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     engine_args(p)
@@ -288,23 +167,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_run)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:
-        from nexa.errors import NexaError
-
-        if isinstance(exc, NexaError):
-            print(f"error: {exc.message}", file=sys.stderr)
-            return 1
-        raise
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m nexa.cli``: the same as the ``nexa`` command."""
+
+import sys
+
+from nexa.cli.main import main
+
+sys.exit(main())
