@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -19,6 +18,7 @@ import pytest
 from nexa.backend import Backend
 from nexa.errors import Cancelled
 from nexa.testing import EchoBackend, echo_manifest, serve
+from nexa.testing import wait_until as until
 from nexa.types import ChatChunk, EmbedResult, Manifest, ModelFile, Task, Usage
 
 USER = [{"role": "user", "content": "hello there"}]
@@ -103,15 +103,6 @@ def resident(handle, **kw) -> dict[str, dict]:
     resp = httpx.get(handle.base_url + "/v1/admin/models", timeout=30, **kw)
     assert resp.status_code == 200, resp.text
     return {e["model"]: e for e in resp.json()["data"]}
-
-
-def until(predicate, what: str, timeout: float = 20.0):
-    """Poll observable server state until ``predicate()`` is true."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return value
 
 
 def error_of(resp, status: int, code: str | None = None) -> dict:
@@ -331,13 +322,16 @@ def test_pin_beats_lru_eviction(home):
 
 
 def test_pin_beats_keep_alive(home):
-    with serve([SizedEcho], home=home, models=[sized("test/a", 1), sized("test/b", 1)], keepalive=0.3) as handle:
-        for name in ("test/a", "test/b"):
-            assert post(handle, "/v1/chat/completions", {"model": name, "messages": USER}).status_code == 200
+    with serve([SizedEcho], home=home, models=[sized("test/a", 1), sized("test/b", 1)]) as handle:
+        assert post(handle, "/v1/admin/models/load", {"model": "test/a", "keep_alive": -1}).status_code == 200
         assert post(handle, "/v1/admin/models/pin", {"model": "test/a"}).status_code == 200
+        # Requests give both models a keep-alive that runs out at once, or almost.
+        for name, keep in (("test/a", 0), ("test/a", 0.2), ("test/b", 0.2)):
+            chat = {"model": name, "messages": USER, "keep_alive": keep}
+            assert post(handle, "/v1/chat/completions", chat).status_code == 200
         until(lambda: "test/b" not in resident(handle), "b's keep-alive to unload it")
         entry = resident(handle)["test/a"]
-        assert entry["pinned"] is True and entry["expires_in"] is None
+        assert entry["pinned"] is True and entry["keep_alive"] == 0.2 and entry["expires_in"] is None
         post(handle, "/v1/admin/models/pin", {"model": "test/a", "pinned": False})
         until(lambda: resident(handle) == {}, "a to unload once unpinned")
 

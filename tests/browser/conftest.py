@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nexa.testing import wait_until
 from nexa.testing.hubserver import HubServer, tiny_gguf_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +31,7 @@ ARTIFACTS = Path(os.environ.get("NEXA_ARTIFACTS") or ROOT / "test-artifacts" / "
 SMOLLM2 = "nexa/smollm2-135m-instruct"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TINY_SD = "test/tiny-sd"
+TINY_VLM = "test/tiny-vlm"
 PULL_REPO = "test-org/tiny-pull-GGUF"
 PULL_FILE = "tiny-pull-Q8_0.gguf"
 PULL_SIZE = 2 * 1024 * 1024
@@ -103,17 +105,21 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def home(tmp_path_factory) -> Path:
-    """A store with the tiny Stable Diffusion pipeline imported as a user would."""
+    """A store with the tiny Stable Diffusion pipeline and a tiny random vision model
+(llama + mmproj) imported as a user would; ``../picture.png`` beside it to attach."""
     sys.path.insert(0, str(ROOT / "plugins" / "diffusers" / "tests"))
     try:
         from tiny_pipeline import write_tiny_sd
     finally:
         sys.path.pop(0)
     from nexa.store import ModelStore
+    from nexa_llama_cpp.testing import png_bytes, write_tiny_vlm
 
     root = tmp_path_factory.mktemp("browser")
-    folder = write_tiny_sd(root / "tiny-sd")
-    ModelStore(root / "home").import_path(folder, name=TINY_SD)
+    store = ModelStore(root / "home")
+    store.import_path(write_tiny_sd(root / "tiny-sd"), name=TINY_SD)
+    store.import_path(write_tiny_vlm(root / "tiny-vlm"), name=TINY_VLM)
+    (root / "picture.png").write_bytes(png_bytes(32, 32, (10, 200, 10)))
     return root / "home"
 
 
@@ -156,9 +162,5 @@ def resident(base: str, **kw) -> dict[str, dict]:
 
 
 def until(predicate, what: str, timeout: float = 120.0):
-    """Poll observable state until ``predicate()`` holds."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
+    """Poll observable state until ``predicate()`` holds (a busy machine loads slowly)."""
+    return wait_until(predicate, what, timeout=timeout, interval=0.1)

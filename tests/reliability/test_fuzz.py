@@ -33,6 +33,7 @@ from nexa.config import ServerConfig
 from nexa.plugins import load_plugins
 from nexa.server.app import create_app
 from nexa.testing import EchoBackend, StaticPlugin, echo_manifest, serve
+from nexa.testing.hubserver import HubServer
 
 CASES = int(os.environ.get("NEXA_FUZZ_CASES", "50"))
 MODEL = "test/echo"
@@ -63,8 +64,12 @@ def fuzz_home():
 def fuzz_server(fuzz_home):
     # A huge context so that schema-valid prompts are never a context overflow.
     models = [echo_manifest(MODEL, context_length=10**9)]
-    with serve([EchoBackend], home=fuzz_home, models=models) as handle:
-        yield handle
+    # Pulls (POST /v1/admin/pull) go to an empty loopback Hub, never to the network.
+    with HubServer({}) as hub, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_ENDPOINT", hub.url)
+        mp.delenv("HF_HUB_OFFLINE", raising=False)
+        with serve([EchoBackend], home=fuzz_home, models=models) as handle:
+            yield handle
 
 
 @pytest.fixture(scope="module")

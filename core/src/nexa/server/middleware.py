@@ -21,6 +21,7 @@ ENDPOINTS = (
     "/v1/images/files",
     "/v1/models",
     "/v1/plugins",
+    "/v1/admin",
     "/health",
     "/metrics",
 )

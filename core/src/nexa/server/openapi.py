@@ -6,6 +6,24 @@ import dataclasses
 
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Reference, Schema
 
+# OpenAPI 3.1: the schema of an event stream describes one event.
+EVENT = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["data"],
+    properties={"data": Schema(type=OpenAPIType.STRING)},
+    description="Each event's data is one chunk (or an error) as JSON; the last is `[DONE]`",
+)
+
+
+@dataclasses.dataclass
+class EventStreamOperation(Operation):
+    """A 200 answer that is always an event stream (Litestar documents a ``Stream`` as JSON)."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if ok is not None:
+            ok.content = {"text/event-stream": OpenAPIMediaType(schema=EVENT)}
+
 
 @dataclasses.dataclass
 class StreamingOperation(Operation):
@@ -23,13 +41,5 @@ class StreamingOperation(Operation):
         ref = next((s for s in getattr(schema, "one_of", None) or () if isinstance(s, Reference)), schema)
         ok.content = {
             "application/json": OpenAPIMediaType(schema=ref),
-            # OpenAPI 3.1: the schema of an event stream describes one event.
-            "text/event-stream": OpenAPIMediaType(
-                schema=Schema(
-                    type=OpenAPIType.OBJECT,
-                    required=["data"],
-                    properties={"data": Schema(type=OpenAPIType.STRING)},
-                    description="Each event's data is one chunk (or an error) as JSON; the last is `[DONE]`",
-                )
-            ),
+            "text/event-stream": OpenAPIMediaType(schema=EVENT),
         }

@@ -5,6 +5,7 @@
   classes (and ready models) registered.
 - ``EchoBackend`` / ``echo_manifest``: a declared test double for the core's own tests.
 - ``nexa.testing.conformance``: checks every backend of a task must pass.
+- ``wait_until``: poll observable state (an HTTP listing, a metric) until it holds.
 - The pytest plugin (``nexa.testing.pytest_plugin``, auto-registered) adds the fixture
   ``nexa_serve`` with the same signature as ``serve``, closed at teardown.
 """
@@ -28,7 +29,7 @@ from nexa.store import ModelStore
 from nexa.testing.echo import EchoBackend, echo_manifest
 from nexa.types import Manifest, Task
 
-__all__ = ["EchoBackend", "echo_manifest", "serve", "ServerHandle", "StaticPlugin"]
+__all__ = ["EchoBackend", "echo_manifest", "serve", "ServerHandle", "StaticPlugin", "wait_until"]
 
 
 class StaticPlugin:
@@ -120,3 +121,15 @@ def serve(
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def wait_until(predicate: Any, what: str, timeout: float = 30.0, interval: float = 0.02) -> Any:
+    """Call ``predicate`` until it returns something true, and return that; fail naming
+    ``what`` after ``timeout`` seconds. For tests that wait on observable state (a listing,
+    a metric) rather than sleeping a fixed time."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+    return value

@@ -11,21 +11,31 @@ without a key refuses management outright (``--insecure`` opens inference, not t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
-from litestar import Controller, get, post
+import anyio
+from litestar import Controller, Request, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import JSONBody
 
-from nexa.errors import BadRequest, Forbidden
+from nexa.backend import CancelToken
+from nexa.errors import BadRequest, Cancelled, Forbidden, NexaError
 from nexa.manager import LoadedModel, ModelManager
+from nexa.metrics import Metrics
 from nexa.server import convert
 from nexa.server import schemas as wire
-from nexa.server.deps import Manager
-from nexa.server.errors import GUARDED, error_responses
+from nexa.server.deps import Manager, MetricsDep, Store
+from nexa.server.errors import GUARDED, error_payload, error_responses
+from nexa.server.openapi import EventStreamOperation
 from nexa.server.security import bind_is_loopback
+from nexa.server.work import SSE_DONE, SSE_HEADERS, EventStream, sse, until_disconnected
+from nexa.store import ModelStore
 from nexa.types import ResidentInfo
 
 log = logging.getLogger("nexa.server")
@@ -79,6 +89,69 @@ def resident_wire(manager: ModelManager, entry: LoadedModel, now: float | None =
 ADMIN_ERRORS = (400, 404, 409, 500, 503, *GUARDED)
 
 
+class PullRun:
+    """One pull (``nexa.hub.pull``) on a worker thread, its progress events (``PullProgress``)
+    handed to the event loop; cancelling its token stops it between chunks, installing nothing."""
+
+    def __init__(self, store: ModelStore, spec: str, metrics: Metrics) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.cancel = CancelToken()
+        self.metrics = metrics
+        self.finished = self.loop.run_in_executor(None, self._work, store, spec)
+
+    def _put(self, kind: str, value: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+
+    def _work(self, store: ModelStore, spec: str) -> None:
+        from nexa.hub import pull
+
+        try:
+            manifest = pull(store, spec, on_progress=lambda event: self._put("progress", event), cancel=self.cancel)
+        except Cancelled:
+            self.metrics.pulls.labels("cancelled").inc()
+            self._put("cancelled", None)
+        except BaseException as exc:
+            self.metrics.pulls.labels("failed").inc()
+            self._put("error", exc)
+        else:
+            self.metrics.pulls.labels("done").inc()
+            self._put("done", manifest)
+
+    async def first(self, request: Request) -> tuple[str, Any]:
+        """The first event; the pull's error if it failed before any (an HTTP error then)."""
+        try:
+            kind, value = await until_disconnected(request, self.queue.get())
+        except BaseException:
+            await self.stop()
+            raise
+        if kind == "error":
+            raise value
+        return kind, value
+
+    async def stop(self) -> None:
+        """Cancel the pull (a no-op once it ended) and wait until its thread has stopped."""
+        self.cancel.cancel()
+        with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+            await self.finished
+
+    async def frames(self, first: tuple[str, Any]) -> AsyncIterator[bytes]:
+        try:
+            kind, value = first
+            while kind == "progress":
+                yield sse(value.to_dict())
+                kind, value = await self.queue.get()
+            if kind == "error":
+                # Headers are gone already: the error travels as an event, as chat's do.
+                if not isinstance(value, NexaError):
+                    log.error("pull failed", exc_info=value)
+                    value = NexaError(f"internal error ({type(value).__name__})")
+                yield sse(error_payload(value))
+            yield SSE_DONE
+        finally:
+            await self.stop()  # the client left: the pull stops, nothing is installed
+
+
 class AdminController(Controller):
     path = "/v1/admin"
     tags = ["management"]
@@ -116,3 +189,19 @@ class AdminController(Controller):
     async def pin(self, data: JSONBody[wire.PinModelRequest], manager: Manager) -> wire.ResidentModel:
         entries = manager.pin(data.model, data.pinned)
         return resident_wire(manager, entries[0])
+
+    @post("/pull", status_code=200, responses=error_responses(400, 500, *GUARDED), operation_class=EventStreamOperation,
+          summary="Pull ORG/REPO[:QUANT] from the Hub into the store, progress as server-sent events",
+          description=(
+              "Each event's data is one `nexa.progress.PullProgress` as JSON (stage, file, bytes done and "
+              "total, speed, ETA; the last has stage `done` and the model's name), then `[DONE]`. "
+              "Closing the connection cancels the pull: nothing is installed, and its partial files are "
+              "resumed by the next pull. An error before the first event is an HTTP error; after, an "
+              "error event."
+          ))
+    async def pull(
+        self, data: JSONBody[wire.PullRequest], request: Request, store: Store, metrics: MetricsDep
+    ) -> EventStream:
+        run = PullRun(store, data.model, metrics)
+        first = await run.first(request)
+        return EventStream(run.frames(first), headers=SSE_HEADERS)
