@@ -69,14 +69,17 @@ def test_pull_streams_progress_and_installs_the_model(server, weights):
 
 def test_pull_errors_before_any_progress_are_http_errors(server):
     resp = httpx.post(server.base_url + "/v1/admin/pull", json={"model": "acme/Nowhere-GGUF"}, timeout=60)
-    assert resp.status_code == 400, resp.text
+    assert resp.status_code == 404, resp.text
     error = resp.json()["error"]
-    assert error["code"] == "store_error" and "acme/Nowhere-GGUF" in error["message"]
-    bad = httpx.post(server.base_url + "/v1/admin/pull", json={"model": "../../etc"}, timeout=60)
-    assert bad.status_code == 400 and bad.json()["error"]["message"]
+    assert error["code"] == "repo_not_found" and "acme/Nowhere-GGUF" in error["message"]
+    missing = httpx.post(server.base_url + "/v1/admin/pull", json={"model": f"{REPO}:Q2_K"}, timeout=60)
+    assert missing.status_code == 400 and "Q2_K" in missing.json()["error"]["message"]
+    for bad in ("../../etc", "acme/a b", "acme/x..y", "acme/ends-with-"):
+        resp = httpx.post(server.base_url + "/v1/admin/pull", json={"model": bad}, timeout=60)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "model", bad
     extra = httpx.post(server.base_url + "/v1/admin/pull", json={"model": REPO, "quant": "Q8_0"}, timeout=60)
     assert extra.status_code == 400 and "quant" in extra.json()["error"]["message"]
-    assert pulls(server, "failed") == 2
+    assert pulls(server, "failed") == 3  # the missing repo, the missing quant, the name the Hub refuses
 
 
 def test_a_pull_whose_client_leaves_installs_nothing_and_resumes_later(server, hub, home, weights):

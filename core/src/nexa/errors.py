@@ -122,5 +122,12 @@ class StoreError(NexaError):
     code = "store_error"
 
 
+class RepoNotFound(StoreError):
+    """The hub has no such repo (or hides it: private or gated without a token)."""
+
+    status = 404
+    code = "repo_not_found"
+
+
 class Cancelled(Exception):
     """Raised inside a backend's work when its request was cancelled."""

@@ -16,6 +16,7 @@ from litestar.params import KwargDefinition
 from msgspec import UNSET, Meta, UnsetType
 
 from nexa.config import ServerConfig
+from nexa.store import NAME_PART, TAG_PART
 
 # The server's default caps are part of the document (and enforced at decoding), so a
 # client or fuzzer reading it knows the limits; a ServerConfig may only lower them
@@ -33,6 +34,7 @@ class _SchemaExtra(dict):
 # Litestar leaves out a constraint whose value is 0 (it tests the value for truth), so a
 # documented ``ge=0`` has to be stated again; without it the document allows negatives.
 MIN0 = KwargDefinition(schema_extra=_SchemaExtra(minimum=0))
+EXCLUSIVE0 = KwargDefinition(schema_extra=_SchemaExtra(exclusive_minimum=0))
 # Litestar also leaves out the constraints of a list in a union of three or more.
 MAX16 = KwargDefinition(schema_extra=_SchemaExtra(max_items=16))
 
@@ -42,13 +44,28 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 MaxTokens = Annotated[int, Meta(ge=1, le=_CAPS.max_tokens_cap)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0), MIN0]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+# Seconds as a string, or a Go-style duration ("5m", "1h30m", "-1s"), as Ollama takes.
+DURATION_RE = rf"^[+-]?(?:{_NUMBER}|(?:{_NUMBER}(?:ns|us|µs|μs|ms|s|m|h))+)$"
+_KEEP_ALIVE_TEXT = (
+    "nexa extension (Ollama's field): how long the model stays loaded after this request, "
+    "in seconds or as a duration (\"5m\", \"1h\"); 0 unloads it after the request, "
+    "a negative value keeps it loaded"
+)
+# Litestar drops a string's constraints inside a union: the document states both shapes.
+_KEEP_ALIVE_SCHEMA = KwargDefinition(
+    schema_extra=_SchemaExtra(
+        one_of=[
+            Schema(type=OpenAPIType.NUMBER),
+            Schema(type=OpenAPIType.STRING, max_length=64, pattern=DURATION_RE),
+        ],
+        type=None,
+    ),
+)
 KeepAlive = Annotated[
-    float | Annotated[str, Meta(max_length=64)],
-    Meta(description=(
-        "nexa extension (Ollama's field): how long the model stays loaded after this request, "
-        "in seconds or as a duration (\"5m\", \"1h\"); 0 unloads it after the request, "
-        "a negative value keeps it loaded"
-    )),
+    float | Annotated[str, Meta(max_length=64, pattern=DURATION_RE)],
+    _KEEP_ALIVE_SCHEMA,
+    Meta(description=_KEEP_ALIVE_TEXT),
 ]
 
 
@@ -140,8 +157,9 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     stop: str | Annotated[list[str], Meta(max_length=16), MAX16] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repeat_penalty: Annotated[float, Meta(ge=0.0, le=10.0), MIN0] | None = None
-    repetition_penalty: Annotated[float, Meta(ge=0.0, le=10.0), MIN0] | None = None
+    # Multiplicative: 0 would divide by zero, and is refused (see ``convert``).
+    repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0), EXCLUSIVE0] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0), EXCLUSIVE0] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[Tool] | None = None
@@ -428,6 +446,10 @@ class PinModelRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pinned: bool = True
 
 
+# A Hub repo as the store names it (``nexa.store.NAME_RE``), never with "..".
+PULL_RE = rf"^(?!.*\.\.){NAME_PART}(?:/{NAME_PART})?(?::{TAG_PART})?$"
+
+
 class PullRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    model: Annotated[str, Meta(min_length=1, max_length=300)]
+    model: Annotated[str, Meta(min_length=1, max_length=300, pattern=PULL_RE)]
     """``ORG/REPO`` or ``ORG/REPO:QUANT`` on the Hub."""

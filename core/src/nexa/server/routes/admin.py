@@ -25,7 +25,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.params import JSONBody
 
 from nexa.backend import CancelToken
-from nexa.errors import BadRequest, Cancelled, Forbidden, NexaError
+from nexa.errors import Cancelled, Forbidden, NexaError
 from nexa.manager import LoadedModel, ModelManager
 from nexa.metrics import Metrics
 from nexa.server import convert
@@ -167,12 +167,8 @@ class AdminController(Controller):
     @post("/models/load", status_code=200, summary="Load a model now (optionally with context, parallel, keep_alive)",
           responses=error_responses(*ADMIN_ERRORS))
     async def load(self, data: JSONBody[wire.LoadModelRequest], manager: Manager) -> wire.ResidentModel:
+        # keep_alive 0 is honoured as Ollama does: the model unloads as soon as it is idle.
         keep_alive = convert.keep_alive_seconds(data.keep_alive)
-        if keep_alive == 0:
-            raise BadRequest(
-                "keep_alive 0 would unload the model as soon as it loaded; unload with /v1/admin/models/unload",
-                param="keep_alive",
-            )
         entry = await manager.load(data.model, context_length=data.context, parallel=data.parallel,
                                    keep_alive=keep_alive)
         return resident_wire(manager, entry)
@@ -190,7 +186,8 @@ class AdminController(Controller):
         entries = manager.pin(data.model, data.pinned)
         return resident_wire(manager, entries[0])
 
-    @post("/pull", status_code=200, responses=error_responses(400, 500, *GUARDED), operation_class=EventStreamOperation,
+    @post("/pull", status_code=200, responses=error_responses(400, 404, 500, *GUARDED),
+          operation_class=EventStreamOperation,
           summary="Pull ORG/REPO[:QUANT] from the Hub into the store, progress as server-sent events",
           description=(
               "Each event's data is one `nexa.progress.PullProgress` as JSON (stage, file, bytes done and "
