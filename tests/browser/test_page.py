@@ -14,7 +14,7 @@ import io
 import re
 
 import httpx
-from conftest import (
+from pagekit import (
     MINILM,
     PULL_FILE,
     PULL_REPO,
