@@ -166,7 +166,9 @@ async function send(event) {
     out.item.removeAttribute("aria-busy");
   }
   out.stats.textContent = describeSpeed(started, firstAt, performance.now(), usage, pieces) + ending;
-  history.push({ role: "assistant", content: answer });
+  // A turn that produced nothing (an error) leaves the conversation as it was.
+  if (answer) history.push({ role: "assistant", content: answer });
+  else history.pop();
   $("chat-input").focus();
 }
 
