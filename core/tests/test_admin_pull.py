@@ -43,10 +43,7 @@ def listed(handle) -> set[str]:
 
 
 def pulls(handle, outcome: str) -> float:
-    for line in httpx.get(handle.base_url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith(f'nexa_pulls_total{{outcome="{outcome}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return handle.metric(f'nexa_pulls_total{{outcome="{outcome}"}}') or 0.0
 
 
 def test_pull_streams_progress_and_installs_the_model(server, weights):

@@ -170,3 +170,53 @@ def test_nexa_run_chats_in_the_terminal(plugin_path, home):
                          input="hello from the terminal\n/bye\n", capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "hello from the terminal" in out.stdout
+
+
+def test_each_task_hook_files_its_classes_under_its_task():
+    from nexa.backend import Backend
+    from nexa.hookspecs import hookimpl
+
+    def backend_for(task):
+        return type(f"{task.value.title()}Backend", (Backend,), {"name": task.value, "tasks": frozenset({task})})
+
+    chat, vlm, image, embed = (backend_for(t) for t in (Task.CHAT, Task.VLM, Task.IMAGE, Task.EMBED))
+
+    class EveryTask:
+        @hookimpl
+        def register_chat_backends(self, register):
+            register(chat)
+
+        @hookimpl
+        def register_vlm_backends(self, register):
+            register(vlm)
+
+        @hookimpl
+        def register_image_backends(self, register):
+            register(image)
+
+        @hookimpl
+        def register_embed_backends(self, register):
+            register(embed)
+
+    plugins = load_plugins(load_entry_points=False, extra_plugins=[EveryTask()])
+    assert not plugins.failures
+    filed = {task: [cls for cls, _ in entries] for task, entries in plugins.backends.items()}
+    assert filed == {Task.CHAT: [chat], Task.VLM: [vlm], Task.IMAGE: [image], Task.EMBED: [embed]}
+
+
+def test_a_class_registered_for_a_task_it_does_not_serve_is_refused():
+    from nexa.hookspecs import hookimpl
+    from nexa.testing import EchoBackend
+
+    class ChatOnly(EchoBackend):
+        tasks = frozenset({Task.CHAT})
+
+    class Misfiled:
+        @hookimpl
+        def register_image_backends(self, register):
+            register(ChatOnly)
+
+    plugins = load_plugins(load_entry_points=False, extra_plugins=[Misfiled()])
+    assert [f.stage for f in plugins.failures] == ["register_image_backends"]
+    assert "serving image" in plugins.failures[0].error
+    assert Task.IMAGE not in plugins.backends

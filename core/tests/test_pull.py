@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from nexa import hub as hub_module
 from nexa.errors import StoreError
 from nexa.hub import RemoteFile, choose_files, pull
 from nexa.store import ModelStore
+from nexa.testing import wait_until
 from nexa.testing.hubserver import HubServer, tiny_gguf_bytes
 from nexa.types import Task
 
@@ -290,15 +290,12 @@ def test_killed_process_resumes_in_a_new_process(env, store, tmp_path):
                                  stderr=subprocess.PIPE)
         try:
             assert server.stalled.wait(60), "the first pull never reached the stall point"
-            part = None
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
+
+            def stalled_part():
                 parts = [p for p in leftover_partials(store) if p.name.endswith(".part")]
-                if parts and parts[0].stat().st_size == stall:
-                    part = parts[0]
-                    break
-                time.sleep(0.05)
-            assert part is not None, "the first pull did not write the bytes it received"
+                return parts[0] if parts and parts[0].stat().st_size == stall else None
+
+            wait_until(stalled_part, "the first pull has written the bytes it received")
             first.send_signal(signal.SIGKILL)
             first.wait(30)
         finally:

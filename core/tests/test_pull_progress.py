@@ -15,7 +15,6 @@ import subprocess
 import sys
 import termios
 import threading
-import time
 
 import pytest
 
@@ -24,6 +23,7 @@ from nexa.errors import Cancelled, StoreError
 from nexa.hub import pull
 from nexa.progress import STAGES, PullProgress, PullTracker
 from nexa.store import ModelStore
+from nexa.testing import wait_until
 from nexa.testing.hubserver import HubServer, tiny_gguf_bytes
 
 REPO = "acme/Progress-GGUF"
@@ -135,10 +135,8 @@ def test_cancel_between_chunks_leaves_nothing_visible_and_resumes_later(hub, sto
     worker.start()
     try:
         assert hub.stalled.wait(60), "the pull never reached the stall point"
-        deadline = time.monotonic() + 30
-        while not any(p.stat().st_size == stall for p in part_files(store)):
-            assert time.monotonic() < deadline, "the pull did not write the bytes it received"
-            time.sleep(0.02)
+        wait_until(lambda: any(p.stat().st_size == stall for p in part_files(store)),
+                   "the pull has written the bytes it received")
         token.cancel()
     finally:
         hub.stall_at.clear()

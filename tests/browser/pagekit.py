@@ -87,6 +87,6 @@ def resident(base: str, **kw) -> dict[str, dict]:
     return {e["model"]: e for e in resp.json()["data"]}
 
 
-def until(predicate, what: str, timeout: float = 120.0):
+def until(predicate, what: str, timeout: float = 120.0) -> None:
     """Poll observable state until ``predicate()`` holds (a busy machine loads slowly)."""
-    return wait_until(predicate, what, timeout=timeout, interval=0.1)
+    wait_until(predicate, what, timeout=timeout)

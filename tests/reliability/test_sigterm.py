@@ -81,7 +81,7 @@ def _alive(pids) -> list[int]:
 
 
 @pytest.fixture
-def nexa_serve(needs_smollm2, home):
+def serve_process(needs_smollm2, home):
     servers = []
 
     def start(shutdown_timeout: float) -> NexaServe:
@@ -105,16 +105,16 @@ def _chat(server, results, key, *, stream, max_tokens):
 
 
 @pytest.mark.smollm2
-def test_binds_loopback_only(nexa_serve):
-    server = nexa_serve(10)
+def test_binds_loopback_only(serve_process):
+    server = serve_process(10)
     listening = [c for c in psutil.Process(server.proc.pid).net_connections(kind="inet")
                  if c.status == psutil.CONN_LISTEN]
     assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"}, listening
 
 
 @pytest.mark.smollm2
-def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(nexa_serve):
-    server = nexa_serve(120)
+def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(serve_process):
+    server = serve_process(120)
     results: dict[str, tuple] = {}
     workers = [threading.Thread(target=_chat, args=(server, results, "plain"), kwargs={"stream": False, "max_tokens": 300}),
                threading.Thread(target=_chat, args=(server, results, "stream"), kwargs={"stream": True, "max_tokens": 300})]
@@ -146,8 +146,8 @@ def test_sigterm_finishes_in_flight_requests_and_exits_cleanly(nexa_serve):
 
 
 @pytest.mark.smollm2
-def test_sigterm_cuts_off_what_runs_past_the_timeout(nexa_serve):
-    server = nexa_serve(2)
+def test_sigterm_cuts_off_what_runs_past_the_timeout(serve_process):
+    server = serve_process(2)
     results: dict[str, tuple] = {}
     worker = threading.Thread(target=_chat, args=(server, results, "long"), kwargs={"stream": True, "max_tokens": 4000})
     worker.start()

@@ -48,13 +48,17 @@ class CancelToken:
         self._event = threading.Event()
 
     def cancel(self) -> None:
+        """Ask the work to stop (the server calls it; safe from any thread, idempotent)."""
         self._event.set()
 
     @property
     def cancelled(self) -> bool:
+        """Whether the work should stop now."""
         return self._event.is_set()
 
     def raise_if_cancelled(self) -> None:
+        """Raise ``nexa.errors.Cancelled`` if cancelled; the base class treats it as a
+        clean stop, not an error."""
         if self._event.is_set():
             raise Cancelled()
 
@@ -70,15 +74,23 @@ class LoadOptions:
     threads: int | None = None
     """CPU threads for inference; None lets the backend choose."""
     extra: Mapping[str, Any] = attrs.field(factory=dict)
+    """Backend-specific settings by name, for scripts and tests that build a backend
+    themselves (the server sets none): ``dtype`` (diffusers), ``truncate``
+    (sentence-transformers), ``batching`` (llama.cpp)..."""
 
 
 class Backend:
     """Base class of every backend. Subclass it, set the class attributes, override methods."""
 
     name: ClassVar[str] = ""
+    """The backend's name: shown by ``nexa plugins``, pinned by ``nexa serve --backend`` and
+    a manifest's ``backend``."""
     tasks: ClassVar[frozenset[Task]] = frozenset()
+    """The tasks it serves; register the class through each task's hook."""
     formats: ClassVar[frozenset[str]] = frozenset()
+    """The manifest ``format`` values it reads."""
     devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
+    """The device kinds it runs on: ``cpu``, ``cuda``, ``metal``."""
     parallel: int = 1
     """How many requests one loaded model runs at once (its worker threads). The class
     value is the backend's default; an instance holds the count it really runs with
@@ -105,6 +117,7 @@ class Backend:
 
     @classmethod
     def info(cls, plugin: str = "") -> BackendInfo:
+        """What the class declares, for ``nexa plugins`` and ``GET /v1/plugins``."""
         return BackendInfo(
             name=cls.name,
             tasks=cls.tasks,
@@ -170,6 +183,7 @@ class Backend:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.load)
 
     async def stop(self) -> None:
+        """Run ``close`` on the worker thread, then let the worker threads go."""
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self.close)
         finally:
@@ -182,8 +196,10 @@ class Backend:
         cancel = CancelToken()
 
         def produce() -> None:
+            chunks = None
             try:
-                for chunk in self.chat(request, cancel):
+                chunks = self.chat(request, cancel)
+                for chunk in chunks:
                     loop.call_soon_threadsafe(queue.put_nowait, ("chunk", chunk))
                     if cancel.cancelled:
                         break
@@ -192,6 +208,16 @@ class Backend:
             except BaseException as exc:  # handed to the consumer, re-raised there
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
             finally:
+                # Closed here, on the worker, before the slot is freed: a generator gets
+                # GeneratorExit at the yield it stopped at and runs its finally blocks now
+                # (docs/plugin-guide.md promises this; CPython's refcounting would do it
+                # too, but only as a side effect).
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception as exc:
+                        loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
                 loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
 
         done = loop.run_in_executor(self._executor, produce)
@@ -242,9 +268,11 @@ class Backend:
             await chunks.aclose()
 
     async def run_embed(self, request: EmbedRequest) -> EmbedResult:
+        """``embed`` on a worker thread; cancelling the await sets its ``CancelToken``."""
         return await self._run(self.embed, request)
 
     async def run_images(self, request: ImageRequest) -> ImageResult:
+        """``generate_images`` on a worker thread; cancelling the await sets its ``CancelToken``."""
         return await self._run(self.generate_images, request)
 
     async def _run(self, method: Any, request: Any) -> Any:

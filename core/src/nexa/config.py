@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -22,6 +24,12 @@ class ServerConfig:
     """Force ``cuda``/``metal``/``cpu``; None: detect."""
     backend: str | None = None
     """Pin every model to this backend name (``--backend``)."""
+    engine: str | None = None
+    """Where backends run (``--engine``): None or ``local`` in this process, else the name
+    of an engine plugin (``ray``)."""
+    engine_options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+    """Settings the chosen engine reads (``--replicas``, ``--ray-address``, ``--placement``);
+    each engine documents and checks its own."""
     default_model: str | None = None
     """Model loaded at start-up (``nexa serve MODEL``)."""
     keepalive: float = 300.0

@@ -23,11 +23,16 @@ class NexaError(Exception):
 
 
 class BadRequest(NexaError):
+    """The client's request is wrong (a field out of range, a value the model can't
+    honour); ``param`` names the field."""
+
     status = 400
     type = "invalid_request_error"
 
 
 class ContextLengthExceeded(BadRequest):
+    """The prompt is longer than the model's context allows."""
+
     code = "context_length_exceeded"
 
 
@@ -38,18 +43,25 @@ class UnsupportedTask(BadRequest):
 
 
 class ModelNotFound(NexaError):
+    """No model of that name in the store or in an installed package."""
+
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
 
 
 class Unauthorized(NexaError):
+    """An API key is set and the request lacks it (or has another)."""
+
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
 
 
 class Forbidden(NexaError):
+    """Refused whatever the credentials: a request to a loopback-only server whose ``Host``
+    is not a loopback name (DNS rebinding)."""
+
     status = 403
     type = "invalid_request_error"
     code = "forbidden"
@@ -72,6 +84,8 @@ class Conflict(NexaError):
 
 
 class PayloadTooLarge(NexaError):
+    """A request body, image or input over the server's size caps."""
+
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"

@@ -1,8 +1,11 @@
 """Recognising model formats: from a list of files to a manifest (format, tasks, roles).
 
-Shared by ``nexa pull`` (hub repos) and ``nexa pull PATH`` (local imports). GGUF files
-are inspected with the ``gguf`` package (header only, memory-mapped) for architecture,
-context length, pooling and chat template.
+Shared by ``nexa pull`` (hub repos) and ``nexa pull PATH`` (local imports). A GGUF
+file's header is read by hand (``read_gguf_metadata``, memory-mapped) for architecture,
+context length, pooling, embedding size and chat template: the ``gguf`` package would
+add numpy to core's dependencies and decodes every array in the header (seconds for a
+large vocabulary), where only a few strings and numbers are needed. The tests check this
+reader against ``gguf.GGUFReader``.
 """
 
 from __future__ import annotations

@@ -59,3 +59,13 @@ def register_models(register: Callable[..., None]) -> None:
     folder holding its files (inside the package). Must be cheap: locate files, don't
     import heavy libraries or hash large files.
     """
+
+
+@hookspec
+def register_engines(register: Callable[[type], None]) -> None:
+    """Register engine classes: other places than this process where backends can run.
+
+    Call ``register(EngineClass)`` once per class; the class subclasses
+    :class:`nexa.engine.Engine` and has a unique ``name`` (``nexa serve --engine NAME``).
+    Must be cheap: the engine's library (Ray...) is imported only when it starts.
+    """

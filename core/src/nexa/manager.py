@@ -5,7 +5,9 @@ The ``ModelManager`` turns a client's ``model`` string and a task into a loaded 
 instance. Concurrent requests for an unloaded model cause exactly one load; each model
 runs ``backend.parallel`` requests at once and lets at most ``queue_size`` more wait
 (the rest get 503 with Retry-After). Loading a model that would exceed the memory budget
-evicts least-recently-used idle models first; a model in use is never evicted.
+evicts least-recently-used idle models first; a model in use is never evicted. With an
+engine (``--engine``, see ``nexa.engine``) the backend instance is the engine's stand-in
+for the model, and all of this applies to it unchanged.
 
 Every request holds a ``Lease`` on its model from the moment it waits for a slot until
 it leaves. An idle model unloads after its keep-alive: the server's (``--keepalive``)
@@ -28,6 +30,7 @@ import attrs
 
 from nexa.backend import Backend, LoadOptions
 from nexa.config import ServerConfig
+from nexa.engine import create_engine
 from nexa.errors import (
     BadRequest,
     Busy,
@@ -175,6 +178,8 @@ class ModelManager:
         self.config = config
         self.metrics = metrics or Metrics()
         self.metrics.registry.register(BackendCollector(self.loaded))
+        self.engine = create_engine(registry.plugins, config, device)
+        """Where backends run (``--engine``); None: in this process."""
         self._models: dict[tuple[str, str], LoadedModel] = {}
         # The backend chosen for a (task, model), kept while the store hands back the same
         # manifest object (it re-reads a manifest only when the file changed): choosing
@@ -311,7 +316,10 @@ class ModelManager:
     def _start_load(
         self, key: tuple[str, str], manifest: Manifest, cls: type[Backend], options: LoadOptions
     ) -> LoadedModel:
-        backend = cls(manifest, self.device, options)
+        if self.engine is None:
+            backend = cls(manifest, self.device, options)
+        else:
+            backend = self.engine.backend(cls, manifest, self.device, options)
         loop = asyncio.get_running_loop()
         entry = LoadedModel(
             key=key,
@@ -493,6 +501,8 @@ class ModelManager:
         await self.load(model)
 
     async def start(self) -> None:
+        if self.engine is not None:
+            await self.engine.start()
         self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="keepalive")
 
     async def _reap(self) -> None:
@@ -515,5 +525,9 @@ class ModelManager:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        if self.engine is not None:
+            self.engine.detach()
         for entry in list(self._models.values()):
             await self._unload(entry, "shutdown")
+        if self.engine is not None:
+            await self.engine.stop()

@@ -72,6 +72,7 @@ class Metrics:
 
 
 _METRIC_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_OWN_LABELS = ("model", "backend")
 
 
 class BackendCollector(Collector):
@@ -100,14 +101,26 @@ class BackendCollector(Collector):
                 if not _METRIC_NAME.fullmatch(m.name) or (m.kind == "counter" and m.name.endswith("_total")):
                     log.warning("backend %s reported a badly named metric %r", backend.name, m.name)
                     continue
+                if any(not _METRIC_NAME.fullmatch(k) or k in _OWN_LABELS for k in m.labels):
+                    log.warning("backend %s reported metric %r with bad labels %s", backend.name, m.name,
+                                sorted(m.labels))
+                    continue
                 name = "nexa_backend_" + m.name
                 family = families.get(name)
                 if family is None:
                     cls = CounterMetricFamily if m.kind == "counter" else GaugeMetricFamily
-                    family = families[name] = cls(name, m.help or m.name, labels=["model", "backend"])
+                    family = families[name] = cls(name, m.help or m.name, labels=list(_OWN_LABELS))
                 elif family.type != ("counter" if m.kind == "counter" else "gauge"):
                     continue  # two backends disagree on the kind: keep the first
-                family.add_metric([entry.manifest.name, backend.name], float(m.value))
+                if m.labels:
+                    # One sample's own label set (a replica's): the family's label names are
+                    # only the common ones, so it is added as a sample, not by add_metric.
+                    labels = {"model": entry.manifest.name, "backend": backend.name}
+                    labels.update((k, str(v)) for k, v in m.labels.items())
+                    sample = name + "_total" if m.kind == "counter" else name
+                    family.add_sample(sample, labels, float(m.value))
+                else:
+                    family.add_metric([entry.manifest.name, backend.name], float(m.value))
         yield from families.values()
 
     def describe(self) -> list[Metric]:

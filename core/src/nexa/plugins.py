@@ -52,6 +52,8 @@ class PluginSet:
     backends: dict[Task, list[tuple[type, str]]] = attrs.field(factory=dict)
     """Per task, (backend class, plugin name) pairs, in no meaningful order."""
     models: list[Manifest] = attrs.field(factory=list)
+    engines: dict[str, tuple[type, str]] = attrs.field(factory=dict)
+    """Engine classes by name (``register_engines``), with the plugin that registered each."""
     failures: list[PluginFailure] = attrs.field(factory=list)
     loaded: list[str] = attrs.field(factory=list)
     """Names of plugins that loaded."""
@@ -104,9 +106,42 @@ def collect(pm: pluggy.PluginManager, failures: list[PluginFailure] | None = Non
         for task, hook_name in _TASK_HOOKS.items():
             ok &= _call_one(pm, plugin, plugin_name, hook_name, result, task)
         ok &= _call_one(pm, plugin, plugin_name, "register_models", result, None)
+        ok &= _call_engines(pm, plugin, plugin_name, result)
         if ok:
             result.loaded.append(plugin_name)
     return result
+
+
+def _registered(
+    pm: pluggy.PluginManager, plugin: object, plugin_name: str, hook_name: str, result: PluginSet
+) -> list | None:
+    """What ``plugin``'s implementation of ``hook_name`` registered ([] when it has none);
+    None when the hook raised (recorded as a failure)."""
+    impls = [i for i in getattr(pm.hook, hook_name).get_hookimpls() if i.plugin is plugin]
+    collected: list = []
+    if not impls:
+        return collected
+    function = impls[0].function
+    if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+        # pluggy would call it and drop the coroutine unawaited: nothing registered, and
+        # only a RuntimeWarning to show for it.
+        result.failures.append(PluginFailure(
+            plugin_name, hook_name, f"{hook_name} is declared 'async def'; nexa hooks are synchronous"))
+        return None
+    try:
+        returned = function(register=collected.append)
+    except Exception as exc:
+        result.failures.append(
+            PluginFailure(plugin_name, hook_name, _one_line(exc), traceback.format_exc())
+        )
+        return None
+    if inspect.isawaitable(returned):
+        if inspect.iscoroutine(returned):
+            returned.close()
+        result.failures.append(PluginFailure(
+            plugin_name, hook_name, f"{hook_name} returned an awaitable; nexa hooks are synchronous"))
+        return None
+    return collected
 
 
 def _call_one(
@@ -117,29 +152,8 @@ def _call_one(
     result: PluginSet,
     task: Task | None,
 ) -> bool:
-    impls = [i for i in getattr(pm.hook, hook_name).get_hookimpls() if i.plugin is plugin]
-    if not impls:
-        return True
-    collected: list = []
-    function = impls[0].function
-    if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
-        # pluggy would call it and drop the coroutine unawaited: nothing registered, and
-        # only a RuntimeWarning to show for it.
-        result.failures.append(PluginFailure(
-            plugin_name, hook_name, f"{hook_name} is declared 'async def'; nexa hooks are synchronous"))
-        return False
-    try:
-        returned = function(register=collected.append)
-    except Exception as exc:
-        result.failures.append(
-            PluginFailure(plugin_name, hook_name, _one_line(exc), traceback.format_exc())
-        )
-        return False
-    if inspect.isawaitable(returned):
-        if inspect.iscoroutine(returned):
-            returned.close()
-        result.failures.append(PluginFailure(
-            plugin_name, hook_name, f"{hook_name} returned an awaitable; nexa hooks are synchronous"))
+    collected = _registered(pm, plugin, plugin_name, hook_name, result)
+    if collected is None:
         return False
     if task is None:
         for manifest in collected:
@@ -163,6 +177,26 @@ def _call_one(
             )
             return False
         result.backends.setdefault(task, []).append((cls, plugin_name))
+    return True
+
+
+def _call_engines(pm: pluggy.PluginManager, plugin: object, plugin_name: str, result: PluginSet) -> bool:
+    collected = _registered(pm, plugin, plugin_name, "register_engines", result)
+    if collected is None:
+        return False
+    from nexa.engine import LOCAL, Engine
+
+    for cls in collected:
+        if not (isinstance(cls, type) and issubclass(cls, Engine)) or not cls.name:
+            error = f"registered {cls!r}, which is not a named Engine subclass"
+        elif cls.name == LOCAL or cls.name in result.engines:
+            taken = "the in-process default" if cls.name == LOCAL else result.engines[cls.name][1]
+            error = f"engine name {cls.name!r} is taken by {taken}"
+        else:
+            result.engines[cls.name] = (cls, plugin_name)
+            continue
+        result.failures.append(PluginFailure(plugin_name, "register_engines", error))
+        return False
     return True
 
 

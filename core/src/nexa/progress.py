@@ -1,8 +1,8 @@
 """Progress of a pull: one event type for every consumer, and the arithmetic behind it.
 
 ``nexa.hub.pull`` reports through a callback that receives ``PullProgress`` values: the
-CLI draws them as tqdm bars (``nexa.cli.progress``), and the server's pull endpoint can
-send each one as a server-sent event (``to_dict`` is plain JSON). ``PullTracker`` is the
+CLI draws them as tqdm bars (``nexa.cli.progress``); ``to_dict`` is the same event as
+plain JSON, for a consumer outside Python (no HTTP pull endpoint sends them yet). ``PullTracker`` is the
 pull's side: it knows the files, turns byte offsets into events with speed and ETA, and
 sends at most ``INTERVAL`` seconds apart while bytes flow (every ``file``, ``file_done``,
 ``start`` and ``done`` event is always sent).

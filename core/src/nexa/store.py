@@ -48,7 +48,7 @@ from pathlib import Path, PurePosixPath
 import attrs
 
 from nexa.errors import ModelNotFound, StoreError
-from nexa.types import Manifest, ModelFile, Task
+from nexa.types import Manifest, ModelFile
 
 MANIFEST_NAME = "manifest.json"
 NAME_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
@@ -461,7 +461,3 @@ def _names(manifests: Iterable[Manifest]) -> str:
 def _safe_part(text: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-_") or "model"
     return cleaned[:96]
-
-
-def tasks_of(manifests: Iterable[Manifest], task: Task) -> list[Manifest]:
-    return [m for m in manifests if task in m.tasks]

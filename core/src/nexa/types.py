@@ -77,11 +77,13 @@ class Manifest:
     backend: str | None = None
     """Backend hint: a backend name that should serve this model when it can."""
     source: str = "local"
-    """Where it came from: ``hf:ORG/REPO@REVISION``, ``local:PATH`` or ``package:DIST``."""
+    """Where it came from: ``hf:ORG/REPO@COMMIT``, ``local:NAME`` (the imported file or
+    folder) or ``package:DIST``."""
     context_length: int | None = None
     """The model's trained context length when the format tells it."""
     options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
-    """Format-specific settings a backend reads (e.g. ``pooling``, ``chat_template``)."""
+    """Format-specific facts and settings a backend reads (``architecture``,
+    ``pooling_type``, ``chat_template``...; ``docs/manifest.md`` lists them)."""
     version: int = MANIFEST_VERSION
     """Manifest schema version."""
 
@@ -99,15 +101,18 @@ class Manifest:
         raise KeyError(f"model {self.name} has no {role} file")
 
     def has_role(self, role: str) -> bool:
+        """Whether some file has ``role`` (``mmproj``: a vision model's projector)."""
         return any(f.role == role for f in self.files)
 
     def to_json(self) -> str:
+        """The ``manifest.json`` text: every field but ``root``, keys sorted (``docs/manifest.md``)."""
         data = attrs.asdict(self, recurse=True, filter=lambda a, _v: a.name != "root")
         data["tasks"] = sorted(t.value for t in self.tasks)
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], root: Path | None = None) -> Manifest:
+        """The manifest a parsed ``manifest.json`` describes; ValueError on an unknown key."""
         data = dict(data)
         files = tuple(ModelFile(**f) for f in data.pop("files", ()))
         known = {a.name for a in attrs.fields(cls)}
@@ -127,12 +132,17 @@ class BackendInfo:
     """What a backend declares about itself, shown by ``nexa plugins`` and over HTTP."""
 
     name: str
+    """``Backend.name``."""
     tasks: frozenset[Task] = attrs.field(converter=_tasks)
+    """``Backend.tasks``: the tasks it serves."""
     formats: frozenset[str] = attrs.field(converter=frozenset)
+    """``Backend.formats``: the manifest formats it reads."""
     devices: frozenset[str] = attrs.field(converter=frozenset)
+    """``Backend.devices``: the device kinds it runs on."""
     parallel: int
     """How many requests one loaded model runs at once."""
     priority: int
+    """``Backend.priority``: higher wins when several backends support a model."""
     plugin: str
     """The plugin (distribution or module) that registered it."""
 
@@ -148,9 +158,14 @@ class BackendMetric:
     name: str
     """Lowercase ``[a-z0-9_]``; a counter's name has no ``_total`` (Prometheus adds it)."""
     value: float
+    """The figure now (a counter's running total)."""
     kind: str = attrs.field(default="gauge", validator=attrs.validators.in_(("gauge", "counter")))
     """``gauge`` (a level now) or ``counter`` (only ever goes up while the model is loaded)."""
     help: str = ""
+    """One line for the Prometheus ``# HELP`` text; the name when empty."""
+    labels: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
+    """More labels beside ``model`` and ``backend``: a backend that runs the model in
+    several places (an engine's replicas) reports one figure per ``replica`` and ``node``."""
 
 
 @attrs.frozen
@@ -177,9 +192,13 @@ class ImagePart:
     """An image already fetched and checked by the server: raw bytes, never a URL."""
 
     data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
+    """The encoded image: PNG, JPEG, WebP or GIF as sent, any other format re-encoded as
+    PNG; already decoded once and checked against the server's pixel cap."""
     mime: str = "image/png"
+    """Its MIME type, from the decoded format (never from what the client claimed)."""
 
     def data_uri(self) -> str:
+        """The image as a ``data:`` URI, for libraries that take image URLs."""
         import base64
 
         return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
@@ -187,7 +206,10 @@ class ImagePart:
 
 @attrs.frozen
 class TextPart:
+    """The text of one ``{"type": "text"}`` part of a message's content list."""
+
     text: str
+    """The text, as the client sent it."""
 
 
 ContentPart = TextPart | ImagePart
@@ -198,27 +220,39 @@ class ToolCall:
     """A function call the model made."""
 
     id: str
+    """The call's id (``call_...``); a ``tool`` message answers it by ``tool_call_id``."""
     name: str
+    """The function's name, one of the request's ``tools``."""
     arguments: str
     """JSON text, as OpenAI sends it."""
 
 
 @attrs.frozen
 class ChatMessage:
+    """One message of the conversation, in the order the client sent them."""
+
     role: str
+    """``system``, ``user``, ``assistant`` or ``tool`` (``developer`` arrives as ``system``)."""
     content: str | tuple[ContentPart, ...] | None = None
+    """A string, or ``TextPart``/``ImagePart`` items when the client sent a content list;
+    None for an assistant message that only made tool calls."""
     name: str | None = None
+    """An optional participant name the client gave."""
     tool_calls: tuple[ToolCall, ...] = ()
+    """The calls an earlier assistant message made (conversation history)."""
     tool_call_id: str | None = None
+    """On a ``tool`` message: the id of the call it answers."""
 
     @property
     def images(self) -> tuple[ImagePart, ...]:
+        """The message's images, in order (empty for string content)."""
         if isinstance(self.content, tuple):
             return tuple(p for p in self.content if isinstance(p, ImagePart))
         return ()
 
     @property
     def text(self) -> str:
+        """The message's text: the string content, or its text parts joined; images left out."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
@@ -250,13 +284,18 @@ class Sampling:
     temperature: float = 1.0
     """0 means greedy (the most likely token every time)."""
     top_p: float = 1.0
+    """Nucleus sampling: choose among the most likely tokens that make up this much
+    probability; 1.0: off."""
     top_k: int = 0
     """0: no top-k cut."""
     min_p: float = 0.0
+    """Drop tokens less likely than ``min_p`` times the most likely one; 0: off."""
     seed: int | None = None
     """None: a fresh random seed per request. The same seed and prompt give the same text."""
     presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of every token already generated; 0: off."""
     frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit per time it was generated; 0: off."""
     repeat_penalty: float = 1.0
     """1.0: off (llama.cpp's multiplicative repetition penalty)."""
     stop: tuple[str, ...] = attrs.field(converter=_stops, default=())
@@ -264,6 +303,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
+        """Whether decoding is greedy (``temperature`` 0)."""
         return self.temperature <= 0.0
 
 
@@ -293,6 +333,7 @@ class ChatRequest:
     """One chat completion, as a backend sees it."""
 
     messages: tuple[ChatMessage, ...] = attrs.field(converter=tuple)
+    """The conversation, oldest first; never empty."""
     sampling: Sampling = Sampling()
     """Token choice and limits, already validated (``Sampling``)."""
     tools: tuple[Mapping[str, Any], ...] = attrs.field(converter=tuple, default=())
@@ -305,6 +346,7 @@ class ChatRequest:
     reasoning: Reasoning = Reasoning()
     """Thinking on or off, its effort, budget and how it is returned."""
     model: str = ""
+    """The ``model`` string the client sent (for logs; the backend already holds its model)."""
 
     @classmethod
     def create(cls, messages: Any, **fields: Any) -> ChatRequest:
@@ -316,12 +358,17 @@ class ChatRequest:
 
     @property
     def has_images(self) -> bool:
+        """Whether some message carries an image (the request is then a ``vlm`` task)."""
         return any(m.images for m in self.messages)
 
 
 @attrs.frozen
 class Usage:
+    """Tokens one answer took, as counted by the backend (``docs/plugin-guide.md`` says how
+    to count without a tokenizer)."""
+
     prompt_tokens: int = 0
+    """The whole rendered prompt: every message, the template's markup, tool definitions."""
     completion_tokens: int = 0
     """Every generated token, reasoning included (as OpenAI counts)."""
     reasoning_tokens: int = 0
@@ -331,6 +378,7 @@ class Usage:
 
     @property
     def total_tokens(self) -> int:
+        """``prompt_tokens + completion_tokens``."""
         return self.prompt_tokens + self.completion_tokens
 
 
@@ -339,12 +387,15 @@ class ChatChunk:
     """One piece of a chat answer. The last chunk carries ``finish_reason`` and ``usage``."""
 
     content: str = ""
+    """The next piece of the answer's text (may be empty)."""
     reasoning: str = ""
     """Thinking text of this piece, kept apart from ``content`` (``reasoning_content``)."""
     tool_calls: tuple[ToolCall, ...] = ()
+    """Complete tool calls made in this piece (each with its whole ``arguments``)."""
     finish_reason: str | None = None
     """``stop``, ``length`` or ``tool_calls`` on the last chunk."""
     usage: Usage | None = None
+    """On the last chunk: the tokens the answer took."""
 
 
 # --- embeddings ---------------------------------------------------------------------
@@ -352,16 +403,26 @@ class ChatChunk:
 
 @attrs.frozen
 class EmbedRequest:
+    """One ``/v1/embeddings`` call: a batch of inputs, already checked against the
+    server's caps (batch size, input length)."""
+
     inputs: tuple[str | tuple[int, ...], ...] = attrs.field(converter=tuple)
-    """Texts, or token id arrays where the backend accepts them."""
+    """Non-empty texts, or non-empty arrays of non-negative token ids (OpenAI's token
+    input); a backend checks ids against its vocabulary or refuses them (``BadRequest``,
+    ``param="input"``)."""
     model: str = ""
+    """The ``model`` string the client sent."""
 
 
 @attrs.frozen
 class EmbedResult:
+    """The vectors of one ``EmbedRequest``. The server applies ``dimensions`` (truncate and
+    renormalise) and ``encoding_format`` itself."""
+
     vectors: tuple[tuple[float, ...], ...]
     """One L2-normalised vector per input, in input order."""
     prompt_tokens: int
+    """Tokens of all inputs together (reported as ``usage``)."""
 
 
 # --- images -------------------------------------------------------------------------
@@ -369,20 +430,34 @@ class EmbedResult:
 
 @attrs.frozen
 class ImageRequest:
+    """One ``/v1/images/generations`` call, already checked against the server's caps."""
+
     prompt: str
+    """What to draw."""
     n: int = 1
+    """How many images."""
     width: int | None = None
     """None: the model's native resolution (the request named no ``size``)."""
     height: int | None = None
+    """None: the model's native resolution."""
     seed: int | None = None
+    """None: random; the same seed, prompt and settings give the same images."""
     steps: int | None = None
+    """Denoising steps; None: the model's default."""
     guidance_scale: float | None = None
+    """Classifier-free guidance strength; None: the model's default."""
     negative_prompt: str | None = None
+    """What the image should not show."""
     model: str = ""
+    """The ``model`` string the client sent."""
 
 
 @attrs.frozen
 class ImageResult:
+    """The images of one ``ImageRequest``; the server turns them into URLs or base64."""
+
     images: tuple[bytes, ...]
     """PNG files, one per requested image."""
     seed: int | None = None
+    """The seed used, when the backend knows it; for logs and tests (OpenAI's image
+    response has no seed, so clients never see it)."""

@@ -74,8 +74,10 @@ def store(tmp_path_factory: pytest.TempPathFactory, model_sources: dict[str, Pat
 
 def _loaded(store: ModelStore, name: str, device: Device, options: LoadOptions):
     from nexa_llama_cpp.backend import LlamaCppBackend
+    from nexa_llama_cpp.embeddings import LlamaCppEmbedBackend
 
-    backend = LlamaCppBackend(store.get(name), device, options)
+    cls = LlamaCppEmbedBackend if name == EMBED else LlamaCppBackend
+    backend = cls(store.get(name), device, options)
     backend.load()
     return backend
 

@@ -17,6 +17,7 @@ from nexa.backend import CancelToken, LoadOptions
 from nexa.types import ChatMessage, ChatRequest, Device, EmbedRequest
 from nexa_llama_cpp import plugin
 from nexa_llama_cpp.backend import LlamaCppBackend
+from nexa_llama_cpp.embeddings import LlamaCppEmbedBackend
 
 pytestmark = pytest.mark.cuda
 
@@ -49,8 +50,9 @@ def gpu_free_bytes() -> int:
     raise AssertionError("llama.cpp sees no GPU device")
 
 
-def load(store, name: str, device: Device) -> LlamaCppBackend:
-    backend = LlamaCppBackend(store.get(name), device, LoadOptions(threads=2))
+def load(store, name: str, device: Device) -> LlamaCppBackend | LlamaCppEmbedBackend:
+    cls = LlamaCppEmbedBackend if name == EMBED else LlamaCppBackend
+    backend = cls(store.get(name), device, LoadOptions(threads=2))
     backend.load()
     return backend
 

@@ -13,7 +13,7 @@ from nexa.backend import CancelToken
 from nexa.errors import BadRequest, ContextLengthExceeded
 from nexa.testing import conformance
 from nexa.types import EmbedRequest, Task
-from nexa_llama_cpp.backend import LlamaCppBackend
+from nexa_llama_cpp.embeddings import LlamaCppEmbedBackend
 
 
 def embed(backend, *inputs):
@@ -29,7 +29,7 @@ def test_store_marks_the_model_as_embedding(store):
 
 
 def test_conformance(store, device, tiny_options):
-    backend = LlamaCppBackend(store.get(EMBED), device, tiny_options)
+    backend = LlamaCppEmbedBackend(store.get(EMBED), device, tiny_options)
     try:
         asyncio.run(backend.start())
         conformance.check_embed(backend)
@@ -63,7 +63,7 @@ def test_token_arrays_match_text(embed_backend):
 
 def test_many_inputs_split_over_several_decodes(store, device, tiny_options):
     # A 256-token context forces several decodes for 40 inputs of ~12 tokens.
-    backend = LlamaCppBackend(store.get(EMBED), device, attrs.evolve(tiny_options, context_length=256))
+    backend = LlamaCppEmbedBackend(store.get(EMBED), device, attrs.evolve(tiny_options, context_length=256))
     backend.load()
     try:
         texts = [f"item number {i} here" for i in range(40)]

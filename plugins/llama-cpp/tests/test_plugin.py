@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import attrs
 import pytest
 
 from nexa.plugins import load_plugins
@@ -12,13 +13,14 @@ from nexa.registry import BackendRegistry
 from nexa.types import Device, Manifest, ModelFile, Task
 from nexa_llama_cpp import plugin
 from nexa_llama_cpp.backend import LlamaCppBackend
+from nexa_llama_cpp.embeddings import LlamaCppEmbedBackend
 
 
-def test_entry_point_registers_the_backend_for_every_task():
+def test_entry_point_registers_the_backends_for_every_task():
     plugins = load_plugins(load_entry_points=True)
     assert not [f for f in plugins.failures if f.plugin == "llama-cpp"]
-    for task in (Task.CHAT, Task.VLM, Task.EMBED):
-        assert LlamaCppBackend in [cls for cls, _ in plugins.backends.get(task, [])], task
+    for task, cls in ((Task.CHAT, LlamaCppBackend), (Task.VLM, LlamaCppBackend), (Task.EMBED, LlamaCppEmbedBackend)):
+        assert cls in [c for c, _ in plugins.backends.get(task, [])], task
     assert "llama-cpp" in plugins.loaded
 
 
@@ -64,20 +66,24 @@ def test_selection_and_refusals():
     assert "mmproj" in LlamaCppBackend.supports(no_mmproj, cpu)
     reranker = Manifest(name="a/r", format="gguf", tasks={Task.EMBED},
                         files=(ModelFile("m.gguf", 1),), options={"pooling_type": 4})
-    assert "rerank" in LlamaCppBackend.supports(reranker, cpu)
+    assert "rerank" in LlamaCppEmbedBackend.supports(reranker, cpu)
+    embedder = attrs.evolve(reranker, options={})
+    assert registry.select(Task.EMBED, embedder, cpu) is LlamaCppEmbedBackend
+    # A chat model's embeddings are refused by selection, with the reason.
+    assert "chat model" in LlamaCppEmbedBackend.supports(chat, cpu)
     no_weights = Manifest(name="a/n", format="gguf", tasks={Task.CHAT})
     assert LlamaCppBackend.supports(no_weights, cpu)
 
 
 def test_gpu_devices_need_a_gpu_build_of_the_library():
-    from nexa_llama_cpp.backend import _library_files, missing_device_support
+    from nexa_llama_cpp.runtime import library_files, missing_device_support
 
     assert missing_device_support("cuda", ["libllama.so", "libggml-cpu.so"])
     assert missing_device_support("cuda", ["libllama.so", "libggml-cuda.so"]) is None
     assert missing_device_support("metal", ["libggml-metal.dylib"]) is None
     assert missing_device_support("cpu", ["libggml-cpu.so"]) is None
     # And on the library installed here, whichever build it is.
-    files = _library_files()
+    files = library_files()
     assert any(f.startswith("libllama") for f in files)
     chat = Manifest(name="a/b", format="gguf", tasks={Task.CHAT}, files=(ModelFile("m.gguf", 1),))
     has_cuda = any("ggml-cuda" in f for f in files)

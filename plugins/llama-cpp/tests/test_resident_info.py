@@ -2,13 +2,15 @@
 
 llama.cpp logs the size of every KV buffer it allocates ("KV buffer size = N MiB"); the
 figure the backend computes from the model's shape must add up to the same, with the
-batching engine (one context per slot group plus the library's small one) and without.
+batching engine (its context for every sequence, plus the library's small one) and for an
+embedding model.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 import pytest
 from conftest import CHAT, EMBED
@@ -16,6 +18,7 @@ from conftest import CHAT, EMBED
 from nexa.backend import LoadOptions
 from nexa.types import Device
 from nexa_llama_cpp.backend import LlamaCppBackend
+from nexa_llama_cpp.embeddings import LlamaCppEmbedBackend
 from nexa_llama_cpp.plugin import smollm2_folder, smollm2_manifest
 
 KV_LINE = re.compile(r"KV buffer size\s*=\s*([0-9.]+) MiB")
@@ -29,7 +32,7 @@ class Logged(list):
         return bool(self) and kv_bytes is not None and abs(kv_bytes / 2**20 - sum(self)) <= 0.005 * len(self) + 1e-9
 
 
-def _load_and_log(manifest, device, options, capsys, monkeypatch) -> tuple[LlamaCppBackend, Logged]:
+def _load_and_log(manifest, device, options, capsys, monkeypatch, cls=LlamaCppBackend) -> tuple[Any, Logged]:
     import llama_cpp
 
     # The backend loads quietly (verbose=False silences llama.cpp during the load); here
@@ -41,7 +44,7 @@ def _load_and_log(manifest, device, options, capsys, monkeypatch) -> tuple[Llama
     logger.setLevel(logging.INFO)  # llama.cpp's own lines reach stderr at INFO
     try:
         capsys.readouterr()
-        backend = LlamaCppBackend(manifest, device, options)
+        backend = cls(manifest, device, options)
         backend.load()
         logged = Logged([float(m) for m in KV_LINE.findall(capsys.readouterr().err)])
     finally:
@@ -67,7 +70,8 @@ def test_kv_bytes_match_what_llama_cpp_allocated(store, device, capsys, monkeypa
 def test_an_embedder_reports_its_cache_too(store, device, capsys, monkeypatch):
     # The tiny embedder is a causal llama with pooling: it does hold a KV cache (an encoder
     # such as BERT holds none, and llama.cpp then gives its context no memory at all).
-    backend, logged = _load_and_log(store.get(EMBED), device, LoadOptions(threads=1), capsys, monkeypatch)
+    backend, logged = _load_and_log(store.get(EMBED), device, LoadOptions(threads=1), capsys, monkeypatch,
+                                    cls=LlamaCppEmbedBackend)
     try:
         info = backend.resident_info()
         assert logged.matches(info.kv_cache_bytes), (info.kv_cache_bytes, logged)

@@ -15,6 +15,7 @@ from conftest import CHAT, EMBED, TOOLS, VLM, assert_same_answer
 from nexa.testing import serve
 from nexa_llama_cpp import plugin
 from nexa_llama_cpp.backend import LlamaCppBackend
+from nexa_llama_cpp.embeddings import LlamaCppEmbedBackend
 from nexa_llama_cpp.testing import png_bytes
 
 SMOL = plugin.SMOLLM2_NAME
@@ -32,7 +33,8 @@ def server(tmp_path_factory, model_sources, device):
     home = tmp_path_factory.mktemp("server-home")
     # One thread: on a shared (CI) machine a spinning 2-thread pool can stall for whole
     # scheduler slices; correctness, not speed, is what these tests check.
-    with serve([LlamaCppBackend], home=home, models=[manifest], device=device.kind, threads=1) as handle:
+    with serve([LlamaCppBackend, LlamaCppEmbedBackend], home=home, models=[manifest], device=device.kind,
+               threads=1) as handle:
         for name, path in model_sources.items():
             handle.store.import_path(path, name=name)
         yield handle
@@ -155,6 +157,9 @@ def test_client_disconnect_frees_the_model_at_once(server, client):
 
     import httpx
 
+    client.chat.completions.create(model=SMOL, messages=FRANCE, max_tokens=1, temperature=0)  # loaded
+    backend = next(e.backend for e in server.app.state.manager.loaded() if e.manifest.name == SMOL)
+    before = backend.engine_stats()
     body = {"model": SMOL, "messages": STORY, "max_tokens": 3000, "temperature": 0, "stream": True}
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -165,9 +170,16 @@ def test_client_disconnect_frees_the_model_at_once(server, client):
                     events += 1
                 if events >= 5:
                     break  # leaving the block closes the connection mid-generation
-    # One request at a time per model: this one waits unless generation really stopped
-    # (3000 tokens would take half a minute or more on this machine).
-    started = time.monotonic()
+    # The engine cancels the sequence (not: finishes it after 3000 tokens) and frees it.
+    deadline = time.monotonic() + 120
+    while not (
+        backend.engine_stats().requests_cancelled == before.requests_cancelled + 1
+        and backend.engine_stats().active_sequences == 0
+    ):
+        assert time.monotonic() < deadline, backend.engine_stats()
+        time.sleep(0.01)
+    after = backend.engine_stats()
+    assert after.requests_finished == before.requests_finished
+    assert after.tokens_generated - before.tokens_generated < 3000
     answer = client.chat.completions.create(model=SMOL, messages=FRANCE, max_tokens=3, temperature=0)
     assert answer.usage.completion_tokens <= 3
-    assert time.monotonic() - started < 10

@@ -64,7 +64,7 @@ def test_undecodable_image_is_a_400(vlm_backend):
 
 
 def test_marker_injected_in_text_is_a_400(vlm_backend):
-    marker = vlm_backend._media_marker
+    marker = vlm_backend._vision.media_marker
     with pytest.raises(BadRequest):
         ask(vlm_backend, TextPart(f"sneaky {marker}"), ImagePart(png_bytes()), max_tokens=2)
 
@@ -74,7 +74,7 @@ def test_handler_never_fetches_urls_or_paths(vlm_backend, tmp_path):
     secret.write_bytes(png_bytes())
     for url in (f"file://{secret}", "http://127.0.0.1:9/x.png", str(secret)):
         with pytest.raises(BadRequest):
-            vlm_backend._mtmd.load_image(url)
+            vlm_backend._vision.handler.load_image(url)
 
 
 def test_grammar_and_stop_work_with_images(vlm_backend):

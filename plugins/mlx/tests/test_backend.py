@@ -192,6 +192,7 @@ def test_repetition_penalty_changes_a_repetitive_answer(backend):
     penalised = ask(backend, max_tokens=30, repeat_penalty=1.8)
     assert content(penalised) != content(greedy)
     assert ask(backend, max_tokens=30, repeat_penalty=1.0) == greedy
+    # repeat_penalty 0 is refused at the API edge (test_server.py), before any backend.
 
 
 def test_presence_and_frequency_penalties_change_the_answer(backend):

@@ -79,3 +79,10 @@ def test_context_overflow_and_images_are_400s(client):
             model=MODEL_NAME, messages=HELLO, max_tokens=4, response_format={"type": "json_object"}
         )
     assert exc.value.body["param"] == "response_format"
+
+
+def test_a_zero_repeat_penalty_is_a_400(client):
+    # Multiplicative: 0 would divide by zero in MLX's penalty; refused at the edge.
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=4, extra_body={"repeat_penalty": 0})
+    assert exc.value.body["param"] == "repeat_penalty"

@@ -67,7 +67,7 @@ def test_a_pulled_mlx_vision_repo_routes_to_mlx_vlm_and_answers(vision_folder, t
     files = {f.name: f.read_bytes() for f in vision_folder.iterdir()}
     store = ModelStore(tmp_path / "home")
     with HubServer({repo: {**files, "README.md": b"# tiny"}}) as hub:
-        manifest = pull(store, repo, endpoint=hub.url)
+        manifest = pull(store, repo, progress=False, endpoint=hub.url)
     assert manifest.format == "mlx" and manifest.tasks == {Task.CHAT, Task.VLM}
     assert {f.path for f in manifest.files} == set(files)
     assert registry().select(Task.VLM, manifest, device) is MlxVisionBackend
@@ -283,7 +283,7 @@ def test_bad_requests_are_400s(vision_backend):
         ))
     with pytest.raises(BadRequest, match="response_format"):
         ask(vision_backend, RED, response_format={"type": "json_object"})
-    # repeat_penalty <= 0 is refused once, at the edge (core/tests/test_server.py).
+    # repeat_penalty 0 is refused at the API edge (test_server.py), before any backend.
 
 
 def test_passes_the_core_chat_conformance_checks(vision_manifest, device):

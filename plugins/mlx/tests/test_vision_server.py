@@ -109,7 +109,9 @@ def test_client_disconnect_frees_the_model_at_once(server, client):
     timed = time.monotonic()
     client.chat.completions.create(model=VISION_MODEL_NAME, messages=look(RED), max_tokens=400, temperature=0)
     per_400 = time.monotonic() - timed
-    assert took < max(5.0, per_400 * 4), (took, per_400)
+    # Generous against a busy machine (the two timings may see different load), still far
+    # below the ~40x of per_400 that running the full answer to the end would take.
+    assert took < max(10.0, per_400 * 10), (took, per_400)
 
 
 def test_a_text_only_mlx_model_refuses_images_with_a_400(client):

@@ -52,6 +52,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"  {b['name']:<22} tasks={','.join(b['tasks'])} formats={','.join(b['formats'])} "
               f"devices={','.join(b['devices'])} parallel={b['parallel']} priority={b['priority']} "
               f"plugin={b['plugin']}")
+    engines = ", ".join(f"{name} ({plugin})" for name, (_, plugin) in sorted(plugins.engines.items()))
+    print("engines: local (in-process, the default)" + (f", {engines}" if engines else ""))
     if plugins.models:
         print("ready models from packages: " + ", ".join(m.name for m in plugins.models))
     return 0

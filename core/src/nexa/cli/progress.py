@@ -1,8 +1,8 @@
 """The pull's progress bars: ``nexa.progress.PullProgress`` events drawn with tqdm.
 
 Two bars on stderr: the file being fetched, and the whole pull. Both show the speed and
-ETA the events carry (the same figures the server's pull stream sends), not tqdm's own
-estimate. A file that goes on from a cut-off pull says so and where it resumes; a file
+ETA the events carry (``PullTracker``'s figures, the same for every consumer), not
+tqdm's own estimate. A file that goes on from a cut-off pull says so and where it resumes; a file
 the store already had says that. Drawn only when stderr is a terminal and ``--quiet``
 is not given: piped or redirected, a pull prints its one result line and nothing else.
 """

@@ -44,7 +44,45 @@ def server_config(args: argparse.Namespace):
         max_loaded=args.max_loaded,
         memory_budget=int(args.memory_budget * (1 << 30)) if args.memory_budget else None,
         shutdown_timeout=args.shutdown_timeout,
+        engine=args.engine,
+        engine_options=_engine_options(args),
     )
+
+
+def _per_model(values: list[str] | None, flag: str, parse) -> dict[str, object]:
+    """``[MODEL=]VALUE`` flags to ``{MODEL or "": parsed VALUE}`` ("" is every model)."""
+    out: dict[str, object] = {}
+    for value in values or ():
+        model, sep, rest = value.partition("=")
+        if not sep or model.lstrip().startswith("{"):
+            model, rest = "", value
+        try:
+            out[model.strip()] = parse(rest.strip())
+        except ValueError as exc:
+            raise SystemExit(f"{flag} {value!r}: {exc}") from None
+    return out
+
+
+def _replica_count(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise ValueError("a model needs at least 1 replica")
+    return n
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, object]:
+    """The engine flags of ``nexa serve``; refused without an engine that reads them."""
+    options: dict[str, object] = {}
+    if args.replicas:
+        options["replicas"] = _per_model(args.replicas, "--replicas", _replica_count)
+    if args.placement:
+        options["placement"] = _per_model(args.placement, "--placement", str)
+    if args.ray_address:
+        options["address"] = args.ray_address
+    if options and args.engine in (None, "local"):
+        raise SystemExit("--replicas, --placement and --ray-address need an engine that runs replicas "
+                         "(e.g. --engine ray)")
+    return options
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -157,6 +195,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--verbose", action="store_true", help="log every request")
+    p.add_argument("--engine", default=None,
+                   help="where models run: local (this process, the default) or an engine plugin (ray)")
+    p.add_argument("--replicas", action="append", metavar="[MODEL=]N",
+                   help="replicas of every model, or of MODEL (repeatable); with --engine ray")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster to use with --engine ray (default: RAY_ADDRESS, else a new "
+                        "local one on 127.0.0.1)")
+    p.add_argument("--placement", action="append", metavar="[MODEL=]JSON",
+                   help="what each replica of every model, or of MODEL, asks the cluster for "
+                        "(repeatable); with --engine ray, Ray actor options: num_cpus, num_gpus, "
+                        "memory, resources, label_selector")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="chat with a model in the terminal")

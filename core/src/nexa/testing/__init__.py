@@ -5,18 +5,20 @@
   classes (and ready models) registered.
 - ``EchoBackend`` / ``echo_manifest``: a declared test double for the core's own tests.
 - ``nexa.testing.conformance``: checks every backend of a task must pass.
-- ``wait_until``: poll observable state (an HTTP listing, a metric) until it holds.
 - The pytest plugin (``nexa.testing.pytest_plugin``, auto-registered) adds the fixture
   ``nexa_serve`` with the same signature as ``serve``, closed at teardown.
+- ``wait_until`` and ``ServerHandle.metric``: tests wait on what the server shows (a
+  ``/metrics`` sample, a log line, an event), never on sleeps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,17 @@ from nexa.testing.echo import EchoBackend, echo_manifest
 from nexa.types import Manifest, Task
 
 __all__ = ["EchoBackend", "echo_manifest", "serve", "ServerHandle", "StaticPlugin", "wait_until"]
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` (observable state) every 10 ms until it is true; AssertionError
+    naming ``what`` after ``timeout`` seconds. The timeout only bounds a failing test, so
+    make it generous: a busy machine is slow, not wrong."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting until {what}")
+        time.sleep(0.01)
 
 
 class StaticPlugin:
@@ -78,6 +91,15 @@ class ServerHandle:
     def port(self) -> int:
         return int(self.base_url.rsplit(":", 1)[1])
 
+    def metric(self, sample: str) -> float | None:
+        """The value of one ``GET /metrics`` sample, named with its labels as Prometheus
+        prints them (``nexa_queue_depth{model="org/m"}``); None when absent."""
+        import httpx
+
+        text = httpx.get(self.base_url + "/metrics", timeout=30).text
+        found = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else None
+
 
 @contextlib.contextmanager
 def serve(
@@ -86,15 +108,19 @@ def serve(
     home: Path | str,
     models: Iterable[Manifest] = (),
     load_entry_points: bool = False,
+    extra_plugins: Iterable[object] = (),
     **config_fields: Any,
 ) -> Iterator[ServerHandle]:
-    """Run the real server on loopback with the given backends; stop it on exit."""
+    """Run the real server on loopback with the given backends; stop it on exit.
+
+    ``extra_plugins``: more plugin objects to register (an engine under test).
+    """
     import uvicorn
 
     from nexa.server.app import create_app
 
     plugins = load_plugins(
-        load_entry_points=load_entry_points, extra_plugins=[StaticPlugin(backends, models)]
+        load_entry_points=load_entry_points, extra_plugins=[StaticPlugin(backends, models), *extra_plugins]
     )
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only when the
     # listening socket says TCP; with proto 0 every keep-alive response waited ~40 ms for
@@ -121,15 +147,3 @@ def serve(
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
-
-
-def wait_until(predicate: Any, what: str, timeout: float = 30.0, interval: float = 0.02) -> Any:
-    """Call ``predicate`` until it returns something true, and return that; fail naming
-    ``what`` after ``timeout`` seconds. For tests that wait on observable state (a listing,
-    a metric) rather than sleeping a fixed time."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-    return value

@@ -71,7 +71,10 @@ def _overrides_async_chat(backend: Backend) -> bool:
 
 
 async def check_chat_async(backend: Backend, prompt: str = PROMPT) -> None:
+    started = time.monotonic()
     text, finish, usage = await _answer(backend, _request(prompt, max_tokens=8))
+    # What one token costs this backend on this machine, however busy it is now.
+    per_token = (time.monotonic() - started) / max(1, usage.completion_tokens)
     assert usage.prompt_tokens > 0, "usage.prompt_tokens must count the prompt"
     assert usage.completion_tokens <= 8, "max_tokens not honoured in usage"
     assert text, "a chat backend must answer this prompt with some text at temperature 0"
@@ -101,12 +104,15 @@ async def check_chat_async(backend: Backend, prompt: str = PROMPT) -> None:
         assert cut == expected, f"stop {stop!r}: expected {expected!r}, got {cut!r}"
         assert finish_stop == "stop", "an answer ended by a stop string must finish with 'stop'"
 
-    # Closing the stream early must stop the work and free the worker promptly.
+    # Closing the stream early must stop the work and free the worker promptly: within
+    # the time of a few hundred tokens, far from the 2000 it was asked for (the limit
+    # scales with the backend's own speed, so a busy machine does not fail it).
     stream = backend.stream_answer(_request(prompt, max_tokens=2000))
     await anext(stream)
     started = time.monotonic()
     await stream.aclose()
-    assert time.monotonic() - started < 5, "closing a stream did not stop generation"
+    took = time.monotonic() - started
+    assert took < max(10.0, 200 * per_token), f"closing a stream took {took:.1f} s: generation did not stop"
     if not _overrides_async_chat(backend):
         await _on_worker(backend, _check_sync_chat_cancel, backend, prompt)
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nexa.errors import BadRequest
-from nexa_llama_cpp.textstream import CLOSE_TAG, OPEN_TAG, call_schema, tool_functions
+from nexa_llama_cpp.tools import CLOSE_TAG, OPEN_TAG, call_schema, tool_functions
 
 
 def schema_gbnf(schema: Mapping[str, Any], *, what: str = "response_format") -> str:

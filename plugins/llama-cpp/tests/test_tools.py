@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nexa.types import ToolCall
-from nexa_llama_cpp.textstream import ToolCallStream, call_schema, parse_bare_calls
+from nexa_llama_cpp.tools import ToolCallStream, call_schema, parse_bare_calls
 
 
 def events(stream: ToolCallStream, pieces: list[str]) -> list[str | ToolCall]:

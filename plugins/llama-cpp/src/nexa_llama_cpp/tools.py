@@ -1,9 +1,12 @@
-"""Per-request text processing between the token generator and the chat chunks.
+"""Tool calls in plain text: prompting for them, and finding them in the answer.
 
-``Sampling`` is the resolved, library-neutral sampling setup that the generation
-boundary (``LlamaCppBackend._generate``) takes. ``ToolCallStream`` turns model text
-into content and tool calls while streaming (Hermes/Qwen ``<tool_call>{json}</tool_call>``
-blocks, or a bare JSON call). Stop strings are core's ``nexa.text.StopHoldBack``.
+- ``ToolCallStream`` turns streamed model text into content and tool calls (Hermes/Qwen
+  ``<tool_call>{json}</tool_call>`` blocks, or an answer that is one bare JSON call).
+- ``tools_system_prompt`` / ``describe_tools``: for chat templates that ignore ``tools``,
+  the tools as a system prompt, and earlier calls and results as text in that same form.
+- ``call_schema``: the JSON schema of one call, from which ``grammar`` builds the GBNF
+  that forces a call.
+
 No llama_cpp import here: this is plain text handling, tested on strings.
 """
 
@@ -15,31 +18,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import attrs
-
-from nexa.types import ToolCall
-
-
-@attrs.frozen
-class Sampling:
-    """Everything the generator needs besides the prompt, resolved from a ChatRequest."""
-
-    max_tokens: int
-    """Tokens to generate at most (already capped by the free context)."""
-    temperature: float = 1.0
-    """0 means greedy."""
-    top_p: float = 1.0
-    top_k: int = 0
-    """0 disables top-k."""
-    min_p: float = 0.0
-    seed: int | None = None
-    """None: a fresh random seed per request."""
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repeat_penalty: float = 1.0
-    """1.0 disables it."""
-    grammar: str | None = None
-    """GBNF text the output must match (JSON schema, forced tool call), root rule ``root``."""
+from nexa.types import ChatMessage, ToolCall
 
 
 def new_call_id() -> str:
@@ -236,3 +215,28 @@ def call_schema(functions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for f in functions
     ]
     return options[0] if len(options) == 1 else {"oneOf": options}
+
+
+def describe_tools(
+    messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]]
+) -> tuple[ChatMessage, ...]:
+    """For templates that ignore ``tools``: a system prompt, and calls/results as text."""
+    instructions = tools_system_prompt(tools)
+    out: list[ChatMessage] = []
+    for m in messages:
+        if m.role == "assistant" and m.tool_calls:
+            calls = "\n".join(
+                f'{OPEN_TAG}\n{{"name": {json.dumps(c.name)}, "arguments": {c.arguments or "{}"}}}\n{CLOSE_TAG}'
+                for c in m.tool_calls
+            )
+            text = (m.text + "\n" if m.text else "") + calls
+            out.append(ChatMessage(role="assistant", content=text))
+        elif m.role == "tool":
+            out.append(ChatMessage(role="user", content=f"<tool_response>\n{m.text}\n</tool_response>"))
+        else:
+            out.append(m)
+    if out and out[0].role == "system":
+        out[0] = ChatMessage(role="system", content=f"{out[0].text}\n\n{instructions}")
+    else:
+        out.insert(0, ChatMessage(role="system", content=instructions))
+    return tuple(out)

@@ -1,0 +1,232 @@
+"""The batching engine's values: what a caller submits and gets back, the engine's figures,
+and the records its thread keeps for each request, running sequence and KV slot.
+
+Plain attrs classes; nothing here touches llama.cpp.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from nexa.types import Sampling
+
+if TYPE_CHECKING:
+    from nexa_llama_cpp.engine.sampler import Sampler
+
+__all__ = [
+    "EngineStats",
+    "Event",
+    "Finished",
+    "GenerationRequest",
+    "TextPiece",
+]
+
+
+# --- what a caller submits and receives ---------------------------------------------------
+
+
+@attrs.frozen
+class GenerationRequest:
+    """One text generation: the prompt's token ids, core's ``Sampling`` and what constrains
+    the output beyond it."""
+
+    prompt_tokens: tuple[int, ...] = attrs.field(converter=tuple)
+    """The rendered prompt, tokenized (BOS included when the model wants one)."""
+    sampling: Sampling = Sampling()
+    """Token choice and ``max_tokens`` (None or more than the context leaves: the room
+    left). ``sampling.stop`` is not the engine's: its consumer cuts the text
+    (``nexa.text.StopHoldBack``) and ends the generation with ``finish()``."""
+    grammar: str | None = None
+    """GBNF grammar (root rule ``root``) the output must follow (json_schema, tools)."""
+    grammar_triggers: tuple[str, ...] = attrs.field(converter=tuple, default=())
+    """Regex patterns; when given, the grammar is lazy: it binds only once one of them
+    matches the generated text (llama.cpp's lazy grammar: the whole text must match, and
+    the first capture group marks where the constrained part starts), e.g. a tool call
+    after free text."""
+    render_special: bool = False
+    """Emit the text of control tokens (``<|im_start|>``, ``<think>``...) instead of dropping it."""
+
+
+@attrs.frozen
+class TextPiece:
+    """Newly generated text (never a broken UTF-8 character)."""
+
+    text: str
+    n_tokens: int = 1
+    """Generated tokens since the previous piece (a character can span several tokens)."""
+
+
+@attrs.frozen
+class Finished:
+    """The last event of a generation."""
+
+    finish_reason: str
+    """``stop`` (end of generation, or the grammar completed) or ``length``."""
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens whose KV entries were reused from an earlier request (not recomputed)."""
+
+
+Event = TextPiece | Finished
+
+
+@attrs.frozen
+class EngineStats:
+    """A snapshot of the engine's gauges and (monotonic) counters, for ``/metrics``."""
+
+    n_seq: int
+    """Sequences the engine runs at once."""
+    kv_size: int
+    """KV cells in the cache (all sequences together)."""
+    active_sequences: int
+    waiting_requests: int
+    """Admitted to the engine but waiting for a free sequence or KV room."""
+    kv_cells_reserved: int
+    """KV cells promised to running sequences (prompt + max new tokens each)."""
+    requests_started: int
+    requests_finished: int
+    """Ended by the model, by their length, or by their consumer (a stop string)."""
+    requests_cancelled: int
+    prompt_tokens_evaluated: int
+    """Prompt tokens actually computed."""
+    prompt_tokens_reused: int
+    """Prompt tokens skipped because their KV entries were already in the cache."""
+    tokens_generated: int
+    decode_steps: int
+    embed_requests: int
+    sequences_moved: int
+    """Running sequences moved to a lower id to keep the ids contiguous."""
+
+
+COUNTERS = (
+    "requests_started",
+    "requests_finished",
+    "requests_cancelled",
+    "prompt_tokens_evaluated",
+    "prompt_tokens_reused",
+    "tokens_generated",
+    "decode_steps",
+    "embed_requests",
+    "sequences_moved",
+)
+"""The ``EngineStats`` fields the engine thread counts up."""
+
+
+# --- the consumer's side of a request ------------------------------------------------------
+
+
+class Control:
+    """How the engine thread learns that a request's consumer is done with it: it cancelled
+    (its ``cancel`` token, or it closed the stream), or it ended the generation early as
+    finished (``finish``: the consumer found a stop string)."""
+
+    __slots__ = ("_token", "_closed", "finished_early")
+
+    def __init__(self, cancel: Any = None) -> None:
+        self._token = cancel
+        self._closed = threading.Event()
+        self.finished_early = False
+
+    @property
+    def token_cancelled(self) -> bool:
+        """The caller's cancel token (``nexa.backend.CancelToken``) is set."""
+        return self._token is not None and self._token.cancelled
+
+    def done(self) -> bool:
+        """The engine should stop this request (read from the engine thread every step)."""
+        return self._closed.is_set() or self.token_cancelled
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def finish(self) -> None:
+        self.finished_early = True
+        self._closed.set()
+
+
+# --- what the engine thread keeps -----------------------------------------------------------
+
+_admission_order = itertools.count()
+
+
+@attrs.define(eq=False)
+class Job:
+    """A submitted generation: request, sampler, where its events go, how it ends early."""
+
+    request: GenerationRequest
+    sampler: Sampler
+    sink: Callable[[Event | BaseException], None]
+    control: Control
+    max_new: int
+    """Tokens this request may generate (max_tokens within the room its context leaves)."""
+    dead: bool = False
+    """Set when its consumer can no longer take events (its event loop closed)."""
+
+    @property
+    def reserve(self) -> int:
+        """KV cells this request can use at most."""
+        return len(self.request.prompt_tokens) + self.max_new
+
+    def ended(self) -> bool:
+        return self.dead or self.control.done()
+
+
+@attrs.define(eq=False)
+class Running:
+    """A running generation bound to one llama sequence id (its slot)."""
+
+    job: Job
+    slot: Slot
+    pending: list[int]
+    """Tokens to feed to the model: the rest of the prompt, then each sampled token."""
+    n_prompt_left: int
+    """How many of ``pending`` are still prompt tokens."""
+    n_reused: int
+    order: int = attrs.field(factory=lambda: next(_admission_order))
+    n_generated: int = 0
+    n_unreported: int = 0
+    """Generated tokens not yet counted in a TextPiece."""
+    i_batch: int = -1
+    """Index of this sequence's output row in the current batch, -1 when none."""
+    decoder: Any = attrs.field(factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+
+
+@attrs.define(eq=False)
+class Slot:
+    """One llama sequence id and what its part of the KV cache holds."""
+
+    seq_id: int
+    tokens: list[int] = attrs.field(factory=list)
+    """Tokens whose KV entries the cache holds for this sequence id, positions 0..n-1."""
+    active: Running | None = None
+    last_used: float = 0.0
+
+
+@attrs.define(eq=False)
+class EmbedJob:
+    """Token sequences to embed on the chat model, and where the vectors go."""
+
+    inputs: list[list[int]]
+    normalize: bool
+    done: Callable[[list[list[float]] | BaseException], None]
+    control: Control
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    i = 0
+    # Compare in blocks first: prompts share long system prompts.
+    step = 64
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

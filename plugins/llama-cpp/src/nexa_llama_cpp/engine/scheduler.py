@@ -1,0 +1,589 @@
+"""``BatchEngine``: one llama.cpp model serving many generations at once by continuous batching.
+
+The engine drives one llama model and one llama context through llama-cpp-python's
+low-level ctypes API (``llama_cpp.llama_cpp``) from a single long-lived thread. Each step
+of that thread's loop puts the next token of every running sequence into one
+``llama_decode`` batch, then a bounded bite of the prompts of newly admitted requests,
+samples every sequence with its own sampler (``engine.sampler``), and retires finished or
+cancelled sequences at once. Where a request runs and how much of its prompt is already
+cached is ``engine.slots``; embeddings on the same weights are ``engine.embedding``.
+
+It knows nothing about chat templates, tools, stop strings or HTTP: callers hand it token
+ids and a ``GenerationRequest`` and read ``TextPiece`` events and one ``Finished`` event
+(``engine.streams``). Only the engine thread touches the llama context; callers only
+enqueue work. That also keeps llama.cpp's decode calls on one OS thread (OpenMP builds
+slow down for good once a second thread has decoded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from nexa.errors import BadRequest, Cancelled, ModelLoadError
+from nexa_llama_cpp.engine.context import EngineContext
+from nexa_llama_cpp.engine.embedding import EmbeddingContext
+from nexa_llama_cpp.engine.records import (
+    COUNTERS,
+    Control,
+    EmbedJob,
+    EngineStats,
+    Event,
+    Finished,
+    GenerationRequest,
+    Job,
+    Running,
+    TextPiece,
+)
+from nexa_llama_cpp.engine.sampler import Sampler, Scratch
+from nexa_llama_cpp.engine.slots import SlotTable
+from nexa_llama_cpp.engine.streams import AsyncGeneration, Generation
+
+
+class BatchEngine:
+    """One llama.cpp model serving up to ``n_seq`` generations at once by continuous batching.
+
+    ``model_path`` is a GGUF file; alternatively pass ``model`` (a ``llama_model*`` loaded
+    elsewhere, e.g. ``Llama._model.model``), which the engine then does not free.
+
+    KV budget, default layout (``kv_unified=False``): every sequence id owns its own
+    ``n_ctx`` cells, so a request needs a free sequence id and nothing else; it waits
+    (first come, first served) while all ``n_seq`` are busy. In this layout a token's
+    logits are the same whatever else shares the batch and however the prompt was cut
+    into chunks (with flash attention on and off), so a seeded or greedy request gives
+    the same text alone or batched.
+
+    ``kv_unified=True`` puts all sequences in one pool of ``kv_size`` cells: a request is
+    admitted only when its worst case (prompt + max new tokens) fits beside the worst
+    cases of the running ones, else it waits. Denser when requests are short, but the
+    numbers then depend slightly on the batch (texts may differ from a solo run).
+
+    Prefix reuse: a finished sequence's cells stay cached. A new request whose tokens
+    start like a cached or running sequence keeps (or copies) that prefix and computes
+    only the rest. Requests that arrive together with a shared prefix (a system prompt)
+    are admitted one after the other: the second waits until the first has computed the
+    shared part, then copies it.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        model: Any = None,
+        n_seq: int = 4,
+        n_ctx: int = 4096,
+        kv_size: int | None = None,
+        kv_unified: bool = False,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        n_batch: int = 512,
+        prompt_chunk: int = 64,
+        flash_attn: bool | None = None,
+        n_gpu_layers: int = 0,
+        op_offload: bool | None = None,
+        embed_pooling: int | None = None,
+    ) -> None:
+        if model_path is None and model is None:
+            raise ValueError("give model_path or model")
+        if n_seq < 1:
+            raise ValueError("n_seq must be at least 1")
+        self.model_path = None if model_path is None else os.fspath(model_path)
+        self.n_seq = n_seq
+        self.n_ctx = n_ctx
+        """Most tokens (prompt + generated) one request may hold."""
+        self.kv_unified = kv_unified
+        if kv_unified:
+            self.kv_size = max(kv_size or n_ctx * n_seq, n_ctx)
+        else:
+            self.kv_size = n_ctx * n_seq
+        self.n_threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
+        self.n_threads_batch = n_threads_batch or self.n_threads
+        self.n_batch = max(n_batch, n_seq)
+        self.prompt_chunk = max(4, prompt_chunk)
+        """Prompt tokens per step while other sequences are generating: a long prompt is
+        taken in bites so the running streams keep flowing. With nothing else running a
+        prompt goes in ``n_batch`` at a time."""
+        self._flash_attn = flash_attn
+        self._n_gpu_layers = n_gpu_layers
+        # A GPU build of llama.cpp sends large prompt batches to the GPU even for layers
+        # kept on the CPU; off when the engine runs on the CPU alone (no layer offloaded).
+        self._op_offload = op_offload if op_offload is not None else (model is not None or n_gpu_layers != 0)
+        self._embed_pooling = embed_pooling
+
+        self._model = model
+        self._c: EngineContext | None = None
+        self.n_vocab = 0
+        self._kv: SlotTable | None = None
+        self._scratch: Scratch | None = None
+        self._embedder: EmbeddingContext | None = None
+
+        self._cv = threading.Condition()
+        self._inbox: collections.deque[Job] = collections.deque()
+        self._embed_inbox: collections.deque[EmbedJob] = collections.deque()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._counters = dict.fromkeys(COUNTERS, 0)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread and load the model on it; raises ModelLoadError."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="nexa-llama-batch", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            self._thread = None
+            raise self._start_error
+
+    def close(self) -> None:
+        """Stop the loop; running and waiting requests end with ``Cancelled``; frees the model."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    def __enter__(self) -> BatchEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- tokens ------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text`` with this model's vocabulary (safe from any thread)."""
+        return self._open().tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        return self._open().token_bytes(token, special=special)
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        return self._open().detokenize(tokens, special=special)
+
+    def _open(self) -> EngineContext:
+        if self._thread is None or self._c is None:
+            raise RuntimeError("the engine is not running")
+        return self._c
+
+    # --- generation ----------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest, cancel: Any = None) -> Generation:
+        """Submit ``request``; its events for a blocking consumer (``engine.streams``).
+
+        ``cancel`` is anything with a ``cancelled`` property (``nexa.backend.CancelToken``);
+        the engine checks it every step. Raises ``BadRequest`` for a bad request.
+        """
+        return Generation(self, request, cancel)
+
+    def agenerate(self, request: GenerationRequest, cancel: Any = None) -> AsyncGeneration:
+        """Submit ``request``; its events as an async iterator (call inside the event loop)."""
+        return AsyncGeneration(self, request, cancel)
+
+    def _submit(self, request: GenerationRequest, sink: Callable[[Event | BaseException], None], control: Control) -> None:
+        c = self._open()
+        prompt = request.prompt_tokens
+        if not prompt:
+            raise BadRequest("the prompt is empty", param="messages")
+        if min(prompt) < 0 or max(prompt) >= self.n_vocab:
+            raise BadRequest("prompt token id out of the vocabulary's range", param="prompt")
+        room = self.n_ctx - len(prompt)
+        if room < 1:
+            # The caller (the backend) refuses such a prompt with the client's error first.
+            raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in a context of {self.n_ctx}")
+        wanted = request.sampling.max_tokens
+        max_new = room if wanted is None else min(wanted, room)
+        sampler = Sampler(c.L, c.vocab, self.n_vocab, request.sampling, request.grammar, request.grammar_triggers)
+        job = Job(request=request, sampler=sampler, sink=sink, control=control, max_new=max_new)
+        with self._cv:
+            if self._closing:
+                sampler.free()
+                raise Cancelled()
+            self._inbox.append(job)
+            self._cv.notify_all()
+
+    # --- embeddings on the chat model ---------------------------------------------------
+
+    def embed(
+        self, inputs: Sequence[Sequence[int]], *, normalize: bool = True, cancel: Any = None
+    ) -> list[list[float]]:
+        """Pooled embeddings of token sequences, computed on the engine thread between
+        decode steps (ahead of waiting generations), so they never wait for chats to end."""
+        result: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._submit_embed(inputs, normalize, result.put, Control(cancel))
+        value = result.get()
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    async def aembed(
+        self, inputs: Sequence[Sequence[int]], *, normalize: bool = True, cancel: Any = None
+    ) -> list[list[float]]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def done(value: Any) -> None:
+            def settle() -> None:
+                if future.done():
+                    return
+                if isinstance(value, BaseException):
+                    future.set_exception(value)
+                else:
+                    future.set_result(value)
+
+            loop.call_soon_threadsafe(settle)
+
+        control = Control(cancel)
+        self._submit_embed(inputs, normalize, done, control)
+        try:
+            return await future
+        finally:
+            control.close()
+
+    def _submit_embed(self, inputs: Sequence[Sequence[int]], normalize: bool, done: Any, control: Control) -> None:
+        self._open()
+        token_lists = [list(t) for t in inputs]
+        for tokens in token_lists:
+            if not tokens:
+                raise BadRequest("an input is empty", param="input")
+            if len(tokens) > self.n_ctx:
+                raise ValueError(f"an input has {len(tokens)} tokens; this engine takes at most {self.n_ctx}")
+            if min(tokens) < 0 or max(tokens) >= self.n_vocab:
+                raise BadRequest("input token id out of the vocabulary's range", param="input")
+        job = EmbedJob(inputs=token_lists, normalize=normalize, done=done, control=control)
+        with self._cv:
+            if self._closing:
+                raise Cancelled()
+            self._embed_inbox.append(job)
+            self._cv.notify_all()
+
+    # --- observability -------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        with self._cv:
+            running = self._kv.running() if self._kv is not None else []
+            return EngineStats(
+                n_seq=self.n_seq,
+                kv_size=self.kv_size,
+                active_sequences=len(running),
+                waiting_requests=len(self._waiting) + len(self._inbox),
+                kv_cells_reserved=sum(s.job.reserve for s in running),
+                **self._counters,
+            )
+
+    # --- the engine thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except BaseException as exc:
+            self._start_error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(str(exc))
+            self._started.set()
+            return
+        self._started.set()
+        kv = self._kv
+        assert kv is not None
+        try:
+            while True:
+                with self._cv:
+                    while (
+                        not self._closing
+                        and not self._inbox
+                        and not self._embed_inbox
+                        and not self._waiting
+                        and not kv.running()
+                    ):
+                        self._cv.wait()
+                    if self._closing:
+                        break
+                    self._waiting.extend(self._inbox)
+                    self._inbox.clear()
+                    embed_job = self._embed_inbox.popleft() if self._embed_inbox else None
+                if embed_job is not None:
+                    self._run_embed(embed_job)
+                try:
+                    self._step()
+                except Exception as exc:  # keep serving: fail what was running, wipe the cache
+                    self._fail_all_running(exc)
+        finally:
+            self._shutdown()
+
+    def _load(self) -> None:
+        c = self._c = EngineContext(
+            model_path=self.model_path,
+            model=self._model,
+            n_gpu_layers=self._n_gpu_layers,
+            kv_size=self.kv_size,
+            n_seq=self.n_seq,
+            n_batch=self.n_batch,
+            n_threads=self.n_threads,
+            n_threads_batch=self.n_threads_batch,
+            kv_unified=self.kv_unified,
+            op_offload=self._op_offload,
+            # Flash attention on unless asked otherwise, as llama.cpp's own server does
+            # ("auto"); solo and batched greedy texts stay the same with it
+            # (tests/test_engine_smollm2.py). Speed: docs/benchmarks.md.
+            flash_attn=self._flash_attn if self._flash_attn is not None else True,
+        )
+        self.n_vocab = c.n_vocab
+        self._kv = SlotTable(
+            c.L, c.memory, n_seq=self.n_seq, kv_unified=self.kv_unified, kv_size=self.kv_size, lock=self._cv
+        )
+        self._embedder = EmbeddingContext(
+            c.L, c.model, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
+            op_offload=self._op_offload, pooling=self._embed_pooling,
+        )
+
+    def _free(self) -> None:
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
+        if self._c is not None:
+            self._c.free()
+
+    def _shutdown(self) -> None:
+        with self._cv:
+            jobs = list(self._waiting) + list(self._inbox)
+            self._waiting.clear()
+            self._inbox.clear()
+            embeds = list(self._embed_inbox)
+            self._embed_inbox.clear()
+        if self._kv is not None:
+            for seq in self._kv.running():
+                jobs.append(seq.job)
+                seq.slot.active = None
+        for job in jobs:
+            job.sampler.free()
+            self._emit(job, Cancelled())
+        for e in embeds:
+            e.done(Cancelled())
+        self._free()
+
+    # --- one step ------------------------------------------------------------------------
+
+    def _emit(self, job: Job, event: Event | BaseException) -> None:
+        try:
+            job.sink(event)
+        except RuntimeError:  # the consumer's event loop is gone: treat as cancelled
+            job.dead = True
+
+    def _step(self) -> None:
+        kv = self._kv
+        assert kv is not None
+        self._drop_ended_waiting()
+        for seq in kv.running():
+            if seq.job.ended():
+                self._end_early(seq)
+        self._admit()
+        self._counters["sequences_moved"] += kv.compact()
+        running = sorted(kv.running(), key=lambda q: q.order)
+        # Generated tokens of all sequences go in one batch; a prompt goes in its own
+        # call, one sequence at a time. llama.cpp's CPU kernels give a token slightly
+        # different numbers when it is its sequence's only row in a batch than when it
+        # comes with others of the same sequence (measured), and a mixed batch is cut
+        # into ubatches in ways that can leave such lone rows; this split keeps every
+        # sequence's numbers the same whatever runs beside it.
+        # In sequence-id order: llama.cpp puts per-sequence caches' tokens in one ubatch
+        # only while the ids go up by one (split_equal, sequential), so 0,1,2,3 is one
+        # graph run and 3,1,0,2 would be four.
+        generating = [(q, 1) for q in sorted(running, key=lambda q: q.slot.seq_id) if not q.n_prompt_left]
+        if generating:
+            self._decode(generating)
+        # Prompts, oldest first, until this step's budget is spent: several short prompts
+        # start together, a long one is taken in bites while the others keep streaming.
+        budget = self.prompt_chunk if generating else self.n_batch
+        for q in running:
+            if budget <= 0:
+                break
+            if not q.n_prompt_left or q.slot.active is not q or q.job.ended():
+                continue
+            take = min(budget, q.n_prompt_left)
+            if q.n_prompt_left - take == 1:
+                take -= 1  # never leave a lone last prompt token (see above)
+            job = q.job
+            # A prompt batch takes seconds on a CPU: a cancel or close stops it mid-graph.
+            if not self._decode([(q, take)], abort=lambda job=job: self._closing or job.ended()):
+                if self._closing:
+                    return  # the loop ends; _shutdown cancels what is left
+                self._end_early(q)
+            budget -= take
+
+    def _drop_ended_waiting(self) -> None:
+        with self._cv:
+            keep: collections.deque[Job] = collections.deque()
+            dropped = []
+            for job in self._waiting:
+                (dropped if job.ended() else keep).append(job)
+            self._waiting = keep
+        for job in dropped:
+            job.sampler.free()
+            self._counters["requests_cancelled"] += 1
+            self._emit(job, Cancelled())
+
+    def _end_early(self, seq: Running) -> None:
+        """Retire a sequence its consumer is done with: ended as finished (``finish()``, a
+        stop string) or cancelled (the stream closed, the cancel token, the loop gone)."""
+        job = seq.job
+        self._release(seq)
+        if job.control.finished_early and not job.dead:
+            self._counters["requests_finished"] += 1
+        else:
+            self._counters["requests_cancelled"] += 1
+            self._emit(job, Cancelled())
+
+    def _release(self, seq: Running) -> None:
+        seq.job.sampler.free()
+        assert self._kv is not None
+        self._kv.release(seq)
+
+    def _admit(self) -> None:
+        """Bind waiting requests, first come first served, to free sequence ids."""
+        kv = self._kv
+        assert kv is not None
+        while True:
+            with self._cv:
+                if not self._waiting:
+                    return
+                job = self._waiting[0]
+            placed = kv.place(job)
+            if placed is None:
+                return  # first come, first served: the requests behind it wait too
+            slot, n_reuse = placed
+            prompt = job.request.prompt_tokens
+            with self._cv:
+                self._waiting.popleft()
+                slot.active = Running(
+                    job=job,
+                    slot=slot,
+                    pending=list(prompt[n_reuse:]),
+                    n_prompt_left=len(prompt) - n_reuse,
+                    n_reused=n_reuse,
+                )
+            self._counters["requests_started"] += 1
+            self._counters["prompt_tokens_reused"] += n_reuse
+
+    def _decode(self, feeds: list[tuple[Running, int]], abort: Callable[[], bool] | None = None) -> bool:
+        """One ``llama_decode``: the next ``k`` pending tokens of each sequence given.
+
+        With ``abort``, the decode stops mid-graph once it returns true; then False is
+        returned and the sequences' caches hold exactly what their ``slot.tokens`` say.
+        """
+        c, kv = self._c, self._kv
+        assert c is not None and kv is not None
+        L, batch = c.L, c.batch
+        n = 0
+        for seq, k in feeds:
+            pos0 = len(seq.slot.tokens)
+            # Logits only where a token gets sampled: a generated token, or a prompt's last.
+            last = k == len(seq.pending) if seq.n_prompt_left else True
+            for j in range(k):
+                batch.token[n] = seq.pending[j]
+                batch.pos[n] = pos0 + j
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.slot.seq_id
+                batch.logits[n] = last and j == k - 1
+                n += 1
+            seq.i_batch = n - 1 if last else -1
+        batch.n_tokens = n
+
+        armed = c.abort.armed(abort) if abort is not None and c.abort is not None else None
+        with armed or contextlib.nullcontext():
+            ret = L.llama_decode(c.ctx, batch)
+            if ret == 1:
+                # No room in the cache (the budget should prevent this): drop the idle
+                # prefix caches and try once more; a failed call leaves the cache unchanged.
+                kv.clear_idle()
+                ret = L.llama_decode(c.ctx, batch)
+        if ret == 2 and abort is not None:
+            # Aborted: cut each sequence back to its known cached tokens (llama.cpp drops
+            # the aborted ubatch's cells itself; this also covers earlier ubatches).
+            for seq, _k in feeds:
+                L.llama_memory_seq_rm(c.memory, seq.slot.seq_id, len(seq.slot.tokens), -1)
+                seq.i_batch = -1
+            return False
+        if ret != 0:
+            raise RuntimeError(f"llama_decode failed with status {ret}")
+        self._counters["decode_steps"] += 1
+
+        for seq, k in feeds:
+            seq.slot.tokens.extend(seq.pending[:k])
+            del seq.pending[:k]
+            if seq.n_prompt_left:
+                seq.n_prompt_left -= k
+                self._counters["prompt_tokens_evaluated"] += k
+        for seq, _k in feeds:
+            if seq.i_batch >= 0:
+                self._sample_and_emit(seq)
+                seq.i_batch = -1
+        return True
+
+    def _sample_and_emit(self, seq: Running) -> None:
+        c, job = self._c, seq.job
+        assert c is not None
+        if self._scratch is None and job.sampler.grammar is not None:
+            self._scratch = Scratch(c.L, self.n_vocab)
+        token = job.sampler.sample(c.ctx, seq.i_batch, self._scratch)  # type: ignore[arg-type]
+        if c.is_eog(token):
+            self._finish(seq, "stop")
+            return
+        seq.n_generated += 1
+        seq.n_unreported += 1
+        self._counters["tokens_generated"] += 1
+        text = seq.decoder.decode(c.token_bytes(token, special=job.request.render_special))
+        if text:
+            self._emit(job, TextPiece(text, seq.n_unreported))
+            seq.n_unreported = 0
+        if seq.n_generated >= job.max_new:
+            self._finish(seq, "length")
+        else:
+            seq.pending.append(token)
+
+    def _finish(self, seq: Running, reason: str) -> None:
+        job = seq.job
+        # The bytes of a character the generation ended inside (max_tokens cut it) are
+        # dropped: its last bytes were never generated, and U+FFFD would be text the model
+        # never wrote.
+        seq.decoder.reset()
+        self._release(seq)
+        self._counters["requests_finished"] += 1
+        self._emit(
+            job,
+            Finished(
+                finish_reason=reason,
+                prompt_tokens=len(job.request.prompt_tokens),
+                completion_tokens=seq.n_generated,
+                cached_tokens=seq.n_reused,
+            ),
+        )
+
+    def _fail_all_running(self, exc: BaseException) -> None:
+        assert self._kv is not None
+        for seq in self._kv.running():
+            self._release(seq)
+            self._emit(seq.job, exc)
+        self._kv.wipe()
+
+    def _run_embed(self, job: EmbedJob) -> None:
+        if job.control.done():
+            job.done(Cancelled())
+            return
+        assert self._embedder is not None
+        try:
+            job.done(self._embedder.run(job))
+            self._counters["embed_requests"] += 1
+        except BaseException as exc:
+            job.done(exc)

@@ -1,0 +1,154 @@
+"""What the chat and the embedding backends share: the GGUF backend's class settings, the
+installed library's device support, thread counts, the context size and opening a ``Llama``.
+
+``llama_cpp`` is imported inside methods only: selecting a backend never pays for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+from nexa.backend import Backend
+from nexa.errors import ModelLoadError
+from nexa.types import Device, Manifest, ResidentInfo
+
+if TYPE_CHECKING:
+    import llama_cpp
+
+POOLING_RANK = 4
+"""llama.cpp's pooling type of rerankers (not served yet)."""
+
+
+def default_threads() -> int:
+    """CPU threads for llama.cpp (decode and prompt) when ``--threads`` is not given.
+
+    Up to 4 CPUs: one fewer than there are (1 on a 2-core machine). Above that: half of
+    them, i.e. the physical cores of an SMT machine, which leaves the siblings free.
+
+    Why never all of them: ggml's thread pool meets at a spinning barrier after every
+    graph node, so when any other thread needs a core (the server's event loop, another
+    model, the user's own programs) one decode thread loses its core and the others spin
+    until it is back: on a busy 2-core machine two threads decoded 10-50x slower than one
+    (figures in docs/benchmarks.md). ``--threads`` sets it by hand. llama.cpp's own tools
+    default to the physical cores and Ollama likewise, which is this rule above 4 CPUs.
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        n = os.cpu_count() or 1
+    return max(1, n - 1 if n <= 4 else n // 2)
+
+
+def library_files() -> list[str]:
+    """The file names in the installed llama-cpp-python's ``lib`` folder ([] if unknown)."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(list(spec.submodule_search_locations)[0]) / "lib"
+    try:
+        return [p.name for p in folder.iterdir()]
+    except OSError:
+        return []
+
+
+def missing_device_support(kind: str, files: Sequence[str]) -> str | None:
+    """Why the installed llama.cpp libraries can't use device ``kind`` (None if they can).
+
+    A CPU-only wheel on a GPU machine would silently run on the CPU; refusing lets a
+    backend built for the device win, or tells the user to rebuild. Unknown layouts
+    (no library folder found) are given the benefit of the doubt.
+    """
+    if kind not in ("cuda", "metal") or not files:
+        return None
+    if any(f"ggml-{kind}" in name for name in files):
+        return None
+    return f"llama-cpp-python is installed without {kind} support (rebuild it with {kind} on)"
+
+
+class GgufBackend(Backend):
+    """Base of the llama.cpp backends: one GGUF model on llama-cpp-python."""
+
+    name: ClassVar[str] = "llama-cpp"
+    formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
+    devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda", "metal"})
+    priority: ClassVar[int] = 10
+    default_context: ClassVar[int] = 4096
+    """n_ctx when neither the server nor the model says less: the KV cache of a model's
+    full trained context (32k-128k) would cost gigabytes for requests that rarely need it."""
+    fallback_context: ClassVar[int] = 4096
+    """n_ctx of a model whose trained context is unknown."""
+    honours_context_length: ClassVar[bool] = True
+
+    @classmethod
+    def supports(cls, manifest: Manifest, device: Device) -> str | None:
+        if not manifest.has_role("weights"):
+            return "the model has no GGUF weights file"
+        return missing_device_support(device.kind, library_files())
+
+    def context_length(self) -> int:
+        """n_ctx: the server's override, else the trained context capped at a default."""
+        if self.options.context_length:
+            return int(self.options.context_length)
+        trained = self.manifest.context_length or 0
+        return min(trained, self.default_context) if trained > 0 else self.fallback_context
+
+    def resident_info(self) -> ResidentInfo:
+        """The KV cache from the model's shape: cells of this model's llama.cpp contexts (its
+        ``Llama``'s, and a batching engine's) x layers x (key + value width of the KV heads)
+        x 2 bytes (f16, the cache type used)."""
+        info = super().resident_info()
+        llama: Any = getattr(self, "_llama", None)
+        if llama is None:
+            return info
+        import llama_cpp
+
+        model, meta = llama._model.model, llama.metadata
+        arch = meta.get("general.architecture", "")
+        head_dim = llama_cpp.llama_model_n_embd(model) // max(1, llama_cpp.llama_model_n_head(model))
+        width = llama_cpp.llama_model_n_head_kv(model) * (
+            int(meta.get(f"{arch}.attention.key_length", head_dim)) + int(meta.get(f"{arch}.attention.value_length", head_dim)))
+        engine = getattr(self, "_engine", None)
+        # Encoders (BERT-like embedders) have no KV memory at all.
+        cells = (llama.n_ctx() if llama_cpp.llama_get_memory(llama._ctx.ctx) else 0) + (engine.kv_size if engine else 0)
+        return attrs.evolve(info, kv_cache_bytes=cells * llama_cpp.llama_model_n_layer(model) * width * 2,
+                            context=self.context_length())
+
+    @property
+    def threads(self) -> int:
+        return self.options.threads or default_threads()
+
+    def llama_settings(self) -> dict[str, Any]:
+        """``Llama`` keyword arguments every model of this backend is opened with."""
+        return {
+            "n_ctx": self.context_length(),
+            "n_threads": self.threads,
+            # Prompt batches too: all cores collapse under the same contention (see
+            # default_threads), and llama.cpp's default is the same count for both.
+            "n_threads_batch": self.threads,
+            "n_gpu_layers": -1 if self.device.kind in ("cuda", "metal") else 0,
+            # `--device cpu` on a GPU build: llama.cpp would still send large prompt
+            # batches to the GPU ("op offload"); cpu means the CPU alone.
+            "op_offload": self.device.kind != "cpu",
+            "verbose": False,
+        }
+
+    def open_llama(self, **settings: Any) -> llama_cpp.Llama:
+        """The model file opened with ``llama_settings()`` updated by ``settings``."""
+        import llama_cpp
+
+        from nexa_llama_cpp.native import route_native_logs
+
+        route_native_logs()
+        path = self.manifest.file_path("weights")
+        try:
+            return llama_cpp.Llama(str(path), **(self.llama_settings() | settings))
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(
+                f"llama.cpp could not load {path.name} for {self.manifest.name!r}: {exc}"
+            ) from exc
