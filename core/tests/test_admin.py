@@ -284,6 +284,25 @@ def test_unload_cancel_ends_a_stream_with_an_error_event(home):
         assert resident(handle) == {}
 
 
+def test_unload_cancel_ends_an_anthropic_messages_stream(home):
+    with serve([GatedBackend], home=home, models=[gated()]) as handle:
+        body = {"model": "test/gated", "max_tokens": 16, "stream": True, "messages": USER}
+        with httpx.Client(base_url=handle.base_url, timeout=60) as client, \
+                client.stream("POST", "/v1/messages", json=body) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            for line in lines:
+                if line.startswith("data: ") and "first" in line:
+                    break
+            unload = post(handle, "/v1/admin/models/unload", {"model": "test/gated", "mode": "cancel"})
+            rest = list(lines)
+        assert unload.status_code == 200 and unload.json()["cancelled"] == 1
+        assert "event: error" in rest
+        error = json.loads(rest[rest.index("event: error") + 1][6:])["error"]
+        assert "unloaded" in error["message"]
+        assert GatedBackend.cancelled == 1 and resident(handle) == {}
+
+
 def test_unload_cancel_stops_an_embedding(home):
     with serve([GatedBackend], home=home, models=[gated()]) as handle:
         result = {}

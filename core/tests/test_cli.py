@@ -50,3 +50,19 @@ def test_non_loopback_bind_without_key_is_refused(home):
     out = nexa("serve", "--host", "0.0.0.0", home=home, timeout=60)
     assert out.returncode != 0
     assert "without an API key" in out.stderr
+
+
+def test_serve_aliases_and_response_store_settings():
+    from nexa.cli import build_parser
+    from nexa.cli.serve import server_config
+
+    args = build_parser().parse_args(["serve", "--alias", "claude-sonnet-4-6=nexa/smollm2-135m-instruct",
+                                      "--alias", "*=me/tiny", "--responses-ttl", "60", "--responses-max", "5"])
+    config = server_config(args)
+    assert config.aliases == (("claude-sonnet-4-6", "nexa/smollm2-135m-instruct"), ("*", "me/tiny"))
+    assert (config.responses_ttl, config.responses_max) == (60.0, 5)
+
+
+def test_malformed_alias_stops_serve(home):
+    out = nexa("serve", "--alias", "no-equals-sign", home=home, timeout=60)
+    assert out.returncode != 0 and "NAME=MODEL" in out.stderr

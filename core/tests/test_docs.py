@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import inspect
+import io
 import json
 import os
 import re
@@ -13,10 +14,12 @@ import subprocess
 import sys
 import tomllib
 import types
+import wave
 from pathlib import Path
 
 import attrs
 import httpx
+import openai
 import pytest
 
 from nexa import hookspecs
@@ -315,3 +318,34 @@ def test_source_docstrings_name_only_files_in_the_repo():
         text = source.read_text(encoding="utf-8")
         for path in re.findall(r"`{1,2}((?:core|plugins|docs|tests|bench)/[\w./-]+?)`{1,2}", text):
             assert (REPO / path).exists(), f"{source.relative_to(REPO)} names {path}, which is not in the repo"
+
+
+def guide_example(class_name: str):
+    text = (DOCS / "plugin-guide.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if f"class {class_name}" in c)
+    namespace: dict = {}
+    exec(compile(code, "plugin-guide.md", "exec"), namespace)
+    return namespace[class_name]
+
+
+def test_plugin_guide_reranker_passes_the_test_kit():
+    cls = guide_example("OverlapReranker")
+    backend = cls(Manifest(name="me/overlap", format="overlap", tasks={Task.RERANK}), Device("cpu"))
+    asyncio.run(backend.start())
+    conformance.check_rerank(backend, relevance=True)
+
+
+def test_plugin_guide_transcriber_passes_the_test_kit_and_serves_over_http(tmp_path):
+    cls = guide_example("LoudnessTranscriber")
+    manifest = Manifest(name="me/loudness", format="loudness", tasks={Task.TRANSCRIBE})
+    backend = cls(manifest, Device("cpu"))
+    asyncio.run(backend.start())
+    conformance.check_transcribe(backend)
+    wav = io.BytesIO()
+    with wave.open(wav, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(b"\x00\x40" * 16000 + b"\x00\x00" * 16000)
+    with serve([cls], home=tmp_path / "home", models=[manifest]) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="-")
+        answer = client.audio.transcriptions.create(model="me/loudness", file=("a.wav", wav.getvalue()))
+        assert answer.text == "loud quiet"

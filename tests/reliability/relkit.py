@@ -56,6 +56,27 @@ def check_error_body(body: Any, *extra: Path | str | None) -> dict[str, Any]:
     return error
 
 
+def check_anthropic_error_body(body: Any, *extra: Path | str | None) -> dict[str, Any]:
+    """Assert ``body`` is exactly Anthropic's ``{"type": "error", "error": {type, message}}``
+    (the ``/v1/messages`` routes) and leaks nothing."""
+    assert isinstance(body, dict) and set(body) == {"type", "error"} and body["type"] == "error", \
+        f"not an Anthropic error: {body!r}"
+    error = body["error"]
+    assert isinstance(error, dict) and set(error) == {"type", "message"}, body
+    assert isinstance(error["type"], str) and error["type"].endswith("_error"), body
+    assert isinstance(error["message"], str) and error["message"], body
+    bad = leaks(error["message"], *extra)
+    assert not bad, f"error message leaks {bad}: {error['message']!r}"
+    return error
+
+
+def check_error_body_for(path: str, body: Any, *extra: Path | str | None) -> dict[str, Any]:
+    """The error shape of the API that owns ``path``: Anthropic's on ``/v1/messages``, else OpenAI's."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return check_anthropic_error_body(body, *extra)
+    return check_error_body(body, *extra)
+
+
 def assert_error(resp: Any, status: int, code: str | None = None, *extra: Path | str | None) -> dict[str, Any]:
     """An httpx/requests response that is an OpenAI-shaped error with this status (and code)."""
     assert resp.status_code == status, f"expected {status}, got {resp.status_code}: {resp.text[:500]}"
@@ -86,6 +107,40 @@ def parse_sse(text: str) -> list[Any]:
         assert events and "error" in events[-1], f"stream ended without [DONE]: {text[-300:]!r}"
         check_error_body(events[-1])
     return events
+
+
+def parse_named_events(text: str) -> list[tuple[str, Any]]:
+    """The (event name, JSON data) pairs of a complete named-event stream (Anthropic's
+    Messages, OpenAI's Responses): each event's name is its data's ``type``, and it ends
+    with the API's final event or an error."""
+    assert text.endswith("\n\n"), f"stream cut off: {text[-200:]!r}"
+    events = []
+    for block in text.strip("\n").split("\n\n"):
+        name, _, data = block.partition("\n")
+        assert name.startswith("event: ") and data.startswith("data: "), f"not a named SSE event: {block[:200]!r}"
+        payload = json.loads(data[len("data: "):])
+        assert payload.get("type") == name[len("event: "):], block[:200]
+        events.append((name[len("event: "):], payload))
+    assert events, "empty stream"
+    return events
+
+
+def parse_event_stream(path: str, text: str) -> list[Any]:
+    """A complete stream of the API that owns ``path``, checked as that API frames it."""
+    if path.startswith("/v1/messages"):
+        events = parse_named_events(text)
+        last, data = events[-1]
+        assert last in ("message_stop", "error"), f"stream ended with {last}"
+        if last == "error":
+            check_anthropic_error_body(data)
+        return [data for _, data in events]
+    if path.startswith("/v1/responses"):
+        events = parse_named_events(text)
+        numbers = [data["sequence_number"] for _, data in events]
+        assert numbers == list(range(len(events))), numbers
+        assert events[-1][0] in ("response.completed", "response.incomplete", "response.failed"), events[-1][0]
+        return [data for _, data in events]
+    return parse_sse(text)
 
 
 def check_chat_stream(text: str) -> str:
@@ -258,6 +313,24 @@ def tiny_png(size: tuple[int, int] = (4, 4), colour: tuple[int, int, int] = (200
 
     out = io.BytesIO()
     Image.new("RGB", size, colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def tiny_wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    """A WAV of a quiet 440 Hz tone (16-bit mono), for audio uploads."""
+    import io
+    import math
+    import struct
+    import wave
+
+    count = int(seconds * rate)
+    frames = struct.pack(f"<{count}h", *(int(3000 * math.sin(2 * math.pi * 440 * i / rate)) for i in range(count)))
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(frames)
     return out.getvalue()
 
 

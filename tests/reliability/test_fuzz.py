@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import time
+import urllib.parse
 import zlib
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from nexa.testing.hubserver import HubServer
 CASES = int(os.environ.get("NEXA_FUZZ_CASES", "50"))
 MODEL = "test/echo"
 PNG_URI = relkit.data_uri(relkit.tiny_png())
+WAV = relkit.tiny_wav()
 pytestmark = pytest.mark.fuzz
 
 
@@ -99,6 +101,8 @@ def ground(case) -> None:
         body["model"] = MODEL
     # A load may ask for a context only of backends that size one; the echo double does not.
     body.pop("context", None)
+    if "file" in body:
+        ground_audio(body)
     if isinstance(body.get("dimensions"), (int, float)) and not isinstance(body["dimensions"], bool):
         body["dimensions"] = min(int(body["dimensions"]), 16)  # the echo model's vector size
     messages = body.get("messages")
@@ -117,6 +121,12 @@ def ground(case) -> None:
                         images += 1
                     else:
                         content[i] = {"type": "text", "text": "an image was here"}
+    if case.operation.path.startswith("/v1/messages"):
+        _ground_messages(body)
+        return
+    if case.operation.path == "/v1/responses":
+        _ground_responses(body)
+        return
     tools = body.get("tools") or []
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
@@ -134,15 +144,92 @@ def ground(case) -> None:
         fmt["json_schema"] = spec
 
 
+_PNG_SOURCE = {"type": "base64", "media_type": "image/png", "data": PNG_URI.split(",", 1)[1]}
+
+
+def _ground_blocks(blocks: list, role: str, images: list[int]) -> list:
+    """Anthropic content blocks as a client sends them: each kind in the role that may
+    carry it, images that decode (at most 8), documents as text."""
+    allowed = {"assistant": {"text", "tool_use", "thinking", "redacted_thinking"},
+               "user": {"text", "image", "document", "tool_result"}}[role]
+    out = []
+    for block in blocks:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind not in allowed:
+            out.append({"type": "text", "text": "a block was here"})
+            continue
+        if kind == "image":
+            if images[0] >= 8:
+                block = {"type": "text", "text": "an image was here"}
+            else:
+                images[0] += 1
+                block["source"] = dict(_PNG_SOURCE)
+        elif kind == "document":
+            block["source"] = {"type": "text", "media_type": "text/plain", "data": "a document"}
+        elif kind == "tool_result" and isinstance(block.get("content"), list):
+            block["content"] = _ground_blocks(block["content"], "user", images)
+            block["content"] = [b for b in block["content"] if b.get("type") in ("text", "image", "document")]
+        out.append(block)
+    return out
+
+
+def _ground_messages(body: dict) -> None:
+    images = [0]
+    for message in body.get("messages") or []:
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            message["content"] = _ground_blocks(message["content"], message.get("role", "user"), images)
+    # Tools without a schema and with a versioned type run on Anthropic's side: not offered.
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)
+             and (t.get("input_schema") is not None or t.get("type") in (None, "custom"))]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") in ("tool", "any"):
+        if not tools:
+            body["tool_choice"] = {"type": "auto"}
+        elif choice["type"] == "tool":
+            choice["name"] = tools[0]["name"]
+
+
+def _ground_responses(body: dict) -> None:
+    """The cross-field rules of a Responses body (items and tools are free-form objects in
+    the document: each kind is checked by the server), as a client would follow them."""
+    if isinstance(body.get("input"), list):
+        body["input"] = [{"role": "user", "content": f"item {i}"} for i, _ in enumerate(body["input"])]
+    if not body.get("input"):
+        body["input"] = "hello"
+    body["tools"] = [{"type": "function", "name": f"f{i}"} for i, _ in enumerate(body.get("tools") or [])]
+    if body.get("tool_choice") not in (None, "auto", "none") and not (body["tools"] and body["tool_choice"] == "required"):
+        body["tool_choice"] = "auto"
+    for field, value in (("previous_response_id", None), ("background", None), ("conversation", None),
+                         ("top_logprobs", None), ("truncation", "disabled")):
+        if field in body:
+            body[field] = value
+    fmt = (body.get("text") or {}).get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and not isinstance(fmt.get("schema"), dict):
+        fmt["schema"] = {"type": "object"}
+
+
+def ground_audio(body: dict) -> None:
+    """An audio upload (multipart): a real WAV, and the cross-field rules of OpenAI's form
+    (timestamp_granularities only with verbose_json; stream only with json or text)."""
+    body["file"] = WAV
+    for name in [k for k, v in body.items() if v is None]:
+        del body[name]  # a form has no null; a client leaves the field out
+    if body.get("timestamp_granularities") or body.get("timestamp_granularities[]"):
+        body["response_format"] = "verbose_json"
+    if body.get("stream") in (True, "true") and body.get("response_format", "json") not in ("json", "text"):
+        body["stream"] = False
+
+
 def openai_errors(ctx, response, case) -> None:
-    """Errors in the OpenAI shape without paths or tracebacks; streams complete."""
+    """Errors in the API's shape (OpenAI's; Anthropic's on /v1/messages) without paths or
+    tracebacks; streams complete."""
     content_type = response.headers.get("content-type", [""])
     content_type = content_type[0] if isinstance(content_type, list) else content_type
     if response.status_code >= 400:
         assert content_type.startswith("application/json"), f"error with content-type {content_type!r}"
-        relkit.check_error_body(response.json(), case.operation.schema.location)
+        relkit.check_error_body_for(case.operation.path, response.json(), case.operation.schema.location)
     elif content_type.startswith("text/event-stream"):
-        relkit.parse_sse(response.text)
+        relkit.parse_event_stream(case.operation.path, response.text)
 
 
 @schema.parametrize()
@@ -208,7 +295,9 @@ def test_fuzz_raw_requests(fuzz_server, http, fuzz_home, path, method, suffix, q
                      headers=headers, timeout=60)
     assert r.status_code < 500, f"{method} {path}{suffix}: {r.status_code} {r.text[:300]}"
     if r.status_code >= 400 and method != "HEAD":
-        relkit.check_error_body(r.json(), fuzz_home)
+        # The path as sent (the client drops dot segments; the server sees it so).
+        sent = urllib.parse.unquote(urllib.parse.urlsplit(r.request.url).path)
+        relkit.check_error_body_for(sent, r.json(), fuzz_home)
     COUNTS[f"raw {path}"][r.status_code] += 1
 
 

@@ -2,10 +2,11 @@
 
 A backend class declares what it serves (tasks, formats, devices, parallelism, priority)
 and may refuse a model in ``supports``. An instance is one loaded model. Backend authors
-write plain synchronous methods (``load``, ``chat``, ``embed``, ``generate_images``);
-this base class runs them on the model's own worker thread(s) and exposes the one async
-interface the server uses (``stream_chat``, ``run_embed``, ``run_images``): requests in,
-result chunks out, cancellable. A backend that is natively asynchronous (a batching
+write plain synchronous methods (``load``, ``chat``, ``embed``, ``generate_images``,
+``rerank``, ``transcribe``); this base class runs them on the model's own worker
+thread(s) and exposes the one async interface the server uses (``stream_chat``,
+``run_embed``, ``run_images``, ``run_rerank``, ``stream_transcribe``/``run_transcribe``):
+requests in, result chunks out, cancellable. A backend that is natively asynchronous (a batching
 engine, a remote worker) overrides the async methods instead.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, ClassVar
@@ -32,8 +34,13 @@ from nexa.types import (
     ImageRequest,
     ImageResult,
     Manifest,
+    RerankRequest,
+    RerankResult,
     ResidentInfo,
     Task,
+    TranscribeRequest,
+    Transcript,
+    TranscriptChunk,
     Usage,
 )
 
@@ -159,6 +166,22 @@ class Backend:
         """Return ``request.n`` PNG images."""
         raise UnsupportedTask(f"model {self.manifest.name!r} does not generate images")
 
+    def count_prompt_tokens(self, request: ChatRequest) -> int:
+        """How many tokens ``request`` is as a prompt: its messages and tools rendered with
+        the model's chat template and tokenized exactly as ``chat`` would, without
+        generating (``POST /v1/messages/count_tokens``). Runs on a worker thread."""
+        raise UnsupportedTask(f"model {self.manifest.name!r} (backend {self.name}) cannot count prompt tokens")
+
+    def rerank(self, request: RerankRequest, cancel: CancelToken) -> RerankResult:
+        """Score every document against the query in batches (never one pass per document):
+        a cross-encoder returns the sigmoid of its logit, a bi-encoder cosine similarity."""
+        raise UnsupportedTask(f"model {self.manifest.name!r} is not a reranker")
+
+    def transcribe(self, request: TranscribeRequest, cancel: CancelToken) -> Iterator[TranscriptChunk]:
+        """Yield one chunk per segment as each window of the audio is decoded, then a last
+        chunk with ``done=True`` and the language. Check ``cancel`` between windows."""
+        raise UnsupportedTask(f"model {self.manifest.name!r} does not transcribe speech")
+
     def runtime_metrics(self) -> list[BackendMetric]:
         """Figures about this loaded model for ``GET /metrics`` (a batching engine's active
         sequences, cache reuse...). Called on the event loop at each scrape: return numbers
@@ -189,8 +212,18 @@ class Backend:
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
-        """Chunks of the answer; closing the iterator (or cancelling) cancels the work."""
+    def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        """Chunks of the answer; closing the iterator (or cancelling) cancels the work.
+        An override may be an ``async def`` generator."""
+        return self._stream_on_worker(self.chat, request)
+
+    def stream_transcribe(self, request: TranscribeRequest) -> AsyncIterator[TranscriptChunk]:
+        """Segments as each window is decoded; closing the iterator cancels the work."""
+        return self._stream_on_worker(self.transcribe, request)
+
+    async def _stream_on_worker(self, method: Any, request: Any) -> AsyncIterator[Any]:
+        """Run the synchronous generator ``method(request, cancel)`` on the model's worker
+        thread and hand its items to the event loop; closing the iterator cancels it."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = CancelToken()
@@ -198,7 +231,7 @@ class Backend:
         def produce() -> None:
             chunks = None
             try:
-                chunks = self.chat(request, cancel)
+                chunks = method(request, cancel)
                 for chunk in chunks:
                     loop.call_soon_threadsafe(queue.put_nowait, ("chunk", chunk))
                     if cancel.cancelled:
@@ -258,7 +291,8 @@ class Backend:
                     if text or chunk.reasoning or chunk.tool_calls:
                         yield ChatChunk(content=text, reasoning=chunk.reasoning, tool_calls=chunk.tool_calls)
                     # Closing the stream cancels the rest of the generation.
-                    yield ChatChunk(finish_reason="stop", usage=Usage(prompt_tokens, produced))
+                    yield ChatChunk(finish_reason="stop", usage=Usage(prompt_tokens, produced),
+                                    stop_sequence=holdback.matched)
                     return
                 if chunk.finish_reason is not None:
                     text += holdback.flush()
@@ -267,6 +301,10 @@ class Backend:
         finally:
             await chunks.aclose()
 
+    async def run_count_prompt_tokens(self, request: ChatRequest) -> int:
+        """``count_prompt_tokens`` on a worker thread (``/v1/messages/count_tokens``)."""
+        return await self._run(lambda req, _cancel: self.count_prompt_tokens(req), request)
+
     async def run_embed(self, request: EmbedRequest) -> EmbedResult:
         """``embed`` on a worker thread; cancelling the await sets its ``CancelToken``."""
         return await self._run(self.embed, request)
@@ -274,6 +312,22 @@ class Backend:
     async def run_images(self, request: ImageRequest) -> ImageResult:
         """``generate_images`` on a worker thread; cancelling the await sets its ``CancelToken``."""
         return await self._run(self.generate_images, request)
+
+    async def run_rerank(self, request: RerankRequest) -> RerankResult:
+        """``rerank`` on a worker thread; cancelling the await sets its ``CancelToken``."""
+        return await self._run(self.rerank, request)
+
+    async def run_transcribe(self, request: TranscribeRequest) -> Transcript:
+        """The whole transcript (``stream_transcribe`` gathered)."""
+        segments = []
+        language = request.language or ""
+        async with contextlib.aclosing(self.stream_transcribe(request)) as chunks:
+            async for chunk in chunks:
+                if chunk.segment is not None:
+                    segments.append(chunk.segment)
+                if chunk.language:
+                    language = chunk.language
+        return Transcript(tuple(segments), language, request.audio.duration)
 
     async def _run(self, method: Any, request: Any) -> Any:
         cancel = CancelToken()

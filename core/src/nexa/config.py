@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,12 @@ import attrs
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 18181
+CATCH_ALL_ALIAS = "*"
+
+
+def _pairs(value: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    return tuple((str(k), str(v)) for k, v in items)
 
 
 @attrs.frozen
@@ -42,6 +48,13 @@ class ServerConfig:
     """Requests each loaded model runs at once; None: the backend's own default."""
     context_length: int | None = None
     """Override every model's context length (``--ctx``)."""
+    aliases: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_pairs)
+    """(NAME, MODEL) pairs (``--alias NAME=MODEL``): a client's ``model`` NAME that is not in
+    the store is served by MODEL; NAME ``*`` catches every unknown name. A dict works too."""
+    responses_ttl: float = 30 * 24 * 3600.0
+    """Seconds a stored ``/v1/responses`` answer is kept (``--responses-ttl``)."""
+    responses_max: int = 10_000
+    """Stored responses kept at most; the oldest go first (``--responses-max``)."""
     threads: int | None = None
     queue_size: int = 64
     """Requests that may wait per model; beyond that, 503 with Retry-After."""
@@ -62,11 +75,18 @@ class ServerConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_images_per_request: int = 8
-    max_tokens_cap: int = 32768
     max_image_n: int = 4
     max_image_side: int = 2048
     max_embed_batch: int = 512
     max_embed_input_chars: int = 100_000
+    max_rerank_documents: int = 1000
+    """Documents one rerank request may carry."""
+    max_rerank_chars: int = 100_000
+    """Characters of the query and of each document in a rerank request."""
+    max_audio_bytes: int = 25 * 1024 * 1024
+    """Bytes of an uploaded audio file (OpenAI's limit); more is a 413."""
+    max_audio_seconds: float = 1800.0
+    """Seconds of decoded audio one transcription may hold; longer is a 413."""
     image_ttl: float = 3600.0
     """Seconds a generated image stays fetchable by URL."""
     image_store_bytes: int = 512 * 1024 * 1024

@@ -50,6 +50,14 @@ class ModelNotFound(NexaError):
     code = "model_not_found"
 
 
+class NotFound(NexaError):
+    """A resource the request names (a stored response) does not exist here."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class Unauthorized(NexaError):
     """An API key is set and the request lacks it (or has another)."""
 

@@ -34,6 +34,11 @@ EMBEDDING_ARCHITECTURES = frozenset(
 )
 
 
+# llama.cpp's LLAMA_POOLING_TYPE_RANK: a classification head that scores (query, document)
+# pairs (bge-reranker, jina-reranker, Qwen3 rerankers).
+GGUF_POOLING_RANK = 4
+
+
 def quant_of(filename: str) -> str | None:
     match = QUANT_RE.search(Path(filename).stem)
     return match.group(1).upper() if match else None
@@ -109,7 +114,9 @@ def describe_gguf(weights: Path) -> dict[str, Any]:
     options: dict[str, Any] = {"architecture": arch}
     if pooling is not None:
         options["pooling_type"] = int(pooling)
-    if arch in EMBEDDING_ARCHITECTURES or (pooling is not None and not has_template):
+    if pooling is not None and int(pooling) == GGUF_POOLING_RANK:
+        tasks = {Task.RERANK}
+    elif arch in EMBEDDING_ARCHITECTURES or (pooling is not None and not has_template):
         tasks = {Task.EMBED}
     else:
         tasks = {Task.CHAT}
@@ -147,6 +154,29 @@ def _read_json(path: Path) -> dict[str, Any]:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _is_ctranslate2_whisper(config_path: Path) -> bool:
+    config = _read_json(config_path)
+    return "alignment_heads" in config or ("lang_ids" in config and "suppress_ids_begin" in config)
+
+
+def is_cross_encoder(root: Path, paths: set[str]) -> bool:
+    """A folder holding a reranker: a sentence-transformers CrossEncoder, or a Hugging Face
+    sequence-classification model with one output (its relevance logit)."""
+    if "config_sentence_transformers.json" in paths:
+        st_config = _read_json(root / "config_sentence_transformers.json")
+        if st_config.get("model_type") == "CrossEncoder":
+            return True
+    if "config.json" not in paths:
+        return False
+    config = _read_json(root / "config.json")
+    architectures = config.get("architectures") or []
+    if not any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures):
+        return False
+    labels = config.get("id2label")
+    count = len(labels) if isinstance(labels, dict) else config.get("num_labels")
+    return count == 1
 
 
 def safetensors_format(path: Path) -> str | None:
@@ -196,6 +226,13 @@ def describe_folder(
     if "model_index.json" in paths:
         return Manifest(name=name, format="diffusers", tasks={Task.IMAGE}, files=files,
                         root=root, backend=backend, source=source)
+    if "config.json" in paths and "model.bin" in paths and _is_ctranslate2_whisper(root / "config.json"):
+        # faster-whisper's CTranslate2 conversion: model.bin, vocabulary, tokenizer.json.
+        return Manifest(name=name, format="ctranslate2", tasks={Task.TRANSCRIBE}, files=files, root=root,
+                        backend=backend, source=source, options={"architecture": "whisper"})
+    if is_cross_encoder(root, paths):
+        return Manifest(name=name, format="sentence-transformers", tasks={Task.RERANK},
+                        files=files, root=root, backend=backend, source=source)
     if "modules.json" in paths or "config_sentence_transformers.json" in paths:
         return Manifest(name=name, format="sentence-transformers", tasks={Task.EMBED},
                         files=files, root=root, backend=backend, source=source)
@@ -220,6 +257,9 @@ def describe_folder(
             return Manifest(name=name, format="mlx", tasks=tasks, files=files, root=root,
                             backend=backend, source=source, context_length=context)
         architectures = " ".join(config.get("architectures", []) or [])
+        if "WhisperForConditionalGeneration" in architectures:
+            return Manifest(name=name, format="safetensors", tasks={Task.TRANSCRIBE}, files=files,
+                            root=root, backend=backend, source=source, options={"architecture": "whisper"})
         if any(k in architectures for k in ("BertModel", "XLMRoberta", "MPNet", "NomicBert")):
             return Manifest(name=name, format="sentence-transformers", tasks={Task.EMBED},
                             files=files, root=root, backend=backend, source=source)

@@ -52,6 +52,26 @@ def register_embed_backends(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_rerank_backends(register: Callable[[type], None]) -> None:
+    """Register backend classes that rerank documents against a query (``/v1/rerank``).
+
+    The class has ``Task.RERANK`` in its ``tasks`` and implements ``rerank``, scoring
+    all documents in batches. Embedding models rerank without one (cosine similarity
+    through their embedding backend).
+    """
+
+
+@hookspec
+def register_transcribe_backends(register: Callable[[type], None]) -> None:
+    """Register backend classes that turn speech into text (``/v1/audio/transcriptions``
+    and ``/v1/audio/translations``).
+
+    The class has ``Task.TRANSCRIBE`` in its ``tasks`` and implements ``transcribe``; the
+    audio reaches it decoded (:class:`nexa.types.Audio`, 16 kHz mono float PCM).
+    """
+
+
+@hookspec
 def register_models(register: Callable[..., None]) -> None:
     """Offer ready models that an installed package carries, usable with no pull.
 

@@ -29,13 +29,14 @@ from typing import Any, Literal
 import attrs
 
 from nexa.backend import Backend, LoadOptions
-from nexa.config import ServerConfig
+from nexa.config import CATCH_ALL_ALIAS, ServerConfig
 from nexa.engine import create_engine
 from nexa.errors import (
     BadRequest,
     Busy,
     Conflict,
     ModelLoadError,
+    ModelNotFound,
     ModelNotLoaded,
     ModelUnloaded,
     NexaError,
@@ -43,18 +44,22 @@ from nexa.errors import (
 )
 from nexa.metrics import BackendCollector, Metrics
 from nexa.registry import BackendRegistry
-from nexa.store import ModelStore
+from nexa.store import ModelStore, split_quant
 from nexa.types import Device, Manifest, Task
 
 log = logging.getLogger("nexa.manager")
+MAX_NAMES_SHOWN = 20
+"""Model names a not-found error lists at most."""
 
 _TASK_WORDS = {
     Task.CHAT: "a chat model",
     Task.VLM: "a vision (image+text) model",
     Task.EMBED: "an embedding model",
     Task.IMAGE: "an image generation model",
+    Task.RERANK: "a reranker or embedding model",
+    Task.TRANSCRIBE: "a speech-to-text model",
 }
-LOAD_ORDER = (Task.CHAT, Task.EMBED, Task.IMAGE, Task.VLM)
+LOAD_ORDER = (Task.CHAT, Task.EMBED, Task.RERANK, Task.TRANSCRIBE, Task.IMAGE, Task.VLM)
 """The task a model is loaded for when no request names one (``nexa serve MODEL``, a load)."""
 
 UnloadMode = Literal["wait", "cancel"]
@@ -144,12 +149,13 @@ class Lease:
         self.owner = asyncio.current_task()
 
     def revoke(self) -> bool:
-        """Cancel the owner's work on the model; True if this call did."""
+        """Cancel the owner's work on the model; True if this call cancelled a running task."""
         if self.revoked:
             return False
         self.revoked = True
-        if self.owner is not None and not self.owner.done():
-            self.owner.cancel()
+        if self.owner is None or self.owner.done():
+            return False
+        self.owner.cancel()
         return True
 
     def take_revocation(self) -> ModelUnloaded | None:
@@ -194,8 +200,29 @@ class ModelManager:
 
     # --- resolution ------------------------------------------------------------------
 
+    def find(self, model: str) -> Manifest:
+        """The manifest a client's ``model`` string names: a model in the store, else an
+        alias (``--alias NAME=MODEL``), else the catch-all alias ``*``. Unknown without an
+        alias: ModelNotFound listing the models this server has."""
+        try:
+            return self.store.get(model)
+        except ModelNotFound:
+            aliases = dict(self.config.aliases)
+            target = aliases.get(model.strip()) or aliases.get(CATCH_ALL_ALIAS)
+            if target is not None:
+                return self.store.get(target)
+            names = [m.name for m in self.store.list()]
+            shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (", ..." if len(names) > MAX_NAMES_SHOWN else "")
+            name = split_quant(model.strip())[0] or "NAME"
+            raise ModelNotFound(
+                f"model {model!r} is not served here; this server has: {shown or 'no models'}. "
+                f"Pull it with `nexa pull {name}`, or serve a local model under that name with "
+                f"`nexa serve --alias {name}=MODEL`",
+                param="model",
+            ) from None
+
     def resolve(self, model: str, task: Task) -> tuple[Manifest, type[Backend]]:
-        manifest = self.store.get(model)
+        manifest = self.find(model)
         if task not in manifest.tasks:
             have = ", ".join(sorted(t.value for t in manifest.tasks)) or "none"
             raise UnsupportedTask(
@@ -218,7 +245,7 @@ class ModelManager:
         entries = [e for e in self._models.values() if e.manifest.name == model]
         if entries:
             return entries
-        name = self.store.get(model).name  # the store's spelling (case, quant tag)
+        name = self.find(model).name  # the store's spelling (case, quant tag), or an alias's model
         entries = [e for e in self._models.values() if e.manifest.name == name]
         if not entries:
             raise ModelNotLoaded(f"model {name!r} is not loaded", param="model")
@@ -414,7 +441,7 @@ class ModelManager:
         """Load ``model`` now (for the first task it serves of ``LOAD_ORDER``), with its own
         context and parallelism when given; a model already resident with other settings
         is a ``Conflict``."""
-        manifest = self.store.get(model)
+        manifest = self.find(model)
         task = next((t for t in LOAD_ORDER if t in manifest.tasks), None)
         if task is None:
             raise UnsupportedTask(f"model {manifest.name!r} declares no task to load it for", param="model")

@@ -28,6 +28,8 @@ _TASK_HOOKS = {
     Task.VLM: "register_vlm_backends",
     Task.IMAGE: "register_image_backends",
     Task.EMBED: "register_embed_backends",
+    Task.RERANK: "register_rerank_backends",
+    Task.TRANSCRIBE: "register_transcribe_backends",
 }
 
 

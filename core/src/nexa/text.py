@@ -50,11 +50,13 @@ class StopHoldBack:
     tail (it was not a stop string after all).
     """
 
-    __slots__ = ("stops", "stopped", "_held")
+    __slots__ = ("stops", "stopped", "matched", "_held")
 
     def __init__(self, stops: Iterable[str]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string that was found (the earliest in the text), once ``stopped``."""
         self._held = ""
 
     def feed(self, text: str) -> str:
@@ -69,6 +71,7 @@ class StopHoldBack:
             i = text.find(stop)
             if i != -1 and (first == -1 or i < first):
                 first = i
+                self.matched = stop
         if first != -1:
             self._held = ""
             self.stopped = True

@@ -14,6 +14,17 @@ from nexa.config import DEFAULT_HOST, DEFAULT_PORT
 DEFAULT_MODEL = "nexa/smollm2-135m-instruct"
 
 
+def aliases(values: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """``--alias NAME=MODEL`` values as pairs; a malformed one stops ``nexa serve``."""
+    pairs = []
+    for value in values or ():
+        name, sep, model = value.partition("=")
+        if not sep or not name.strip() or not model.strip():
+            raise SystemExit(f"--alias {value!r}: use NAME=MODEL (NAME '*' maps every unknown model name)")
+        pairs.append((name.strip(), model.strip()))
+    return tuple(pairs)
+
+
 def server_config(args: argparse.Namespace):
     from nexa.config import ServerConfig
     from nexa.server.app import bind_is_loopback
@@ -34,6 +45,9 @@ def server_config(args: argparse.Namespace):
         keepalive=args.keepalive,
         parallel=args.parallel,
         context_length=args.ctx,
+        aliases=aliases(args.alias),
+        responses_ttl=args.responses_ttl,
+        responses_max=args.responses_max,
         threads=args.threads,
         queue_size=args.queue_size,
         api_key=api_key,
@@ -194,6 +208,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--media-dir", action="append", help="folder local image paths may come from (repeatable)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--alias", action="append", metavar="NAME=MODEL",
+                   help="serve MODEL when a client asks for NAME (repeatable; NAME '*' catches every unknown name)")
+    p.add_argument("--responses-ttl", type=float, default=30 * 24 * 3600.0,
+                   help="seconds a stored /v1/responses answer is kept (default 30 days)")
+    p.add_argument("--responses-max", type=int, default=10_000, help="stored /v1/responses answers kept at most")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.add_argument("--engine", default=None,
                    help="where models run: local (this process, the default) or an engine plugin (ray)")

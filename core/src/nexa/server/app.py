@@ -28,10 +28,12 @@ from nexa.manager import ModelManager
 from nexa.metrics import Metrics
 from nexa.plugins import PluginSet, load_plugins
 from nexa.registry import BackendRegistry
+from nexa.server.anthropic_errors import with_anthropic_shape
 from nexa.server.errors import EXCEPTION_HANDLERS
 from nexa.server.images import ImageFiles
 from nexa.server.middleware import metrics_middleware
 from nexa.server.openapi import ClosedBodies
+from nexa.server.responses_store import ResponseStore
 from nexa.server.routes import ROUTES
 from nexa.server.security import bind_is_loopback, make_guard
 from nexa.store import ModelStore
@@ -65,14 +67,20 @@ def create_app(
     metrics = Metrics()
     manager = ModelManager(store, registry, device, config, metrics)
     images = ImageFiles(store.home / "images", config.image_ttl, config.image_store_bytes)
+    responses = ResponseStore(store.home / "responses.db", ttl=config.responses_ttl,
+                              max_count=config.responses_max, api_key=config.api_key)
     resources: dict[str, Any] = {
         "config": config,
-        "store": store,
+        # Not "store": Litestar reports a request-body field that fails validation as a
+        # server error when its name is a dependency's, and the Responses API has a
+        # ``store`` field.
+        "model_store": store,
         "plugins": plugins,
         "registry": registry,
         "manager": manager,
         "metrics": metrics,
         "images": images,
+        "responses": responses,
     }
 
     @asynccontextmanager
@@ -93,6 +101,7 @@ def create_app(
             if preload is not None:
                 preload.cancel()
             await manager.shutdown()
+            await responses.close()
 
     cors = CORSConfig(allow_origins=list(config.origins), allow_headers=["*"]) if config.origins else None
     return Litestar(
@@ -102,7 +111,7 @@ def create_app(
         state=State(resources),
         lifespan=[lifespan],
         before_request=make_guard(config),
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers=with_anthropic_shape(EXCEPTION_HANDLERS),
         cors_config=cors,
         middleware=[metrics_middleware(metrics)],
         plugins=[ClosedBodies()],

@@ -62,11 +62,6 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
     if body.n != 1:
         raise BadRequest("only n=1 is supported for chat completions", param="n")
     max_tokens = body.max_completion_tokens or body.max_tokens
-    if max_tokens is not None and max_tokens > config.max_tokens_cap:
-        raise BadRequest(
-            f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens_cap}",
-            param="max_tokens",
-        )
     image_count = 0
     messages: list[ChatMessage] = []
     for message in body.messages:

@@ -15,6 +15,7 @@ from nexa.metrics import Metrics
 from nexa.plugins import PluginSet
 from nexa.registry import BackendRegistry
 from nexa.server.images import ImageFiles
+from nexa.server.responses_store import ResponseStore
 from nexa.store import ModelStore
 
 Config = SkipValidation[ServerConfig]
@@ -24,3 +25,4 @@ MetricsDep = SkipValidation[Metrics]
 Plugins = SkipValidation[PluginSet]
 Registry = SkipValidation[BackendRegistry]
 Images = SkipValidation[ImageFiles]
+Responses = SkipValidation[ResponseStore]

@@ -16,9 +16,16 @@ from nexa.server.errors import error_payload
 
 ENDPOINTS = (
     "/v1/chat/completions",
+    "/v1/messages",
+    "/v1/responses",
     "/v1/embeddings",
     "/v1/images/generations",
     "/v1/images/files",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/rerank",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
     "/v1/models",
     "/v1/plugins",
     "/v1/admin",

@@ -49,6 +49,34 @@ class StreamingOperation(Operation):
         }
 
 
+@dataclasses.dataclass
+class TranscriptionOperation(Operation):
+    """A transcription's 200: JSON (``json``/``verbose_json``), text (``text``, ``srt``,
+    ``vtt``) or, with ``stream: true``, an event stream of ``transcript.text.*`` events."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if ok is None or not ok.content:
+            return
+        schema = ok.content["application/json"].schema
+        refs = [s for s in getattr(schema, "one_of", None) or () if isinstance(s, Reference)]
+        text = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
+        ok.content = {
+            "application/json": OpenAPIMediaType(schema=Schema(any_of=refs) if len(refs) > 1 else schema),
+            "text/plain": text,
+            "text/vtt": text,
+            "text/event-stream": OpenAPIMediaType(
+                schema=Schema(
+                    type=OpenAPIType.OBJECT,
+                    required=["data"],
+                    properties={"data": Schema(type=OpenAPIType.STRING)},
+                    description="Each event's data is a transcript.text.delta or transcript.text.done "
+                    "event (or an error) as JSON; the last is `[DONE]`",
+                )
+            ),
+        }
+
+
 class ClosedBodies(OpenAPISchemaPlugin):
     """A body that refuses unknown fields (a Struct with ``forbid_unknown_fields``, the
     management calls) says so with ``additionalProperties: false``; Litestar's own Struct

@@ -4,7 +4,7 @@
 loopback-bound server the ``Host`` header must be a loopback name (DNS rebinding), and
 when an API key is set every route but ``/health`` and the web page's files needs
 ``Authorization: Bearer KEY`` (the scheme is matched case-insensitively and surrounding
-whitespace is ignored).
+whitespace is ignored) or ``x-api-key: KEY`` (what Anthropic's clients send).
 """
 
 from __future__ import annotations
@@ -44,6 +44,17 @@ def bind_is_loopback(host: str) -> bool:
     return is_loopback_host(host)
 
 
+def presented_key_matches(request: Request, key: bytes) -> bool:
+    """Whether the request carries ``key``: ``Authorization: Bearer KEY`` (OpenAI's clients)
+    or ``x-api-key: KEY`` (Anthropic's). Either one matching is enough."""
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key):
+        return True
+    header = request.headers.get("x-api-key")
+    return header is not None and hmac.compare_digest(header.strip().encode(), key)
+
+
 def make_guard(config: ServerConfig):
     loopback_bind = bind_is_loopback(config.host)
     key = config.api_key.encode() if config.api_key else None
@@ -58,9 +69,7 @@ def make_guard(config: ServerConfig):
         path = request.url.path
         if key is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES) \
                 and request.method != "OPTIONS":
-            auth = request.headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
-                raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")
+            if not presented_key_matches(request, key):
+                raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key> or x-api-key: <key>)")
 
     return guard

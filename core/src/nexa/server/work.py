@@ -1,6 +1,6 @@
 """How a request's work runs: on a model slot, cancelled when the client leaves or the
 request times out (``until_disconnected``, ``run_on_model``), and streamed as
-Server-Sent Events (``EventStream``, ``sse``)."""
+Server-Sent Events (``EventStream``, ``sse``, ``sse_event``)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ T = TypeVar("T")
 def sse(payload: Any) -> bytes:
     """One Server-Sent Event carrying ``payload`` as JSON."""
     return b"data: " + msgspec.json.encode(payload) + b"\n\n"
+
+
+def sse_event(name: str, payload: Any) -> bytes:
+    """One named Server-Sent Event (``event: NAME``), as Anthropic's and the Responses API's
+    streams frame every event."""
+    return b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(payload) + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"

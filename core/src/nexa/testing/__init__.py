@@ -74,6 +74,14 @@ class StaticPlugin:
         self._register(Task.EMBED, register)
 
     @hookimpl
+    def register_rerank_backends(self, register: Any) -> None:
+        self._register(Task.RERANK, register)
+
+    @hookimpl
+    def register_transcribe_backends(self, register: Any) -> None:
+        self._register(Task.TRANSCRIBE, register)
+
+    @hookimpl
     def register_models(self, register: Any) -> None:
         for manifest in self.models:
             register(manifest)
@@ -142,7 +150,7 @@ def serve(
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
     try:
-        yield ServerHandle(f"http://127.0.0.1:{port}", app, app.state.store, server)
+        yield ServerHandle(f"http://127.0.0.1:{port}", app, app.state.model_store, server)
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -12,7 +12,8 @@ chat (``check_chat``)
     ``max_tokens=1`` starts the answer to ``max_tokens=8``, and differs from it unless the
     model stopped at once; an answer cut by the limit reports exactly that many tokens;
   - usage is honest: a longer prompt reports more prompt tokens, a non-empty answer at
-    least one completion token;
+    least one completion token; ``count_prompt_tokens``, where a backend has it, gives
+    the prompt tokens its answer reports;
   - stop strings end the answer before their first occurrence, with ``finish_reason``
     ``stop`` (checked through ``Backend.stream_answer``, so a backend that declares
     ``stops_natively`` must really stop; others are cut by the server);
@@ -25,6 +26,19 @@ embeds the same, tokens counted, a cancelled token stops the work.
 
 images (``check_images``): ``n`` PNGs of the requested size, reproducible with a seed, a
 cancelled token stops the work.
+
+rerank (``check_rerank``): one finite score per document, in document order; a
+document's score does not depend on the others in the batch or their order (batching
+and padding change nothing); the same document twice scores the same; more documents
+count more tokens; a cancelled token stops the work. With ``relevance=True`` (real
+models) the document that answers the query outranks unrelated ones.
+
+transcribe (``check_transcribe``): segments stream as chunks and only the last chunk has
+``done`` and a language; segment ids count up, times lie within the audio and never go
+backwards; ``word_timestamps`` gives words within their segment's times; translation
+works or is refused with ``UnsupportedTask``; closing the stream stops the work, and a
+synchronous ``transcribe`` checks its ``CancelToken``. ``expected_words`` (real speech,
+real models) must all be heard.
 """
 
 from __future__ import annotations
@@ -32,11 +46,25 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import struct
 import time
 
+import attrs
+
 from nexa.backend import Backend, CancelToken
-from nexa.errors import Cancelled
-from nexa.types import ChatMessage, ChatRequest, EmbedRequest, ImageRequest, Sampling
+from nexa.errors import Cancelled, UnsupportedTask
+from nexa.types import (
+    SAMPLE_RATE,
+    Audio,
+    ChatMessage,
+    ChatRequest,
+    EmbedRequest,
+    ImageRequest,
+    RerankRequest,
+    Sampling,
+    TranscribeRequest,
+    TranscriptChunk,
+)
 
 PROMPT = "Say hello in three words."
 
@@ -95,6 +123,12 @@ async def check_chat_async(backend: Backend, prompt: str = PROMPT) -> None:
     longer = prompt + " Answer politely, and think about the words you choose before you write them down."
     _, _, usage_long = await _answer(backend, _request(longer, max_tokens=1))
     assert usage_long.prompt_tokens > usage_one.prompt_tokens, "a longer prompt must report more prompt tokens"
+
+    # A backend that counts prompts (count_tokens) counts what chat reports.
+    if type(backend).count_prompt_tokens is not Backend.count_prompt_tokens:
+        counted = await backend.run_count_prompt_tokens(_request(longer, max_tokens=1))
+        assert counted == usage_long.prompt_tokens, (
+            f"count_prompt_tokens gave {counted}, chat reported {usage_long.prompt_tokens} prompt tokens")
 
     # Stop strings: the answer ends before the first occurrence.
     stop = _stop_string(text)
@@ -178,6 +212,117 @@ async def check_images_async(backend: Backend, size: int = 64) -> None:
     assert again.images == result.images, "same seed must give the same images"
     if type(backend).run_images is Backend.run_images:
         await _on_worker(backend, _check_sync_cancel, backend.generate_images, request)
+
+
+RERANK_QUERY = "What is the capital city of France?"
+RERANK_DOCUMENTS = (
+    "Bananas are a good source of potassium.",
+    "Paris is the capital and largest city of France.",
+    "The stock market closed higher on Tuesday.",
+    "Photosynthesis turns light into chemical energy in plants.",
+)
+RELEVANT = 1
+"""The index of the document in ``RERANK_DOCUMENTS`` that answers ``RERANK_QUERY``."""
+
+
+async def check_rerank_async(backend: Backend, relevance: bool = False) -> None:
+    documents = RERANK_DOCUMENTS
+    result = await backend.run_rerank(RerankRequest(RERANK_QUERY, documents))
+    scores = result.scores
+    assert len(scores) == len(documents), "one score per document"
+    assert all(isinstance(x, float) and math.isfinite(x) for x in scores), f"scores must be finite floats: {scores}"
+    assert result.prompt_tokens > 0, "prompt_tokens must be counted"
+    # The same scores whatever else is in the batch, and in whatever order.
+    alone = await backend.run_rerank(RerankRequest(RERANK_QUERY, documents[RELEVANT:RELEVANT + 1]))
+    assert abs(alone.scores[0] - scores[RELEVANT]) < 1e-3, (
+        f"a document scored {alone.scores[0]} alone but {scores[RELEVANT]} in a batch: batching changes scores")
+    reordered = await backend.run_rerank(RerankRequest(RERANK_QUERY, documents[::-1] + documents[:1]))
+    assert all(abs(a - b) < 1e-3 for a, b in zip(reordered.scores[:-1], scores[::-1], strict=True)), (
+        "scores must follow their documents when the order changes")
+    assert abs(reordered.scores[-1] - scores[0]) < 1e-3, "the same document twice must score the same"
+    assert reordered.prompt_tokens > result.prompt_tokens, "more documents must count more tokens"
+    assert alone.prompt_tokens < result.prompt_tokens, "fewer documents must count fewer tokens"
+    if relevance:
+        best = max(range(len(scores)), key=lambda i: scores[i])
+        assert best == RELEVANT, f"the answering document must rank first: scores {scores}"
+    if type(backend).run_rerank is Backend.run_rerank:
+        await _on_worker(backend, _check_sync_cancel, backend.rerank, RerankRequest(RERANK_QUERY, documents))
+
+
+def tone(seconds: float = 3.0, hz: float = 440.0) -> Audio:
+    """A sine tone, for backends checked without recorded speech."""
+    count = int(seconds * SAMPLE_RATE)
+    samples = [0.3 * math.sin(2 * math.pi * hz * i / SAMPLE_RATE) for i in range(count)]
+    return Audio(struct.pack(f"<{count}f", *samples))
+
+
+async def _transcript(backend: Backend, request: TranscribeRequest) -> list[TranscriptChunk]:
+    chunks = [c async for c in backend.stream_transcribe(request)]
+    assert chunks, "stream_transcribe yielded nothing"
+    assert chunks[-1].done, "the last chunk must have done=True"
+    assert all(not c.done for c in chunks[:-1]), "done before the last chunk"
+    assert chunks[-1].language, "the last chunk must name the language"
+    duration = request.audio.duration
+    segments = [c.segment for c in chunks if c.segment is not None]
+    for before, after in zip(segments, segments[1:], strict=False):
+        assert after.id > before.id, "segment ids must count up"
+        assert after.start >= before.start - 1e-3, "segments must not go backwards in time"
+    for segment in segments:
+        assert 0 <= segment.start <= segment.end <= duration + 0.5, (
+            f"segment times {segment.start}..{segment.end} outside the audio's {duration:.2f} s")
+        for word in segment.words:
+            assert segment.start - 0.5 <= word.start <= word.end <= segment.end + 0.5, (
+                f"word {word.word!r} at {word.start}..{word.end} outside its segment")
+    return chunks
+
+
+async def check_transcribe_async(
+    backend: Backend, audio: Audio | None = None, expected_words: tuple[str, ...] = (), language: str | None = None
+) -> None:
+    audio = audio or tone()
+    request = TranscribeRequest(audio=audio, language=language)
+    chunks = await _transcript(backend, request)
+    text = "".join(c.segment.text for c in chunks if c.segment is not None).lower()
+    missing = [w for w in expected_words if w.lower() not in text]
+    assert not missing, f"words not heard: {missing} in {text!r}"
+    worded = await _transcript(backend, attrs.evolve(request, word_timestamps=True))
+    if expected_words:
+        assert any(c.segment is not None and c.segment.words for c in worded), "word_timestamps gave no words"
+    try:
+        await _transcript(backend, attrs.evolve(request, translate=True))
+    except UnsupportedTask:
+        pass
+    # Closing the stream early must stop the work and free the worker promptly.
+    long = Audio(audio.samples * 4, audio.sample_rate)
+    stream = backend.stream_transcribe(TranscribeRequest(audio=long, language=language))
+    await anext(stream)
+    started = time.monotonic()
+    await stream.aclose()
+    assert time.monotonic() - started < 30, "closing a stream did not stop the transcription"
+    if type(backend).stream_transcribe is Backend.stream_transcribe:
+        await _on_worker(backend, _check_sync_transcribe_cancel, backend, request)
+
+
+def _check_sync_transcribe_cancel(backend: Backend, request: TranscribeRequest) -> None:
+    token = CancelToken()
+    token.cancel()
+    produced = 0
+    try:
+        for chunk in backend.transcribe(request, token):
+            produced += chunk.segment is not None
+            assert produced <= 1, "transcribe() went on with a cancelled CancelToken (check it between windows)"
+    except Cancelled:
+        pass
+
+
+def check_rerank(backend: Backend, relevance: bool = False) -> None:
+    _run(check_rerank_async(backend, relevance))
+
+
+def check_transcribe(
+    backend: Backend, audio: Audio | None = None, expected_words: tuple[str, ...] = (), language: str | None = None
+) -> None:
+    _run(check_transcribe_async(backend, audio, expected_words, language))
 
 
 def check_chat(backend: Backend) -> None:

@@ -1,9 +1,13 @@
 """The echo backend: a declared TEST DOUBLE, never a model.
 
 It lets the core's tests (and plugin authors) exercise the server without weights: chat
-echoes the last user message back word by word, embeddings are a hash of the text, and
-images are flat colours. ``options["delay"]`` in its manifest slows each token so tests
-can exercise queues, cancellation and disconnects.
+echoes the last user message back word by word, embeddings are a hash of the text,
+images are flat colours, rerank scores are the share of the query's words a document
+contains, and a "transcript" has one segment per second of audio ("Second 1." ...), in
+the request's prompt's words when it has a prompt. ``options["delay"]`` in its manifest
+slows each token, image or segment so tests can exercise queues, cancellation and
+disconnects. None of this is a model: real rerankers and speech models are tested with
+real weights in their plugins.
 """
 
 from __future__ import annotations
@@ -26,13 +30,20 @@ from nexa.types import (
     ImageRequest,
     ImageResult,
     Manifest,
+    RerankRequest,
+    RerankResult,
     Task,
     ToolCall,
+    TranscribeRequest,
+    TranscriptChunk,
+    TranscriptSegment,
     Usage,
+    Word,
 )
 
 ECHO_FORMAT = "echo"
 ECHO_DIMENSIONS = 16
+ECHO_TASKS = frozenset({Task.CHAT, Task.VLM, Task.EMBED, Task.IMAGE, Task.RERANK, Task.TRANSCRIBE})
 
 
 def echo_manifest(name: str = "test/echo", **options: object) -> Manifest:
@@ -40,7 +51,7 @@ def echo_manifest(name: str = "test/echo", **options: object) -> Manifest:
     return Manifest(
         name=name,
         format=ECHO_FORMAT,
-        tasks={Task.CHAT, Task.VLM, Task.EMBED, Task.IMAGE},
+        tasks=ECHO_TASKS,
         source="package:nexa-core (test double)",
         context_length=int(options.pop("context_length", 256)),  # type: ignore[call-overload]
         options=options,
@@ -51,7 +62,7 @@ class EchoBackend(Backend):
     """Test double: answers with the words it was sent."""
 
     name = "echo"
-    tasks = frozenset({Task.CHAT, Task.VLM, Task.EMBED, Task.IMAGE})
+    tasks = ECHO_TASKS
     formats = frozenset({ECHO_FORMAT})
     devices = frozenset({"cpu", "cuda", "metal"})
     parallel = 2
@@ -67,13 +78,17 @@ class EchoBackend(Backend):
         # Shows how a backend reports its own figures; tests read them back from /metrics.
         return [BackendMetric("echo_chats_started", self.chats_started, "counter", "Chats the echo double began")]
 
+    def count_prompt_tokens(self, request: ChatRequest) -> int:
+        # One word or image is one token, as ``chat`` counts them (no template, no tools).
+        return sum(len(m.text.split()) + len(m.images) for m in request.messages)
+
     def chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
         self.chats_started += 1
         delay = float(self.manifest.options.get("delay", 0.0))  # type: ignore[arg-type]
         last_user = next((m for m in reversed(request.messages) if m.role == "user"), None)
         text = last_user.text if last_user else ""
         words = text.split()
-        prompt_tokens = sum(len(m.text.split()) + len(m.images) for m in request.messages)
+        prompt_tokens = self.count_prompt_tokens(request)
         context = self.options.context_length or self.manifest.context_length or 256
         if prompt_tokens > context:
             raise ContextLengthExceeded(
@@ -131,3 +146,34 @@ class EchoBackend(Backend):
             Image.new("RGB", (request.width or 512, request.height or 512), colour).save(out, format="PNG")
             images.append(out.getvalue())
         return ImageResult(tuple(images), request.seed)
+
+    def rerank(self, request: RerankRequest, cancel: CancelToken) -> RerankResult:
+        query = set(request.query.lower().split())
+        scores = []
+        tokens = 0
+        for document in request.documents:
+            cancel.raise_if_cancelled()
+            words = set(document.lower().split())
+            tokens += len(request.query.split()) + len(document.split())
+            scores.append(len(query & words) / len(query) if query else 0.0)
+        return RerankResult(tuple(scores), tokens)
+
+    def transcribe(self, request: TranscribeRequest, cancel: CancelToken) -> Iterator[TranscriptChunk]:
+        delay = float(self.manifest.options.get("delay", 0.0))  # type: ignore[arg-type]
+        duration = request.audio.duration
+        prompt = (request.prompt or "").split()
+        count = math.ceil(duration)
+        for i in range(count):
+            cancel.raise_if_cancelled()
+            if delay:
+                time.sleep(delay)
+            start, end = float(i), min(float(i + 1), duration)
+            text = prompt[i] if i < len(prompt) else f"Second {i + 1}."
+            words = ()
+            if request.word_timestamps:
+                parts = text.split()
+                step = (end - start) / len(parts)
+                words = tuple(Word(" " + w, start + k * step, start + (k + 1) * step) for k, w in enumerate(parts))
+            yield TranscriptChunk(segment=TranscriptSegment(
+                id=i, start=start, end=end, text=" " + text, words=words, seek=i * 100))
+        yield TranscriptChunk(done=True, language=request.language or "en")

@@ -31,21 +31,71 @@ ENCODER_ARCHITECTURES = (
 DEFAULT_BATCH_SIZE = 32
 
 
-def _torch_device(device: Device) -> str:
+def torch_device(device: Device) -> str:
     return {"cuda": "cuda", "metal": "mps"}.get(device.kind, "cpu")
 
 
-class SentenceTransformersBackend(Backend):
-    """Embeddings with sentence-transformers, one batch at a time per loaded model."""
+class TorchModelBackend(Backend):
+    """What the plugin's backends share: a sentence-transformers model (an embedding model
+    or a cross-encoder) loaded from its local folder onto the device, freed on close."""
 
     name: ClassVar[str] = "sentence-transformers"
-    tasks: ClassVar[frozenset[Task]] = frozenset({Task.EMBED})
     formats: ClassVar[frozenset[str]] = frozenset({"sentence-transformers", "safetensors"})
     devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda", "metal"})
     # torch already spreads one batch over every core; a second worker would only
     # compete for them. Requests queue and each runs as one batch.
     parallel = 1
     priority: ClassVar[int] = 0
+
+    def __init__(self, manifest: Manifest, device: Device, options: Any = None):
+        super().__init__(manifest, device, options)
+        self.model: Any = None
+        self.max_tokens: int | None = None
+
+    def _load(self, model_class: str, kind: str) -> Any:
+        """``sentence_transformers.<model_class>`` from the manifest's folder, local files only."""
+        if self.manifest.root is None:
+            raise ModelLoadError(f"model {self.manifest.name!r} has no folder on disk")
+        import sentence_transformers
+        import torch
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        started = time.monotonic()
+        try:
+            # local_files_only: a model in the store is complete; never ask a hub.
+            # trust_remote_code stays off: a model folder must not run code it carries.
+            model = getattr(sentence_transformers, model_class)(
+                str(self.manifest.root),
+                device=torch_device(self.device),
+                local_files_only=True,
+                trust_remote_code=False,
+            )
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not load {kind} {self.manifest.name!r}: {type(exc).__name__}: {str(exc)[:500]}"
+            ) from exc
+        model.eval()
+        self.max_tokens = model.max_seq_length
+        logger.info("loaded %s %s on %s in %.1fs (window %s tokens)", kind, self.manifest.name,
+                    torch_device(self.device), time.monotonic() - started, self.max_tokens)
+        return model
+
+    def close(self) -> None:
+        model, self.model = self.model, None
+        del model
+        if self.device.kind == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+class SentenceTransformersBackend(TorchModelBackend):
+    """Embeddings with sentence-transformers, one batch at a time per loaded model."""
+
+    tasks: ClassVar[frozenset[Task]] = frozenset({Task.EMBED})
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -61,8 +111,6 @@ class SentenceTransformersBackend(Backend):
 
     def __init__(self, manifest: Manifest, device: Device, options: Any = None):
         super().__init__(manifest, device, options)
-        self.model: Any = None
-        self.max_tokens: int | None = None
         self.batch_size = int(self.options.extra.get("embed_batch_size", DEFAULT_BATCH_SIZE))
         # Opt-in only: silently embedding the first N tokens of a long document gives a
         # vector for text the client never meant; OpenAI and TEI refuse instead.
@@ -71,46 +119,8 @@ class SentenceTransformersBackend(Backend):
         )
 
     def load(self) -> None:
-        if self.manifest.root is None:
-            raise ModelLoadError(f"model {self.manifest.name!r} has no folder on disk")
-        import torch
-        from sentence_transformers import SentenceTransformer
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-        if self.options.threads:
-            torch.set_num_threads(self.options.threads)
-        started = time.monotonic()
-        try:
-            # local_files_only: a model in the store is complete; never ask a hub.
-            # trust_remote_code stays off: a model folder must not run code it carries.
-            model = SentenceTransformer(
-                str(self.manifest.root),
-                device=_torch_device(self.device),
-                local_files_only=True,
-                trust_remote_code=False,
-            )
-        except Exception as exc:
-            raise ModelLoadError(
-                f"could not load embedding model {self.manifest.name!r}: "
-                f"{type(exc).__name__}: {str(exc)[:500]}"
-            ) from exc
-        model.eval()
-        self.model = model
-        self.max_tokens = model.max_seq_length
-        logger.info(
-            "loaded %s on %s in %.1fs (dimension %s, window %s tokens)",
-            self.manifest.name, _torch_device(self.device), time.monotonic() - started,
-            model.get_embedding_dimension(), self.max_tokens,
-        )
-
-    def close(self) -> None:
-        model, self.model = self.model, None
-        del model
-        if self.device.kind == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
+        self.model = self._load("SentenceTransformer", "embedding model")
+        logger.info("%s embeds %s dimensions", self.manifest.name, self.model.get_embedding_dimension())
 
     def embed(self, request: EmbedRequest, cancel: CancelToken) -> EmbedResult:
         if self.model is None:

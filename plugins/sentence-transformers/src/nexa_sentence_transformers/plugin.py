@@ -1,4 +1,5 @@
-"""The plugin's entry point: the embedding backend and the packaged all-MiniLM-L6-v2.
+"""The plugin's entry point: the embedding and cross-encoder rerank backends, and the
+packaged all-MiniLM-L6-v2.
 
 Importing this module and calling its hooks must stay cheap: the packaged model is
 located with ``importlib.util.find_spec`` (its package is not imported) and described
@@ -30,6 +31,13 @@ def register_embed_backends(register: Callable[[type], None]) -> None:
     from nexa_sentence_transformers.backend import SentenceTransformersBackend
 
     register(SentenceTransformersBackend)
+
+
+@hookimpl
+def register_rerank_backends(register: Callable[[type], None]) -> None:
+    from nexa_sentence_transformers.rerank import CrossEncoderBackend
+
+    register(CrossEncoderBackend)
 
 
 @hookimpl

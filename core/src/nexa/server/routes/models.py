@@ -14,7 +14,15 @@ import nexa
 from nexa.server import schemas as wire
 from nexa.server.deps import Manager, MetricsDep, Plugins, Registry, Store
 from nexa.server.errors import GUARDED, error_responses
-from nexa.types import Manifest
+from nexa.types import Manifest, Task
+
+
+def served_tasks(manifest: Manifest) -> list[str]:
+    """The model's tasks, plus ``rerank`` for an embedding model (it ranks by cosine)."""
+    tasks = set(manifest.tasks)
+    if Task.EMBED in tasks:
+        tasks.add(Task.RERANK)
+    return sorted(t.value for t in tasks)
 
 
 def model_card(manager: Manager, manifest: Manifest) -> wire.ModelCard:
@@ -29,7 +37,7 @@ def model_card(manager: Manager, manifest: Manifest) -> wire.ModelCard:
         created=created,
         owned_by=owner,
         format=manifest.format,
-        tasks=sorted(t.value for t in manifest.tasks),
+        tasks=served_tasks(manifest),
         size=manifest.size,
         quant=manifest.quant,
         loaded=manifest.name in loaded,
@@ -41,13 +49,13 @@ class ModelsController(Controller):
     tags = ["models"]
 
     @get(summary="List the models this server can serve", responses=error_responses(*GUARDED))
-    async def list_models(self, store: Store, manager: Manager) -> wire.ModelList:
-        manifests = await asyncio.to_thread(store.list)
+    async def list_models(self, model_store: Store, manager: Manager) -> wire.ModelList:
+        manifests = await asyncio.to_thread(model_store.list)
         return wire.ModelList(data=[model_card(manager, m) for m in manifests])
 
     @get("/{model_id:path}", summary="Describe one model", responses=error_responses(400, 404, *GUARDED))
-    async def get_model(self, model_id: FromPath[str], store: Store, manager: Manager) -> wire.ModelCard:
-        manifest = await asyncio.to_thread(store.get, model_id.lstrip("/"))
+    async def get_model(self, model_id: FromPath[str], manager: Manager) -> wire.ModelCard:
+        manifest = await asyncio.to_thread(manager.find, model_id.lstrip("/"))
         return model_card(manager, manifest)
 
 
