@@ -182,6 +182,7 @@ def test_models_tab_lists_unloads_and_pins(page, server, artifacts):
     choose(page, "#load-model", MINILM)
     page.fill("#load-keep-alive", "1h")
     page.click("#load-submit")
+    expect(page.locator("#models-status")).to_contain_text(f"Loading {MINILM}: done", timeout=LONG)
     expect(row).to_be_visible(timeout=LONG)
     assert resident(server)[MINILM]["keep_alive"] == 3600
 

@@ -197,8 +197,8 @@ class AdminController(Controller):
               "error event."
           ))
     async def pull(
-        self, data: JSONBody[wire.PullRequest], request: Request, store: Store, metrics: MetricsDep
+        self, data: JSONBody[wire.PullRequest], request: Request, model_store: Store, metrics: MetricsDep
     ) -> EventStream:
-        run = PullRun(store, data.model, metrics)
+        run = PullRun(model_store, data.model, metrics)
         first = await run.first(request)
         return EventStream(run.frames(first), headers=SSE_HEADERS)
