@@ -4,8 +4,8 @@
     .venv/bin/python docs/gen_reference.py --check  # exit 1 if it is stale
 
 What goes in is derived, not listed: every public class of ``nexa.types`` and
-``nexa.backend`` in source order, every error of ``nexa.errors``, and ``nexa.text``'s
-``__all__``. A field's docstring is the string literal under it (the attrs convention);
+``nexa.backend`` in source order, every error of ``nexa.errors``, and the ``__all__`` of
+``nexa.text``, ``nexa.reasoning``, ``nexa.toolcalls`` and ``nexa.fim``. A field's docstring is the string literal under it (the attrs convention);
 ``core/tests/test_docs.py`` fails when the committed file differs from what this writes
 or when a field, attribute or method has no docstring.
 """
@@ -32,7 +32,7 @@ HEADER = """\
 
 Generated from the docstrings by `docs/gen_reference.py`; do not edit by hand. After
 changing a docstring, a field or a signature in `nexa.types`, `nexa.backend`,
-`nexa.errors` or `nexa.text`, run `.venv/bin/python docs/gen_reference.py` and commit
+`nexa.errors`, `nexa.text`, `nexa.reasoning`, `nexa.toolcalls` or `nexa.fim`, run `.venv/bin/python docs/gen_reference.py` and commit
 the result (`core/tests/test_docs.py` fails while this file is stale).
 
 The [plugin guide](plugin-guide.md) shows these types at work; the on-disk form of
@@ -49,7 +49,12 @@ SECTIONS = (
      "status below; an exception of any other type becomes a 500 whose message names no path "
      "and carries no traceback."),
     ("nexa.text", "Text helpers (`nexa.text`)", ""),
+    ("nexa.reasoning", "Thinking models (`nexa.reasoning`)", ""),
+    ("nexa.toolcalls", "Streamed tool calls (`nexa.toolcalls`)", ""),
+    ("nexa.fim", "Fill-in-the-middle (`nexa.fim`)", ""),
 )
+# Modules documented by their ``__all__`` (functions and classes) rather than every class.
+BY_ALL = ("nexa.text", "nexa.reasoning", "nexa.toolcalls", "nexa.fim")
 
 
 def markdown(text: str) -> str:
@@ -290,7 +295,7 @@ def render() -> tuple[str, list[str]]:
             w.add()
         if module_name == "nexa.errors":
             w.errors(module)
-        elif module_name == "nexa.text":
+        elif module_name in BY_ALL:
             w.functions(module)
         else:
             for cls in public_classes(module):

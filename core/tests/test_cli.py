@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from test_store import write_gguf
 
 
@@ -66,3 +67,18 @@ def test_serve_aliases_and_response_store_settings():
 def test_malformed_alias_stops_serve(home):
     out = nexa("serve", "--alias", "no-equals-sign", home=home, timeout=60)
     assert out.returncode != 0 and "NAME=MODEL" in out.stderr
+
+
+def test_serve_reasoning_flags_reach_the_server_config(home):
+    from nexa.cli.main import build_parser
+    from nexa.cli.serve import server_config
+
+    parser = build_parser()
+    config = server_config(parser.parse_args(["serve", "--reasoning-format", "hidden", "--reasoning-budget", "0"]))
+    assert (config.reasoning_format, config.reasoning_budget) == ("hidden", 0)
+    default = server_config(parser.parse_args(["serve"]))
+    assert (default.reasoning_format, default.reasoning_budget) == ("separate", -1)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--reasoning-format", "none"])
+    with pytest.raises(SystemExit, match="reasoning-budget"):
+        server_config(parser.parse_args(["serve", "--reasoning-budget", "-5"]))

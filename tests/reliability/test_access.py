@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import socket
 import subprocess
 import sys
 
@@ -104,6 +105,26 @@ def test_right_key_is_let_in(keyed):
     assert client.chat.completions.create(**CHAT).choices[0].message.content == "hello"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=keyed.base_url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+@pytest.mark.parametrize("header", ["Bearer s3cret-key", "bearer s3cret-key", "BEARER s3cret-key",
+                                    "Bearer  s3cret-key", "Bearer s3cret-key\t", "Bearer s3cret-key  ",
+                                    " Bearer s3cret-key"])
+def test_authorization_parsing_as_documented(keyed, header):
+    """security.py: scheme case-insensitive, spaces between scheme and key, whitespace
+    around the key ignored. Sent raw: httpx won't send whitespace at either end."""
+    host = keyed.base_url.rsplit("/", 1)[-1]
+    with socket.create_connection(tuple(host.split(":")), timeout=10) as sock:
+        sock.sendall(f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\nAuthorization: {header}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        answer = relkit.read_until(sock, b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200"), (header, answer[:200])
+
+
+@pytest.mark.parametrize("header", ["Bearer\ts3cret-key", "Bearers3cret-key", "Bearer s3cret key", "Token s3cret-key"])
+def test_authorization_parsing_refuses_the_rest(keyed, header):
+    r = httpx.get(keyed.base_url + "/v1/models", headers={"Authorization": header}, timeout=10)
+    relkit.assert_error(r, 401, "invalid_api_key")
 
 
 def test_health_stays_open_for_probes(keyed):

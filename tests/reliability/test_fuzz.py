@@ -89,8 +89,10 @@ def ground(case) -> None:
     """Give a schema-valid body the resources it names, as a real client would.
 
     The document can't say which models exist, which image files exist, the model's
-    vector size, or rules across fields (images only in user messages and at most 8 per
-    request, ``tool_choice`` naming a listed tool, ``json_schema`` with a schema). Without
+    vector size, rules across fields (images only in user messages and at most 8 per
+    request, ``tool_choice`` naming a listed tool), or that a JSON schema in a body (tool
+    ``parameters``, a ``response_format`` schema: "an object" in the document, with the
+    caps in its description) is a JSON schema within the caps. Without
     this, schema-valid requests would mostly stop at a 404 or a 400 and never reach a
     backend. One body in four keeps its random model name.
     """
@@ -136,12 +138,43 @@ def ground(case) -> None:
             body["tool_choice"] = "auto"
     elif choice == "required" and not tools:
         body["tool_choice"] = "auto"
+    # The deprecated functions: not beside tools; function_call only with them, naming one.
+    functions = body.get("functions")
+    if functions and "tools" in body:
+        del body["functions"]
+        functions = None
+    call = body.get("function_call")
+    if call is not None and not functions:
+        del body["function_call"]
+    elif isinstance(call, dict):
+        call["name"] = functions[0]["name"]
+    # The echo double declares no capabilities: these fields are refused with a 400 by
+    # design (core/tests/test_chat_api.py checks it), so valid bodies go without them.
+    for field in ("logprobs", "top_logprobs", "logit_bias", "reasoning_effort", "think", "chat_template_kwargs",
+                  "reasoning_budget", "suffix"):
+        body.pop(field, None)
+    for tool in tools if isinstance(tools, list) else ():
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("parameters"), dict):
+            function["parameters"] = _a_schema(function["parameters"])
+    # json_schema null or without a schema is documented as "any JSON object" and sent as
+    # generated (test_fuzz_json_schema_without_a_schema_is_accepted sends each form).
     fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        spec = fmt.get("json_schema") or {}
-        if not isinstance(spec.get("schema"), dict):
-            spec["schema"] = {"type": "object"}
-        fmt["json_schema"] = spec
+    spec = fmt.get("json_schema") if isinstance(fmt, dict) else None
+    if isinstance(spec, dict) and isinstance(spec.get("schema"), dict):
+        spec["schema"] = _a_schema(spec["schema"])
+
+
+SCHEMAS = [
+    {"type": "object"},
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]},
+    {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": 8},
+    {"type": "string", "pattern": "^[a-z]{2,8}$", "enum": ["red", "green"]},
+]
+
+
+def _a_schema(generated: dict) -> dict:
+    return SCHEMAS[zlib.crc32(json.dumps(generated, sort_keys=True, default=str).encode()) % len(SCHEMAS)]
 
 
 _PNG_SOURCE = {"type": "base64", "media_type": "image/png", "data": PNG_URI.split(",", 1)[1]}
@@ -181,6 +214,12 @@ def _ground_messages(body: dict) -> None:
     # Tools without a schema and with a versioned type run on Anthropic's side: not offered.
     tools = [t for t in body.get("tools") or [] if isinstance(t, dict)
              and (t.get("input_schema") is not None or t.get("type") in (None, "custom"))]
+    for tool in tools:
+        if isinstance(tool.get("input_schema"), dict):
+            tool["input_schema"] = _a_schema(tool["input_schema"])
+    for holder in (body.get("output_format"), (body.get("output_config") or {}).get("format")):
+        if isinstance(holder, dict) and isinstance(holder.get("schema"), dict):
+            holder["schema"] = _a_schema(holder["schema"])
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") in ("tool", "any"):
         if not tools:
@@ -203,9 +242,10 @@ def _ground_responses(body: dict) -> None:
                          ("top_logprobs", None), ("truncation", "disabled")):
         if field in body:
             body[field] = value
+    # A json_schema format without a schema (absent or null) asks for any JSON object.
     fmt = (body.get("text") or {}).get("format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and not isinstance(fmt.get("schema"), dict):
-        fmt["schema"] = {"type": "object"}
+    if isinstance(fmt, dict) and isinstance(fmt.get("schema"), dict):
+        fmt["schema"] = _a_schema(fmt["schema"])
 
 
 def ground_audio(body: dict) -> None:
@@ -301,6 +341,112 @@ def test_fuzz_raw_requests(fuzz_server, http, fuzz_home, path, method, suffix, q
     COUNTS[f"raw {path}"][r.status_code] += 1
 
 
+# --- hostile bodies: deep JSON, other media types, images cut short ---------------------
+
+_POSTS = sorted(p for p, ops in DOCUMENT["paths"].items() if "post" in ops)
+_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _deep(depth: int, opener: str, where: str) -> bytes:
+    nested = "[" * depth + "]" * depth if opener == "[" else '{"a":' * depth + "1" + "}" * depth
+    if where == "body":
+        return nested.encode()
+    slot = {
+        "tools": '"tools": [{"type": "function", "function": {"name": "f", "parameters": {"x": NESTED}}}]',
+        "response_format": '"response_format": {"type": "json_schema", "json_schema": {"schema": {"x": NESTED}}}',
+        "unknown": '"zzz": NESTED',
+        "input": '"input": NESTED',
+    }[where].replace("NESTED", nested)
+    head = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "prompt": "p"})
+    return (head[:-1] + ", " + slot + "}").encode()
+
+
+_DEEP = st.builds(_deep, st.integers(2, 3000), st.sampled_from(["[", "{"]),
+                  st.sampled_from(["body", "tools", "response_format", "unknown", "input"]))
+
+
+def _multipart(fields: dict[str, str]) -> bytes:
+    parts = [f'--x\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in fields.items()]
+    return ("".join(parts) + "--x--\r\n").encode("utf-8", "surrogatepass")
+
+
+def _real_images() -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    out = []
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "ICO"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (24, 24), (10, 200, 30)).save(buffer, format=fmt)
+        out.append(buffer.getvalue())
+    return out
+
+
+IMAGES = _real_images()
+
+
+def _image_chat(image: bytes, cut: float, flips: list[int]) -> bytes:
+    damaged = bytearray(image[: max(1, int(len(image) * cut))])
+    for position in flips:
+        damaged[position % len(damaged)] ^= 0x5A
+    parts = [{"type": "image_url", "image_url": {"url": relkit.data_uri(bytes(damaged))}}]
+    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": parts}]}).encode()
+
+
+_HOSTILE = st.one_of(
+    _DEEP.map(lambda body: ("application/json", body)),
+    st.dictionaries(_BODY_KEYS, st.text(max_size=16), max_size=4).map(
+        lambda fields: ("multipart/form-data; boundary=x", _multipart(fields))),
+    st.just(json.dumps(_CHAT).encode()).map(lambda body: ("text/plain", body)),
+    st.builds(_image_chat, st.sampled_from(IMAGES), st.floats(0.05, 1.0), st.lists(st.integers(0, 10**6), max_size=3))
+    .map(lambda body: ("application/json", body)),
+)
+
+
+@pytest.mark.parametrize("path", _POSTS)
+@given(hostile=_HOSTILE)
+@settings(max_examples=CASES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+def test_fuzz_hostile_bodies(fuzz_server, http, fuzz_home, path, hostile):
+    content_type, body = hostile
+    r = http.post(fuzz_server.base_url + path, data=body, headers={"Content-Type": content_type}, timeout=60)
+    assert r.status_code < 500, f"POST {path} ({content_type}): {r.status_code} {r.text[:300]}"
+    if r.status_code >= 400:
+        relkit.check_error_body_for(path, r.json(), fuzz_home)
+    if not content_type.startswith("application/json"):
+        assert r.status_code == 415, r.text
+    COUNTS[f"hostile {path}"][r.status_code] += 1
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    *(("/v1/chat/completions", {**_CHAT, "response_format": fmt}) for fmt in (
+        {"type": "json_schema", "json_schema": None},
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"name": "answer"}},
+        {"type": "json_schema", "json_schema": {"name": "answer", "schema": None}},
+    )),
+    *(("/v1/responses", {"model": MODEL, "input": "hi", "text": {"format": fmt}}) for fmt in (
+        {"type": "json_schema", "name": "answer", "schema": None},
+        {"type": "json_schema", "name": "answer"},
+    )),
+])
+def test_fuzz_json_schema_without_a_schema_is_accepted(fuzz_server, http, path, body):
+    """The document calls these valid (any JSON object is asked for): schemathesis'
+    positive-data check, with all its other checks, on each."""
+    operation = schema[path]["POST"]
+
+    @given(case=operation.as_strategy(body=body))
+    @settings(max_examples=1, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              phases=[Phase.generate])
+    def run(case):
+        assert case.body == body
+        response = case.call_and_validate(base_url=fuzz_server.base_url, session=http,
+                                          additional_checks=[openai_errors], timeout=60)
+        assert response.status_code == 200, response.text
+
+    run()
+
+
 def test_fuzz_document_is_the_served_one(fuzz_server):
     served = httpx.get(fuzz_server.base_url + "/schema/openapi.json", timeout=30)
     assert served.status_code == 200
@@ -331,5 +477,5 @@ def test_fuzz_left_the_server_healthy(fuzz_server):
     if COUNTS:
         # Every documented operation was fuzzed (this test runs after the fuzz test).
         documented = {f"{m.upper()} {p}" for p, ops in DOCUMENT["paths"].items() for m in ops}
-        documented |= {f"raw {p}" for p in _PATHS}
+        documented |= {f"raw {p}" for p in _PATHS} | {f"hostile {p}" for p in _POSTS}
         assert documented <= set(COUNTS), documented - set(COUNTS)

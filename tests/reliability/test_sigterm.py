@@ -10,11 +10,8 @@ process listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -25,36 +22,12 @@ import pytest
 import relkit
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class NexaServe:
+class NexaServe(relkit.NexaProcess):
     def __init__(self, home, shutdown_timeout: float):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NEXA_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nexa.cli", "--home", str(home), "serve", relkit.SMOLLM2,
-             "--port", str(self.port), "--shutdown-timeout", str(shutdown_timeout), "--parallel", "2",
-             # One decode thread: on a CPU shared with other jobs, llama.cpp's default
-             # (all cores) stalls for seconds per token, which would blur the timings.
-             "--threads", "1"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 300
-        while True:
-            assert self.proc.poll() is None, self.proc.communicate()
-            try:
-                health = httpx.get(self.base + "/health", timeout=2).json()
-                if health["models_loaded"] == [relkit.SMOLLM2]:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "nexa serve did not come up"
-            time.sleep(0.2)
-        self.family = [self.proc.pid] + [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+        # One decode thread: on a CPU shared with other jobs, llama.cpp's default (all
+        # cores) stalls for seconds per token, which would blur the timings.
+        super().__init__(home, relkit.SMOLLM2, "--shutdown-timeout", str(shutdown_timeout), "--parallel", "2",
+                         "--threads", "1", loaded=[relkit.SMOLLM2])
 
     def accepting(self) -> bool:
         try:
@@ -62,11 +35,6 @@ class NexaServe:
             return True
         except OSError:
             return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
 
 
 def _alive(pids) -> list[int]:

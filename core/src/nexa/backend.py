@@ -21,13 +21,14 @@ from typing import Any, ClassVar
 
 import attrs
 
+from nexa import answer
 from nexa.errors import Cancelled, UnsupportedTask
-from nexa.text import StopHoldBack
 from nexa.types import (
     BackendInfo,
     BackendMetric,
     ChatChunk,
     ChatRequest,
+    CompletionRequest,
     Device,
     EmbedRequest,
     EmbedResult,
@@ -41,7 +42,6 @@ from nexa.types import (
     TranscribeRequest,
     Transcript,
     TranscriptChunk,
-    Usage,
 )
 
 
@@ -112,6 +112,16 @@ class Backend:
     ``nexa.text.StopHoldBack``), stopping generation at once and counting tokens exactly.
     False: the server cuts the answer at the first stop string and closes the stream;
     usage then counts one completion token per chunk received."""
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    """Request features the backend honours beyond the basics; the server refuses the others
+    with a 400 naming the field (``nexa.answer``):
+
+    - ``reasoning``: renders its chat template with ``nexa.reasoning.template_kwargs``,
+      splits the thought itself (``ChatChunk.reasoning``, ``Usage.reasoning_tokens``) and
+      honours ``request.reasoning`` (on/off, effort, budget, format). Without it the
+      server splits a ``<think>`` thought off the content and refuses the switches;
+    - ``logprobs``: fills ``ChatChunk.logprobs`` when ``request.logprobs`` is set;
+    - ``logit_bias``: applies ``request.sampling.logit_bias``."""
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -157,6 +167,11 @@ class Backend:
     def chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
         """Yield the answer piece by piece; the last chunk has ``finish_reason`` and ``usage``."""
         raise UnsupportedTask(f"model {self.manifest.name!r} does not support chat")
+
+    def complete(self, request: CompletionRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        """Continue raw text (``POST /v1/completions``): chunks with ``content`` only, the last
+        with ``finish_reason`` and ``usage``; fill in the middle when ``request.suffix`` is set."""
+        raise UnsupportedTask(f"model {self.manifest.name!r} does not support text completions")
 
     def embed(self, request: EmbedRequest, cancel: CancelToken) -> EmbedResult:
         """Return one L2-normalised vector per input."""
@@ -215,7 +230,16 @@ class Backend:
     def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
         """Chunks of the answer; closing the iterator (or cancelling) cancels the work.
         An override may be an ``async def`` generator."""
+        # The worker's own generator, not a wrapper around it: closing it must stop the
+        # worker before ``aclose`` returns (a wrapper would leave the inner one to the GC).
         return self._stream_on_worker(self.chat, request)
+
+    def stream_completion(self, request: CompletionRequest) -> AsyncIterator[ChatChunk]:
+        """Chunks of a text completion; closing the iterator cancels the work."""
+        if type(self).complete is Backend.complete:
+            # No worker is needed to say no (a stand-in for a remote backend has none).
+            return _refuse(UnsupportedTask(f"model {self.manifest.name!r} does not support text completions"))
+        return self._stream_on_worker(self.complete, request)
 
     def stream_transcribe(self, request: TranscribeRequest) -> AsyncIterator[TranscriptChunk]:
         """Segments as each window is decoded; closing the iterator cancels the work."""
@@ -269,35 +293,34 @@ class Backend:
             await asyncio.shield(done)
 
     async def stream_answer(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
-        """What the server streams for a chat: ``stream_chat``, cut at the first stop string
-        when the backend does not stop natively (``stops_natively``). Not for overriding."""
-        stops = request.sampling.stop
-        if self.stops_natively or not stops:
-            async for chunk in self.stream_chat(request):
-                yield chunk
-            return
-        holdback = StopHoldBack(stops)
-        produced = 0
-        prompt_tokens = 0
+        """What the server streams for a chat: ``stream_chat`` through the stages the backend
+        does not run itself (``nexa.answer``). Not for overriding."""
+        answer.refuse_missing(self.name, self.capabilities, logprobs=request.logprobs, sampling=request.sampling)
         chunks = self.stream_chat(request)
+        if "reasoning" not in self.capabilities:
+            chunks = answer.split_reasoning(chunks, request.reasoning)
+        if not self.stops_natively and request.sampling.stop:
+            chunks = answer.cut_at_stops(chunks, request.sampling.stop)
+        if request.max_tool_calls is not None:
+            chunks = answer.limit_tool_calls(chunks, request.max_tool_calls)
+        if "reasoning" not in self.capabilities:
+            chunks = answer.show_reasoning(chunks, request.reasoning)
         try:
             async for chunk in chunks:
-                if chunk.usage is not None:
-                    prompt_tokens = chunk.usage.prompt_tokens
-                if chunk.content or chunk.reasoning or chunk.tool_calls:
-                    produced += 1
-                text = holdback.feed(chunk.content) if chunk.content else ""
-                if holdback.stopped:
-                    if text or chunk.reasoning or chunk.tool_calls:
-                        yield ChatChunk(content=text, reasoning=chunk.reasoning, tool_calls=chunk.tool_calls)
-                    # Closing the stream cancels the rest of the generation.
-                    yield ChatChunk(finish_reason="stop", usage=Usage(prompt_tokens, produced),
-                                    stop_sequence=holdback.matched)
-                    return
-                if chunk.finish_reason is not None:
-                    text += holdback.flush()
-                if text or chunk.reasoning or chunk.tool_calls or chunk.finish_reason is not None or chunk.usage is not None:
-                    yield attrs.evolve(chunk, content=text)
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    async def stream_completion_answer(self, request: CompletionRequest) -> AsyncIterator[ChatChunk]:
+        """What the server streams for a text completion: ``stream_completion``, cut at stop
+        strings when the backend does not stop natively. Not for overriding."""
+        answer.refuse_missing(self.name, self.capabilities, logprobs=request.logprobs, sampling=request.sampling)
+        chunks = self.stream_completion(request)
+        if not self.stops_natively and request.sampling.stop:
+            chunks = answer.cut_at_stops(chunks, request.sampling.stop)
+        try:
+            async for chunk in chunks:
+                yield chunk
         finally:
             await chunks.aclose()
 
@@ -341,3 +364,9 @@ class Backend:
             except BaseException:
                 pass
             raise
+
+
+async def _refuse(error: Exception) -> AsyncIterator[ChatChunk]:
+    """A stream that fails with ``error`` when first read."""
+    raise error
+    yield  # an async generator, so the error reaches the reader, not the caller

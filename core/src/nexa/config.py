@@ -71,14 +71,43 @@ class ServerConfig:
     """Folders local image paths may come from; empty: the working directory."""
     allow_remote_images: bool = False
     """Fetch http(s) image URLs (public addresses only)."""
+    # --- caps on one request (docs/reliability.md has the table; `nexa serve --limit`) ---
     max_body_bytes: int = 32 * 1024 * 1024
+    """Bytes of one request body (413 beyond)."""
     max_image_bytes: int = 20 * 1024 * 1024
+    """Bytes of one image, however it arrives (413 beyond)."""
     max_image_pixels: int = 40_000_000
+    """Pixels of one image, read from its header before decoding (413 beyond)."""
     max_images_per_request: int = 8
     max_image_n: int = 4
+    """Images one generation request may ask for (``n``)."""
     max_image_side: int = 2048
+    """Pixels of each side of a generated image."""
     max_embed_batch: int = 512
+    """Inputs in one embeddings request."""
     max_embed_input_chars: int = 100_000
+    """Characters of one embeddings input (tokens, for a token array)."""
+    max_embed_total_chars: int = 1_000_000
+    """Characters over all inputs of one embeddings request (tokens, for token arrays),
+    checked before anything is tokenized."""
+    max_messages: int = 4096
+    """Messages in one chat request, checked before any of them is looked at."""
+    max_tools: int = 128
+    """Tools in one chat request."""
+    max_json_depth: int = 64
+    """Nesting of a request body: objects and arrays inside each other."""
+    max_schema_bytes: int = 64 * 1024
+    """Bytes of one JSON schema (a ``response_format`` schema, one tool's ``parameters``)."""
+    max_schema_depth: int = 32
+    """Schemas nested inside one schema (properties, items, anyOf...)."""
+    max_schema_repeat: int = 1000
+    """The largest repetition a schema may ask for: ``minLength``/``maxLength``,
+    ``minItems``/``maxItems``, ``minProperties``/``maxProperties`` and ``{m,n}`` in a
+    ``pattern``. A grammar repeats a rule that many times; llama.cpp refuses more than
+    about a thousand nested repetitions and crashes far beyond."""
+    max_grammar_size: int = 50_000
+    """The size of the grammars one request's schemas become, estimated before any is
+    built: one per schema, plus every repetition count, enum value and pattern element."""
     max_rerank_documents: int = 1000
     """Documents one rerank request may carry."""
     max_rerank_chars: int = 100_000
@@ -87,6 +116,25 @@ class ServerConfig:
     """Bytes of an uploaded audio file (OpenAI's limit); more is a 413."""
     max_audio_seconds: float = 1800.0
     """Seconds of decoded audio one transcription may hold; longer is a 413."""
+    reasoning_format: str = attrs.field(
+        default="separate", validator=attrs.validators.in_(("separate", "inline", "hidden")))
+    """How a thinking model's reasoning is returned unless a request says otherwise:
+    ``separate`` (``reasoning_content``), ``inline`` (left in ``content``), ``hidden``."""
+    reasoning_budget: int = attrs.field(default=-1, validator=attrs.validators.ge(-1))
+    """Thinking tokens a thinking model may spend before its thought is closed, unless a
+    request says otherwise; -1: unlimited, 0: no thinking."""
     image_ttl: float = 3600.0
     """Seconds a generated image stays fetchable by URL."""
     image_store_bytes: int = 512 * 1024 * 1024
+
+
+LIMITS = (
+    "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_image_n",
+    "max_image_side", "max_embed_batch", "max_embed_input_chars", "max_embed_total_chars",
+    "max_messages", "max_tools", "max_json_depth", "max_schema_bytes", "max_schema_depth",
+    "max_schema_repeat", "max_grammar_size",
+)
+"""The per-request caps (``ServerConfig`` fields) a user may set: ``nexa serve --limit NAME=VALUE``."""
+LOWER_ONLY = ("max_image_n", "max_image_side", "max_embed_batch", "max_embed_input_chars")
+"""Caps whose defaults are part of the wire schema (and so of the OpenAPI document): they
+can be lowered, not raised."""

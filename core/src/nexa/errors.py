@@ -68,7 +68,8 @@ class Unauthorized(NexaError):
 
 class Forbidden(NexaError):
     """Refused whatever the credentials: a request to a loopback-only server whose ``Host``
-    is not a loopback name (DNS rebinding)."""
+    is not a loopback name (DNS rebinding), or one a browser sent from another site
+    (code ``cross_site_request``)."""
 
     status = 403
     type = "invalid_request_error"
@@ -89,6 +90,14 @@ class Conflict(NexaError):
     status = 409
     type = "invalid_request_error"
     code = "conflict"
+
+
+class UnsupportedMediaType(NexaError):
+    """The body's ``Content-Type`` is not the one the route takes."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class PayloadTooLarge(NexaError):

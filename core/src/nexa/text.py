@@ -12,6 +12,8 @@ client text kept from becoming control tokens.
   control tokens: client strings that contain a special token's text are rendered with
   private sentinels in its place, and the rendered prompt is then tokenized piece by
   piece (template markup with special-token parsing, the client's text as plain text).
+- ``head_tokens`` tokenizes a text that may be far over a token limit without
+  tokenizing all of it (embedding inputs).
 
 Plain Python on strings: no model library is imported here.
 """
@@ -127,6 +129,10 @@ def template_message(
         out["name"] = message.name
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
+    if message.reasoning:
+        # Qwen3's and DeepSeek's templates read it, and drop it from turns before the
+        # last user message.
+        out["reasoning_content"] = message.reasoning
     if message.tool_calls:
         out["tool_calls"] = [
             {
@@ -303,11 +309,36 @@ class Shielded:
         return tokens
 
 
+CHARS_PER_TOKEN = 16
+"""Characters of a prefix looked at per token of a limit (``head_tokens``): text
+averages 3-6 characters a token, so a prefix this long holds the limit several times."""
+
+
+def head_tokens(tokenize: Callable[[str], Sequence[int]], text: str, limit: int) -> tuple[Sequence[int], int]:
+    """Token ids of ``text[:end]`` and ``end``, for a caller that refuses (or truncates)
+    more than ``limit`` tokens; ``end == len(text)`` when the ids are the whole text's.
+
+    A long text is first tokenized as a prefix of ``(limit + 1) * CHARS_PER_TOKEN``
+    characters; when that prefix alone is well over the limit (twice it: the cut may split
+    its last word differently from the whole text), the whole text is too, and the
+    prefix is what is returned, so a 100,000-character input is never tokenized whole to
+    be refused. Otherwise (a short text, or a sparse one: long runs of spaces, very long
+    tokens) the whole text is tokenized.
+    """
+    cut = (limit + 1) * CHARS_PER_TOKEN
+    if len(text) > cut:
+        ids = tokenize(text[:cut])
+        if len(ids) > 2 * (limit + 1):
+            return ids, cut
+    return tokenize(text), len(text)
+
+
 __all__ = [
     "Shielded",
     "SpecialTextGuard",
     "StopHoldBack",
     "arguments_object",
+    "head_tokens",
     "partial_suffix",
     "template_message",
 ]

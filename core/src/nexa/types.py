@@ -220,14 +220,32 @@ ContentPart = TextPart | ImagePart
 
 @attrs.frozen
 class ToolCall:
-    """A function call the model made."""
+    """A function call the model made, whole or one piece of it.
+
+    A backend may send a call whole, or stream it as it is generated: the first piece
+    carries the ``id``, the ``name`` and the start of the ``arguments``; each later piece
+    repeats the ``id`` with an empty ``name`` and carries the next fragment of the
+    arguments. The pieces' arguments joined are the call's arguments (``merge_tool_calls``).
+    """
 
     id: str
     """The call's id (``call_...``); a ``tool`` message answers it by ``tool_call_id``."""
     name: str
     """The function's name, one of the request's ``tools``."""
     arguments: str
-    """JSON text, as OpenAI sends it."""
+    """JSON text, as OpenAI sends it (or the next fragment of it, in a later piece)."""
+
+
+def merge_tool_calls(calls: Any) -> list[ToolCall]:
+    """Whole calls from calls and pieces of calls in the order they came."""
+    merged: dict[str, ToolCall] = {}
+    for call in calls:
+        before = merged.get(call.id)
+        if before is None:
+            merged[call.id] = call
+        else:
+            merged[call.id] = attrs.evolve(before, arguments=before.arguments + call.arguments)
+    return list(merged.values())
 
 
 @attrs.frozen
@@ -245,6 +263,9 @@ class ChatMessage:
     """The calls an earlier assistant message made (conversation history)."""
     tool_call_id: str | None = None
     """On a ``tool`` message: the id of the call it answers."""
+    reasoning: str | None = None
+    """An earlier assistant turn's reasoning sent back by the client (``reasoning_content``);
+    handed to the chat template, which decides whether it belongs in the prompt."""
 
     @property
     def images(self) -> tuple[ImagePart, ...]:
@@ -261,6 +282,10 @@ class ChatMessage:
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+def _bias(value: Any) -> dict[int, float]:
+    return {int(k): float(v) for k, v in (value or {}).items()}
 
 
 def _stops(value: Any) -> tuple[str, ...]:
@@ -302,12 +327,21 @@ class Sampling:
     repeat_penalty: float = 1.0
     """1.0: off (llama.cpp's multiplicative repetition penalty)."""
     stop: tuple[str, ...] = attrs.field(converter=_stops, default=())
-    """Strings that end the answer; never emitted, not even in part (``nexa.text.StopHoldBack``)."""
+    """Strings that end the answer; never emitted, not even in part (``nexa.text.StopHoldBack``).
+    They apply to the answer only, never to the reasoning of a thinking model."""
+    logit_bias: Mapping[int, float] = attrs.field(factory=dict, converter=_bias)
+    """Token id -> a number added to that token's logit before sampling (-100 bans it,
+    100 all but forces it). Ids are checked against the vocabulary by the backend."""
 
     @property
     def greedy(self) -> bool:
         """Whether decoding is greedy (``temperature`` 0)."""
         return self.temperature <= 0.0
+
+
+REASONING_FORMATS = ("separate", "inline", "hidden")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+"""The values of ``reasoning_effort`` the official openai SDK allows; ``none`` is off."""
 
 
 @attrs.frozen
@@ -326,9 +360,19 @@ class Reasoning:
     budget: int = -1
     """Thinking tokens at most before the thought is closed and the answer starts;
     -1: unlimited, 0: no thinking."""
-    format: str = "separate"
+    format: str = attrs.field(default="separate", validator=attrs.validators.in_(REASONING_FORMATS))
     """``separate``: reasoning in ``ChatChunk.reasoning``; ``inline``: left in the content
     as the model wrote it; ``hidden``: dropped."""
+
+    @property
+    def off(self) -> bool:
+        """Thinking switched off (by a switch or a budget of 0)."""
+        return self.enabled is False or self.budget == 0
+
+    @property
+    def token_budget(self) -> int:
+        """Thinking tokens allowed: -1 unlimited, 0 when thinking is off."""
+        return 0 if self.off else self.budget
 
 
 @attrs.frozen
@@ -348,6 +392,16 @@ class ChatRequest:
     """``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
     reasoning: Reasoning = Reasoning()
     """Thinking on or off, its effort, budget and how it is returned."""
+    template_kwargs: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+    """Extra variables for the chat template from the client (``chat_template_kwargs``),
+    already checked; a template-rendering backend passes ``nexa.reasoning.template_kwargs``
+    (these plus the reasoning switches) to the template."""
+    logprobs: int | None = None
+    """None: no log-probabilities; n >= 0: each answer token's log-probability and its n
+    most likely alternatives (``ChatChunk.logprobs``)."""
+    max_tool_calls: int | None = None
+    """At most this many tool calls (``parallel_tool_calls: false`` and Anthropic's
+    ``disable_parallel_tool_use`` are 1); the server drops later ones. None: no limit."""
     model: str = ""
     """The ``model`` string the client sent (for logs; the backend already holds its model)."""
 
@@ -386,6 +440,20 @@ class Usage:
 
 
 @attrs.frozen
+class TokenLogprob:
+    """One generated token's log-probability, with the most likely alternatives there."""
+
+    token: str
+    """The token's text."""
+    logprob: float
+    """Its natural-log probability (0 is certain)."""
+    top: tuple[tuple[str, float], ...] = ()
+    """(text, logprob) of the most likely tokens at that position, most likely first."""
+    bytes: bytes | None = None
+    """The token's raw bytes when they are not whole UTF-8 (None: ``token`` encoded)."""
+
+
+@attrs.frozen
 class ChatChunk:
     """One piece of a chat answer. The last chunk carries ``finish_reason`` and ``usage``."""
 
@@ -394,7 +462,10 @@ class ChatChunk:
     reasoning: str = ""
     """Thinking text of this piece, kept apart from ``content`` (``reasoning_content``)."""
     tool_calls: tuple[ToolCall, ...] = ()
-    """Complete tool calls made in this piece (each with its whole ``arguments``)."""
+    """Tool calls made in this piece: whole, or pieces of calls (see ``ToolCall``)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Log-probabilities of the answer tokens this chunk completes, when the request asked
+    for them (``ChatRequest.logprobs``)."""
     finish_reason: str | None = None
     """``stop``, ``length`` or ``tool_calls`` on the last chunk."""
     usage: Usage | None = None
@@ -402,6 +473,23 @@ class ChatChunk:
     stop_sequence: str | None = None
     """On the last chunk: the stop string (``Sampling.stop``) that ended the answer, when
     one did (``finish_reason`` is then ``stop``); Anthropic's ``stop_sequence`` reports it."""
+
+
+@attrs.frozen
+class CompletionRequest:
+    """One legacy text completion (``POST /v1/completions``): raw text continued, no chat
+    template, no reasoning split, no tools. Answered with ``ChatChunk`` values (``content``)."""
+
+    prompt: str | tuple[int, ...]
+    """The text to continue, or token ids where the backend accepts them."""
+    sampling: Sampling = Sampling()
+    """Token choice and limits, already validated (``Sampling``)."""
+    suffix: str | None = None
+    """Text after the gap: fill-in-the-middle with the model's FIM tokens."""
+    logprobs: int | None = None
+    """As ``ChatRequest.logprobs``."""
+    model: str = ""
+    """The ``model`` string the client sent."""
 
 
 # --- embeddings ---------------------------------------------------------------------

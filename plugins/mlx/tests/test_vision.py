@@ -67,7 +67,7 @@ def test_a_pulled_mlx_vision_repo_routes_to_mlx_vlm_and_answers(vision_folder, t
     files = {f.name: f.read_bytes() for f in vision_folder.iterdir()}
     store = ModelStore(tmp_path / "home")
     with HubServer({repo: {**files, "README.md": b"# tiny"}}) as hub:
-        manifest = pull(store, repo, progress=False, endpoint=hub.url)
+        manifest = pull(store, repo, endpoint=hub.url)
     assert manifest.format == "mlx" and manifest.tasks == {Task.CHAT, Task.VLM}
     assert {f.path for f in manifest.files} == set(files)
     assert registry().select(Task.VLM, manifest, device) is MlxVisionBackend
@@ -343,12 +343,71 @@ def test_tools_reach_the_template_and_tool_calls_are_parsed(tool_vision_backend)
     none = ChatRequest.create(look(RED), tools=[WEATHER], tool_choice="none")
     assert "get_weather" not in model.prompt_text(none, model._tools(none))
     # A model's tool-call span becomes a tool call; text that isn't one stays content.
-    parser = AnswerParser(tool_start="<tool_call>", tool_end="</tool_call>")
-    said = 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
-    events = parser.feed(said) + parser.finish()
-    chunks = list(model._chunks(events, model._tool_module.parse_tool_call, [WEATHER]))
+    text = 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    loop = model.answer_loop(request, CancelToken(), 0, "before", model._tools(request))
+    chunks = list(loop._chunks("", text, AnswerParser(tool_start="<tool_call>", tool_end="</tool_call>"), final=True))
     assert chunks[0].content == "Checking."
     (call,) = chunks[1].tool_calls
     assert call.name == "get_weather" and call.arguments == '{"city": "Oslo"}'
     # The whole request runs with tools offered (the random model rarely calls one).
     assert ask(model, RED, tools=[WEATHER], max_tokens=4)[-1].finish_reason in {"length", "stop", "tool_calls"}
+
+
+# --- thinking ---------------------------------------------------------------------------
+
+# The vision template with Qwen3's thinking switch in the generation prompt.
+THINKING_VISION_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'].split('</think>')[-1] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% if reasoning_effort is defined %}{% endif %}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def thinking_vision_backend(vision_folder, tmp_path_factory, device):
+    import json
+
+    folder = variant(vision_folder, tmp_path_factory.mktemp("think") / "tiny-vl-think")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = THINKING_VISION_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    manifest = ModelStore(tmp_path_factory.mktemp("home")).import_path(folder, name="mlx-community/tiny-vl-think")
+    model = MlxVisionBackend(manifest, device)
+    model.load()
+    return model
+
+
+def test_a_thinking_vision_template_gets_the_switches(thinking_vision_backend):
+    from nexa.reasoning import QWEN3
+    from nexa.types import Reasoning
+
+    model = thinking_vision_backend
+    assert model.think_format == QWEN3
+    # mlx-vlm would switch thinking off by default; the template's own default is kept.
+    default, position = model.chat_prompt_text(ChatRequest.create(look(RED)), [])
+    assert default.endswith("<|im_start|>assistant\n") and position == "before"
+    off = ChatRequest.create(look(RED), reasoning=Reasoning(enabled=False))
+    text, position = model.chat_prompt_text(off, [])
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") and position == "closed"
+    # The whole request runs with thinking off, counting no reasoning.
+    chunks = ask(model, RED, reasoning=Reasoning(enabled=False), max_tokens=3)
+    assert chunks[-1].usage.reasoning_tokens == 0 and chunks[-1].usage.completion_tokens <= 3
+
+
+def test_vision_backend_returns_logprobs_and_applies_logit_bias(vision_backend):
+    chunks = ask(vision_backend, RED, max_tokens=4, logprobs=2)
+    records = [r for c in chunks for r in c.logprobs]
+    assert len(records) == chunks[-1].usage.completion_tokens
+    assert all(len(r.top) == 2 and r.top[0][1] >= r.top[1][1] and r.logprob <= 0 for r in records)
+    # Greedy: the chosen token is the most likely one.
+    assert all(r.token == r.top[0][0] for r in records)
+    first = [c for c in chunks if c.content][0]
+    banned = vision_backend.tokenizer.encode(first.content, add_special_tokens=False)[0]
+    again = ask(vision_backend, RED, max_tokens=4, logit_bias={banned: -100})
+    assert again[0].content != first.content

@@ -32,9 +32,17 @@ CORPUS = [
 
 
 def write_tokenizer(
-    folder: Path, vocab_size: int = 400, special_tokens: list[str] = SPECIAL_TOKENS
+    folder: Path,
+    vocab_size: int = 400,
+    special_tokens: list[str] = SPECIAL_TOKENS,
+    *,
+    corpus: list[str] = CORPUS,
+    added_tokens: list[str] = (),
+    template: str = CHATML_TEMPLATE,
 ) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE trained on ``corpus``, with ``added_tokens`` (not special: they
+    show in decoded text, as Qwen's ``<think>``) and ``template`` as its chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,7 +53,10 @@ def write_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    added = list(added_tokens)
+    if added:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     tokenizer.save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -54,11 +65,11 @@ def write_tokenizer(
         "pad_token": "<|endoftext|>",
         "unk_token": None,
         "model_max_length": 512,
-        "chat_template": CHATML_TEMPLATE,
+        "chat_template": template,
         "added_tokens_decoder": {
-            str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
-                     "normalized": False, "single_word": False}
-            for i, t in enumerate(special_tokens)
+            str(tokenizer.token_to_id(t)): {"content": t, "special": t in special_tokens, "lstrip": False,
+                                            "rstrip": False, "normalized": False, "single_word": False}
+            for t in [*special_tokens, *added]
         },
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

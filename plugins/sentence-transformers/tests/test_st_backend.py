@@ -136,12 +136,35 @@ def test_input_longer_than_the_window_is_refused_not_truncated(loaded_backend) -
     assert loaded_backend.embed(EmbedRequest(inputs=["word " * 254]), CancelToken()).prompt_tokens == 256
 
 
+def test_long_inputs_are_refused_after_tokenizing_a_prefix_of_the_first(loaded_backend, monkeypatch) -> None:
+    """The abuse of issue 14: many long inputs. Tokenized one at a time, each only as far
+    as it takes to know: the first is refused after a few thousand characters, not all
+    of the million."""
+    seen: list[int] = []
+    tokenizer = loaded_backend.model.tokenizer
+    real_call = type(tokenizer).__call__
+
+    def counting(self, text, *args, **kwargs):
+        seen.append(sum(map(len, text)) if isinstance(text, list) else len(text))
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    with pytest.raises(ContextLengthExceeded) as err:
+        embed(loaded_backend, ["word " * 4000] * 50)
+    assert "input[0]" in err.value.message
+    assert len(seen) == 1 and seen[0] <= 257 * 16, seen
+
+
 def test_truncation_is_opt_in(minilm: Manifest) -> None:
     backend = SentenceTransformersBackend(minilm, CPU, LoadOptions(extra={"truncate": True}))
     backend.load()
     try:
         result = backend.embed(EmbedRequest(inputs=["word " * 400]), CancelToken())
         assert result.prompt_tokens == 256 and len(result.vectors[0]) == 384
+        # A text far past the window is cut to a prefix before encoding: the same vector.
+        longer = backend.embed(EmbedRequest(inputs=["word " * 20_000]), CancelToken())
+        assert longer.prompt_tokens == 256
+        assert cosine(longer.vectors[0], result.vectors[0]) >= 0.999
     finally:
         backend.close()
 

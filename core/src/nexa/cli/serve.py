@@ -60,7 +60,39 @@ def server_config(args: argparse.Namespace):
         shutdown_timeout=args.shutdown_timeout,
         engine=args.engine,
         engine_options=_engine_options(args),
+        reasoning_format=args.reasoning_format,
+        reasoning_budget=_budget(args.reasoning_budget),
+        **_limits(args.limit or ()),
     )
+
+
+def _budget(value: int) -> int:
+    if value < -1:
+        raise SystemExit(f"--reasoning-budget must be -1 (unlimited), 0 (no thinking) or more; got {value}")
+    return value
+
+
+def _limits(pairs) -> dict[str, int]:
+    """``--limit NAME=VALUE`` pairs as ServerConfig fields (the caps in docs/reliability.md)."""
+    from nexa.config import LIMITS, LOWER_ONLY, ServerConfig
+
+    limits: dict[str, int] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in LIMITS:
+            raise SystemExit(f"--limit {pair!r}: use NAME=VALUE with NAME one of: {', '.join(LIMITS)}")
+        try:
+            number = int(value.strip().replace("_", ""))
+        except ValueError:
+            raise SystemExit(f"--limit {pair!r}: the value must be a whole number") from None
+        if number < 1:
+            raise SystemExit(f"--limit {pair!r}: the value must be at least 1")
+        default = getattr(ServerConfig(), name)
+        if name in LOWER_ONLY and number > default:
+            raise SystemExit(f"--limit {pair!r}: {name} can only be lowered (at most {default})")
+        limits[name] = number
+    return limits
 
 
 def _per_model(values: list[str] | None, flag: str, parse) -> dict[str, object]:
@@ -167,11 +199,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                 request = ChatRequest(messages=history, sampling=Sampling(
                     max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed))
                 answer = []
+                thinking = False
                 async with manager.acquire(args.model, Task.CHAT) as backend:
                     async for chunk in backend.stream_answer(request):
-                        print(chunk.content, end="", flush=True)
-                        answer.append(chunk.content)
-                print(flush=True)
+                        if chunk.reasoning:
+                            # A thinking model's thought, dimmed on a terminal, before the answer.
+                            if not thinking and interactive:
+                                print("\033[2m", end="")
+                            thinking = True
+                            print(chunk.reasoning, end="", flush=True)
+                        if chunk.content:
+                            if thinking:
+                                print("\033[0m\n" if interactive else "\n", end="")
+                                thinking = False
+                            print(chunk.content, end="", flush=True)
+                            answer.append(chunk.content)
+                print("\033[0m" if thinking and interactive else "", flush=True)
                 history.append(ChatMessage("assistant", "".join(answer)))
         finally:
             await manager.shutdown()
@@ -208,11 +251,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--media-dir", action="append", help="folder local image paths may come from (repeatable)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--limit", action="append", metavar="NAME=VALUE",
+                   help="change a per-request cap, e.g. max_messages=10000 (repeatable; names in docs/reliability.md)")
     p.add_argument("--alias", action="append", metavar="NAME=MODEL",
                    help="serve MODEL when a client asks for NAME (repeatable; NAME '*' catches every unknown name)")
     p.add_argument("--responses-ttl", type=float, default=30 * 24 * 3600.0,
                    help="seconds a stored /v1/responses answer is kept (default 30 days)")
     p.add_argument("--responses-max", type=int, default=10_000, help="stored /v1/responses answers kept at most")
+    p.add_argument("--reasoning-format", choices=["separate", "inline", "hidden"], default="separate",
+                   help="a thinking model's reasoning: in reasoning_content (separate), left in content "
+                        "(inline) or dropped (hidden); a request's reasoning_format overrides it")
+    p.add_argument("--reasoning-budget", type=int, default=-1,
+                   help="thinking tokens before the thought is closed (-1: unlimited, 0: no thinking); "
+                        "a request's switches override it")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.add_argument("--engine", default=None,
                    help="where models run: local (this process, the default) or an engine plugin (ray)")

@@ -9,8 +9,11 @@ completions, with the dialect's own framing around it.
   request times out) and returns it ``Collected``.
 - ``Collected`` gathers the pieces of an answer (text, reasoning, tool calls, finish
   reason, usage); streaming writers feed it too, for their closing events.
-- ``limit_tool_calls`` keeps the first N tool calls of an answer (Anthropic's
-  ``disable_parallel_tool_use``, OpenAI's ``parallel_tool_calls: false``).
+
+Tool calls reach these dialects whole (``nexa.answer.whole_tool_calls``: their writers
+frame whole calls); a limit on their number (Anthropic's ``disable_parallel_tool_use``,
+OpenAI's ``parallel_tool_calls: false``) is ``ChatRequest.max_tool_calls``, applied by
+``Backend.stream_answer``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import AsyncIterator
 import attrs
 from litestar import Request
 
+from nexa.answer import whole_tool_calls
 from nexa.manager import ModelManager
 from nexa.metrics import Metrics
 from nexa.server.routes.chat import record_generation
@@ -87,7 +91,7 @@ async def open_answer(manager: ModelManager, chat: ChatRequest, model: str) -> A
     try:
         backend = await stack.enter_async_context(lease)
         started = time.monotonic()
-        chunks = backend.stream_answer(chat)
+        chunks = whole_tool_calls(backend.stream_answer(chat))
         stack.push_async_callback(chunks.aclose)
         first = await anext(chunks, None)
     except BaseException as exc:
@@ -128,7 +132,6 @@ async def collect_answer(
     *,
     timeout: float,
     metrics: Metrics,
-    max_tool_calls: int | None = None,
 ) -> Collected:
     """A whole answer, cancelled when the client leaves or after ``timeout`` seconds."""
 
@@ -136,7 +139,7 @@ async def collect_answer(
         answer = await open_answer(manager, chat, model)
         collected = Collected()
         try:
-            async for chunk in limit_tool_calls(answer.chunks, max_tool_calls):
+            async for chunk in answer.chunks:
                 collected.add(chunk)
         finally:
             await answer.aclose()
@@ -144,25 +147,3 @@ async def collect_answer(
         return collected
 
     return await until_disconnected(request, asyncio.wait_for(run(), timeout))
-
-
-async def limit_tool_calls(chunks: AsyncIterator[ChatChunk], limit: int | None) -> AsyncIterator[ChatChunk]:
-    """``chunks`` with tool calls past the first ``limit`` dropped (None: all kept).
-
-    The generation runs to its end rather than being cut after the last kept call, so
-    the usage stays the backend's own count."""
-    if limit is None:
-        async for chunk in chunks:
-            yield chunk
-        return
-    kept = 0
-    async for chunk in chunks:
-        if chunk.tool_calls:
-            room = max(0, limit - kept)
-            calls = chunk.tool_calls[:room]
-            kept += len(calls)
-            if len(calls) != len(chunk.tool_calls):
-                chunk = attrs.evolve(chunk, tool_calls=calls)
-                if not (chunk.content or chunk.reasoning or calls or chunk.finish_reason or chunk.usage):
-                    continue
-        yield chunk

@@ -86,9 +86,11 @@ def with_anthropic_shape(handlers: Mapping[type[BaseException], Handler]) -> dic
 _DESCRIPTIONS = {
     400: "invalid_request_error: a bad body, a field out of range, a prompt over the context",
     401: "authentication_error: missing or wrong API key (x-api-key or Authorization: Bearer)",
-    403: "permission_error: Host header not a loopback name on a loopback-bound server",
+    403: "permission_error: Host header not a loopback name on a loopback-bound server, or a cross-site "
+         "request from a browser (an origin not allowed by --origins)",
     404: "not_found_error: no such model (the message lists the served ones) or route",
     413: "request_too_large: request body or image larger than the server allows",
+    415: "invalid_request_error: the body is not application/json",
     500: "api_error: the model could not be loaded, or an unexpected error",
     504: "timeout_error: the request ran past the server's request timeout",
     529: "overloaded_error: the model's queue is full; retry after the Retry-After header's seconds",

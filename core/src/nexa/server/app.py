@@ -3,8 +3,8 @@
 ``create_app`` builds the server's resources (store, registry, model manager, metrics,
 generated-image files), hands them to route handlers by dependency injection (a handler
 names ``manager: ModelManager`` and gets it), starts and stops the manager in the app's
-lifespan, and wires the guard (``security``), the metrics middleware (``middleware``)
-and the error mapping (``errors``). The routes live in ``nexa.server.routes``.
+lifespan, and wires the guard (``security``), the strict body decoder (``body``), the
+metrics middleware (``middleware``) and the error mapping (``errors``). The routes live in ``nexa.server.routes``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from nexa.metrics import Metrics
 from nexa.plugins import PluginSet, load_plugins
 from nexa.registry import BackendRegistry
 from nexa.server.anthropic_errors import with_anthropic_shape
+from nexa.server.body import NexaRequest
 from nexa.server.errors import EXCEPTION_HANDLERS
 from nexa.server.images import ImageFiles
 from nexa.server.middleware import metrics_middleware
@@ -110,7 +111,9 @@ def create_app(
         # Also on app.state, for tests and tools that inspect a running server.
         state=State(resources),
         lifespan=[lifespan],
-        before_request=make_guard(config),
+        # A guard, not before_request: app guards add to those of routes, never replaced.
+        guards=[make_guard(config)],
+        request_class=NexaRequest,
         exception_handlers=with_anthropic_shape(EXCEPTION_HANDLERS),
         cors_config=cors,
         middleware=[metrics_middleware(metrics)],

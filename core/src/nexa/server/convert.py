@@ -1,7 +1,8 @@
 """Conversions between the OpenAI wire schemas and the task-level types.
 
-Request checks that msgspec can't express (server caps, list shapes, ``size`` limits)
-live here too, so every handler gets a valid task request or a clear 4xx.
+Request checks that msgspec can't express (list shapes, ``size`` limits, the configurable
+caps of ``nexa.server.limits``) run here, before any work, so every handler gets a valid
+task request or a clear 4xx.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import struct
 from collections.abc import Sequence
 
 from nexa.config import ServerConfig
-from nexa.errors import BadRequest, PayloadTooLarge
+from nexa.errors import BadRequest
+from nexa.server import chat_options
 from nexa.server import schemas as wire
+from nexa.server.limits import check_chat, check_count, check_embed_inputs
 from nexa.server.media import fetch_image
 from nexa.types import (
     ChatMessage,
     ChatRequest,
+    CompletionRequest,
     ContentPart,
     EmbedRequest,
     ImagePart,
@@ -59,6 +63,9 @@ def keep_alive_seconds(value: float | str | None, param: str = "keep_alive") -> 
 
 def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> ChatRequest:
     """The task request for a chat body; fetches images (blocking: call off the loop)."""
+    # Counted before any message is looked at (or any image fetched); the rest of the
+    # caps (schemas) once the task is built, in check_chat.
+    check_count(body.messages, config.max_messages, "messages", "messages", "max_messages")
     if body.n != 1:
         raise BadRequest("only n=1 is supported for chat completions", param="n")
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -92,32 +99,32 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
                 tool_calls=tuple(
                     ToolCall(c.id, c.function.name, c.function.arguments)
                     for c in message.tool_calls or ()
-                ),
+                ) or _legacy_call(message),
                 tool_call_id=message.tool_call_id,
+                reasoning=message.reasoning_content,
             )
         )
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     response_format = None
     if body.response_format is not None and body.response_format.type != "text":
         if body.response_format.type == "json_schema":
             spec = body.response_format.json_schema
-            if spec is None or spec.schema is None:
-                raise BadRequest(
-                    "response_format json_schema needs json_schema.schema", param="response_format"
-                )
-            response_format = {"type": "json_schema", "json_schema": {"name": spec.name, "schema": spec.schema}}
+            # No schema (json_schema absent or null, or without "schema"): any JSON
+            # object, as the document says.
+            schema = spec.schema if spec is not None and spec.schema is not None else {"type": "object"}
+            name = spec.name if spec is not None else "response"
+            response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
         else:
             response_format = {"type": "json_object"}
-    tool_choice = body.tool_choice
+    body_tools, tool_choice = _tools_and_choice(body)
     if isinstance(tool_choice, wire.NamedToolChoice):
-        names = {t.function.name for t in body.tools or ()}
+        names = {t.function.name for t in body_tools}
         if tool_choice.function.name not in names:
             raise BadRequest(
                 f"tool_choice names {tool_choice.function.name!r}, which is not in tools",
                 param="tool_choice",
             )
         tool_choice = {"type": "function", "function": {"name": tool_choice.function.name}}
-    elif tool_choice == "required" and not body.tools:
+    elif tool_choice == "required" and not body_tools:
         raise BadRequest("tool_choice 'required' needs tools", param="tool_choice")
     tools = tuple(
         {
@@ -128,71 +135,114 @@ def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> Chat
                 "parameters": t.function.parameters or {"type": "object", "properties": {}},
             },
         }
-        for t in body.tools or ()
+        for t in body_tools
     )
-    return ChatRequest(
+    chat = ChatRequest(
         messages=messages,
-        sampling=Sampling(
-            max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k or 0,
-            min_p=body.min_p or 0.0,
-            seed=body.seed,
-            stop=stop,
-            presence_penalty=body.presence_penalty or 0.0,
-            frequency_penalty=body.frequency_penalty or 0.0,
-            repeat_penalty=_repeat_penalty(body),
-        ),
+        sampling=_sampling(body, max_tokens),
         tools=tools,
         tool_choice=tool_choice,
         response_format=response_format,
+        reasoning=chat_options.reasoning(body, config),
+        template_kwargs=chat_options.template_kwargs(body),
+        logprobs=chat_options.logprobs(body),
+        # The deprecated functions style has no parallel calls.
+        max_tool_calls=1 if body.parallel_tool_calls is False or body.functions is not None else None,
         model=body.model,
+    )
+    check_chat(chat, config)
+    return chat
+
+
+def _sampling(body: wire.ChatCompletionRequest | wire.CompletionRequest, max_tokens: int | None) -> Sampling:
+    """The one sampling value of a chat or completion body."""
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        seed=body.seed,
+        stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repeat_penalty=_repeat_penalty(body),
+        logit_bias=chat_options.logit_bias(body.logit_bias),
     )
 
 
-def _repeat_penalty(body: wire.ChatCompletionRequest) -> float:
+def completion_requests(body: wire.CompletionRequest, config: ServerConfig) -> list[CompletionRequest]:
+    """One task request per prompt of a legacy completion body."""
+    if body.echo and body.logprobs is not None:
+        # The prompt's own log-probabilities would need a scoring pass no backend offers.
+        raise BadRequest("echo with logprobs is not supported", param="echo")
+    if body.echo and body.suffix is not None:
+        raise BadRequest("echo with suffix is not supported", param="echo")
+    prompts = texts_or_tokens(body.prompt, "prompt")
+    # Each prompt is a generation of its own: as many as messages in a chat, at most.
+    check_count(prompts, config.max_messages, "prompt", "prompts", "max_messages")
+    if body.suffix is not None and any(not isinstance(p, str) for p in prompts):
+        raise BadRequest("suffix needs a text prompt", param="suffix")
+    sampling = _sampling(body, body.max_tokens)
+    return [
+        CompletionRequest(prompt=p, sampling=sampling, suffix=body.suffix, logprobs=body.logprobs, model=body.model)
+        for p in prompts
+    ]
+
+
+def _legacy_call(message: wire.Message) -> tuple[ToolCall, ...]:
+    """An assistant turn's deprecated ``function_call`` as a tool call."""
+    call = message.function_call
+    return (ToolCall("call_0", call.name, call.arguments),) if call is not None else ()
+
+
+def _tools_and_choice(body: wire.ChatCompletionRequest) -> tuple[list[wire.Tool], object]:
+    """``tools``/``tool_choice``, or the deprecated ``functions``/``function_call`` as them."""
+    if body.functions is None:
+        if body.function_call is not None:
+            raise BadRequest("function_call needs functions", param="function_call")
+        return list(body.tools or ()), body.tool_choice
+    if body.tools is not None:
+        raise BadRequest("send tools or the deprecated functions, not both", param="functions")
+    tools = [wire.Tool(function=f) for f in body.functions]
+    choice = body.function_call
+    if isinstance(choice, wire.NamedFunction):
+        return tools, wire.NamedToolChoice(function=choice)
+    return tools, choice
+
+
+def _repeat_penalty(body: wire.ChatCompletionRequest | wire.CompletionRequest) -> float:
     value = body.repeat_penalty if body.repeat_penalty is not None else body.repetition_penalty
-    if value is None:
-        return 1.0
-    if value <= 0:
-        # Multiplicative: 0 would divide by zero in llama.cpp and MLX alike.
-        raise BadRequest("repeat_penalty must be greater than 0 (1 turns it off)", param="repeat_penalty")
-    return value
+    # Above 0 (the wire schema says so: 0 would divide by zero in llama.cpp and MLX alike).
+    return 1.0 if value is None else value
+
+
+def texts_or_tokens(raw: object, param: str) -> list[str | tuple[int, ...]]:
+    """OpenAI's four shapes of ``input``/``prompt`` (msgspec decodes one list type, so a
+    mixed list gets here): a string, strings, a token array, token arrays."""
+    if isinstance(raw, str):
+        return [raw]
+    assert isinstance(raw, list)
+    if all(isinstance(x, str) for x in raw):
+        return list(raw)
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+        return [tuple(raw)]
+    if all(isinstance(x, list) for x in raw):
+        if any(not x for x in raw):
+            raise BadRequest("token arrays must not be empty", param=param)
+        return [tuple(x) for x in raw]
+    raise BadRequest(f"{param} must be a string, a list of strings, a token array or a list of token arrays",
+                     param=param)
 
 
 def embed_request(body: wire.EmbeddingRequest, config: ServerConfig) -> EmbedRequest:
-    raw = body.input
-    inputs: list[str | tuple[int, ...]]
-    if isinstance(raw, str):
-        inputs = [raw]
-    elif all(isinstance(x, str) for x in raw):
-        inputs = list(raw)  # type: ignore[arg-type]
-    elif all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
-        inputs = [tuple(raw)]  # type: ignore[arg-type]
-    elif all(isinstance(x, list) for x in raw):
-        inputs = [tuple(x) for x in raw]  # type: ignore[union-attr]
-        if any(not x for x in inputs):
-            raise BadRequest("token arrays must not be empty", param="input")
-    else:
-        raise BadRequest(
-            "input must be a string, a list of strings, a token array or a list of token arrays",
-            param="input",
-        )
-    if len(inputs) > config.max_embed_batch:
-        raise BadRequest(
-            f"input has {len(inputs)} items; the limit is {config.max_embed_batch}", param="input"
-        )
+    inputs = texts_or_tokens(body.input, "input")
+    check_count(inputs, config.max_embed_batch, "input", "items", "max_embed_batch")
+    check_embed_inputs(inputs, config)
     for item in inputs:
         if isinstance(item, str):
             if not item:
                 raise BadRequest("input strings must not be empty", param="input")
-            if len(item) > config.max_embed_input_chars:
-                raise PayloadTooLarge(
-                    f"an input is {len(item)} characters; the limit is "
-                    f"{config.max_embed_input_chars}",
-                    param="input",
-                )
         elif any(t < 0 for t in item):
             raise BadRequest("token ids must be non-negative", param="input")
     return EmbedRequest(inputs=inputs, model=body.model)

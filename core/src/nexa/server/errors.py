@@ -77,6 +77,9 @@ def validation_error(_: Request, exc: ValidationException) -> Response[dict[str,
         message = f"{detail}" + (f" (at {param})" if param else "")
     if "JSON" in message and "decode" in message.lower() or message.startswith("Malformed"):
         message = "the request body is not valid JSON"
+    if param == "data":
+        # Bodies are decoded in nexa.server.body; Litestar only notices a missing one.
+        message, param = "the request body is missing: this endpoint takes a JSON object", None
     return _response(400, message or "invalid request", "invalid_request_error", param, "invalid_request")
 
 
@@ -112,10 +115,12 @@ EXCEPTION_HANDLERS = {
 _DESCRIPTIONS = {
     400: "Invalid request (bad JSON, a field out of range, a server cap exceeded, context overflow)",
     401: "Missing or wrong API key (only when the server has one)",
-    403: "Host header not a loopback name on a loopback-bound server (DNS rebinding)",
+    403: "Host header not a loopback name on a loopback-bound server (DNS rebinding), or a cross-site "
+         "request from a browser (an origin not allowed by --origins)",
     404: "No such model or resource (or, for management, the model is not loaded)",
     409: "The model is already loaded with other settings",
     413: "Request body, image or input larger than the server allows",
+    415: "The body is not in the endpoint's media type (application/json, or multipart/form-data where stated)",
     500: "The model could not be loaded, or an unexpected error (no paths or tracebacks are shown)",
     503: "The model's queue is full (retry after the Retry-After header's seconds), or the model was "
          "unloaded while the request used it",
@@ -124,7 +129,7 @@ _DESCRIPTIONS = {
 
 # Every route may meet the access guard and an unexpected failure.
 GUARDED = (401, 403, 500)
-INFERENCE = (400, 404, 413, 503, 504, *GUARDED)
+INFERENCE = (400, 404, 413, 415, 503, 504, *GUARDED)
 """Statuses an inference endpoint (chat, embeddings, images) can answer with."""
 
 

@@ -4,8 +4,14 @@ Backends receive images only as bytes (``ImagePart``); this module is the one pl
 turns an ``image_url`` into bytes. ``data:`` URIs are always accepted; local paths only
 under the allowed media folders, resolved with symlinks so nothing escapes; http(s) only
 when enabled, to public addresses only (the resolved address is checked and pinned, no
-redirects), with size and time caps. Every image is decoded once to check it is an image
-within the pixel cap.
+redirects), with size and time caps.
+
+Every image is decoded once, here, and only as one of the formats vision models take
+(``ALLOWED_FORMATS``: PNG, JPEG, WebP, GIF's first frame), chosen explicitly when Pillow
+opens it: no other decoder runs on a client's bytes (an EPS would otherwise reach
+Pillow's Ghostscript loader). Any decoder failure is a 400 ``invalid_image``. PNG and
+JPEG reach backends as sent; WebP and GIF are re-encoded to PNG (one frame), so a backend
+only ever decodes the two formats every image library reads.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from nexa.config import ServerConfig
 from nexa.errors import BadRequest, PayloadTooLarge
 from nexa.types import ImagePart
 
-_FORMAT_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+"""Pillow format names of the images the server decodes; every other format is refused."""
+_PASSED_AS_IS = {"PNG": "image/png", "JPEG": "image/jpeg"}
 
 
 def _bad(message: str) -> BadRequest:
@@ -31,15 +39,15 @@ def _bad(message: str) -> BadRequest:
 
 
 def check_image(data: bytes, config: ServerConfig) -> ImagePart:
-    """Decode enough of the image to know it is one, within the byte and pixel caps."""
+    """Decode the image (its first frame) within the byte and pixel caps; 400/413 otherwise."""
     if len(data) > config.max_image_bytes:
         raise PayloadTooLarge(
             f"image is {len(data)} bytes; the limit is {config.max_image_bytes}", param="messages"
         )
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
             width, height = img.size
             if width * height > config.max_image_pixels:
                 raise PayloadTooLarge(
@@ -47,22 +55,28 @@ def check_image(data: bytes, config: ServerConfig) -> ImagePart:
                     param="messages",
                 )
             fmt = img.format or ""
-            img.verify()
+            # The whole first frame: a truncated or corrupt file fails here, not in a backend.
+            img.load()
+            if fmt in _PASSED_AS_IS:
+                return ImagePart(data, _PASSED_AS_IS[fmt])
+            out = io.BytesIO()
+            img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB").save(
+                out, format="PNG")
+            return ImagePart(out.getvalue(), "image/png")
+    except PayloadTooLarge:
+        raise
     except Image.DecompressionBombError:
         # Pillow refuses a header claiming over twice its own limit before we see the size.
         raise PayloadTooLarge(
             f"image claims more pixels than the limit of {config.max_image_pixels}", param="messages"
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise _bad(f"image could not be decoded ({type(exc).__name__})") from None
-    mime = _FORMAT_MIME.get(fmt)
-    if mime is None:
-        # Formats backends may not read (BMP, TIFF...) are re-encoded once, here.
-        with Image.open(io.BytesIO(data)) as img:
-            out = io.BytesIO()
-            img.convert("RGB").save(out, format="PNG")
-        return ImagePart(out.getvalue(), "image/png")
-    return ImagePart(data, mime)
+    except Exception as exc:
+        # Decoders raise OSError, SyntaxError, ValueError, struct.error, EOFError,
+        # IndexError... on bad input: all of them mean "not an image we read".
+        kind = "" if isinstance(exc, Image.UnidentifiedImageError) else f" ({type(exc).__name__})"
+        raise _bad(
+            f"image could not be decoded{kind}: send PNG, JPEG, WebP or GIF"
+        ) from None
 
 
 def _from_data_uri(url: str, config: ServerConfig) -> bytes:
@@ -85,6 +99,15 @@ def _allowed_dirs(config: ServerConfig) -> list[Path]:
 
 
 def _from_path(raw: str, config: ServerConfig) -> bytes:
+    try:
+        return _read_local(raw, config)
+    except (OSError, ValueError, RuntimeError) as exc:
+        # What the OS (or pathlib) refuses: a NUL byte, a name over the file system's
+        # limit, an unknown ~user, a loop of links, no permission...
+        raise _bad(f"local image path could not be read ({type(exc).__name__})") from None
+
+
+def _read_local(raw: str, config: ServerConfig) -> bytes:
     path = Path(urllib.parse.unquote(raw[7:]) if raw.startswith("file://") else raw).expanduser()
     dirs = _allowed_dirs(config)
     if not path.is_absolute():

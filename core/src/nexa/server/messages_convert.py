@@ -35,6 +35,7 @@ from nexa.config import ServerConfig
 from nexa.errors import BadRequest
 from nexa.server import messages_wire as wire
 from nexa.server.answer import Collected
+from nexa.server.limits import check_chat, check_count
 from nexa.server.media import fetch_image
 from nexa.types import ChatMessage, ChatRequest, ContentPart, ImagePart, Reasoning, Sampling, TextPart, ToolCall, Usage
 
@@ -46,14 +47,14 @@ class MessagesTask:
     """What a Messages body asks for, in task-level terms."""
 
     chat: ChatRequest
-    max_tool_calls: int | None = None
-    """1 with ``disable_parallel_tool_use``; None: as many as the model makes."""
+    """Its ``max_tool_calls`` is 1 with ``disable_parallel_tool_use``."""
     show_thinking: bool = True
     """False with ``thinking.display: "omitted"``: thinking blocks carry no text."""
 
 
 def messages_task(body: wire.CountTokensRequest, config: ServerConfig) -> MessagesTask:
     """The task for a Messages (or count_tokens) body; fetches images (blocking: call off the loop)."""
+    check_count(body.messages, config.max_messages, "messages", "messages", "max_messages")
     images = _ImageBudget(config)
     messages: list[ChatMessage] = []
     system = system_text(body.system)
@@ -91,10 +92,12 @@ def messages_task(body: wire.CountTokensRequest, config: ServerConfig) -> Messag
         tool_choice=tool_choice,
         response_format=_response_format(body),
         reasoning=_reasoning(thinking, body.output_config),
+        max_tool_calls=max_tool_calls,
         model=body.model,
     )
+    check_chat(chat, config, tool_schema="tools[{i}].input_schema", response_schema="output_config.format.schema")
     omitted = getattr(thinking, "display", None) == "omitted"
-    return MessagesTask(chat, max_tool_calls, show_thinking=not omitted)
+    return MessagesTask(chat, show_thinking=not omitted)
 
 
 def system_text(system: str | list[wire.TextBlock] | None) -> str:

@@ -13,9 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from nexa.server.schemas import MIN0, Float01, MaxTokens, Temperature
-
-ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+from nexa.server.schemas import MIN0, Float01, MaxTokens, ModelName, Temperature
 
 # --- request content blocks ---------------------------------------------------------
 

@@ -33,8 +33,10 @@ class EventStreamOperation(Operation):
 class StreamingOperation(Operation):
     """A 200 answer that is JSON or, with ``stream: true``, an event stream; say both.
 
-    Litestar documents a ``Model | EventStream`` annotation as a JSON oneOf with an empty
-    schema, which every body matches twice (so no body is valid).
+    Litestar documents a ``Model | Chunk | EventStream`` annotation as a JSON oneOf with an
+    empty schema, which every body matches twice (so no body is valid). The first model is
+    the JSON answer; a second one, when the annotation names it, is one event's JSON (its
+    ``contentSchema``), so the document describes the streamed fields too.
     """
 
     def __post_init__(self) -> None:
@@ -42,10 +44,23 @@ class StreamingOperation(Operation):
         if ok is None or not ok.content:
             return
         schema = ok.content["application/json"].schema
-        ref = next((s for s in getattr(schema, "one_of", None) or () if isinstance(s, Reference)), schema)
+        refs = [s for s in getattr(schema, "one_of", None) or () if isinstance(s, Reference)]
+        data = Schema(type=OpenAPIType.STRING)
+        if len(refs) > 1:
+            event = Schema(type=OpenAPIType.STRING, content_media_type="application/json",
+                           content_schema=Schema(any_of=[refs[1], Reference("#/components/schemas/ErrorResponse")]))
+            data = Schema(any_of=[Schema(const="[DONE]"), event])
         ok.content = {
-            "application/json": OpenAPIMediaType(schema=ref),
-            "text/event-stream": OpenAPIMediaType(schema=EVENT),
+            "application/json": OpenAPIMediaType(schema=refs[0] if refs else schema),
+            # OpenAPI 3.1: the schema of an event stream describes one event.
+            "text/event-stream": OpenAPIMediaType(
+                schema=Schema(
+                    type=OpenAPIType.OBJECT,
+                    required=["data"],
+                    properties={"data": data},
+                    description="Each event's data is one chunk (or an error) as JSON; the last is `[DONE]`",
+                )
+            ),
         }
 
 

@@ -36,6 +36,7 @@ from nexa.config import ServerConfig
 from nexa.errors import BadRequest
 from nexa.server import responses_wire as wire
 from nexa.server.answer import Collected
+from nexa.server.limits import check_chat, check_count
 from nexa.server.media import fetch_image
 from nexa.types import ChatMessage, ChatRequest, ContentPart, ImagePart, Reasoning, Sampling, TextPart, ToolCall
 
@@ -61,7 +62,6 @@ class ResponsesTask:
     chat: ChatRequest
     offered: Mapping[str, OfferedTool]
     """Flat name (as the model calls it) -> the tool it stands for."""
-    max_tool_calls: int | None
     items: tuple[dict[str, Any], ...]
     """This request's input items, normalised, as they are stored for a continuation."""
 
@@ -96,6 +96,8 @@ def responses_task(
     items = input_items(body)
     if not items and not history:
         raise BadRequest("input is required (a string or a list of items)", param="input")
+    check_count(items, config.max_messages, "input", "items", "max_messages")
+    check_count(body.tools, config.max_tools, "tools", "tools", "max_tools")
     offered, tools = _tools(body.tools or [])
     tool_choice, tools = _tool_choice(body.tool_choice, offered, tools)
     max_tool_calls = body.max_tool_calls
@@ -120,9 +122,11 @@ def responses_task(
         tool_choice=tool_choice,
         response_format=_response_format(body.text),
         reasoning=reasoning,
+        max_tool_calls=max_tool_calls,
         model=body.model,
     )
-    return ResponsesTask(chat, offered, max_tool_calls, tuple(items))
+    check_chat(chat, config, tool_schema="tools[{i}].parameters", response_schema="text.format.schema")
+    return ResponsesTask(chat, offered, tuple(items))
 
 
 def _refuse_unsupported(body: wire.ResponsesRequest) -> None:
@@ -232,9 +236,9 @@ def _response_format(text: wire.TextConfig | None) -> dict[str, Any] | None:
         return None
     if fmt.type == "json_object":
         return {"type": "json_object"}
-    if fmt.schema is None:
-        raise BadRequest("text.format json_schema needs a schema", param="text.format.schema")
-    return {"type": "json_schema", "json_schema": {"name": fmt.name or "response", "schema": fmt.schema}}
+    # No schema: any JSON object, as chat completions' response_format (and the document).
+    schema = fmt.schema if fmt.schema is not None else {"type": "object"}
+    return {"type": "json_schema", "json_schema": {"name": fmt.name or "response", "schema": schema}}
 
 
 # --- input items to messages ----------------------------------------------------------

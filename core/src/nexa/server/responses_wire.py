@@ -15,9 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from nexa.server.schemas import Float01, MaxTokens, PositiveInt, Temperature
-
-ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+from nexa.server.schemas import Float01, MaxTokens, ModelName, PositiveInt, Temperature
 
 # --- input items --------------------------------------------------------------------
 

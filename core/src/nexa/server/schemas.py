@@ -1,9 +1,10 @@
 """OpenAI wire schemas: the JSON bodies the HTTP API accepts and returns.
 
-msgspec Structs, so Litestar validates requests against them and the OpenAPI document at
-``/schema`` describes every endpoint truly. Unknown fields are ignored, as OpenAI's
-clients send many optional ones. Conversion to the task-level types lives in
-``nexa.server.convert``.
+msgspec Structs: request bodies are decoded into them strictly (``nexa.server.body``: a
+string is never taken for a number or a boolean), and the OpenAPI document at ``/schema``
+describes every endpoint truly, extension fields included. Unknown fields are ignored, as
+OpenAI's clients send many optional ones. Conversion to the task-level types and the
+server's configurable caps live in ``nexa.server.convert`` and ``nexa.server.limits``.
 """
 
 from __future__ import annotations
@@ -35,9 +36,20 @@ class _SchemaExtra(dict):
 # Litestar leaves out a constraint whose value is 0 (it tests the value for truth), so a
 # documented ``ge=0`` has to be stated again; without it the document allows negatives.
 MIN0 = KwargDefinition(schema_extra=_SchemaExtra(minimum=0))
-EXCLUSIVE0 = KwargDefinition(schema_extra=_SchemaExtra(exclusive_minimum=0))
+ABOVE0 = KwargDefinition(schema_extra=_SchemaExtra(exclusive_minimum=0))
 # Litestar also leaves out the constraints of a list in a union of three or more.
 MAX16 = KwargDefinition(schema_extra=_SchemaExtra(max_items=16))
+
+
+def documented_max_items(cap: int) -> Meta:
+    """``maxItems`` in the document only: the server enforces the configured cap itself
+    (``nexa.server.limits``), which ``nexa serve --limit`` may raise above the default."""
+    return Meta(extra_json_schema={"extra": _SchemaExtra(max_items=cap)})
+
+
+def documented_max_bytes(cap: int) -> KwargDefinition:
+    """``maxProperties`` can't state a size in bytes; say it in the field's description."""
+    return KwargDefinition(description=f"A JSON schema of at most {cap} bytes (the server's default cap)")
 
 Float01 = Annotated[float, Meta(ge=0.0, le=1.0), MIN0]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
@@ -70,14 +82,26 @@ KeepAlive = Annotated[
     _KEEP_ALIVE_SCHEMA,
     Meta(description=_KEEP_ALIVE_TEXT),
 ]
+# A model name is looked up in the store and echoed back: no control characters (C0, DEL,
+# C1), and no space at either end (``"name\n"`` is refused, not quietly served as
+# ``name``). Explicit ranges, not ``\s``: Python's and ECMAScript's differ (U+0085); and
+# ``$(?!\n)``: Python's ``$`` also matches before a final newline, ECMAScript's doesn't.
+MODEL_NAME_RE = r"^[^\x00-\x20\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f])?$(?!\n)"
+ModelName = Annotated[str, Meta(min_length=1, max_length=256, pattern=MODEL_NAME_RE)]
+ShortText = Annotated[str, Meta(max_length=256)]
+"""Names and ids (a message's ``name``, tool call ids, ``user``)."""
+StopText = Annotated[str, Meta(max_length=256), KwargDefinition(max_length=256)]
 
 
 # --- chat ---------------------------------------------------------------------------
 
 
 class ImageUrl(msgspec.Struct, kw_only=True):
-    url: Annotated[str, Meta(min_length=1)]
-    detail: Literal["auto", "low", "high"] | None = None
+    url: Annotated[str, Meta(min_length=1, description=(
+        "A data: URI (base64), a local path under the server's media folders, or http(s) "
+        "when the server allows it. PNG, JPEG, WebP or GIF (first frame)"))]
+    detail: Annotated[Literal["auto", "low", "high"], Meta(
+        description="Accepted for compatibility; the model sees the image at its own resolution")] | None = None
 
 
 class TextContentPart(msgspec.Struct, tag="text", tag_field="type", kw_only=True):
@@ -92,12 +116,12 @@ ContentPart = TextContentPart | ImageContentPart
 
 
 class FunctionCall(msgspec.Struct, kw_only=True):
-    name: str
+    name: ShortText
     arguments: str = ""
 
 
 class ToolCallWire(msgspec.Struct, kw_only=True):
-    id: str = ""
+    id: ShortText = ""
     type: Literal["function"] = "function"
     function: FunctionCall
 
@@ -105,16 +129,22 @@ class ToolCallWire(msgspec.Struct, kw_only=True):
 class Message(msgspec.Struct, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: ShortText | None = None
     tool_calls: list[ToolCallWire] | None = None
-    tool_call_id: str | None = None
+    tool_call_id: ShortText | None = None
+    function_call: FunctionCall | None = None
+    """An assistant turn's call in the deprecated ``functions`` style."""
+    reasoning_content: str | None = None
+    """An earlier assistant turn's reasoning, sent back; the chat template decides
+    whether it belongs in the prompt."""
 
 
 class FunctionDef(msgspec.Struct, kw_only=True):
-    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$(?!\n)")]
     description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    parameters: Annotated[dict[str, Any], documented_max_bytes(_CAPS.max_schema_bytes)] | None = None
+    strict: Annotated[bool, Meta(description=(
+        "Accepted; arguments always follow `parameters` when the call is forced by `tool_choice`"))] | None = None
 
 
 class Tool(msgspec.Struct, kw_only=True):
@@ -132,65 +162,149 @@ class NamedToolChoice(msgspec.Struct, kw_only=True):
 
 
 class JsonSchemaSpec(msgspec.Struct, kw_only=True):
-    name: str = "response"
-    schema: dict[str, Any] | None = None
-    strict: bool | None = None
+    name: ShortText = "response"
+    schema: Annotated[dict[str, Any], documented_max_bytes(_CAPS.max_schema_bytes), Meta(
+        description="The JSON schema the answer follows; absent or null: any JSON object")] | None = None
+    strict: Annotated[bool, Meta(description="Accepted; the answer always follows the schema")] | None = None
     description: str | None = None
 
 
 class ResponseFormat(msgspec.Struct, kw_only=True):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaSpec | None = None
+    json_schema: Annotated[JsonSchemaSpec, Meta(
+        description="With type json_schema; absent or null means any JSON object")] | None = None
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
+    include_obfuscation: bool | None = None
+    """Accepted and ignored: a loopback server has no side channel to pad against."""
+
+
+# The unknown-field policy (docs/reasoning.md), one rule for every route: fields outside
+# OpenAI's spec are ignored, as clients send vendor extensions (msgspec drops unknown
+# fields); the OpenAI fields below marked "accepted and ignored" change nothing here; the
+# ones marked "400 unless default" are refused when set (``nexa.server.chat_options``);
+# every other field is honoured.
+LogitBias = Annotated[
+    dict[Annotated[str, Meta(pattern=r"^[0-9]{1,9}$")], Annotated[float, Meta(ge=-100.0, le=100.0)]],
+    Meta(max_length=1024),
+]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+Effort3 = Literal["low", "medium", "high"]
 
 
 class ChatCompletionRequest(msgspec.Struct, kw_only=True):
-    model: Annotated[str, Meta(min_length=1, max_length=256)]
-    messages: Annotated[list[Message], Meta(min_length=1)]
+    model: ModelName
+    messages: Annotated[list[Message], Meta(min_length=1), documented_max_items(_CAPS.max_messages)]
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: Float01 | None = None
-    top_k: Annotated[int, Meta(ge=0), MIN0] | None = None
-    min_p: Float01 | None = None
+    top_k: Annotated[int, Meta(ge=0, description="Extension: sample from the k likeliest tokens (0: off)"),
+                     MIN0] | None = None
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0, description=(
+        "Extension: drop tokens less likely than min_p times the likeliest (0: off)")), MIN0] | None = None
     seed: Seed | None = None
-    stop: str | Annotated[list[str], Meta(max_length=16), MAX16] | None = None
+    stop: StopText | Annotated[list[StopText], Meta(max_length=16), MAX16] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    # Multiplicative: 0 would divide by zero, and is refused (see ``convert``).
-    repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0), EXCLUSIVE0] | None = None
-    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0), EXCLUSIVE0] | None = None
+    # Multiplicative: 0 would divide by zero in llama.cpp and MLX alike.
+    repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0, description=(
+        "Extension (llama.cpp's): divide the odds of tokens already seen (1: off)")), ABOVE0] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0, description=(
+        "Extension: the same as repeat_penalty (the Hugging Face name)")), ABOVE0] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], documented_max_items(_CAPS.max_tools)] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: Annotated[bool, Meta(description=(
+        "false: at most one tool call in the answer (later ones are dropped)"))] | None = None
+    functions: Annotated[list[FunctionDef], Meta(min_length=1, max_length=128)] | None = None
+    """Deprecated form of ``tools``; the answer then carries ``function_call``."""
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
+    """Deprecated form of ``tool_choice``."""
     response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20), MIN0] | None = None
+    logit_bias: LogitBias | None = None
+    # Thinking models (docs/reasoning.md): OpenAI's switch, vLLM's and llama.cpp's
+    # template variables, Ollama's, and nexa's own format and budget.
+    reasoning_effort: ReasoningEffort | None = None
+    chat_template_kwargs: Annotated[dict[str, Any], Meta(max_length=64)] | None = None
+    think: bool | Effort3 | None = None
+    reasoning_format: Literal["separate", "inline", "hidden"] | None = None
+    reasoning_budget: Annotated[int, Meta(ge=-1)] | None = None
     n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
-    user: str | None = None
+    # 400 unless default: the schema admits only the default, so the document says so.
+    audio: Annotated[None, Meta(description="audio output is not supported (null only)")] = None
+    modalities: Annotated[list[Literal["text"]], Meta(min_length=1, max_length=1,
+                                                      description='only ["text"]')] | None = None
+    prediction: Annotated[None, Meta(description="predicted outputs are not supported (null only)")] = None
+    web_search_options: Annotated[None, Meta(description="web search is not supported (null only)")] = None
+    # Accepted and ignored.
+    user: Annotated[ShortText, Meta(description="Accepted for compatibility; not stored")] | None = None
     keep_alive: KeepAlive | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class TopLogprob(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobWire(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct, kw_only=True):
+    content: list[TokenLogprobWire] | None
+    refusal: list[TokenLogprobWire] | None = None
 
 
 class ChoiceMessage(msgspec.Struct, kw_only=True):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | UnsetType = UNSET
+    """The model's reasoning (thinking models, format ``separate``); absent when none."""
     tool_calls: list[ToolCallWire] | None = None
+    function_call: FunctionCall | UnsetType = UNSET
+    """The call, when the request used the deprecated ``functions``."""
 
 
 class Choice(msgspec.Struct, kw_only=True):
     index: int
     message: ChoiceMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class CompletionTokensDetails(msgspec.Struct, kw_only=True):
+    reasoning_tokens: int = 0
+    """Of ``completion_tokens``, those spent thinking."""
+
+
+class PromptTokensDetails(msgspec.Struct, kw_only=True):
+    cached_tokens: int = 0
 
 
 class UsageWire(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
+    """Every generated token, reasoning included."""
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | UnsetType = UNSET
+    prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
 
 
 class ChatCompletion(msgspec.Struct, kw_only=True):
@@ -210,7 +324,12 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
 
 class FunctionCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: str | UnsetType = UNSET
-    arguments: str = ""
+    arguments: str | UnsetType = UNSET
+
+
+class FunctionCallDeltaLegacy(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
 
 
 class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -223,14 +342,16 @@ class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
 class ChunkDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: Literal["assistant"] | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    reasoning_content: str | UnsetType = UNSET
     tool_calls: list[ToolCallDelta] | UnsetType = UNSET
+    function_call: FunctionCallDeltaLegacy | UnsetType = UNSET
 
 
 class ChunkChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     delta: ChunkDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, kw_only=True):
@@ -240,6 +361,80 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
     model: str
     choices: list[ChunkChoice]
     usage: UsageWire | None | UnsetType = UNSET
+
+
+# --- legacy text completions -------------------------------------------------------
+
+
+_EXCLUSIVE0 = KwargDefinition(schema_extra=_SchemaExtra(exclusive_minimum=0))
+CompletionPromptItem = str | Annotated[int, Meta(ge=0), MIN0] | Annotated[list[Annotated[int, Meta(ge=0)]], Meta(min_length=1)]
+# As for embeddings' input: the four real shapes, stated for the document.
+_PROMPT_TOKENS = Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.INTEGER, minimum=0), min_items=1)
+_PROMPT = KwargDefinition(
+    schema_extra={
+        "one_of": [
+            Schema(type=OpenAPIType.STRING),
+            Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.STRING), min_items=1, max_items=16),
+            _PROMPT_TOKENS,
+            Schema(type=OpenAPIType.ARRAY, items=_PROMPT_TOKENS, min_items=1, max_items=16),
+        ],
+        "type": None,
+    }
+)
+
+
+class CompletionRequest(msgspec.Struct, kw_only=True):
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    # A string, a list of strings, a token array, or a list of token arrays (``convert``
+    # refuses mixed lists: msgspec allows one array type per union).
+    prompt: Annotated[str | Annotated[list[CompletionPromptItem], Meta(min_length=1, max_length=16)], _PROMPT]
+    suffix: str | None = None
+    max_tokens: MaxTokens | None = 16
+    temperature: Temperature | None = None
+    top_p: Float01 | None = None
+    top_k: Annotated[int, Meta(ge=0), MIN0] | None = None
+    min_p: Float01 | None = None
+    seed: Seed | None = None
+    stop: str | Annotated[list[str], Meta(max_length=16), MAX16] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    # Multiplicative: 0 would divide by zero (see ``convert``).
+    repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0), _EXCLUSIVE0] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0), _EXCLUSIVE0] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    logprobs: Annotated[int, Meta(ge=0, le=5), MIN0] | None = None
+    logit_bias: LogitBias | None = None
+    n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
+    best_of: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] | None = None
+    user: str | None = None
+
+
+class CompletionLogprobs(msgspec.Struct, kw_only=True):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(msgspec.Struct, kw_only=True):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class TextCompletion(msgspec.Struct, kw_only=True):
+    """A completion, whole or (with ``stream: true``) one event of it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageWire | None | UnsetType = UNSET
+    system_fingerprint: str | None = None
 
 
 # --- embeddings ---------------------------------------------------------------------
@@ -267,7 +462,7 @@ _EMBED_INPUT = KwargDefinition(
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
-    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    model: ModelName
     # A string, a list of strings, a token array, or a list of token arrays.
     input: Annotated[
         EmbedText | Annotated[list[EmbedText | TokenId | TokenArray], Meta(min_length=1, max_length=_CAPS.max_embed_batch)],
@@ -275,7 +470,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     ]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
-    user: str | None = None
+    user: Annotated[ShortText, Meta(description="Accepted for compatibility; not stored")] | None = None
     keep_alive: KeepAlive | None = None
 
 
@@ -302,22 +497,28 @@ class EmbeddingResponse(msgspec.Struct, kw_only=True):
 
 # WIDTHxHEIGHT, each side 8..2048 (the default max_image_side), no leading zeros.
 _SIDE = r"(?:[89]|[1-9][0-9]|[1-9][0-9]{2}|1[0-9]{3}|20[0-3][0-9]|204[0-8])"
-IMAGE_SIZE_RE = rf"^{_SIDE}x{_SIDE}$"
+IMAGE_SIZE_RE = rf"^{_SIDE}x{_SIDE}$(?!\n)"
 
 
 class ImageGenerationRequest(msgspec.Struct, kw_only=True):
     prompt: Annotated[str, Meta(min_length=1, max_length=10_000)]
-    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    model: ModelName
     n: Annotated[int, Meta(ge=1, le=_CAPS.max_image_n)] = 1
     size: Annotated[str, Meta(pattern=IMAGE_SIZE_RE)] | None = None
     response_format: Literal["url", "b64_json"] = "url"
-    seed: Seed | None = None
-    num_inference_steps: Annotated[int, Meta(ge=1, le=500)] | None = None
-    guidance_scale: Annotated[float, Meta(ge=0.0, le=50.0), MIN0] | None = None
-    negative_prompt: Annotated[str, Meta(max_length=10_000)] | None = None
-    quality: str | None = None
-    style: str | None = None
-    user: str | None = None
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1, description=(
+        "Extension: the same seed, prompt and settings give the same image"))] | None = None
+    num_inference_steps: Annotated[int, Meta(ge=1, le=500, description=(
+        "Extension: denoising steps (default: the model's own)"))] | None = None
+    guidance_scale: Annotated[float, Meta(ge=0.0, le=50.0, description=(
+        "Extension: how closely the image follows the prompt (default: the model's own)")), MIN0] | None = None
+    negative_prompt: Annotated[str, Meta(max_length=10_000, description=(
+        "Extension: what the image should not show"))] | None = None
+    quality: Annotated[str, Meta(max_length=64, description=(
+        "Accepted for compatibility with OpenAI's clients; ignored"))] | None = None
+    style: Annotated[str, Meta(max_length=64, description=(
+        "Accepted for compatibility with OpenAI's clients; ignored"))] | None = None
+    user: Annotated[ShortText, Meta(description="Accepted for compatibility; not stored")] | None = None
     keep_alive: KeepAlive | None = None
 
 
@@ -561,9 +762,6 @@ class ResidentModel(msgspec.Struct, kw_only=True):
 class ResidentList(msgspec.Struct, kw_only=True):
     object: Literal["list"] = "list"
     data: list[ResidentModel]
-
-
-ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
 
 
 class LoadModelRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

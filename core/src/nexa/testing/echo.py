@@ -1,13 +1,15 @@
 """The echo backend: a declared TEST DOUBLE, never a model.
 
 It lets the core's tests (and plugin authors) exercise the server without weights: chat
-echoes the last user message back word by word, embeddings are a hash of the text,
-images are flat colours, rerank scores are the share of the query's words a document
-contains, and a "transcript" has one segment per second of audio ("Second 1." ...), in
-the request's prompt's words when it has a prompt. ``options["delay"]`` in its manifest
-slows each token, image or segment so tests can exercise queues, cancellation and
-disconnects. None of this is a model: real rerankers and speech models are tested with
-real weights in their plugins.
+echoes the last user message back word by word, a text completion echoes its prompt,
+embeddings are a hash of the text, images are flat colours, rerank scores are the share
+of the query's words a document contains, and a "transcript" has one segment per second
+of audio ("Second 1." ...), in the request's prompt's words when it has a prompt.
+``options["delay"]`` in its manifest slows each token, image or segment so tests can
+exercise queues, cancellation and disconnects. None of this is a model: real rerankers
+and speech models are tested with real weights in their plugins. It declares no
+capabilities (``Backend.capabilities``): log-probabilities, a logit bias and thinking
+switches are refused with a 400, and fill-in-the-middle too.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import time
 from collections.abc import Iterator
 
 from nexa.backend import Backend, CancelToken
-from nexa.errors import ContextLengthExceeded, ModelLoadError
+from nexa.errors import BadRequest, ContextLengthExceeded, ModelLoadError
 from nexa.types import (
     BackendMetric,
     ChatChunk,
     ChatRequest,
+    CompletionRequest,
     EmbedRequest,
     EmbedResult,
     ImageRequest,
@@ -117,6 +120,18 @@ class EchoBackend(Backend):
             yield ChatChunk(content=word if i == 0 else " " + word)
         finish = "length" if len(words) > limit else "stop"
         yield ChatChunk(finish_reason=finish, usage=Usage(prompt_tokens, produced))
+
+    def complete(self, request: CompletionRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        if request.suffix is not None:
+            raise BadRequest("the echo double has no fill-in-the-middle tokens", param="suffix")
+        prompt = request.prompt
+        words = prompt.split() if isinstance(prompt, str) else [str(t) for t in prompt]
+        limit = request.sampling.max_tokens if request.sampling.max_tokens is not None else len(words)
+        for i, word in enumerate(words[:limit]):
+            cancel.raise_if_cancelled()
+            yield ChatChunk(content=word if i == 0 else " " + word)
+        finish = "length" if len(words) > limit else "stop"
+        yield ChatChunk(finish_reason=finish, usage=Usage(len(words), min(limit, len(words))))
 
     def embed(self, request: EmbedRequest, cancel: CancelToken) -> EmbedResult:
         vectors = []

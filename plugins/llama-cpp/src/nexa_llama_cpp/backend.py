@@ -24,7 +24,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
@@ -34,7 +34,7 @@ from nexa.types import BackendMetric, ChatChunk, ChatRequest, Device, Manifest, 
 from nexa_llama_cpp.chat_template import ChatTemplate
 from nexa_llama_cpp.chunker import AnswerChunker
 from nexa_llama_cpp.prompt import ChatPlan, PromptBuilder, fit_context
-from nexa_llama_cpp.runtime import GgufBackend
+from nexa_llama_cpp.runtime import GgufBackend, special_texts
 
 if TYPE_CHECKING:
     import llama_cpp
@@ -247,22 +247,6 @@ class LlamaCppBackend(GgufBackend):
             BackendMetric(name, getattr(stats, field), kind, text)
             for name, field, kind, text in _ENGINE_METRICS
         ]
-
-
-def special_texts(llama: Any) -> list[str]:
-    """The texts of the vocabulary's control and unknown tokens: what llama.cpp parses as
-    special only when asked to (user-defined tokens it matches in plain text too)."""
-    import llama_cpp
-
-    vocab = llama._model.vocab
-    wanted = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
-    out = []
-    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
-        if llama_cpp.llama_vocab_get_attr(vocab, token) & wanted:
-            text = llama_cpp.llama_vocab_get_text(vocab, token)
-            if text:
-                out.append(text.decode("utf-8", "replace"))
-    return out
 
 
 # (metric name, EngineStats field, kind, help) exported as nexa_backend_<name>.

@@ -3,73 +3,50 @@
 ``LlamaCppEmbedBackend`` opens the model's ``Llama`` with embeddings on and puts as many
 inputs in one decode as the batch and the sequence limit allow; vectors are pooled the
 model's way (mean when the GGUF declares no pooling) and L2-normalised. Inputs are
-strings or token-id arrays. Rerankers (pooling type rank) are refused. Chat models'
-``/v1/embeddings`` are refused by selection (this class serves embedding models only).
+strings or token-id arrays. Rerankers (pooling type rank) are ``rerank.LlamaCppRerankBackend``'s.
+Chat models' ``/v1/embeddings`` are refused by selection (this class serves embedding models only).
 """
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from nexa.backend import CancelToken, LoadOptions
+from nexa.backend import CancelToken
 from nexa.errors import BadRequest, ContextLengthExceeded, ModelLoadError
+from nexa.text import head_tokens
 from nexa.types import Device, EmbedRequest, EmbedResult, Manifest, Task
-from nexa_llama_cpp.runtime import POOLING_RANK, GgufBackend
-
-if TYPE_CHECKING:
-    import llama_cpp
+from nexa_llama_cpp.runtime import POOLING_RANK, PooledGgufBackend, decode_pooled, pooled_groups
 
 
-class LlamaCppEmbedBackend(GgufBackend):
+class LlamaCppEmbedBackend(PooledGgufBackend):
     """GGUF embedding models on llama.cpp."""
 
     tasks: ClassVar[frozenset[Task]] = frozenset({Task.EMBED})
-    parallel = 1
-    """One ``Llama`` context, driven from one worker thread."""
-    default_context: ClassVar[int] = 8192
-    fallback_context: ClassVar[int] = 512
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
         if Task.CHAT in manifest.tasks:
             return "a chat model: embeddings are served for embedding models only"
         if manifest.options.get("pooling_type") == POOLING_RANK:
-            return "reranking models (pooling type rank) are not served"
+            return "a reranker (pooling type rank): served by /v1/rerank, not /v1/embeddings"
         return super().supports(manifest, device)
-
-    def __init__(self, manifest: Manifest, device: Device, options: LoadOptions | None = None):
-        import attrs
-
-        options = options or LoadOptions()
-        super().__init__(manifest, device, attrs.evolve(options, parallel=1))
-        self._llama: llama_cpp.Llama | None = None
-        self._lock = threading.Lock()
 
     def load(self) -> None:
         import llama_cpp
 
-        n_ctx = self.context_length()
-        # Non-causal encoders need each input whole in one micro-batch.
-        settings: dict[str, Any] = {"embedding": True, "n_batch": n_ctx, "n_ubatch": n_ctx}
+        settings: dict[str, Any] = {}
         if "pooling_type" not in self.manifest.options:
             # No pooling in the GGUF: mean pooling rather than per-token vectors.
             settings["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
-        self._llama = self.open_llama(**settings)
+        self._llama = self.open_pooled(**settings)
         if self._llama.pooling_type() == POOLING_RANK:
             raise ModelLoadError(f"{self.manifest.name!r} is a reranker, not an embedding model")
-
-    def close(self) -> None:
-        llama, self._llama = self._llama, None
-        if llama is not None:
-            llama.close()
 
     def embed(self, request: EmbedRequest, cancel: CancelToken) -> EmbedResult:
         with self._lock:
             return self._embed(request, cancel)
 
     def _embed(self, request: EmbedRequest, cancel: CancelToken) -> EmbedResult:
-        import llama_cpp
         import numpy as np
 
         llama = self._llama
@@ -79,20 +56,22 @@ class LlamaCppEmbedBackend(GgufBackend):
         sequences: list[list[int]] = []
         for i, item in enumerate(request.inputs):
             if isinstance(item, str):
-                ids = llama.tokenize(item.encode("utf-8"), add_bos=True, special=False)
+                # Only as far as it takes to know an input is over the context.
+                ids, _ = head_tokens(
+                    lambda text: llama.tokenize(text.encode("utf-8"), add_bos=True, special=False), item, n_ctx
+                )
             else:
                 ids = [int(t) for t in item]
                 if any(t < 0 or t >= n_vocab for t in ids):
                     raise BadRequest(
-                        f"input {i} has token ids outside the model's vocabulary (0..{n_vocab - 1})",
+                        f"input[{i}] has token ids outside the model's vocabulary (0..{n_vocab - 1})",
                         param="input",
                     )
             if not ids:
-                raise BadRequest(f"input {i} is empty", param="input")
+                raise BadRequest(f"input[{i}] is empty", param="input")
             if len(ids) > n_ctx:
                 raise ContextLengthExceeded(
-                    f"input {i} has {len(ids)} tokens; this model's maximum context length "
-                    f"is {n_ctx} tokens",
+                    f"input[{i}] has more than {n_ctx} tokens, this model's maximum context length",
                     param="input",
                 )
             sequences.append(ids)
@@ -100,33 +79,14 @@ class LlamaCppEmbedBackend(GgufBackend):
         n_embd = llama.n_embd()
         max_seqs = max(1, int(llama.context_params.n_seq_max))
         vectors: list[tuple[float, ...]] = [()] * len(sequences)
-
-        def run(group: list[int]) -> None:
+        # As many inputs per decode as the batch and the sequence limit allow.
+        for group in pooled_groups([len(s) for s in sequences], llama.n_batch, max_seqs):
             cancel.raise_if_cancelled()
-            llama._ctx.kv_cache_clear()
-            llama._batch.reset()
-            for seq, index in enumerate(group):
-                llama._batch.add_sequence(sequences[index], seq, True)
-            llama._ctx.decode(llama._batch)
-            for seq, index in enumerate(group):
-                ptr = llama_cpp.llama_get_embeddings_seq(llama._ctx.ctx, seq)
-                vec = np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(np.float64)
+            pooled = decode_pooled(llama, [sequences[i] for i in group], n_embd)
+            for index, vec in zip(group, pooled, strict=True):
                 norm = float(np.linalg.norm(vec))
                 if norm > 0:
                     vec /= norm
                 vectors[index] = tuple(vec.tolist())
-            llama._batch.reset()
-
-        # As many inputs per decode as the batch and the sequence limit allow.
-        group: list[int] = []
-        used = 0
-        for index, ids in enumerate(sequences):
-            if group and (used + len(ids) > llama.n_batch or len(group) >= max_seqs):
-                run(group)
-                group, used = [], 0
-            group.append(index)
-            used += len(ids)
-        if group:
-            run(group)
         llama._ctx.kv_cache_clear()
         return EmbedResult(vectors=tuple(vectors), prompt_tokens=sum(len(s) for s in sequences))

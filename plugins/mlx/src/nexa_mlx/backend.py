@@ -16,11 +16,9 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
 import sys
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -33,17 +31,29 @@ from nexa.errors import (
     ModelLoadError,
     UnsupportedTask,
 )
+from nexa.fim import fim_tokens
+from nexa.reasoning import (
+    Position,
+    ThinkFormat,
+    ThinkingBudget,
+    declared_format,
+    detect_format,
+    empty_thought,
+    prompt_position,
+    reasoning_for,
+    template_kwargs,
+)
 from nexa.text import Shielded, SpecialTextGuard, template_message
 from nexa.types import (
     ChatChunk,
     ChatRequest,
+    CompletionRequest,
     Device,
     Manifest,
+    Sampling,
     Task,
-    ToolCall,
-    Usage,
 )
-from nexa_mlx.text import AnswerParser, Stop, Text, ToolSpan
+from nexa_mlx.answer import AnswerLoop, ThoughtCloser
 
 APPLE_SILICON = sys.platform == "darwin" and platform.machine() == "arm64"
 
@@ -100,6 +110,7 @@ class MlxBackend(Backend):
     stops_natively = True
     # Prompts beyond `context_length` (the override, else the trained one) are refused.
     honours_context_length = True
+    capabilities: ClassVar[frozenset[str]] = frozenset({"reasoning", "logprobs", "logit_bias"})
     # The backend made for MLX models: wins over any generic backend that also accepts
     # the format (e.g. a transformers backend reading safetensors).
     priority: ClassVar[int] = 50
@@ -125,6 +136,8 @@ class MlxBackend(Backend):
         self.tokenizer: Any = None
         self._stream: Any = None
         self._guard: SpecialTextGuard | None = None
+        self.think_format: ThinkFormat | None = None
+        """How the model marks its thought (from its chat template); None: it does not think."""
 
     # --- load -------------------------------------------------------------------------
 
@@ -155,6 +168,21 @@ class MlxBackend(Backend):
             raise ModelLoadError(
                 f"cannot load MLX model {self.manifest.name!r}: {type(exc).__name__}: {exc}"
             ) from exc
+        self.think_format = self.find_think_format()
+
+    def find_think_format(self) -> ThinkFormat | None:
+        """The thought format: declared in the manifest, else shown by the chat template,
+        else the tokenizer's own thinking tokens (mlx-lm reads them from the vocabulary)."""
+        declared = declared_format(self.manifest.options)
+        if declared is not None:
+            return declared
+        template = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(template, Mapping):  # several named templates
+            template = template.get("default") or next(iter(template.values()), None)
+        found = detect_format(template if isinstance(template, str) else None)
+        if found is None and getattr(self.tokenizer, "has_thinking", False):
+            found = ThinkFormat(self.tokenizer.think_start, self.tokenizer.think_end)
+        return found
 
     def close(self) -> None:
         self.model = None
@@ -196,9 +224,28 @@ class MlxBackend(Backend):
         return self._guard.shield(request.messages, tools)
 
     def prompt_tokens(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> list[int]:
+        """The chat prompt's token ids (thinking closed at once when switched off)."""
+        return self.chat_prompt(request, tools)[0]
+
+    def chat_prompt(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> tuple[list[int], Position]:
+        """The prompt's token ids and where it leaves the model's thought."""
+        ids = self.template_tokens(request, tools)
+        fmt = self.think_format
+        if fmt is None:
+            return ids, "before"
+        position = prompt_position(fmt, self.tokenizer.decode(ids[-16:]))
+        if request.reasoning.off and position != "closed":
+            # A template that can't switch thinking off: the thought is closed for it.
+            ids += self.encode_plain(empty_thought(fmt, position))
+            position = "closed"
+        return ids, position
+
+    def template_tokens(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> list[int]:
+        """The chat template's rendering of the request, tokenized, with the reasoning
+        switches and the client's template variables."""
         shielded = self.shield(request, tools)
         messages = [template_message(m) for m in shielded.messages]
-        kwargs: dict[str, Any] = {"add_generation_prompt": True}
+        kwargs: dict[str, Any] = {"add_generation_prompt": True, **template_kwargs(request)}
         if tools:
             kwargs["tools"] = list(shielded.tools)
         tokenizer = self.tokenizer
@@ -227,6 +274,13 @@ class MlxBackend(Backend):
             ids = ids["input_ids"]
         return [int(i) for i in ids]
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of text the server wrote (markers included), no BOS added."""
+        return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False)]
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
     # --- generation -------------------------------------------------------------------
 
     def chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
@@ -237,29 +291,117 @@ class MlxBackend(Backend):
                 f"the mlx backend serves text only; model {self.manifest.name!r} got images"
             )
         check_request(request)
+        tools = self._tools(request)
+        prompt, position = self.chat_prompt(request, tools)
+        yield from self.generate(
+            {"input_ids": prompt}, request.sampling, cancel,
+            self.answer_loop(request, cancel, len(prompt), position, tools),
+            self.thought_closer(request, position),
+        )
 
+    def complete(self, request: CompletionRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        if self.model is None:
+            raise ModelLoadError(f"model {self.manifest.name!r} is not loaded")
+        prompt = self.completion_prompt(request)
+        loop = AnswerLoop(cancel=cancel, prompt_tokens=len(prompt), is_eos=self.is_eos,
+                          detokenizer=keep_leading_space(self.new_detokenizer()), token_text=self.token_text,
+                          stops=request.sampling.stop, logprobs=request.logprobs)
+        yield from self.generate({"input_ids": prompt}, request.sampling, cancel, loop, None)
+
+    def completion_prompt(self, request: CompletionRequest) -> list[int]:
+        """A completion's token ids: the client's text never parsed as control tokens;
+        with a suffix, the model's fill-in-the-middle layout."""
+        if isinstance(request.prompt, tuple):
+            vocab = self.vocab_size
+            if any(t >= vocab for t in request.prompt):
+                raise BadRequest(f"token ids must be below the vocabulary size {vocab}", param="prompt")
+            return list(request.prompt)
+        text = plain_tokens(self.tokenizer, request.prompt)
+        if request.suffix is None:
+            return text
+        fim = fim_tokens(self.tokenizer.get_vocab())
+        if fim is None:
+            raise BadRequest(f"model {self.manifest.name!r} has no fill-in-the-middle tokens", param="suffix")
+        return [fim.prefix, *text, fim.suffix, *plain_tokens(self.tokenizer, request.suffix), fim.middle]
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's output: the token ids a logit bias or a prompt may name."""
+        for config in (getattr(self.model, "args", None), getattr(self.model, "config", None)):
+            for holder in (config, getattr(config, "text_config", None)):
+                size = holder.get("vocab_size") if isinstance(holder, Mapping) else getattr(holder, "vocab_size", None)
+                if isinstance(size, int) and size > 0:
+                    return size
+        return len(self.tokenizer.get_vocab())
+
+    def is_eos(self, token: int) -> bool:
+        return token in self.tokenizer.eos_token_ids
+
+    def new_detokenizer(self) -> Any:
+        detokenizer = self.tokenizer.detokenizer
+        detokenizer.reset()
+        return detokenizer
+
+    def answer_loop(self, request: ChatRequest, cancel: CancelToken, prompt_tokens: int, position: Position,
+                    tools: list[Mapping[str, Any]]) -> AnswerLoop:
+        """The answer loop of a chat request: reasoning split, stops, tool calls, logprobs."""
+        return AnswerLoop(
+            cancel=cancel,
+            prompt_tokens=prompt_tokens,
+            is_eos=self.is_eos,
+            detokenizer=self.new_detokenizer(),
+            token_text=self.token_text,
+            splitter=reasoning_for(request.reasoning, self.think_format, position),
+            reasoning=request.reasoning,
+            stops=request.sampling.stop,
+            tool_markers=self.tool_markers(),
+            tool_parser=self.tool_parser() if tools else None,
+            tools=tools,
+            logprobs=request.logprobs,
+        )
+
+    def thought_closer(self, request: ChatRequest, position: Position) -> ThoughtCloser | None:
+        """The logits processor that closes a thought at its budget (None when unlimited)."""
+        budget = request.reasoning.token_budget
+        if self.think_format is None or budget < 0 or position == "closed":
+            return None
+        return ThoughtCloser(ThinkingBudget(self.think_format, budget, inside=position == "inside"),
+                             self.token_text, self.encode_plain)
+
+    def check_bias(self, sampling: Sampling) -> dict[int, float] | None:
+        if not sampling.logit_bias:
+            return None
+        vocab = self.vocab_size
+        bad = [t for t in sampling.logit_bias if t >= vocab]
+        if bad:
+            raise BadRequest(f"logit_bias names token {bad[0]}; this model's tokens are 0..{vocab - 1}",
+                             param="logit_bias")
+        return dict(sampling.logit_bias)
+
+    def generate(self, inputs: dict[str, Any], sampling: Sampling, cancel: CancelToken, loop: AnswerLoop,
+                 closer: ThoughtCloser | None) -> Iterator[ChatChunk]:
+        """Run mlx-lm's generation on ``inputs["input_ids"]`` through ``loop``."""
         import mlx.core as mx
         from mlx_lm.generate import generate_step, wired_limit
         from mlx_lm.sample_utils import make_logits_processors
 
-        tools = self._tools(request)
-        prompt = self.prompt_tokens(request, tools)
-        max_tokens = self.token_budget(request, len(prompt))
+        prompt = inputs["input_ids"]
+        max_tokens = self.token_budget(sampling, len(prompt))
+        bias = self.check_bias(sampling)
         cancel.raise_if_cancelled()
-        sampler = seeded_sampler(request)
-        repeat = request.sampling.repeat_penalty if request.sampling.repeat_penalty != 1.0 else None
+        sampler = seeded_sampler(sampling)
+        repeat = sampling.repeat_penalty if sampling.repeat_penalty != 1.0 else None
         processors = make_logits_processors(
+            logit_bias=bias,
             repetition_penalty=repeat,
             repetition_context_size=PENALTY_WINDOW,
-            presence_penalty=request.sampling.presence_penalty or None,
+            presence_penalty=sampling.presence_penalty or None,
             presence_context_size=PENALTY_WINDOW,
-            frequency_penalty=request.sampling.frequency_penalty or None,
+            frequency_penalty=sampling.frequency_penalty or None,
             frequency_context_size=PENALTY_WINDOW,
         )
-
-        tokenizer = self.tokenizer
-        parse_tools = bool(tools) and tokenizer.has_tool_calling
-        eos = tokenizer.eos_token_ids
+        if closer is not None:
+            processors.append(closer)
 
         def check_prefill(_done: int, _total: int) -> None:
             # Called between prefill chunks: a long prompt is cancellable too.
@@ -278,22 +420,13 @@ class MlxBackend(Backend):
         # On Metal, pin the weights in memory for the duration (as mlx-lm's own
         # stream_generate does); a no-op on CPU.
         with wired_limit(self.model, [self._stream]), contextlib.closing(steps):
-            yield from self.answer(
-                (token for token, _logprobs in steps),
-                request=request,
-                cancel=cancel,
-                prompt_tokens=len(prompt),
-                is_eos=lambda token: token in eos,
-                detokenizer=tokenizer.detokenizer,
-                tools=tools,
-                tool_parser=tokenizer.tool_parser if parse_tools else None,
-            )
+            yield from loop.run((int(token), logprobs) for token, logprobs in steps)
 
     @property
     def prefill_step_size(self) -> int:
         return 2048 if self.device.kind == "metal" else 512
 
-    def token_budget(self, request: ChatRequest, prompt_tokens: int) -> int:
+    def token_budget(self, sampling: Sampling, prompt_tokens: int) -> int:
         """How many tokens may be generated: max_tokens within what the context leaves."""
         context = self.context_length
         if context is not None and prompt_tokens >= context:
@@ -303,78 +436,15 @@ class MlxBackend(Backend):
                 param="messages",
             )
         budget = context - prompt_tokens if context is not None else FALLBACK_MAX_TOKENS
-        return min(request.sampling.max_tokens, budget) if request.sampling.max_tokens else budget
-
-    def answer(
-        self,
-        tokens: Iterator[int],
-        *,
-        request: ChatRequest,
-        cancel: CancelToken,
-        prompt_tokens: int,
-        is_eos: Callable[[int], bool],
-        detokenizer: Any,
-        tools: list[Mapping[str, Any]],
-        tool_parser: Any,
-    ) -> Iterator[ChatChunk]:
-        """Turn generated token ids into chunks: text, stop strings, tool calls, finish."""
-        start, end = self.tool_markers()
-        parser = AnswerParser(
-            request.sampling.stop,
-            tool_start=start if tool_parser else None,
-            tool_end=end if tool_parser else None,
-        )
-        generated = 0
-        finish = "length"
-        made_tool_call = False
-        for token in tokens:
-            # The generators already run the next token while we handle this one, so
-            # a cancel lands within about one token.
-            cancel.raise_if_cancelled()
-            if is_eos(token):
-                finish = "stop"
-                break
-            generated += 1
-            detokenizer.add_token(token)
-            for chunk in self._chunks(parser.feed(detokenizer.last_segment), tool_parser, tools):
-                made_tool_call |= bool(chunk.tool_calls)
-                yield chunk
-            if parser.stopped:
-                finish = "stop"
-                break
-        if not parser.stopped:
-            detokenizer.finalize()
-            events = parser.feed(_remaining_text(detokenizer))
-            if parser.stopped:
-                finish = "stop"
-            events += parser.finish()
-            for chunk in self._chunks(events, tool_parser, tools):
-                made_tool_call |= bool(chunk.tool_calls)
-                yield chunk
-        if made_tool_call and finish == "stop":
-            finish = "tool_calls"
-        yield ChatChunk(finish_reason=finish, usage=Usage(prompt_tokens, generated))
+        return min(sampling.max_tokens, budget) if sampling.max_tokens else budget
 
     def tool_markers(self) -> tuple[str, str]:
         """The model's tool-call start and end markers ("" where it has none)."""
         return self.tokenizer.tool_call_start or "", self.tokenizer.tool_call_end or ""
 
-    def _chunks(self, events: list, tool_parser: Any, tools: list) -> Iterator[ChatChunk]:
-        for event in events:
-            if isinstance(event, Text) and event.text:
-                yield ChatChunk(content=event.text)
-            elif isinstance(event, ToolSpan):
-                calls = _parse_tool_calls(tool_parser, event.text, tools)
-                if calls:
-                    yield ChatChunk(tool_calls=calls)
-                else:
-                    # Not a call the parser understands (or cut off by max_tokens): the
-                    # client still gets the text the model wrote, markers included.
-                    start, end = self.tool_markers()
-                    end = end if event.closed else ""
-                    yield ChatChunk(content=f"{start}{event.text}{end}")
-            elif isinstance(event, Stop):
-                return
+    def tool_parser(self) -> Callable[[str, Any], Any] | None:
+        """The model's tool-call parser (mlx-lm infers it from the chat template)."""
+        return self.tokenizer.tool_parser if self.tokenizer.has_tool_calling else None
 
 
 # --- helpers --------------------------------------------------------------------------
@@ -406,57 +476,33 @@ def check_request(request: ChatRequest) -> None:
         )
 
 
-def seeded_sampler(request: ChatRequest) -> Callable[[Any], Any]:
+def keep_leading_space(detokenizer: Any) -> Any:
+    """``detokenizer``, made to keep a space at the start of the output.
+
+    mlx-lm's streaming detokenizers drop it (right for a chat answer); a completion
+    continues the client's text, where that space belongs (``x =`` -> `` 1``). The BPE
+    one drops it only while its text is empty, so it is started with a character that
+    ``last_segment`` never shows.
+    """
+    if hasattr(detokenizer, "trim_space"):
+        detokenizer.trim_space = False
+    elif hasattr(detokenizer, "_maybe_trim_space"):
+        detokenizer.text = "\x00"
+        detokenizer.offset = 1
+    return detokenizer
+
+
+def seeded_sampler(sampling: Sampling) -> Callable[[Any], Any]:
     """The request's sampler, with MLX's global RNG seeded for it."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 
     # Unseeded requests reseed from the OS so they never replay an earlier seeded one.
-    seed = request.sampling.seed if request.sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
+    seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
     mx.random.seed(seed % 2**64)
     return make_sampler(
-        temp=max(float(request.sampling.temperature), 0.0),
-        top_p=float(request.sampling.top_p),
-        min_p=float(request.sampling.min_p or 0.0),
-        top_k=int(request.sampling.top_k or 0),
+        temp=max(float(sampling.temperature), 0.0),
+        top_p=float(sampling.top_p),
+        min_p=float(sampling.min_p or 0.0),
+        top_k=int(sampling.top_k or 0),
     )
-
-
-def _remaining_text(detokenizer: Any) -> str:
-    """All text not yet read, after ``finalize``.
-
-    mlx-vlm's ``last_segment`` holds back text that ends in U+FFFD (it may be half a
-    UTF-8 character); at the end nothing more is coming, so take it all.
-    """
-    text = getattr(detokenizer, "text", None)
-    offset = getattr(detokenizer, "offset", None)
-    if not isinstance(text, str) or not isinstance(offset, int):
-        return detokenizer.last_segment
-    detokenizer.offset = len(text)
-    return text[offset:]
-
-
-def _parse_tool_calls(tool_parser: Any, text: str, tools: list) -> tuple[ToolCall, ...]:
-    if tool_parser is None:
-        return ()
-    try:
-        parsed = tool_parser(text, tools)
-    except Exception:
-        # Malformed JSON / unknown function: the caller falls back to plain content.
-        return ()
-    items = parsed if isinstance(parsed, list) else [parsed]
-    calls = []
-    for item in items:
-        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
-            return ()
-        arguments = item.get("arguments", {})
-        if not isinstance(arguments, str):
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        calls.append(
-            ToolCall(
-                id=str(item.get("id") or f"call_{uuid.uuid4().hex[:24]}"),
-                name=item["name"],
-                arguments=arguments,
-            )
-        )
-    return tuple(calls)

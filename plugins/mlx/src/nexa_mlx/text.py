@@ -31,11 +31,22 @@ class ToolSpan:
 
 
 @attrs.frozen
+class ToolText:
+    """Text of a tool-call span as it arrives (with ``stream_tools``); the whole span still
+    follows as a ``ToolSpan`` at its end."""
+
+    text: str
+
+
+@attrs.frozen
 class Stop:
     """A stop string matched; nothing after it is content."""
 
+    text: str = ""
+    """The stop string."""
 
-Event = Text | ToolSpan | Stop
+
+Event = Text | ToolText | ToolSpan | Stop
 
 
 class AnswerParser:
@@ -50,13 +61,16 @@ class AnswerParser:
         stops: Sequence[str] = (),
         tool_start: str | None = None,
         tool_end: str | None = None,
+        stream_tools: bool = False,
     ) -> None:
         self.stops = tuple(s for s in stops if s)
         self.tool_start = tool_start or None
         self.tool_end = tool_end or None
+        self.stream_tools = stream_tools
         self.stopped = False
         self._in_tool = False
         self._buffer = ""
+        self._sent = 0  # of the tool span in the buffer, already sent as ToolText
 
     @property
     def _content_markers(self) -> tuple[str, ...]:
@@ -69,14 +83,21 @@ class AnswerParser:
         events: list[Event] = []
         while self._buffer and not self.stopped:
             if self._in_tool:
-                if not self.tool_end:
-                    return events  # the span runs to the end of the answer
-                end = self._buffer.find(self.tool_end)
+                end = self._buffer.find(self.tool_end) if self.tool_end else -1
                 if end < 0:
-                    return events
+                    if self.stream_tools:
+                        hold = partial_suffix(self._buffer, (self.tool_end,)) if self.tool_end else 0
+                        ready = len(self._buffer) - hold
+                        if ready > self._sent:
+                            events.append(ToolText(self._buffer[self._sent:ready]))
+                            self._sent = ready
+                    return events  # the span runs on (to the end, without an end marker)
+                if self.stream_tools and end > self._sent:
+                    events.append(ToolText(self._buffer[self._sent:end]))
                 events.append(ToolSpan(self._buffer[:end]))
                 self._buffer = self._buffer[end + len(self.tool_end):]
                 self._in_tool = False
+                self._sent = 0
                 continue
             found = [(self._buffer.find(m), m) for m in self._content_markers]
             found = [(i, m) for i, m in found if i >= 0]
@@ -97,7 +118,7 @@ class AnswerParser:
             else:
                 self.stopped = True
                 self._buffer = ""
-                events.append(Stop())
+                events.append(Stop(marker))
         return events
 
     def finish(self) -> list[Event]:
@@ -107,5 +128,9 @@ class AnswerParser:
         rest, self._buffer = self._buffer, ""
         if self._in_tool:
             self._in_tool = False
-            return [ToolSpan(rest, closed=False)]
+            events: list[Event] = []
+            if self.stream_tools and len(rest) > self._sent:
+                events.append(ToolText(rest[self._sent:]))
+            self._sent = 0
+            return events + [ToolSpan(rest, closed=False)]
         return [Text(rest)] if rest else []

@@ -25,8 +25,10 @@ import attrs
 
 from nexa.backend import CancelToken
 from nexa.errors import BadRequest, ModelLoadError
+from nexa.reasoning import Position, empty_thought, prompt_position, template_kwargs
 from nexa.text import Shielded, template_message
-from nexa.types import ChatChunk, ChatMessage, ChatRequest, Device, ImagePart, Manifest, Task
+from nexa.types import ChatChunk, ChatMessage, ChatRequest, Device, ImagePart, Manifest, Sampling, Task
+from nexa_mlx.answer import AnswerLoop, ThoughtCloser
 from nexa_mlx.backend import (
     APPLE_SILICON,
     PENALTY_WINDOW,
@@ -93,6 +95,7 @@ class MlxVisionBackend(MlxBackend):
                 f"cannot load MLX vision model {self.manifest.name!r}: {type(exc).__name__}: {exc}"
             ) from exc
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.think_format = self.find_think_format()
         # The tool-call format follows the chat template (Hermes <tool_call>, Mistral, ...).
         with contextlib.suppress(Exception):
             name = _infer_tool_parser_from_processor(self.processor)
@@ -113,11 +116,33 @@ class MlxVisionBackend(MlxBackend):
 
     def prompt_text(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> str:
         """The rendered prompt: the model's template, one image marker per image part."""
+        return self.chat_prompt_text(request, tools)[0]
+
+    def chat_prompt_text(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> tuple[str, Position]:
+        """The rendered prompt (thinking closed at once when switched off) and where it
+        leaves the model's thought."""
+        prompt = self._render(request, tools)
+        fmt = self.think_format
+        if fmt is None:
+            return prompt, "before"
+        position = prompt_position(fmt, prompt)
+        if request.reasoning.off and position != "closed":
+            prompt += empty_thought(fmt, position)
+            position = "closed"
+        return prompt, position
+
+    def _render(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> str:
         from mlx_vlm.prompt_utils import apply_chat_template
 
         messages = [_vision_message(m) for m in request.messages]
         images = sum(len(m.images) for m in request.messages)
-        kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+        kwargs: dict[str, Any] = template_kwargs(request)
+        if self.think_format is not None:
+            # mlx-vlm switches thinking off unless told; a thinking template's own
+            # default is on, as mlx-lm leaves it.
+            kwargs.setdefault("enable_thinking", True)
+        if tools:
+            kwargs["tools"] = tools
         try:
             prompt = apply_chat_template(
                 self.processor, self.model.config, messages, num_images=images, **kwargs
@@ -135,7 +160,12 @@ class MlxVisionBackend(MlxBackend):
         return prompt if isinstance(prompt, str) else str(prompt)
 
     def model_inputs(self, request: ChatRequest, tools: list[Mapping[str, Any]]) -> dict[str, Any]:
-        """Token ids, pixel values and the model's extra inputs (e.g. image grid sizes).
+        """Token ids, pixel values and the model's extra inputs (e.g. image grid sizes)."""
+        return self.inputs_and_position(request, tools)[0]
+
+    def inputs_and_position(self, request: ChatRequest,
+                            tools: list[Mapping[str, Any]]) -> tuple[dict[str, Any], Position]:
+        """The model's inputs, and where the prompt leaves the model's thought.
 
         The processor tokenizes the whole prompt with special-token parsing (it must: the
         image markers are special tokens it expands). So a client's special text reaches
@@ -147,7 +177,8 @@ class MlxVisionBackend(MlxBackend):
 
         shielded = self.shield(request, tools)
         images = [_decode(image) for m in request.messages for image in m.images]
-        prompt = self.prompt_text(attrs.evolve(request, messages=shielded.messages), list(shielded.tools))
+        prompt, position = self.chat_prompt_text(attrs.evolve(request, messages=shielded.messages),
+                                                 list(shielded.tools))
         stand_in, literals = None, []
         if shielded.active:
             stand_in, prompt, literals = self._stand_in(prompt, shielded)
@@ -170,7 +201,7 @@ class MlxVisionBackend(MlxBackend):
             ) from exc
         if stand_in is not None:
             inputs = self._unstand(inputs, stand_in, literals)
-        return inputs
+        return inputs, position
 
     def _stand_in(self, prompt: str, shielded: Shielded) -> tuple[int, str, list[str]]:
         """A special token the processor leaves alone and the prompt does not hold, the
@@ -238,20 +269,40 @@ class MlxVisionBackend(MlxBackend):
                     f"images are accepted in user messages only, not in a {message.role!r} message",
                     param="messages",
                 )
+        tools = self._tools(request)
+        inputs, position = self.inputs_and_position(request, tools)
+        loop = self.answer_loop(request, cancel, int(inputs["input_ids"].size), position, tools)
+        yield from self.generate(inputs, request.sampling, cancel, loop, self.thought_closer(request, position))
 
-        from mlx_vlm.generate import generate_step, generation_stream, wired_limit
+    def new_detokenizer(self) -> Any:
         from mlx_vlm.tokenizer_utils import make_streaming_detokenizer
 
-        tools = self._tools(request)
-        inputs = self.model_inputs(request, tools)
+        return make_streaming_detokenizer(self.processor)
+
+    def is_eos(self, token: int) -> bool:
+        return bool(self.tokenizer.stopping_criteria(token))
+
+    def tool_parser(self) -> Any:
+        return self._tool_module.parse_tool_call if self._tool_module is not None else None
+
+    def generate(self, inputs: dict[str, Any], sampling: Sampling, cancel: CancelToken, loop: AnswerLoop,
+                 closer: ThoughtCloser | None) -> Iterator[ChatChunk]:
+        """Run mlx-vlm's generation on the prepared inputs through ``loop``."""
+        import mlx.core as mx
+        from mlx_vlm.generate import generate_step, generation_stream, wired_limit
+
+        inputs = dict(inputs)
         input_ids = inputs.pop("input_ids")
+        if not isinstance(input_ids, mx.array):
+            input_ids = mx.array([input_ids])
         pixel_values = inputs.pop("pixel_values", None)
         mask = inputs.pop("attention_mask", None)
         prompt_tokens = int(input_ids.size)
-        max_tokens = self.token_budget(request, prompt_tokens)
+        max_tokens = self.token_budget(sampling, prompt_tokens)
+        bias = self.check_bias(sampling)
         cancel.raise_if_cancelled()
-        sampler = seeded_sampler(request)
-        repeat = request.sampling.repeat_penalty if request.sampling.repeat_penalty != 1.0 else None
+        sampler = seeded_sampler(sampling)
+        repeat = sampling.repeat_penalty if sampling.repeat_penalty != 1.0 else None
 
         step = self.prefill_step_size
 
@@ -266,32 +317,23 @@ class MlxVisionBackend(MlxBackend):
             pixel_values,
             mask,
             max_tokens=max_tokens,
-            temperature=max(float(request.sampling.temperature), 0.0),
+            temperature=max(float(sampling.temperature), 0.0),
             sampler=sampler,
             repetition_penalty=repeat,
             repetition_context_size=PENALTY_WINDOW,
-            presence_penalty=request.sampling.presence_penalty or None,
+            presence_penalty=sampling.presence_penalty or None,
             presence_context_size=PENALTY_WINDOW,
-            frequency_penalty=request.sampling.frequency_penalty or None,
+            frequency_penalty=sampling.frequency_penalty or None,
             frequency_context_size=PENALTY_WINDOW,
+            logit_bias=bias,
+            logits_processors=[closer] if closer is not None else None,
             prefill_step_size=step,
             prompt_cache_checkpoint=check_prefill,
             prompt_cache_checkpoint_lengths=list(range(step, prompt_tokens, step)),
             **inputs,
         )
-        tokenizer = self.tokenizer
-        module = self._tool_module if tools else None
         with wired_limit(self.model, [generation_stream]), contextlib.closing(steps):
-            yield from self.answer(
-                (int(token) for token, _logprobs in steps),
-                request=request,
-                cancel=cancel,
-                prompt_tokens=prompt_tokens,
-                is_eos=tokenizer.stopping_criteria,
-                detokenizer=make_streaming_detokenizer(self.processor),
-                tools=tools,
-                tool_parser=module.parse_tool_call if module is not None else None,
-            )
+            yield from loop.run((int(token), logprobs) for token, logprobs in steps)
 
 
 # --- helpers --------------------------------------------------------------------------

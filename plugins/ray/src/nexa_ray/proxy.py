@@ -144,6 +144,8 @@ class RayBackend(Backend):
         self.parallel = self.per_replica * self.replica_count
         # Stop strings: the server cuts answers (stream_answer) exactly as for the backend itself.
         self.stops_natively = cls.stops_natively
+        # And refuses or runs the same request features (logprobs, reasoning switches...).
+        self.capabilities = cls.capabilities
         self._replicas: list[_Replica] = []
         self._poller: asyncio.Task[None] | None = None
         self._picks = 0

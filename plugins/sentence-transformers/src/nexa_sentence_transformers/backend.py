@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from nexa.backend import Backend, CancelToken
 from nexa.errors import BadRequest, ContextLengthExceeded, ModelLoadError
+from nexa.text import head_tokens
 from nexa.types import Device, EmbedRequest, EmbedResult, Manifest, Task
 
 logger = logging.getLogger("nexa.sentence_transformers")
@@ -128,7 +129,7 @@ class SentenceTransformersBackend(TorchModelBackend):
         if not request.inputs:
             raise BadRequest("input must not be empty", param="input")
         texts = [self._as_text(i, item) for i, item in enumerate(request.inputs)]
-        prompt_tokens = self._count_tokens(texts)
+        texts, prompt_tokens = self._fit_window(texts, cancel)
         import torch
 
         vectors: list[tuple[float, ...]] = []
@@ -166,26 +167,37 @@ class SentenceTransformersBackend(TorchModelBackend):
             raise BadRequest(f"input[{index}] is an empty token list", param="input")
         return tokenizer.decode(list(item), skip_special_tokens=True)
 
-    def _count_tokens(self, texts: list[str]) -> int:
-        """Tokens the model sees, special tokens included; refuse inputs past the window."""
+    def _fit_window(self, texts: list[str], cancel: CancelToken) -> tuple[list[str], int]:
+        """The texts to encode and the tokens the model sees (special tokens included).
+
+        One text at a time, stopping at the first one past the window (refused unless
+        ``truncate``): a batch of long texts is not tokenized in full just to be refused,
+        and a long text is only tokenized as far as it takes to know (``head_tokens``).
+        """
         tokenizer = self.model.tokenizer
         limit = self.max_tokens
+
+        def tokenize(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=True)["input_ids"]
+
         if limit is None:
-            return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
-        # Tokenizing one past the window is enough to tell "too long", and keeps a
-        # 100k-character input from being tokenized in full just to be refused.
-        encoded = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=limit + 1)
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-        if not self.truncate:
-            for index, length in enumerate(lengths):
-                if length > limit:
-                    raise ContextLengthExceeded(
-                        f"input[{index}] is longer than {limit} tokens, the most model "
-                        f"{self.manifest.name!r} embeds per input; split the text into smaller "
-                        "chunks",
-                        param="input",
-                    )
-        return sum(min(length, limit) for length in lengths)
+            return texts, sum(len(tokenize(text)) for text in texts)
+        fitted: list[str] = []
+        total = 0
+        for index, text in enumerate(texts):
+            if index % 64 == 0:
+                cancel.raise_if_cancelled()
+            ids, end = head_tokens(tokenize, text, limit)
+            if len(ids) > limit and not self.truncate:
+                raise ContextLengthExceeded(
+                    f"input[{index}] is longer than {limit} tokens, the most model "
+                    f"{self.manifest.name!r} embeds per input; split the text into smaller chunks",
+                    param="input",
+                )
+            # Truncating: encode only the prefix already known to hold the window.
+            fitted.append(text[:end])
+            total += min(len(ids), limit)
+        return fitted, total
 
 
 def _architectures(manifest: Manifest) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from nexa.server.routes.admin import AdminController
 from nexa.server.routes.audio import AudioController
 from nexa.server.routes.chat import ChatController
+from nexa.server.routes.completions import CompletionsController
 from nexa.server.routes.embeddings import EmbeddingsController
 from nexa.server.routes.images import ImagesController
 from nexa.server.routes.messages import MessagesController
@@ -15,6 +16,7 @@ from nexa.server.routes.responses import ResponsesController
 
 ROUTES = [
     ChatController,
+    CompletionsController,
     EmbeddingsController,
     ImagesController,
     MessagesController,

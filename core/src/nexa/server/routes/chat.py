@@ -23,25 +23,41 @@ from litestar.params import JSONBody
 from nexa.errors import NexaError
 from nexa.manager import Lease
 from nexa.metrics import Metrics
-from nexa.server import convert
+from nexa.server import chat_options, convert
 from nexa.server import schemas as wire
 from nexa.server.deps import Config, Manager, MetricsDep
 from nexa.server.errors import INFERENCE, error_payload, error_responses
 from nexa.server.openapi import StreamingOperation
 from nexa.server.work import SSE_DONE, SSE_HEADERS, EventStream, sse, until_disconnected
-from nexa.types import ChatChunk, Task, Usage
+from nexa.types import ChatChunk, Task, TokenLogprob, Usage, merge_tool_calls
 
 log = logging.getLogger("nexa.server")
 
 
-def _usage_wire(usage: Usage | None) -> wire.UsageWire:
-    if usage is None:
-        return wire.UsageWire(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+def usage_wire(usage: Usage | None) -> wire.UsageWire:
+    usage = usage or Usage()
     return wire.UsageWire(
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
+        completion_tokens_details=wire.CompletionTokensDetails(reasoning_tokens=usage.reasoning_tokens),
+        prompt_tokens_details=wire.PromptTokensDetails(cached_tokens=usage.cached_tokens),
     )
+
+
+def _token_bytes(token: str, raw: bytes | None) -> list[int]:
+    return list(raw if raw is not None else token.encode("utf-8"))
+
+
+def logprobs_wire(records: list[TokenLogprob]) -> wire.ChoiceLogprobs:
+    """OpenAI's ``logprobs`` object of a choice or a chunk."""
+    return wire.ChoiceLogprobs(content=[
+        wire.TokenLogprobWire(
+            token=r.token, logprob=r.logprob, bytes=_token_bytes(r.token, r.bytes),
+            top_logprobs=[wire.TopLogprob(token=t, logprob=lp, bytes=_token_bytes(t, None)) for t, lp in r.top],
+        )
+        for r in records
+    ])
 
 
 def record_generation(metrics: Metrics, model: str, usage: Usage | None, started: float, first_at: float | None) -> None:
@@ -69,7 +85,7 @@ class ChatController(Controller):
         manager: Manager,
         config: Config,
         metrics: MetricsDep,
-    ) -> wire.ChatCompletion | EventStream:
+    ) -> wire.ChatCompletion | wire.ChatCompletionChunk | EventStream:
         if any(isinstance(m.content, list) for m in data.messages):
             chat = await asyncio.to_thread(convert.chat_request, data, config)
         else:
@@ -80,6 +96,7 @@ class ChatController(Controller):
         await stack.__aenter__()
         try:
             backend = await until_disconnected(request, stack.enter_async_context(lease))
+            chat_options.refuse_for_backend(data, backend.name, backend.capabilities)
             started = time.monotonic()
             chunks = backend.stream_answer(chat)
             stack.push_async_callback(chunks.aclose)
@@ -88,13 +105,14 @@ class ChatController(Controller):
                 # (context overflow, bad template) are real HTTP errors, not stream events.
                 first = await until_disconnected(request, anext(chunks, None))
                 include_usage = bool(data.stream_options and data.stream_options.include_usage)
-                stream = ChatStream(data.model, include_usage, config.request_timeout, metrics, lease)
+                stream = ChatStream(data.model, include_usage, config.request_timeout, metrics, lease,
+                                    legacy_functions=data.functions is not None, logprobs=chat.logprobs is not None)
                 body = stream.frames(chunks, first, stack, started)
                 stack = None  # the stream owns it now
                 return EventStream(body, headers=SSE_HEADERS)
-            return await until_disconnected(
-                request, asyncio.wait_for(_collect(metrics, data.model, chunks, started), config.request_timeout)
-            )
+            collected = _collect(metrics, data.model, chunks, started, legacy_functions=data.functions is not None,
+                                 logprobs=chat.logprobs is not None)
+            return await until_disconnected(request, asyncio.wait_for(collected, config.request_timeout))
         except asyncio.CancelledError:
             # The model was unloaded under this request (mode cancel): say so to the client.
             error = lease.take_revocation()
@@ -106,26 +124,45 @@ class ChatController(Controller):
                 await stack.aclose()
 
 
-async def _collect(metrics: Metrics, model: str, chunks: AsyncIterator[ChatChunk], started: float) -> wire.ChatCompletion:
+async def _collect(metrics: Metrics, model: str, chunks: AsyncIterator[ChatChunk], started: float, *,
+                   legacy_functions: bool, logprobs: bool) -> wire.ChatCompletion:
     text: list[str] = []
-    tool_calls: list[wire.ToolCallWire] = []
+    thought: list[str] = []
+    calls = []
+    records: list[TokenLogprob] = []
     finish = "stop"
     usage = None
     first_at = None
     async for chunk in chunks:
-        if first_at is None and (chunk.content or chunk.tool_calls):
+        if first_at is None and (chunk.content or chunk.reasoning or chunk.tool_calls):
             first_at = time.monotonic()
         text.append(chunk.content)
-        tool_calls.extend(
-            wire.ToolCallWire(id=c.id, function=wire.FunctionCall(name=c.name, arguments=c.arguments))
-            for c in chunk.tool_calls
-        )
+        thought.append(chunk.reasoning)
+        calls.extend(chunk.tool_calls)
+        records.extend(chunk.logprobs)
         if chunk.finish_reason:
             finish = chunk.finish_reason
         if chunk.usage:
             usage = chunk.usage
     record_generation(metrics, model, usage, started, first_at)
     content = "".join(text)
+    reasoning = "".join(thought)
+    tool_calls = [
+        wire.ToolCallWire(id=c.id, function=wire.FunctionCall(name=c.name, arguments=c.arguments))
+        for c in merge_tool_calls(calls)
+    ]
+    message = wire.ChoiceMessage(
+        # Empty content stays "" (not null) unless the answer is a call: a thought cut off
+        # by max_tokens says so with finish_reason "length" beside its reasoning.
+        content=content if content or not tool_calls else None,
+        tool_calls=tool_calls or None,
+    )
+    if reasoning:
+        message.reasoning_content = reasoning
+    if legacy_functions and tool_calls:
+        message.tool_calls = None
+        message.function_call = tool_calls[0].function
+        finish = "function_call" if finish == "tool_calls" else finish
     return wire.ChatCompletion(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
@@ -133,55 +170,73 @@ async def _collect(metrics: Metrics, model: str, chunks: AsyncIterator[ChatChunk
         choices=[
             wire.Choice(
                 index=0,
-                message=wire.ChoiceMessage(
-                    content=content if content or not tool_calls else None,
-                    tool_calls=tool_calls or None,
-                ),
+                message=message,
                 finish_reason=finish,
+                logprobs=logprobs_wire(records) if logprobs else None,
             )
         ],
-        usage=_usage_wire(usage),
+        usage=usage_wire(usage),
     )
 
 
 class ChatStream:
     """The SSE frames of one streamed answer (``chat.completion.chunk`` events)."""
 
-    def __init__(self, model: str, include_usage: bool, timeout: float, metrics: Metrics, lease: Lease) -> None:
+    def __init__(self, model: str, include_usage: bool, timeout: float, metrics: Metrics, lease: Lease, *,
+                 legacy_functions: bool = False, logprobs: bool = False) -> None:
         self.model = model
         self.include_usage = include_usage
         self.timeout = timeout
         self.metrics = metrics
         self.lease = lease
+        self.legacy_functions = legacy_functions
+        self.logprobs = logprobs
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self._tool_index = 0
+        self._tool_index: dict[str, int] = {}
 
-    def chunk(self, delta: wire.ChunkDelta, finish: str | None) -> wire.ChatCompletionChunk:
+    def chunk(self, delta: wire.ChunkDelta, finish: str | None,
+              records: tuple[TokenLogprob, ...] = ()) -> wire.ChatCompletionChunk:
+        if self.legacy_functions and finish == "tool_calls":
+            finish = "function_call"
         return wire.ChatCompletionChunk(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[wire.ChunkChoice(delta=delta, finish_reason=finish)],
+            choices=[wire.ChunkChoice(delta=delta, finish_reason=finish,
+                                      logprobs=logprobs_wire(list(records)) if records else None)],
             usage=None if self.include_usage else msgspec.UNSET,
         )
 
     def delta(self, chunk: ChatChunk) -> wire.ChunkDelta | None:
-        """The wire delta of one backend chunk; None when it carries no answer text or call."""
-        if not chunk.content and not chunk.tool_calls:
+        """The wire delta of one backend chunk; None when it carries no text or call."""
+        if not chunk.content and not chunk.reasoning and not chunk.tool_calls and not chunk.logprobs:
             return None
         delta = wire.ChunkDelta()
         if chunk.content:
             delta.content = chunk.content
+        if chunk.reasoning:
+            delta.reasoning_content = chunk.reasoning
         if chunk.tool_calls:
             calls = []
             for call in chunk.tool_calls:
-                calls.append(wire.ToolCallDelta(
-                    index=self._tool_index, id=call.id, type="function",
-                    function=wire.FunctionCallDelta(name=call.name, arguments=call.arguments),
-                ))
-                self._tool_index += 1
-            delta.tool_calls = calls
+                index = self._tool_index.get(call.id)
+                if index is None:
+                    # A new call: its first piece names it.
+                    index = self._tool_index[call.id] = len(self._tool_index)
+                    piece = wire.ToolCallDelta(index=index, id=call.id, type="function",
+                                               function=wire.FunctionCallDelta(name=call.name, arguments=call.arguments))
+                else:
+                    piece = wire.ToolCallDelta(index=index, function=wire.FunctionCallDelta(arguments=call.arguments))
+                calls.append(piece)
+            if self.legacy_functions:
+                # The deprecated style streams one call: its name, then its arguments.
+                first = [c for c in calls if c.index == 0]
+                if first:
+                    delta.function_call = wire.FunctionCallDeltaLegacy(
+                        name=first[0].function.name, arguments=first[0].function.arguments)
+            else:
+                delta.tool_calls = calls
         return delta
 
     async def frames(
@@ -213,7 +268,8 @@ class ChatStream:
                     if chunk.usage:
                         usage = chunk.usage
                     if delta is not None or chunk.finish_reason:
-                        out = sse(self.chunk(delta or wire.ChunkDelta(), chunk.finish_reason))
+                        records = chunk.logprobs if self.logprobs else ()
+                        out = sse(self.chunk(delta or wire.ChunkDelta(), chunk.finish_reason, records))
                         if head:
                             out, head = head + out, b""
                         yield out
@@ -221,7 +277,7 @@ class ChatStream:
             head = b""
             if self.include_usage:
                 tail.append(sse(wire.ChatCompletionChunk(
-                    id=self.id, created=self.created, model=self.model, choices=[], usage=_usage_wire(usage),
+                    id=self.id, created=self.created, model=self.model, choices=[], usage=usage_wire(usage),
                 )))
             tail.append(SSE_DONE)
             yield b"".join(tail)

@@ -28,7 +28,7 @@ from nexa.errors import NexaError
 from nexa.metrics import Metrics
 from nexa.server import messages_convert as convert
 from nexa.server import messages_wire as wire
-from nexa.server.answer import Answer, Collected, collect_answer, limit_tool_calls, start_stream
+from nexa.server.answer import Answer, Collected, collect_answer, start_stream
 from nexa.server.anthropic_errors import anthropic_error, anthropic_error_responses
 from nexa.server.deps import Config, Manager, MetricsDep
 from nexa.server.errors import INFERENCE
@@ -72,9 +72,9 @@ class MessagesController(Controller):
         if data.stream:
             answer = await start_stream(request, manager, task.chat, data.model)
             stream = MessagesStream(message_id, data.model, task.show_thinking, config.request_timeout, metrics)
-            return EventStream(stream.frames(answer, task.max_tool_calls), headers=SSE_HEADERS)
+            return EventStream(stream.frames(answer), headers=SSE_HEADERS)
         collected = await collect_answer(request, manager, task.chat, data.model, timeout=config.request_timeout,
-                                         metrics=metrics, max_tool_calls=task.max_tool_calls)
+                                         metrics=metrics)
         return convert.message_out(collected, message_id, data.model, task.show_thinking)
 
     @post("/count_tokens", status_code=200, summary="Count the tokens of a Messages prompt",
@@ -157,12 +157,12 @@ class MessagesStream:
                    "usage": {"input_tokens": 0, "output_tokens": 0}}
         return sse_event("message_start", {"type": "message_start", "message": message}) + sse_event("ping", {"type": "ping"})
 
-    async def frames(self, answer: Answer, max_tool_calls: int | None) -> AsyncIterator[bytes]:
+    async def frames(self, answer: Answer) -> AsyncIterator[bytes]:
         collected = Collected()
         head = self._head()
         try:
             async with asyncio.timeout(self.timeout):
-                async for chunk in limit_tool_calls(answer.chunks, max_tool_calls):
+                async for chunk in answer.chunks:
                     collected.add(chunk)
                     out = self.pieces(chunk.reasoning, chunk.content, chunk.tool_calls)
                     if out:

@@ -33,7 +33,7 @@ from nexa.errors import NexaError, NotFound
 from nexa.metrics import Metrics
 from nexa.server import responses_convert as convert
 from nexa.server import responses_wire as wire
-from nexa.server.answer import Answer, Collected, collect_answer, limit_tool_calls, start_stream
+from nexa.server.answer import Answer, Collected, collect_answer, start_stream
 from nexa.server.deps import Config, Manager, MetricsDep, Responses
 from nexa.server.errors import GUARDED, INFERENCE, error_responses, scrub
 from nexa.server.openapi import StreamingOperation
@@ -76,7 +76,7 @@ class ResponsesController(Controller):
             stream = ResponsesStream(data, task, response_id, created_at, responses, metrics)
             return EventStream(stream.frames(answer, config.request_timeout), headers=SSE_HEADERS)
         collected = await collect_answer(request, manager, task.chat, data.model, timeout=config.request_timeout,
-                                         metrics=metrics, max_tool_calls=task.max_tool_calls)
+                                         metrics=metrics)
         status = "incomplete" if collected.cut_by_limit else "completed"
         response = convert.response_object(data, response_id, created_at, status=status,
                                            output=convert.output_items(collected, task.offered),
@@ -215,7 +215,7 @@ class ResponsesStream:
                 + self.emit("response.in_progress", response=self._response("in_progress")))
         try:
             async with asyncio.timeout(timeout):
-                async for chunk in limit_tool_calls(answer.chunks, self.task.max_tool_calls):
+                async for chunk in answer.chunks:
                     collected.add(chunk)
                     out = self.pieces(chunk.reasoning, chunk.content, chunk.tool_calls)
                     if out:
