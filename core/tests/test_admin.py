@@ -165,6 +165,40 @@ def test_management_bodies_are_checked(home):
         assert resident(handle) == {}
 
 
+def test_management_bodies_are_decoded_strictly_and_guarded_like_every_route(home):
+    """The app's strict decoder and its cross-site/Content-Type guard cover /v1/admin too:
+    a management call from another site's page, or as a form, changes nothing."""
+    with serve([EchoBackend], home=home, models=[echo_manifest()]) as handle:
+        url = handle.base_url + "/v1/admin/models/load"
+        error = error_of(post(handle, "/v1/admin/models/load", {"model": "test/echo", "parallel": "2"}), 400,
+                         "invalid_type")
+        assert error["param"] == "parallel"
+        error = error_of(post(handle, "/v1/admin/models/pin", {"model": "test/echo", "pinned": 1}), 400,
+                         "invalid_type")
+        assert error["param"] == "pinned"
+        error = error_of(post(handle, "/v1/admin/models/load", {"model": "test/echo\n"}), 400)
+        assert error["param"] == "model"
+        error_of(post(handle, "/v1/admin/models/load", {"model": "test/echo", "keep_alive": [1]}), 400)
+        error_of(httpx.post(url, content=b'{"model": "test/echo"', headers={"Content-Type": "application/json"},
+                            timeout=30), 400, "invalid_json")
+        # A text/plain POST is what another site's page may send without asking the browser.
+        error = error_of(httpx.post(url, content=json.dumps({"model": "test/echo"}),
+                                    headers={"Content-Type": "text/plain"}, timeout=30), 415)
+        assert error["param"] == "Content-Type"
+        error_of(post(handle, "/v1/admin/models/load", {"model": "test/echo"},
+                      headers={"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}), 403,
+                 "cross_site_request")
+        error_of(post(handle, "/v1/admin/pull", {"model": "org/repo"},
+                      headers={"Origin": "http://evil.example"}), 403, "cross_site_request")
+        assert resident(handle) == {}
+        # The same call from the server's own page (same origin) goes through.
+        origin = handle.base_url
+        resp = post(handle, "/v1/admin/models/load", {"model": "test/echo"},
+                    headers={"Origin": origin, "Sec-Fetch-Site": "same-origin"})
+        assert resp.status_code == 200, resp.text
+        assert set(resident(handle)) == {"test/echo"}
+
+
 # --- load ------------------------------------------------------------------------------
 
 
