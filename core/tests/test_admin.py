@@ -66,6 +66,9 @@ class GatedBackend(Backend):
         yield ChatChunk(content=" second")
         yield ChatChunk(finish_reason="stop", usage=Usage(2, 2))
 
+    def complete(self, request, cancel):
+        yield from self.chat(request, cancel)
+
     def embed(self, request, cancel):
         if not self._wait(cancel):
             raise Cancelled()
@@ -318,6 +321,34 @@ def test_unload_cancel_ends_a_stream_with_an_error_event(home):
         assert resident(handle) == {}
 
 
+def test_unload_cancel_ends_a_text_completion(home):
+    """/v1/completions (a streamed one, and a whole one) as chat: an error, not a hang."""
+    with serve([GatedBackend], home=home, models=[gated()]) as handle:
+        body = {"model": "test/gated", "prompt": "hello", "stream": True}
+        with httpx.Client(base_url=handle.base_url, timeout=60) as client, \
+                client.stream("POST", "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            lines = (line for line in resp.iter_lines() if line.startswith("data: "))
+            assert json.loads(next(lines)[6:])["choices"][0]["text"] == "first"
+            unload = post(handle, "/v1/admin/models/unload", {"model": "test/gated", "mode": "cancel"})
+            rest = [json.loads(line[6:]) for line in lines if line != "data: [DONE]"]
+        assert unload.status_code == 200 and unload.json()["cancelled"] == 1
+        assert rest[-1]["error"]["code"] == "model_unloaded"
+        assert GatedBackend.cancelled == 1 and resident(handle) == {}
+
+        GatedBackend.reset()
+        result = {}
+        waiter = threading.Thread(target=lambda: result.update(
+            r=post(handle, "/v1/completions", {"model": "test/gated", "prompt": "hello"})))
+        waiter.start()
+        assert GatedBackend.entered.wait(20)
+        unload = post(handle, "/v1/admin/models/unload", {"model": "test/gated", "mode": "cancel"})
+        waiter.join(30)
+        assert unload.json()["cancelled"] == 1
+        error_of(result["r"], 503, "model_unloaded")
+        assert GatedBackend.cancelled == 1 and resident(handle) == {}
+
+
 def test_unload_cancel_ends_an_anthropic_messages_stream(home):
     with serve([GatedBackend], home=home, models=[gated()]) as handle:
         body = {"model": "test/gated", "max_tokens": 16, "stream": True, "messages": USER}
@@ -394,6 +425,8 @@ def test_keep_alive_zero_unloads_after_the_request(home):
         assert resident(handle) == {}
         embed = post(handle, "/v1/embeddings", {"model": "test/echo", "input": "x", "keep_alive": "0s"})
         assert embed.status_code == 200 and resident(handle) == {}
+        text = post(handle, "/v1/completions", {"model": "test/echo", "prompt": "hi", "keep_alive": 0})
+        assert text.status_code == 200 and text.json()["choices"][0]["text"] == "hi" and resident(handle) == {}
         image = post(handle, "/v1/images/generations", {"model": "test/echo", "prompt": "p", "size": "8x8",
                                                          "response_format": "b64_json", "keep_alive": 0})
         assert image.status_code == 200 and resident(handle) == {}
@@ -402,7 +435,7 @@ def test_keep_alive_zero_unloads_after_the_request(home):
         assert loaded.status_code == 200 and loaded.json()["keep_alive"] == 0
         until(lambda: resident(handle) == {}, "the model to unload once idle")
         metrics = httpx.get(handle.base_url + "/metrics").text
-        assert 'nexa_model_evictions_total{model="test/echo",reason="keepalive"} 4.0' in metrics
+        assert 'nexa_model_evictions_total{model="test/echo",reason="keepalive"} 5.0' in metrics
 
 
 def test_keep_alive_of_a_request_sets_the_models(home):

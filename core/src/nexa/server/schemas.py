@@ -409,6 +409,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
     best_of: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] | None = None
     user: str | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class CompletionLogprobs(msgspec.Struct, kw_only=True):
