@@ -74,20 +74,8 @@ setup() {
   "${pip[@]}" "${plugins[@]}"
 }
 
-# The browser tests drive Debian's Chromium (Playwright's own download cannot work
-# offline). Installed when missing and this is a root shell on Debian (CI is); elsewhere
-# the nox session says what is missing.
-browser() {
-  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then return; fi
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    log "installing chromium (Debian package) for the browser tests"
-    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
-  fi
-}
-
 run_nox() {
   wheels
-  browser
   if [ ! -x .venv-tools/bin/nox ]; then
     "$PYTHON" -m venv .venv-tools
     .venv-tools/bin/python -m pip install -q "nox==2026.10.20"

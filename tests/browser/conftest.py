@@ -6,7 +6,9 @@ so the embedded SmolLM2 loads), with a store that also holds the packaged MiniLM
 its PyPI package) and the tiny random Stable Diffusion pipeline the diffusers plugin's
 tests write. Playwright's own browser download cannot work here, so the browser is the
 system's Chromium (`NEXA_CHROMIUM`, else `chromium` on the PATH). Each test saves
-screenshots under `test-artifacts/browser/` (or `NEXA_ARTIFACTS`).
+screenshots under `test-artifacts/browser/` (or `NEXA_ARTIFACTS`). The whole run is
+bounded (`pagekit.RUN_LIMIT_S`, `NEXA_BROWSER_LIMIT_S`): past it, stacks are printed and
+the run ends.
 """
 
 from __future__ import annotations
@@ -27,10 +29,19 @@ from pagekit import (
     TINY_VLM,
     chromium_path,
     start_server,
+    start_watchdog,
     stop_server,
 )
 
 from nexa.testing.hubserver import HubServer, tiny_gguf_bytes
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _run_limit(pytestconfig) -> Iterator[None]:
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    timer = start_watchdog(lambda: capture.suspend_global_capture(in_=False))
+    yield
+    timer.cancel()
 
 
 @pytest.fixture(scope="session")

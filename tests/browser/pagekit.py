@@ -3,12 +3,16 @@ stopping a real `nexa serve`, and reading the server's own HTTP API (cf. `relkit
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -36,6 +40,34 @@ CHROMIUM_ARGS = [
 ]
 
 
+# The whole run (9 tests, ~75 s on a busy 2-core machine) must end within a few minutes
+# even if a browser or a server hangs where no Playwright timeout reaches.
+RUN_LIMIT_S = float(os.environ.get("NEXA_BROWSER_LIMIT_S", "480"))
+_servers: list[subprocess.Popen] = []
+
+
+def start_watchdog(uncapture: Callable[[], None], limit: float = RUN_LIMIT_S) -> threading.Timer:
+    """After ``limit`` seconds: print every thread's stack (``uncapture`` first gives
+    pytest's captured stderr back), kill the servers this run started, and end the
+    process (exit status 124, as coreutils' ``timeout``)."""
+
+    def expire() -> None:
+        with contextlib.suppress(Exception):
+            uncapture()
+        sys.stderr.write(f"\nbrowser tests: the run passed its {limit:.0f} s limit; stopping\n")
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        for proc in list(_servers):
+            with contextlib.suppress(OSError):
+                proc.kill()
+        sys.stderr.flush()
+        os._exit(124)
+
+    timer = threading.Timer(limit, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def chromium_path() -> str:
     found = os.environ.get("NEXA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not found:
@@ -58,6 +90,7 @@ def start_server(home: Path, hub: HubServer, *extra: str) -> tuple[subprocess.Po
     if os.environ.get("NEXA_LOAD_THREADS"):
         args += ["--threads", os.environ["NEXA_LOAD_THREADS"]]
     proc = subprocess.Popen([*args, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _servers.append(proc)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
@@ -73,6 +106,8 @@ def start_server(home: Path, hub: HubServer, *extra: str) -> tuple[subprocess.Po
 
 
 def stop_server(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ValueError):
+        _servers.remove(proc)
     proc.terminate()
     try:
         proc.wait(timeout=60)
