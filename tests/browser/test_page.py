@@ -187,6 +187,13 @@ def test_models_tab_lists_unloads_and_pins(page, server, artifacts):
     assert resident(server)[MINILM]["keep_alive"] == 3600
 
 
+def test_keep_alive_countdowns_read_as_minutes_and_seconds(page, server):
+    cases = [None, 0.4, 59.4, 59.6, 60, 299.6, 3599.4, 5400]
+    shown = page.evaluate("async (cases) => { const m = await import('/ui/models.js'); "
+                          "return cases.map((c) => m.duration(c)); }", cases)
+    assert shown == ["–", "0 s", "59 s", "1 min 0 s", "1 min 0 s", "5 min 0 s", "59 min 59 s", "1.5 h"]
+
+
 def test_pull_shows_progress_and_the_model_appears(page, server, hub, artifacts):
     page.click("#tab-models")
     # A slow link that stalls half way: the bar must show the bytes so far.

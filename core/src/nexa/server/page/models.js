@@ -10,11 +10,14 @@ let refreshTimer = null;
 let pulling = null; // the AbortController of the pull under way
 let onStoreChanged = () => {};
 
-function seconds(value) {
+/** A keep-alive countdown for people: "45 s", "4 min 5 s", "1.5 h". */
+export function duration(value) {
   if (value === null || value === undefined) return "–";
   if (value >= 3600) return `${(value / 3600).toFixed(1)} h`;
-  if (value >= 60) return `${Math.floor(value / 60)} min ${Math.round(value % 60)} s`;
-  return `${Math.round(value)} s`;
+  // Rounded once, before splitting: 299.6 s is "5 min 0 s", never "4 min 60 s".
+  const whole = Math.round(value);
+  if (whole >= 60) return `${Math.floor(whole / 60)} min ${whole % 60} s`;
+  return `${whole} s`;
 }
 
 function button(label, onClick, extra = {}) {
@@ -56,7 +59,7 @@ function residentRow(entry) {
     ["Context", entry.context ?? "–"],
     ["Slots busy", `${entry.slots_busy} / ${entry.slots_total}`],
     ["Queued", entry.queued],
-    ["Unloads in", entry.pinned ? "pinned" : seconds(entry.expires_in)],
+    ["Unloads in", entry.pinned ? "pinned" : duration(entry.expires_in)],
   ];
   for (const [label, value] of cells) {
     const cell = row.insertCell();
