@@ -1,7 +1,7 @@
 """The web page at `/`, end to end in headless Chromium against a real `nexa serve`.
 
 Chat with the embedded SmolLM2 (streamed text, speed figures, Stop that frees the slot on
-the server), an image from the tiny Stable Diffusion pipeline, the MiniLM similarity heat
+the server), a thought shown folded apart from the answer, an image from the tiny Stable Diffusion pipeline, the MiniLM similarity heat
 map, unloading and pinning from the Models tab, a pull from the loopback Hub with its
 progress bar, the API key dialog, keyboard use and a phone-width layout. Every check reads
 the page or the server's own HTTP API; waits are on observable state.
@@ -115,6 +115,33 @@ def test_an_image_is_attached_for_a_vision_model(page, server, home, artifacts):
     expect(stats).not_to_contain_text("error")
     expect(page.locator(".message.user img").last).to_have_attribute("src", re.compile(r"^data:image/png"))
     shot(page, artifacts, "chat-vision")
+
+
+def test_a_thought_is_shown_folded_apart_from_the_answer(browser, tmp_path, artifacts):
+    """The page's side of thinking models: ``delta.reasoning_content`` goes into a folded
+    "Reasoning" box, the answer stays clean. No small thinking model is packaged, so the
+    test kit's declared echo double says "<think>...</think>answer" and the server splits
+    the thought off as it does for any backend without the reasoning capability."""
+    from nexa.testing import EchoBackend, echo_manifest, serve
+
+    with serve([EchoBackend], home=tmp_path, models=[echo_manifest()]) as handle:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(handle.base_url + "/")
+        choose(page, "#chat-model", "test/echo")
+        page.fill("#chat-input", "<think>weighing the options</think>The answer is four.")
+        page.click("#chat-send")
+        message = page.locator(".message.assistant").last
+        expect(message.locator(".stats")).to_contain_text("tokens", timeout=LONG)
+        reasoning = message.locator("details.reasoning")
+        expect(reasoning).to_be_visible()
+        assert reasoning.get_attribute("open") is None, "the thought should start folded"
+        expect(message.locator(".answer")).to_have_text("The answer is four.")
+        expect(message.locator(".reasoning-text")).to_be_hidden()
+        reasoning.locator("summary").click()
+        expect(message.locator(".reasoning-text")).to_have_text("weighing the options")
+        shot(page, artifacts, "chat-reasoning")
+        context.close()
 
 
 def test_image_generation_shows_the_png(page, server, artifacts):
