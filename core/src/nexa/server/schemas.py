@@ -18,7 +18,7 @@ from litestar.params import KwargDefinition
 from msgspec import UNSET, Meta, UnsetType
 
 from nexa.config import ServerConfig
-from nexa.store import NAME_PART, TAG_PART
+from nexa.store import TAG_PART
 
 # The server's default caps are part of the document (and enforced at decoding), so a
 # client or fuzzer reading it knows the limits; a ServerConfig may only lower them
@@ -790,8 +790,12 @@ class PinModelRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pinned: bool = True
 
 
-# A Hub repo as the store names it (``nexa.store.NAME_RE``), never with "..".
-PULL_RE = rf"^(?!.*\.\.){NAME_PART}(?:/{NAME_PART})?(?::{TAG_PART})?$"
+# A repo id the Hub takes (huggingface_hub's ``validate_repo_id``: each part starts and
+# ends with a letter, digit or "_", at most 96 characters, no "--", no "..", no ".git" at
+# the end), ASCII only as the store names it, then an optional ``:QUANT``. Refused here,
+# with the field named, rather than by the pull; ``$(?!\n)`` as in ``MODEL_NAME_RE``.
+HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+PULL_RE = rf"^(?!.*\.\.)(?![^:]*--)(?![^:]*\.git(?::|$)){HUB_PART}(?:/{HUB_PART})?(?::{TAG_PART})?$(?!\n)"
 
 
 class PullRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
