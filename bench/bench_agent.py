@@ -16,7 +16,7 @@ figures go to docs/benchmarks.md.
 
     python bench/bench_agent.py                         # Qwen2.5-Coder-0.5B (PyPI parts), ~10k-token prefix
     python bench/bench_agent.py --model smollm2 --prefix-tokens 800 --ctx 4096   # a short check
-    python bench/bench_agent.py --model PATH.gguf --ctx 32768 --threads 4
+    python bench/bench_agent.py --model PATH.gguf --threads 4   # the default context (``--ctx`` to fix one)
 
 The server runs as a subprocess (`python -m nexa.cli serve`) with its own NEXA_HOME.
 """
@@ -217,7 +217,8 @@ def main() -> None:
     parser.add_argument("--model", default="qwen", help="qwen (default), smollm2, or a GGUF file")
     parser.add_argument("--prefix-tokens", type=int, default=10_000, help="system prompt size (tools come on top)")
     parser.add_argument("--turn-tokens", type=int, default=200, help="tokens each later turn adds")
-    parser.add_argument("--ctx", type=int, default=16_384)
+    parser.add_argument("--ctx", type=int, default=None,
+                        help="context length (default: the server's, the model's trained length within memory)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "metal"])
     parser.add_argument("--max-tokens", type=int, default=16, help="answer tokens per turn")
@@ -227,7 +228,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="nexa-bench-agent-"))
     path, name, label = model_file(args.model, home)
     print(f"machine: {machine()}, load average at start {load_average()}")
-    print(f"model:   {label}, {path.stat().st_size / 1e6:.0f} MB; ctx {args.ctx}, threads {args.threads}, "
+    print(f"model:   {label}, {path.stat().st_size / 1e6:.0f} MB; ctx {args.ctx or 'default'}, threads {args.threads}, "
           f"device {args.device}; system prompt ~{args.prefix_tokens} tokens + 12 tools, "
           f"+~{args.turn_tokens} tokens a turn, {args.max_tokens} answer tokens, temperature 0")
     proc, base = start_nexa(name, home, threads=args.threads, ctx=args.ctx,
@@ -235,6 +236,8 @@ def main() -> None:
     rows = []
     try:
         wait_loaded(base, name)
+        card = httpx.get(f"{base}/v1/models/{name}", timeout=10).json()
+        print(f"context: {card.get('context_length')} tokens ({card.get('context_reason')})")
         with httpx.Client(timeout=httpx.Timeout(1800, connect=10)) as client:
             for api in args.apis.split(","):
                 talk = Conversation(api, base, name, system_prompt(api, args.prefix_tokens), args.max_tokens)

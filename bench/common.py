@@ -113,15 +113,19 @@ def wait_ready(proc: subprocess.Popen, url: str, what: str, log: Path | None = N
 
 
 def start_nexa(
-    model: str, home: Path, *, threads: int, ctx: int, gpu: str | None, parallel: int | None = None,
-    queue_size: int | None = None, log_name: str = "nexa",
+    model: str, home: Path, *, threads: int, ctx: int | None, gpu: str | None, parallel: int | None = None,
+    queue_size: int | None = None, log_name: str = "nexa", python: str = sys.executable,
 ) -> tuple[subprocess.Popen, str]:
-    """``nexa serve MODEL`` (the model loaded at start); its process and base URL."""
+    """``nexa serve MODEL`` (the model loaded at start); its process and base URL. ``ctx``
+    None: the server's default context. ``python``: the interpreter whose installed nexa
+    serves (another checkout's venv, to compare versions)."""
     port = free_port()
     cmd = [
-        sys.executable, "-m", "nexa.cli", "serve", model, "--port", str(port), "--threads", str(threads),
-        "--ctx", str(ctx), "--keepalive", "-1", "--device", gpu or "cpu",
+        python, "-m", "nexa.cli", "serve", model, "--port", str(port), "--threads", str(threads),
+        "--keepalive", "-1", "--device", gpu or "cpu",
     ]
+    if ctx is not None:
+        cmd += ["--ctx", str(ctx)]
     if parallel is not None:
         cmd += ["--parallel", str(parallel)]
     if queue_size is not None:

@@ -98,6 +98,125 @@ def test_the_three_apis_share_the_prefix_cache(claude, oai):
     assert response.usage.input_tokens_details.cached_tokens >= prompt - 8, response.usage
 
 
+# --- an agent-sized prompt ----------------------------------------------------------------
+
+AGENT_TOOLS = ["read_file", "write_file", "edit_file", "list_dir", "grep", "glob", "run_shell", "run_tests",
+               "git_diff", "git_commit", "web_fetch", "ask_user"]
+TOPICS = ["the build", "the tests", "error handling", "the public API", "logging", "configuration"]
+ENGINE = f'{{backend="llama-cpp",model="{SMOL}"}}'
+
+
+def agent_system(rules: int) -> str:
+    """A coding agent's system prompt, ~47 tokens a rule; text no other test sends."""
+    lines = ["Session long-prompt. You are a coding agent working in a user's repository."]
+    for i in range(rules):
+        topic = TOPICS[i % len(TOPICS)]
+        lines.append(f"Rule {i + 1}: when a change touches {topic}, first read the files that define it, "
+                     f"then explain the plan in one short paragraph, keep the diff small, and run the "
+                     f"tests that cover {topic} before reporting back.")
+    return "\n".join(lines)
+
+
+def agent_tools() -> list[dict]:
+    """Twelve tools as an agent declares them: name, description, JSON schema."""
+    return [{"name": name, "description": f"{name.replace('_', ' ').capitalize()}: returns plain text.",
+             "parameters": {"type": "object", "properties": {
+                 "path": {"type": "string", "description": "A path relative to the repository root"}},
+                 "required": ["path"]}} for name in AGENT_TOOLS]
+
+
+class PromptCounters:
+    """The engine's prompt-token counters on /metrics: what each request computed and reused."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self.evaluated, self.reused = self._read()
+
+    def _read(self) -> tuple[float, float]:
+        return (self.server.metric(f"nexa_backend_engine_prompt_tokens_evaluated_total{ENGINE}") or 0.0,
+                self.server.metric(f"nexa_backend_engine_prompt_tokens_reused_total{ENGINE}") or 0.0)
+
+    def step(self) -> tuple[int, int]:
+        """(computed, reused) prompt tokens since the last step."""
+        evaluated, reused = self._read()
+        delta = (int(evaluated - self.evaluated), int(reused - self.reused))
+        self.evaluated, self.reused = evaluated, reused
+        return delta
+
+
+@pytest.mark.long_prompt
+def test_an_agent_sized_prompt_is_computed_once_across_the_three_apis(server, claude, oai):
+    """A ~6k-token system prompt and 12 tools on SmolLM2 (trained for 8k tokens; the
+    default context is that, where it was 4,096): one cold prefill serves the same turn
+    through all three APIs, and every follow-up turn computes only its new tokens."""
+    system, tools = agent_system(118), agent_tools()
+    chat_tools = [{"type": "function", "function": t} for t in tools]
+    anthropic_tools = [{"name": t["name"], "description": t["description"], "input_schema": t["parameters"]}
+                       for t in tools]
+    responses_tools = [{"type": "function", **t} for t in tools]
+    ask = "Reply with one short sentence: which rule covers logging?"
+    counters = PromptCounters(server)
+
+    # Turn 1, cold, through chat completions.
+    first = oai.chat.completions.create(model=SMOL, max_tokens=8, temperature=0, tools=chat_tools, messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": ask}])
+    prompt = first.usage.prompt_tokens
+    assert 5_500 < prompt < 8_192 - 64, prompt
+    computed, _ = counters.step()
+    assert computed >= prompt - 32  # nothing of it was cached before
+    answer = first.choices[0].message.content
+    assert answer and not first.choices[0].message.tool_calls, first.choices[0].message
+
+    # The same turn through Messages (the count too) and Responses: the same rendered
+    # prompt, served from the cache.
+    billing = "x-anthropic-billing-header: cc_version=2.1; nonce={}"
+    messages_turn1 = dict(model=SMOL, tools=anthropic_tools, messages=[{"role": "user", "content": ask}],
+                          system=[{"type": "text", "text": billing.format("aa01")}, {"type": "text", "text": system}])
+    assert claude.messages.count_tokens(**messages_turn1).input_tokens == prompt
+    message = claude.messages.create(max_tokens=8, extra_body=GREEDY, **messages_turn1)
+    # (Not the same text as chat's: greedy answers may part where two tokens are within
+    # rounding, as numbers computed after a 6k-token cached prefix differ in the last bits.)
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == prompt
+    assert message.content[0].text
+    computed, reused = counters.step()
+    assert computed <= 8 and reused >= prompt - 8, (computed, reused)
+    response = oai.responses.create(model=SMOL, max_output_tokens=8, temperature=0, instructions=system,
+                                    tools=responses_tools, input=ask)
+    assert response.usage.input_tokens == prompt and response.output_text
+    computed, reused = counters.step()
+    assert computed <= 8 and reused >= prompt - 8, (computed, reused)
+
+    # A follow-up turn through each API: the conversation so far is cached.
+    def follow_up(i: int) -> str:
+        return f"Turn 2 ({i}): the tests passed. What next? One sentence."
+
+    history = [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]
+    chat = oai.chat.completions.create(model=SMOL, max_tokens=8, temperature=0, tools=chat_tools, messages=[
+        {"role": "system", "content": system}, *history, {"role": "user", "content": follow_up(1)}])
+    computed, reused = counters.step()
+    new = chat.usage.prompt_tokens - prompt
+    assert 0 < new < 64 and reused >= prompt - 8 and computed <= new + 8, (new, computed, reused)
+
+    for nonce in ("bb02", "cc03"):  # two turns that differ only in the billing header's nonce
+        message = claude.messages.create(
+            model=SMOL, max_tokens=8, tools=anthropic_tools, extra_body=GREEDY,
+            system=[{"type": "text", "text": billing.format(nonce)}, {"type": "text", "text": system}],
+            messages=[*history, {"role": "user", "content": follow_up(2)}])
+        total = message.usage.input_tokens + message.usage.cache_read_input_tokens
+        computed, reused = counters.step()
+        limit = total - prompt + 8 if nonce == "bb02" else 8  # the second: all of it was cached
+        assert total > prompt and reused >= prompt - 8 and computed <= limit, (nonce, total, computed, reused)
+        assert message.usage.cache_read_input_tokens == reused
+
+    again = oai.responses.create(model=SMOL, max_output_tokens=8, temperature=0, instructions=system,
+                                 tools=responses_tools, previous_response_id=response.id, input=follow_up(3))
+    computed, reused = counters.step()
+    new = again.usage.input_tokens - prompt
+    assert again.status in ("completed", "incomplete") and 0 < new < 64, again.usage
+    assert reused >= prompt - 8 and computed <= new + 8, (new, computed, reused)
+    assert again.usage.input_tokens_details.cached_tokens == reused
+
+
 # --- Messages ---------------------------------------------------------------------------
 
 
@@ -112,6 +231,27 @@ def test_messages_stream_matches_whole(claude):
     assert final.usage.output_tokens == whole.usage.output_tokens > 0
     assert final.usage.input_tokens + final.usage.cache_read_input_tokens == whole.usage.input_tokens + \
         whole.usage.cache_read_input_tokens
+
+
+def test_messages_count_tokens_is_the_answers_prompt(claude):
+    tools = [{"name": "get_weather", "description": "Current weather for a city", "input_schema": WEATHER_SCHEMA}]
+    body = dict(model=SMOL, system=SYSTEM, tools=tools, messages=[{"role": "user", "content": "Weather in Rome?"}])
+    counted = claude.messages.count_tokens(**body).input_tokens
+    answer = claude.messages.create(max_tokens=4, extra_body=GREEDY, **body)
+    assert answer.usage.input_tokens + answer.usage.cache_read_input_tokens == counted
+    assert claude.messages.count_tokens(**{**body, "tools": []}).input_tokens < counted  # the tools are rendered
+
+
+def test_messages_stop_sequence_names_the_one_that_ended_it(claude):
+    body = dict(model=SMOL, extra_body=GREEDY, messages=[{"role": "user", "content": "Tell me a story about a cat."}])
+    full = claude.messages.create(max_tokens=30, **body).content[0].text
+    stop = " " + full.split()[len(full.split()) // 2]
+    cut = claude.messages.create(max_tokens=30, stop_sequences=["\u2603never", stop], **body)
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    assert cut.content[0].text == full[: full.index(stop)]
+    with claude.messages.stream(max_tokens=30, stop_sequences=[stop], **body) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
 
 
 def test_messages_limit_is_stop_reason_max_tokens(claude):

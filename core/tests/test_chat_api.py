@@ -89,7 +89,8 @@ def test_accepted_and_ignored_fields_change_nothing(server):
     ("web_search_options", {}),
 ])
 def test_fields_this_server_cannot_honour_are_400s(server, field, value):
-    assert error_of(post(server, {"model": "test/echo", "messages": USER, field: value}))["param"] == field
+    # A list names the refused entry: "modalities[1]" for ["text", "audio"].
+    assert error_of(post(server, {"model": "test/echo", "messages": USER, field: value}))["param"].startswith(field)
 
 
 @pytest.mark.parametrize("body, param", [

@@ -129,4 +129,6 @@ def test_human_output_is_unchanged_by_the_json_flags(plugin_env):
     table = nexa("list", env=plugin_env).stdout.splitlines()
     assert table[0].split() == ["NAME", "FORMAT", "QUANT", "TASKS", "SIZE", "SOURCE"]
     assert "plugins loaded:" in nexa("plugins", env=plugin_env).stdout
-    assert json.loads(nexa("show", "good/echo", env=plugin_env).stdout)["name"] == "good/echo"
+    shown = nexa("show", "good/echo", env=plugin_env)
+    assert json.loads(shown.stdout)["name"] == "good/echo"  # the context goes to stderr
+    assert "context when served by echo: 256 tokens (the echo model's manifest)" in shown.stderr

@@ -47,6 +47,12 @@ def everything(writer: gguf.GGUFWriter) -> None:
     writer.add_context_length(4096)
     writer.add_embedding_length(64)
     writer.add_pooling_type(gguf.PoolingType.CLS)
+    # The attention shape (what sizes a token's KV cache).
+    writer.add_block_count(30)
+    writer.add_head_count(9)
+    writer.add_head_count_kv(3)
+    writer.add_key_length(64)
+    writer.add_value_length(64)
     writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %} — ünïcode")
     # One wanted key per scalar type the format has.
     writer.add_uint8("u8.context_length", 200)
@@ -72,6 +78,8 @@ def test_matches_gguf_reader_on_every_value_type(tmp_path):
     assert ours == pytest.approx(expected)
     # The reference really saw what we wrote, so the comparison covers it.
     assert expected["llama.context_length"] == 4096 and expected["u64.context_length"] == 2**40
+    assert [expected[f"llama.{k}"] for k in ("block_count", "attention.head_count", "attention.head_count_kv",
+                                             "attention.key_length", "attention.value_length")] == [30, 9, 3, 64, 64]
     assert expected["tokenizer.chat_template"].endswith("ünïcode")
     assert "arr.context_length" not in ours and "unrelated.key" not in ours
 

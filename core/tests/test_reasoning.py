@@ -16,6 +16,7 @@ from nexa.reasoning import (
     detect_format,
     empty_thought,
     prompt_position,
+    reasoning_for,
     shown,
     template_kwargs,
 )
@@ -153,6 +154,14 @@ def test_prompt_position_and_empty_thought():
     assert empty_thought(QWEN3, "before") == "<think>\n\n</think>\n\n"
     assert empty_thought(QWEN3, "inside") == "\n</think>\n\n"
     assert empty_thought(QWEN3, "closed") == ""
+
+
+def test_after_a_closed_thought_a_marker_is_answer_text():
+    # The prompt closed the thought (thinking off): a <think> the model writes is its answer.
+    split = reasoning_for(Reasoning(enabled=False), QWEN3, "closed").feed("<think> x")
+    assert split == Split("", "<think> x")
+    inside = reasoning_for(Reasoning(), QWEN3, "inside").feed("x</think>y")
+    assert inside == Split("x", "y")
 
 
 def test_template_kwargs_from_switches():

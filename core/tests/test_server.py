@@ -210,6 +210,10 @@ def test_models_endpoints(server):
     one = httpx.get(server.base_url + "/v1/models/test/echo").json()
     assert one["id"] == "test/echo" and one["object"] == "model"
     assert_error(httpx.get(server.base_url + "/v1/models/nope/nope"), 404, "model_not_found")
+    # A loaded model's card says the context its backend gives it, and why.
+    post(server, "/v1/chat/completions", {"model": "test/echo", "messages": [{"role": "user", "content": "hi"}]})
+    one = httpx.get(server.base_url + "/v1/models/test/echo").json()
+    assert one["loaded"] and (one["context_length"], one["context_reason"]) == (256, "the echo model's manifest")
 
 
 def test_openapi_document_describes_every_endpoint(server):

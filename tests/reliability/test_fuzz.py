@@ -413,7 +413,9 @@ def test_fuzz_hostile_bodies(fuzz_server, http, fuzz_home, path, hostile):
     assert r.status_code < 500, f"POST {path} ({content_type}): {r.status_code} {r.text[:300]}"
     if r.status_code >= 400:
         relkit.check_error_body_for(path, r.json(), fuzz_home)
-    if not content_type.startswith("application/json"):
+    # A media type the path does not take (JSON to a form upload, a form to a JSON route) is a 415.
+    takes = DOCUMENT["paths"][path]["post"]["requestBody"]["content"]
+    if content_type.split(";")[0] not in takes:
         assert r.status_code == 415, r.text
     COUNTS[f"hostile {path}"][r.status_code] += 1
 

@@ -29,6 +29,7 @@ from nexa.types import (
     ChatChunk,
     ChatRequest,
     CompletionRequest,
+    ContextPlan,
     Device,
     EmbedRequest,
     EmbedResult,
@@ -196,6 +197,13 @@ class Backend:
         """Yield one chunk per segment as each window of the audio is decoded, then a last
         chunk with ``done=True`` and the language. Check ``cancel`` between windows."""
         raise UnsupportedTask(f"model {self.manifest.name!r} does not transcribe speech")
+
+    def context_plan(self) -> ContextPlan | None:
+        """The context this model gets and why; None when the backend has no fixed
+        context. Asked of a backend made but not loaded (``nexa show``: may read the
+        model's files) and of a loaded one (``GET /v1/models``, on the event loop: keep
+        the plan made at load and return it)."""
+        return None
 
     def runtime_metrics(self) -> list[BackendMetric]:
         """Figures about this loaded model for ``GET /metrics`` (a batching engine's active

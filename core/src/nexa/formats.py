@@ -2,7 +2,7 @@
 
 Shared by ``nexa pull`` (hub repos) and ``nexa pull PATH`` (local imports). A GGUF
 file's header is read by hand (``read_gguf_metadata``, memory-mapped) for architecture,
-context length, pooling, embedding size and chat template: the ``gguf`` package would
+context length, pooling, embedding size, attention shape and chat template: the ``gguf`` package would
 add numpy to core's dependencies and decodes every array in the header (seconds for a
 large vocabulary), where only a few strings and numbers are needed. The tests check this
 reader against ``gguf.GGUFReader``.
@@ -54,12 +54,21 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _GGUF_WANTED = ("general.architecture", "general.name", "tokenizer.chat_template")
 
 
+_GGUF_WANTED_SUFFIXES = (
+    ".context_length", ".pooling_type", ".embedding_length",
+    # The attention shape, which sizes a token's KV cache (a backend's default context).
+    ".block_count", ".attention.head_count", ".attention.head_count_kv",
+    ".attention.key_length", ".attention.value_length",
+)
+
+
 def _gguf_wanted(key: str) -> bool:
-    return key in _GGUF_WANTED or key.endswith((".context_length", ".pooling_type", ".embedding_length"))
+    return key in _GGUF_WANTED or key.endswith(_GGUF_WANTED_SUFFIXES)
 
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """The GGUF header's key/values that matter for routing (strings and numbers only).
+    """The GGUF header's key/values that matter for routing and sizing (strings and
+    numbers only; arrays are skipped).
 
     Read by hand rather than with ``gguf.GGUFReader``: the reader decodes every array in
     the header, and a 151k-token vocabulary (Qwen) makes that take ~30 s per import;

@@ -308,7 +308,10 @@ class ThinkingBudget:
 
 def reasoning_for(reasoning: Reasoning, fmt: ThinkFormat | None, position: Position) -> ReasoningSplitter:
     """The splitter a backend runs for one request: the model's format (none when it does
-    not think), started inside the thought when the prompt opened it, raw for ``inline``."""
+    not think, or when the prompt already closed the thought: a ``<think>`` then is answer
+    text), started inside the thought when the prompt opened it, raw for ``inline``."""
+    if position == "closed":
+        fmt = None
     return ReasoningSplitter(fmt, inside=position == "inside", raw=reasoning.format == "inline")
 
 

@@ -187,6 +187,18 @@ class ResidentInfo:
     """Tokens one request's prompt and answer may span; None when not a text model or unknown."""
 
 
+@attrs.frozen
+class ContextPlan:
+    """The context a backend gives one model, and why (``Backend.context_plan``): logged
+    at load, shown by ``nexa show`` and, for a loaded model, in ``GET /v1/models``."""
+
+    length: int
+    """Tokens one request's prompt and answer share."""
+    reason: str
+    """Why this length, for people (the trained length, ``--ctx``, the memory its KV
+    cache takes for the sequences run at once...)."""
+
+
 # --- chat ---------------------------------------------------------------------------
 
 

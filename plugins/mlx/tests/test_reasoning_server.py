@@ -433,3 +433,62 @@ def test_streamed_call_pieces_reach_the_agent_apis_whole(server):
         **body, "tool_choice": {"type": "auto", "disable_parallel_tool_use": True}}).json()
     (use,) = [b for b in one["content"] if b["type"] == "tool_use"]
     assert (use["name"], use["input"]) == ("get_weather", {"city": "Oslo"})
+
+
+# --- the agent APIs (Messages, Responses) on a thinking model -------------------------------
+
+
+@pytest.fixture(scope="module")
+def claude(server):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+def test_messages_thinking_blocks_with_the_anthropic_sdk(claude):
+    message = claude.messages.create(model=THINKER, max_tokens=32, messages=HELLO,
+                                     thinking={"type": "enabled", "budget_tokens": 1024})
+    thinking, text = message.content
+    assert (thinking.type, thinking.thinking, text.text) == ("thinking", "hello world", "paris")
+    assert isinstance(thinking.signature, str) and thinking.signature
+    assert message.stop_reason == "end_turn" and message.usage.output_tokens == 5
+    # budget_tokens is the reasoning budget: two thinking tokens, then the answer.
+    short = claude.messages.create(model=THINKER, max_tokens=32, messages=HELLO,
+                                   thinking={"type": "enabled", "budget_tokens": 2})
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in short.content] == [
+        ("thinking", "hello"), ("text", "paris")]
+    off = claude.messages.create(model=THINKER, max_tokens=32, messages=HELLO, thinking={"type": "disabled"})
+    assert [(b.type, b.text) for b in off.content] == [("text", "paris")]
+
+
+def test_messages_thinking_stream_with_the_sdk_accumulator(claude):
+    with claude.messages.stream(model=THINKER, max_tokens=32, messages=HELLO, thinking={"type": "adaptive"},
+                                output_config={"effort": "high"}) as stream:
+        thoughts = [e.thinking for e in stream if e.type == "thinking"]
+        final = stream.get_final_message()
+    assert "".join(thoughts) == "hello world"
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert (final.content[0].thinking, final.content[1].text) == ("hello world", "paris")
+    assert final.content[0].signature
+    omitted = claude.messages.create(model=THINKER, max_tokens=32, messages=HELLO,
+                                     thinking={"type": "enabled", "budget_tokens": 1024, "display": "omitted"})
+    assert (omitted.content[0].type, omitted.content[0].thinking) == ("thinking", "")
+    assert omitted.content[0].signature and omitted.content[1].text == "paris"
+
+
+def test_responses_reasoning_item_with_the_openai_sdk(client):
+    response = client.responses.create(model=THINKER, input="Hello world", max_output_tokens=32,
+                                       reasoning={"effort": "high"})
+    reasoning, message = response.output
+    assert reasoning.type == "reasoning" and reasoning.summary == []
+    assert [(c.type, c.text) for c in reasoning.content] == [("reasoning_text", "hello world")]
+    assert response.output_text == "paris" and response.status == "completed"
+    assert response.usage.output_tokens_details.reasoning_tokens == 4
+    with client.responses.stream(model=THINKER, input="Hello world", max_output_tokens=32) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.reasoning_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == "hello world"
+    assert [o.type for o in final.output] == ["reasoning", "message"] and final.output_text == "paris"
+    off = client.responses.create(model=THINKER, input="Hello world", max_output_tokens=32,
+                                  reasoning={"effort": "none"})
+    assert [o.type for o in off.output] == ["message"] and off.output_text == "paris"

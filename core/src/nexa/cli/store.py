@@ -78,13 +78,41 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    store, _ = open_store(args)
+    store, plugins = open_store(args)
     manifest = store.get(args.model)
+    served = serve_context(manifest, plugins, args)
     if args.json:
-        print_json(model_dict(manifest, detail=True))
-    else:
-        print(manifest.to_json())
+        print_json({**model_dict(manifest, detail=True), "serve_context": served})
+        return 0
+    print(manifest.to_json())
+    if served is not None:  # on stderr: stdout stays the manifest's JSON for scripts
+        print(f"context when served by {served['backend']}: {served['length']} tokens ({served['reason']})",
+              file=sys.stderr)
     return 0
+
+
+def serve_context(manifest: Any, plugins: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The context ``nexa serve`` would give ``manifest`` on this machine (with ``--ctx``,
+    ``--parallel`` as given), and why: asked of the backend that would serve it, without
+    loading it. None when no backend serves it here or its backend has no fixed context."""
+    from nexa.backend import LoadOptions
+    from nexa.device import detect_device
+    from nexa.errors import NexaError
+    from nexa.registry import BackendRegistry
+    from nexa.types import Task
+
+    device = detect_device()
+    task = Task.CHAT if Task.CHAT in manifest.tasks else min(manifest.tasks, default=None)
+    if task is None:
+        return None
+    try:
+        cls = BackendRegistry(plugins).select(task, manifest, device)
+        plan = cls(manifest, device, LoadOptions(context_length=args.ctx, parallel=args.parallel)).context_plan()
+    except NexaError:
+        return None
+    if plan is None:
+        return None
+    return {"backend": cls.name, "length": plan.length, "reason": plan.reason}
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
@@ -112,8 +140,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_json_flag(p)
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("show", help="print a model's manifest")
+    p = sub.add_parser("show", help="print a model's manifest and the context it gets when served")
     p.add_argument("model", help="ORG/REPO or ORG/REPO:QUANT")
+    p.add_argument("--ctx", type=int, default=None, help="the context `nexa serve --ctx` would set")
+    p.add_argument("--parallel", type=int, default=None, help="the requests `nexa serve --parallel` would run at once")
     add_json_flag(p)
     p.set_defaults(func=cmd_show)
 

@@ -57,7 +57,8 @@ def _decoder(annotation: Any) -> msgspec.json.Decoder:
     return msgspec.json.Decoder(annotation, strict=True)
 
 
-_AT = re.compile(r"^(?P<detail>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+# msgspec ends its message with where: "- at `$.a.b[1]`", or for a map's key "- at `key` in `$.a`".
+_AT = re.compile(r"^(?P<detail>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.S)
 _TYPE = re.compile(r"^Expected `(?P<want>[^`]+)`, got `(?P<got>[^`]+)`$")
 _MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`$")
 
@@ -75,6 +76,8 @@ def invalid_body(exc: msgspec.ValidationError) -> BadRequest:
         name = f"{param}.{missing.group('name')}" if param else missing.group("name")
         return BadRequest(f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter")
     where = f"'{param}'" if param else "the request body"
+    if found and found.group("key"):
+        where = f"a key of {where}"
     if (wrong := _TYPE.match(detail)) is not None:
         return BadRequest(
             f"Invalid type for {where}: expected {wrong.group('want')}, but got {wrong.group('got')} instead.",

@@ -66,7 +66,7 @@ def nexa_error(_: Request, exc: NexaError) -> Response[dict[str, Any]]:
     return _response(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
 
 
-def validation_error(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:
+def validation_error(request: Request, exc: ValidationException) -> Response[dict[str, Any]]:
     extra = exc.extra if isinstance(exc.extra, list) else []
     param = None
     message = str(exc.detail)
@@ -79,7 +79,11 @@ def validation_error(_: Request, exc: ValidationException) -> Response[dict[str,
         message = "the request body is not valid JSON"
     if param == "data":
         # Bodies are decoded in nexa.server.body; Litestar only notices a missing one.
-        message, param = "the request body is missing: this endpoint takes a JSON object", None
+        if request.content_type[0] == "multipart/form-data":
+            message = "the form is empty: this endpoint takes multipart/form-data with its fields and file"
+        else:
+            message = "the request body is missing: this endpoint takes a JSON object"
+        param = None
     return _response(400, message or "invalid request", "invalid_request_error", param, "invalid_request")
 
 

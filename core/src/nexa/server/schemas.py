@@ -689,6 +689,10 @@ class ModelCard(msgspec.Struct, kw_only=True):
     size: int
     quant: str | None = None
     loaded: bool = False
+    context_length: int | None = None
+    """When loaded, by a backend with a fixed context: tokens one request's prompt and answer share."""
+    context_reason: str | None = None
+    """...and why that many (trained length, ``--ctx``, the KV cache's memory)."""
 
 
 class ModelList(msgspec.Struct, kw_only=True):

@@ -28,6 +28,7 @@ from nexa.types import (
     ChatChunk,
     ChatRequest,
     CompletionRequest,
+    ContextPlan,
     EmbedRequest,
     EmbedResult,
     ImageRequest,
@@ -81,6 +82,12 @@ class EchoBackend(Backend):
         # Shows how a backend reports its own figures; tests read them back from /metrics.
         return [BackendMetric("echo_chats_started", self.chats_started, "counter", "Chats the echo double began")]
 
+    def context_plan(self) -> ContextPlan:
+        # The context chat checks prompts against, and why, as a real backend says it.
+        if self.options.context_length:
+            return ContextPlan(self.options.context_length, "set by --ctx")
+        return ContextPlan(self.manifest.context_length or 256, "the echo model's manifest")
+
     def count_prompt_tokens(self, request: ChatRequest) -> int:
         # One word or image is one token, as ``chat`` counts them (no template, no tools).
         return sum(len(m.text.split()) + len(m.images) for m in request.messages)
@@ -92,7 +99,7 @@ class EchoBackend(Backend):
         text = last_user.text if last_user else ""
         words = text.split()
         prompt_tokens = self.count_prompt_tokens(request)
-        context = self.options.context_length or self.manifest.context_length or 256
+        context = self.context_plan().length
         if prompt_tokens > context:
             raise ContextLengthExceeded(
                 f"the prompt is {prompt_tokens} tokens; the context is {context}", param="messages"

@@ -1,17 +1,28 @@
 """The llama.cpp chat backend: text chat on the batching engine, image chat on MTMD.
 
 One ``LlamaCppBackend`` is one loaded GGUF chat model (plus its ``mmproj`` for vision).
-A chat goes through these steps, each in its own module:
+Its context per request and the KV cache's layout are chosen at load from the model's
+trained length and the memory its KV cache takes (``context_size``). A chat goes through
+these steps, each in its own module:
 
-1. ``prompt``: the chat template rendered with the request's tools, the grammar that
-   constrains the answer (forced tool call, ``response_format``), the prompt's tokens
-   (client text never parsed as control tokens) and the one context check.
+1. ``prompt``: the chat template rendered with the request's tools and reasoning
+   switches, the grammar that constrains the answer (forced tool call,
+   ``response_format``), the prompt's tokens (client text never parsed as control tokens)
+   and the one context check.
 2. Generation. Text: the batching engine (``engine``), ``parallel`` sequences at once
    (``--parallel 1`` is the engine with one sequence); the model's ``Llama`` is only its
    tokenizer then. Images: ``vision.ImageChat`` on the ``Llama``, one at a time.
-3. ``chunker``: stop strings, tool-call parsing, finish reason and usage, the same for both.
+3. ``chunker``: the thought split off (``thinking``: the model's format, its budget
+   enforced in the engine), stop strings, tool-call parsing, finish reason and usage, the
+   same for both.
 
-Text chats stream from the engine's thread straight to the event loop (``stream_chat``);
+It declares the ``reasoning``, ``logprobs`` and ``logit_bias`` capabilities on both paths
+(the engine's ``Sampler`` applies the bias and reports logprobs for text and images).
+``complete`` serves ``/v1/completions`` on the engine (raw text or token ids, and
+fill-in-the-middle with the model's FIM tokens).
+
+``count_prompt_tokens`` builds the same prompt without generating. Text chats stream from
+the engine's thread straight to the event loop (``stream_chat``);
 the synchronous ``chat`` (the ``Backend`` contract) reads the same engine events on the
 caller's thread. Embedding models are ``embeddings.LlamaCppEmbedBackend``.
 
@@ -23,18 +34,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
 from nexa.backend import CancelToken, LoadOptions
-from nexa.errors import ModelLoadError, UnsupportedTask
-from nexa.types import BackendMetric, ChatChunk, ChatRequest, Device, Manifest, Task
+from nexa.errors import ContextLengthExceeded, ModelLoadError, StoreError, UnsupportedTask
+from nexa.fim import FIM_TRIPLETS, FimTokens, fim_tokens
+from nexa.formats import read_gguf_metadata
+from nexa.reasoning import ThinkFormat, reasoning_for
+from nexa.types import BackendMetric, ChatChunk, ChatRequest, CompletionRequest, ContextPlan, Device, Manifest, Task
 from nexa_llama_cpp.chat_template import ChatTemplate
 from nexa_llama_cpp.chunker import AnswerChunker
+from nexa_llama_cpp.context_size import ContextLayout, KvBudget, KvShape, choose_context
 from nexa_llama_cpp.prompt import ChatPlan, PromptBuilder, fit_context
 from nexa_llama_cpp.runtime import GgufBackend, special_texts
+from nexa_llama_cpp.thinking import budget_closer, find_format
 
 if TYPE_CHECKING:
     import llama_cpp
@@ -60,6 +76,7 @@ class LlamaCppBackend(GgufBackend):
     tasks: ClassVar[frozenset[Task]] = frozenset({Task.CHAT, Task.VLM})
     parallel = DEFAULT_PARALLEL
     stops_natively = True
+    capabilities: ClassVar[frozenset[str]] = frozenset({"reasoning", "logprobs", "logit_bias"})
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -77,13 +94,46 @@ class LlamaCppBackend(GgufBackend):
         self._prompts: PromptBuilder | None = None
         self._lock = threading.Lock()
         """Held by image chats: the ``Llama``'s one context serves one at a time."""
+        self.think_format: ThinkFormat | None = None
+        """The model's thought markers (``thinking.find_format``); None: it does not think."""
+        self._render_special = False
+        self._fim: FimTokens | None | bool = False  # False: not looked up yet
+        self._layout: ContextLayout | None = None
+
+    # --- the context -------------------------------------------------------------------
+
+    def layout(self) -> ContextLayout:
+        """The context per request and the KV cache's layout (``context_size``), worked
+        out once from the GGUF header, the device's memory and ``parallel``."""
+        if self._layout is None:
+            try:
+                shape = KvShape.from_gguf(read_gguf_metadata(self.manifest.file_path("weights")))
+            except (StoreError, KeyError):
+                shape = None  # the load reports an unreadable file
+            self._layout = choose_context(
+                trained=self.manifest.context_length,
+                override=self.options.context_length,
+                parallel=self.parallel,
+                bytes_per_token=shape.bytes_per_token() if shape is not None else None,
+                budget=KvBudget.of(self.device, self.manifest.size),
+                extra_contexts=1 if self.manifest.has_role("mmproj") else 0,
+            )
+        return self._layout
+
+    def context_length(self) -> int:
+        """Tokens a chat's prompt and answer share (``layout``)."""
+        return self.layout().n_ctx
+
+    def context_plan(self) -> ContextPlan:
+        return self.layout().plan()
 
     # --- loading ---------------------------------------------------------------------
 
     def load(self) -> None:
         from nexa_llama_cpp.engine import BatchEngine
 
-        n_ctx = self.context_length()
+        layout = self.layout()
+        n_ctx = layout.n_ctx
         # Flash attention, as llama.cpp's server does by default ("auto"); the manifest's
         # options.flash_attn = false turns it off.
         flash_attn = self.manifest.options.get("flash_attn", True) is not False
@@ -100,22 +150,32 @@ class LlamaCppBackend(GgufBackend):
         template = ChatTemplate(source, bos_token=bos_text, eos_token=self._special_text(llama.token_eos()))
         if template.is_fallback:
             log.warning("%s has no chat template; using ChatML", self.manifest.name)
+        specials = special_texts(llama)
+        self.think_format = find_format(self.manifest.options, None if template.is_fallback else template.source)
+        # A model whose thought markers are control tokens: their text must show for the
+        # thought to be found (other control tokens end the turn, or rarely come).
+        fmt = self.think_format
+        self._render_special = fmt is not None and (fmt.open in specials or fmt.close in specials)
         self._prompts = PromptBuilder(
             template,
-            special_texts(llama),
+            specials,
             lambda text, add_bos, special: llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special),
             bos_text,
+            think=self.think_format,
         )
         if self.manifest.has_role("mmproj"):
             from nexa_llama_cpp.vision import ImageChat
 
-            self._vision = ImageChat(llama, self.manifest.file_path("mmproj"), use_gpu=self.device.kind != "cpu")
+            self._vision = ImageChat(llama, self.manifest.file_path("mmproj"), layout,
+                                     use_gpu=self.device.kind != "cpu")
         # Same weights (no second load), its own context with one KV sequence per slot.
         settings = self.llama_settings()
         self._engine = BatchEngine(
             model=llama._model.model,
             n_seq=self.parallel,
             n_ctx=n_ctx,
+            kv_size=layout.kv_cells,
+            kv_unified=layout.unified,
             n_threads=settings["n_threads"],
             n_threads_batch=settings["n_threads_batch"],
             n_batch=min(512, n_ctx),
@@ -123,11 +183,7 @@ class LlamaCppBackend(GgufBackend):
             op_offload=settings["op_offload"],
         )
         self._engine.start()
-
-    @property
-    def text_context(self) -> int:
-        """Tokens a text chat's prompt and answer share (the engine's context per sequence)."""
-        return self.context_length()
+        log.info("%s: context of %d tokens: %s", self.manifest.name, n_ctx, layout.reason)
 
     def close(self) -> None:
         engine, self._engine = self._engine, None
@@ -153,7 +209,23 @@ class LlamaCppBackend(GgufBackend):
                 yield from self._image_chat(request, cancel)
             return
         plan, job = self.prepare_text(request)
-        chunker = AnswerChunker(len(job.prompt_tokens), plan.tool_names, request.sampling.stop)
+        yield from self._run_engine(job, self.chunker(request, plan, len(job.prompt_tokens)), cancel)
+
+    def complete(self, request: CompletionRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        """A legacy text completion on the engine: no template, no reasoning split, no tools."""
+        from nexa_llama_cpp.engine import GenerationRequest
+
+        engine = self._running_engine()
+        tokens = self._builder().completion(request, engine.n_vocab, self._fim_tokens() if request.suffix else None)
+        try:
+            sampling = fit_context(request.sampling, len(tokens), self.layout())
+        except ContextLengthExceeded as exc:
+            exc.param = "prompt"  # the completion's own field
+            raise
+        job = GenerationRequest(tokens, sampling, logprobs=request.logprobs)
+        yield from self._run_engine(job, AnswerChunker(len(tokens), (), sampling.stop), cancel)
+
+    def _run_engine(self, job: GenerationRequest, chunker: AnswerChunker, cancel: CancelToken) -> Iterator[ChatChunk]:
         events = self._running_engine().generate(job, cancel)
         try:
             for event in events:
@@ -176,7 +248,7 @@ class LlamaCppBackend(GgufBackend):
         # Template rendering and tokenizing take milliseconds on a long conversation:
         # off the event loop, on the model's worker thread.
         plan, job = await loop.run_in_executor(self._executor, self.prepare_text, request)
-        chunker = AnswerChunker(len(job.prompt_tokens), plan.tool_names, request.sampling.stop)
+        chunker = self.chunker(request, plan, len(job.prompt_tokens))
         events = self._running_engine().agenerate(job)
         try:
             async for event in events:
@@ -194,25 +266,73 @@ class LlamaCppBackend(GgufBackend):
         """The plan of a text chat and the engine request it becomes."""
         from nexa_llama_cpp.engine import GenerationRequest
 
+        plan, tokens = self._text_prompt(request)
+        sampling = fit_context(request.sampling, len(tokens), self.layout())
+        return plan, GenerationRequest(tokens, sampling, grammar=plan.grammar, render_special=self._render_special,
+                                       logprobs=request.logprobs, steer=self._budget_closer(request, plan))
+
+    def chunker(self, request: ChatRequest, plan: ChatPlan, n_prompt: int) -> AnswerChunker:
+        """The chunker of one chat's answer: its thought split off as the request says."""
+        splitter = reasoning_for(request.reasoning, self.think_format, plan.position)
+        return AnswerChunker(n_prompt, plan.tool_names, request.sampling.stop, splitter=splitter,
+                             reasoning=request.reasoning)
+
+    def _budget_closer(self, request: ChatRequest, plan: ChatPlan) -> Callable[[int], list[int]] | None:
+        return budget_closer(request.reasoning, self.think_format, plan.position, self._special_text,
+                             self._encode_markup)
+
+    def _encode_markup(self, text: str) -> list[int]:
+        assert self._llama is not None
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def _fim_tokens(self) -> FimTokens | None:
+        """The model's fill-in-the-middle tokens: each family's texts that are one token."""
+        if self._fim is False:
+            llama = self._llama
+            assert llama is not None
+            found = {}
+            for text in {t for triplet in FIM_TRIPLETS for t in triplet}:
+                ids = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+                if len(ids) == 1 and self._special_text(ids[0]) == text:
+                    found[text] = ids[0]
+            self._fim = fim_tokens(found)
+        return self._fim  # type: ignore[return-value]
+
+    def _text_prompt(self, request: ChatRequest) -> tuple[ChatPlan, list[int]]:
         prompts = self._builder()
         plan = prompts.plan(request)
-        tokens = prompts.tokenize(plan.prompt, plan.shielded)
-        sampling = fit_context(request.sampling, len(tokens), self.text_context)
-        return plan, GenerationRequest(tokens, sampling, grammar=plan.grammar)
+        return plan, prompts.tokenize(plan.prompt, plan.shielded)
 
-    def _image_chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+    def count_prompt_tokens(self, request: ChatRequest) -> int:
+        """The prompt's tokens exactly as ``chat`` builds them (template, tools, images),
+        whatever its length: a prompt over the context is counted, not refused."""
+        if not request.has_images:
+            return len(self._text_prompt(request)[1])
+        vision = self._vision_chat()
+        prompts = self._builder()
+        plan = prompts.plan(request, media_marker=vision.media_marker)
+        images = [image for m in request.messages for image in m.images]
+        with self._lock:
+            return vision.count_tokens(plan.prompt, plan.shielded, images, prompts)
+
+    def _vision_chat(self) -> ImageChat:
         if self._vision is None:
             raise UnsupportedTask(
                 f"model {self.manifest.name!r} has no vision projector (mmproj) and cannot read images",
                 param="messages",
             )
+        return self._vision
+
+    def _image_chat(self, request: ChatRequest, cancel: CancelToken) -> Iterator[ChatChunk]:
+        vision = self._vision_chat()
         prompts = self._builder()
-        plan = prompts.plan(request, media_marker=self._vision.media_marker)
+        plan = prompts.plan(request, media_marker=vision.media_marker)
         images = [image for m in request.messages for image in m.images]
-        n_prompt, events = self._vision.generate(
-            plan.prompt, plan.shielded, images, prompts, request.sampling, plan.grammar, cancel
+        n_prompt, events = vision.generate(
+            plan.prompt, plan.shielded, images, prompts, request.sampling, plan.grammar, cancel,
+            logprobs=request.logprobs, steer=self._budget_closer(request, plan), render_special=self._render_special,
         )
-        chunker = AnswerChunker(n_prompt, plan.tool_names, request.sampling.stop)
+        chunker = self.chunker(request, plan, n_prompt)
         try:
             for event in events:
                 yield from chunker.take(event)

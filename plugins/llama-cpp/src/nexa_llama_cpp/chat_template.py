@@ -128,14 +128,21 @@ class ChatTemplate:
             return False
 
     def _render(
-        self, messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None, gen: bool
+        self,
+        messages: list[dict[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None,
+        gen: bool,
+        variables: Mapping[str, Any] | None = None,
     ) -> str:
         return self._template.render(
-            messages=messages,
-            tools=list(tools) if tools else None,
-            add_generation_prompt=gen,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
+            {
+                **(variables or {}),
+                "messages": messages,
+                "tools": list(tools) if tools else None,
+                "add_generation_prompt": gen,
+                "bos_token": self.bos_token,
+                "eos_token": self.eos_token,
+            }
         )
 
     def render(
@@ -144,15 +151,18 @@ class ChatTemplate:
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         media_marker: str | None = None,
+        variables: Mapping[str, Any] | None = None,
     ) -> str:
         """The prompt text for ``messages``, ending with the assistant's turn opener.
 
         Images become ``media_marker`` (the multimodal tokenizer's placeholder); a
         conversation with images on a text model is refused by the caller before this.
+        ``variables``: further template variables (``enable_thinking``, a client's
+        ``chat_template_kwargs``; core already refused the names set here).
         """
         dicts = [self.message_dict(m, media_marker) for m in messages]
         try:
-            return self._render(dicts, tools, True)
+            return self._render(dicts, tools, True, variables)
         except BadRequest:
             raise
         except SecurityError as exc:

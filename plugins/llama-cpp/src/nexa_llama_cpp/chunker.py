@@ -1,9 +1,15 @@
-"""Generated text to ``ChatChunk``s, the same for the engine's text chats and image chats.
+"""Generated text to ``ChatChunk``s, the same for the engine's text chats, image chats and
+text completions.
 
 ``AnswerChunker`` takes the generation's events (``engine.TextPiece`` / ``engine.Finished``)
-and applies, in this order: stop strings (core's ``nexa.text.StopHoldBack``: the backend
-stops natively, so the server leaves them to it), tool-call parsing (``tools.ToolCallStream``
-when the request has tools), then the finish reason and usage. When it reports
+and applies, in this order: the reasoning split (core's ``nexa.reasoning.ReasoningSplitter``:
+the thought goes to ``ChatChunk.reasoning``, or stays in the content as written for the
+``inline`` format, or is dropped for ``hidden``), then, on the answer only, stop strings
+(core's ``nexa.text.StopHoldBack``: the backend stops natively, so the server leaves them
+to it) and tool-call parsing (``tools.ToolCallStream`` when the request has tools), then
+the finish reason, the stop string that ended the answer (``ChatChunk.stop_sequence``) and
+usage (reasoning tokens counted apart). Log-probability records travel with the answer
+chunks that complete their tokens; the thought's tokens have none. When it reports
 ``stopped``, its caller ends the generation (``Generation.finish``).
 """
 
@@ -11,22 +17,37 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from nexa.reasoning import ReasoningSplitter, Split
 from nexa.text import StopHoldBack
-from nexa.types import ChatChunk, ToolCall, Usage
+from nexa.types import ChatChunk, Reasoning, TokenLogprob, ToolCall, Usage
 from nexa_llama_cpp.engine.records import Event, TextPiece
 from nexa_llama_cpp.tools import ToolCallStream
 
 
 class AnswerChunker:
-    """One answer's chunks, from the prompt's token count, the tool names to parse and the stop strings."""
+    """One answer's chunks, from the prompt's token count, the tool names to parse and the
+    stop strings; ``splitter`` and ``reasoning`` for a thinking model (the splitter of
+    ``nexa.reasoning.reasoning_for``; none: all answer)."""
 
-    def __init__(self, n_prompt: int, tool_names: Sequence[str], stops: Sequence[str]) -> None:
+    def __init__(
+        self,
+        n_prompt: int,
+        tool_names: Sequence[str],
+        stops: Sequence[str],
+        *,
+        splitter: ReasoningSplitter | None = None,
+        reasoning: Reasoning = Reasoning(),
+    ) -> None:
         self.n_prompt = n_prompt
         self.n_generated = 0
         self.n_cached = 0
         self.reason = "stop"
+        self.reasoning = reasoning
+        self._split = splitter or ReasoningSplitter(None)
         self._stop = StopHoldBack(stops)
         self._tools = ToolCallStream(tool_names) if tool_names else None
+        self._records: list[TokenLogprob] = []  # the answer's, not yet sent with a chunk
+        self._undecided: list[TokenLogprob] = []  # before the output showed whether it thinks
 
     @property
     def stopped(self) -> bool:
@@ -37,7 +58,11 @@ class AnswerChunker:
         """The chunks a generation event gives (none for the final one: see ``finish``)."""
         if isinstance(event, TextPiece):
             self.n_generated += event.n_tokens
-            return self._emit(self._stop.feed(event.text))
+            before = self._split.reasoning_tokens
+            split = self._split.feed(event.text, tokens=event.n_tokens)
+            if event.logprobs:
+                self._sort(event.logprobs, thought=self._split.reasoning_tokens > before)
+            return self._chunks(split)
         self.reason = event.finish_reason
         self.n_generated = event.completion_tokens
         self.n_cached = event.cached_tokens
@@ -45,22 +70,56 @@ class AnswerChunker:
 
     def finish(self) -> list[ChatChunk]:
         """The held-back text, any pending tool call, and the last chunk with finish and usage."""
-        out = self._emit(self._stop.flush())
+        out = [] if self.stopped else self._chunks(self._split.finish())
+        out += self._emit(self._stop.flush())
         reason = "stop" if self.stopped else self.reason
         if self._tools is not None:
-            out.extend(_chunk_of(event) for event in self._tools.finish())
+            out.extend(self._attach(_chunk_of(event)) for event in self._tools.finish())
             if self._tools.calls:
                 reason = "tool_calls"
-        usage = Usage(self.n_prompt, self.n_generated, cached_tokens=self.n_cached)
-        out.append(ChatChunk(finish_reason=reason, usage=usage))
+        usage = Usage(self.n_prompt, self.n_generated, reasoning_tokens=self._split.reasoning_tokens,
+                      cached_tokens=self.n_cached)
+        matched = self._stop.matched if reason == "stop" and self.stopped else None
+        records = tuple(self._records + self._undecided)
+        out.append(ChatChunk(finish_reason=reason, usage=usage, stop_sequence=matched, logprobs=records))
+        return out
+
+    def _sort(self, records: tuple[TokenLogprob, ...], *, thought: bool) -> None:
+        """File a piece's records: the answer's go out with it, the thought's are dropped,
+        and those of an output that may still turn out to be a thought wait."""
+        if self._split.state == "start":
+            self._undecided += records
+        elif thought:
+            self._undecided.clear()
+        elif not self.stopped:
+            self._records += self._undecided + list(records)
+            self._undecided.clear()
+
+    def _chunks(self, split: Split) -> list[ChatChunk]:
+        out = []
+        if split.reasoning:
+            if self.reasoning.format == "separate":
+                out.append(ChatChunk(reasoning=split.reasoning))
+            elif self.reasoning.format == "inline":
+                # The thought as written, outside the answer's stops and tool calls.
+                out.append(ChatChunk(content=split.reasoning))
+        if split.answer:
+            out += self._emit(self._stop.feed(split.answer))
         return out
 
     def _emit(self, text: str) -> list[ChatChunk]:
         if not text:
             return []
         if self._tools is None:
-            return [ChatChunk(content=text)]
-        return [_chunk_of(event) for event in self._tools.feed(text)]
+            return [self._attach(ChatChunk(content=text))]
+        return [self._attach(_chunk_of(event)) for event in self._tools.feed(text)]
+
+    def _attach(self, chunk: ChatChunk) -> ChatChunk:
+        """``chunk`` with the answer's records not yet sent."""
+        if not self._records:
+            return chunk
+        records, self._records = tuple(self._records), []
+        return ChatChunk(content=chunk.content, tool_calls=chunk.tool_calls, logprobs=records)
 
 
 def _chunk_of(event: str | ToolCall) -> ChatChunk:

@@ -1,7 +1,8 @@
 """Tool calls in plain text: prompting for them, and finding them in the answer.
 
 - ``ToolCallStream`` turns streamed model text into content and tool calls (Hermes/Qwen
-  ``<tool_call>{json}</tool_call>`` blocks, or an answer that is one bare JSON call).
+  ``<tool_call>{json}</tool_call>`` blocks, whose arguments stream as they are written
+  (core's ``nexa.toolcalls.JsonCallStream``), or an answer that is one bare JSON call).
 - ``tools_system_prompt`` / ``describe_tools``: for chat templates that ignore ``tools``,
   the tools as a system prompt, and earlier calls and results as text in that same form.
 - ``call_schema``: the JSON schema of one call, from which ``grammar`` builds the GBNF
@@ -14,15 +15,11 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from nexa.toolcalls import JsonCallStream, new_call_id
 from nexa.types import ChatMessage, ToolCall
-
-
-def new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
 
 
 def _arguments_text(value: Any) -> str:
@@ -82,13 +79,19 @@ class ToolCallStream:
     Content is passed through as it comes, except text that might open a
     ``<tool_call>`` block (held until decided) and output that starts like a JSON
     object (held to the end, because the whole answer may be one bare JSON call).
+    A tagged call to a known function in the usual JSON shape is streamed: its first
+    piece names it, the next ones carry its arguments as they are written (pieces of one
+    call share its id); any other tagged call is parsed whole at its close tag.
     """
 
     def __init__(self, known: Sequence[str]):
         self.known = tuple(known)
         self.calls: list[ToolCall] = []
+        """The calls made (their first piece, for streamed ones)."""
         self._mode = "start"  # start | text | call | bare
         self._buf = ""
+        self._call: JsonCallStream | None = None
+        self._fed = 0  # how much of the open call's text the call stream has read
 
     def feed(self, text: str) -> list[str | ToolCall]:
         self._buf += text
@@ -100,6 +103,18 @@ class ToolCallStream:
     def _emit_call(self, out: list[str | ToolCall], call: ToolCall) -> None:
         self.calls.append(call)
         out.append(call)
+
+    def _stream_call(self, out: list[str | ToolCall], upto: int) -> None:
+        """Give the open call's text up to ``upto`` to its call stream; emit its pieces."""
+        if self._call is None:
+            self._call = JsonCallStream(self.known)
+        if upto <= self._fed:
+            return
+        text, self._fed = self._buf[self._fed : upto], upto
+        for piece in self._call.feed(text):
+            if piece.name:
+                self.calls.append(piece)
+            out.append(piece)
 
     def _drain(self, final: bool) -> list[str | ToolCall]:
         out: list[str | ToolCall] = []
@@ -146,17 +161,22 @@ class ToolCallStream:
             if self._mode == "call":
                 j = self._buf.find(CLOSE_TAG)
                 if j == -1 and not final:
+                    self._stream_call(out, len(self._buf) - _prefix_overlap(self._buf, CLOSE_TAG))
                     return out
                 body = self._buf if j == -1 else self._buf[:j]
                 rest = "" if j == -1 else self._buf[j + len(CLOSE_TAG) :]
+                self._stream_call(out, len(body))
+                streamed = self._call is not None and self._call.streamed
+                self._call, self._fed = None, 0
                 call = None
-                try:
-                    call = call_from_json(json.loads(body.strip()))
-                except ValueError:
-                    pass
+                if not streamed:
+                    try:
+                        call = call_from_json(json.loads(body.strip()))
+                    except ValueError:
+                        pass
                 if call is not None:
                     self._emit_call(out, call)
-                else:
+                elif not streamed:
                     # Malformed: give the client what the model wrote rather than drop it.
                     out.append(OPEN_TAG + body + ("" if j == -1 else CLOSE_TAG))
                 self._buf = rest

@@ -7,15 +7,17 @@ image goes: the text between markers is tokenized by the backend's ``PromptBuild
 (client text never becomes control tokens), each image is tokenized and encoded by MTMD
 from its bytes alone (never a URL or path: the library's handlers would ``urlopen``
 them), and both are evaluated in order with the prefill abort armed, so a cancel stops
-even a long prompt or an image's decode. Generation is ``Llama.generate``; its tokens
-come out as the engine's events (``TextPiece``, ``Finished``) for the same chunker.
+even a long prompt or an image's decode. Each answer token is picked by the engine's
+``Sampler`` from the last logits and evaluated with ``Llama.eval``; the tokens come out as
+the engine's events (``TextPiece``, ``Finished``) for the same chunker.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,9 @@ from nexa.backend import CancelToken
 from nexa.errors import BadRequest, Cancelled, ModelLoadError
 from nexa.text import Shielded
 from nexa.types import ImagePart, Sampling
+from nexa_llama_cpp.context_size import ContextLayout
 from nexa_llama_cpp.engine.records import Event, Finished, TextPiece
+from nexa_llama_cpp.engine.sampler import Sampler, Scratch
 from nexa_llama_cpp.native import PrefillAbort
 from nexa_llama_cpp.prompt import PromptBuilder, fit_context
 
@@ -31,7 +35,7 @@ from nexa_llama_cpp.prompt import PromptBuilder, fit_context
 class ImageChat:
     """Image chats on one loaded ``Llama`` with its mmproj (one at a time)."""
 
-    def __init__(self, llama: Any, mmproj: Path, *, use_gpu: bool) -> None:
+    def __init__(self, llama: Any, mmproj: Path, limit: ContextLayout, *, use_gpu: bool) -> None:
         import llama_cpp.llama_cpp as lib
         import llama_cpp.mtmd_cpp as mtmd_cpp
         from llama_cpp.llama_chat_format import MTMDChatHandler
@@ -50,11 +54,14 @@ class ImageChat:
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"the mmproj {mmproj.name} could not be loaded: {exc}") from exc
         self._llama = llama
+        self.limit = limit
+        """The context of a request (the ``Llama``'s own is as long)."""
         self.handler = handler
         self.media_marker = mtmd_cpp.mtmd_default_marker().decode("utf-8")
         """MTMD's placeholder: the template renders it where each image goes."""
         self._abort = PrefillAbort(lib, llama._ctx.ctx)
-        self._pieces: dict[int, bytes] = {}
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+        self._scratch: Scratch | None = None
 
     def close(self) -> None:
         """Stop the abort watcher (after the ``Llama``, which frees the MTMD context, is closed)."""
@@ -69,57 +76,64 @@ class ImageChat:
         sampling: Sampling,
         grammar: str | None,
         cancel: CancelToken,
+        *,
+        logprobs: int | None = None,
+        steer: Callable[[int], Sequence[int]] | None = None,
+        render_special: bool = False,
     ) -> tuple[int, Iterator[Event]]:
         """Evaluate the prompt with its images (now); its token count and the answer's
-        events, token by token (the generator; closing it stops generating)."""
-        import llama_cpp
-        from llama_cpp.llama_grammar import LlamaGrammar
+        events, token by token (the generator; closing it stops generating). Tokens are
+        picked by the engine's ``Sampler`` (bias, penalties, grammar, seed, logprobs,
+        forced tokens), the same as text chats."""
+        import llama_cpp.llama_cpp as lib
 
         llama = self._llama
-        compiled = None
-        if grammar:
-            _check_grammar(llama, grammar)
-            compiled = LlamaGrammar.from_string(grammar, verbose=False)
-        n_prompt, sampling = self._prefill(prompt, shielded, images, builder, sampling, cancel)
-        prompt_tokens = llama.input_ids[: llama.n_tokens].tolist()
-        llama.set_seed(sampling.seed if sampling.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
-        # The prompt is in the KV cache, so generate() samples at once, no re-evaluation.
-        tokens = llama.generate(
-            prompt_tokens,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            min_p=sampling.min_p,
-            typical_p=1.0,
-            temp=sampling.temperature,
-            repeat_penalty=sampling.repeat_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            presence_penalty=sampling.presence_penalty,
-            grammar=compiled,
-        )
-        return n_prompt, self._events(tokens, n_prompt, sampling.max_tokens or 1, cancel)
+        n_vocab = llama.n_vocab()
 
-    def _events(self, tokens: Iterator[int], n_prompt: int, max_tokens: int, cancel: CancelToken) -> Iterator[Event]:
+        def piece(token: int) -> bytes:
+            return self._piece(token, render_special)
+
+        # Made first: a bad grammar or logit bias is refused before any work.
+        sampler = Sampler(lib, llama._model.vocab, n_vocab, sampling, grammar, logprobs=logprobs,
+                          token_bytes=piece, steer=steer)
+        try:
+            n_prompt, sampling = self._prefill(prompt, shielded, images, builder, sampling, cancel)
+        except BaseException:
+            sampler.free()
+            raise
+        if sampler.needs_scratch and (self._scratch is None or self._scratch.ids.size != n_vocab):
+            self._scratch = Scratch(lib, n_vocab)
+        return n_prompt, self._events(sampler, piece, n_prompt, sampling.max_tokens or 1, cancel)
+
+    def _events(self, sampler: Sampler, piece: Callable[[int], bytes], n_prompt: int, max_tokens: int,
+                cancel: CancelToken) -> Iterator[Event]:
         import llama_cpp
 
-        vocab = self._llama._model.vocab
+        llama = self._llama
+        vocab = llama._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        n = 0
+        n = unreported = 0
         reason = "length"
         try:
-            for token in tokens:
+            while True:
+                # Checked before each decode: a disconnect costs at most this token.
+                cancel.raise_if_cancelled()
+                # The logits of the last evaluated token (the prompt's, then each answer token's).
+                token = sampler.sample(llama._ctx.ctx, -1, self._scratch)
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     reason = "stop"
                     break
                 n += 1
-                text = decoder.decode(self._piece(token))
-                if text:
-                    yield TextPiece(text, 1)
+                unreported += 1
+                text = decoder.decode(piece(token))
+                if text or sampler.logprobs is not None and n >= max_tokens:
+                    yield TextPiece(text, unreported, sampler.take_logprobs())
+                    unreported = 0
                 if n >= max_tokens:
                     break
-                # Checked before the next decode: a disconnect costs at most this token.
-                cancel.raise_if_cancelled()
+                llama.eval([token])
         finally:
-            tokens.close()  # type: ignore[attr-defined]
+            sampler.free()
         # The bytes of a character cut short by max_tokens are dropped, never shown as U+FFFD.
         yield Finished(reason, n_prompt, n)
 
@@ -136,9 +150,32 @@ class ImageChat:
     ) -> tuple[int, Sampling]:
         """Tokenize text and images, check the context, evaluate them into the KV cache.
         Returns the prompt's token count and ``sampling`` capped to the room left."""
+        llama = self._llama
+        with self._tokenized(prompt, shielded, images, builder) as (text_tokens, parts, total):
+            sampling = fit_context(sampling, total, self.limit)
+            # Image positions leave stale ids in input_ids: the cache is never reused.
+            llama.reset()
+            llama._ctx.kv_cache_clear()
+            for i, tokens in enumerate(text_tokens):
+                self._eval_text(tokens, cancel)
+                if i < len(parts):
+                    for chunk in parts[i]:
+                        self._eval_chunk(chunk, cancel)
+            return total, sampling
+
+    def count_tokens(self, prompt: str, shielded: Shielded, images: Sequence[ImagePart], builder: PromptBuilder) -> int:
+        """The prompt's tokens, images included, as ``generate`` counts them (nothing evaluated)."""
+        with self._tokenized(prompt, shielded, images, builder) as (_text, _parts, total):
+            return total
+
+    @contextlib.contextmanager
+    def _tokenized(
+        self, prompt: str, shielded: Shielded, images: Sequence[ImagePart], builder: PromptBuilder
+    ) -> Iterator[tuple[list[list[int]], list[list[Any]], int]]:
+        """The text's token lists, each image's MTMD chunks and the total token count;
+        the native chunks and bitmaps are freed on leaving."""
         import llama_cpp.mtmd_cpp as mtmd
 
-        llama = self._llama
         text_tokens = self.text_tokens(prompt, shielded, builder, len(images))
         bitmaps: list[Any] = []
         chunk_lists: list[Any] = []
@@ -154,16 +191,7 @@ class ImageChat:
             total = sum(len(t) for t in text_tokens) + sum(
                 mtmd.mtmd_input_chunk_get_n_tokens(c) for chunk in parts for c in chunk
             )
-            sampling = fit_context(sampling, total, llama.n_ctx())
-            # Image positions leave stale ids in input_ids: the cache is never reused.
-            llama.reset()
-            llama._ctx.kv_cache_clear()
-            for i, tokens in enumerate(text_tokens):
-                self._eval_text(tokens, cancel)
-                if i < len(parts):
-                    for chunk in parts[i]:
-                        self._eval_chunk(chunk, cancel)
-            return total, sampling
+            yield text_tokens, parts, total
         finally:
             for chunks in chunk_lists:
                 mtmd.mtmd_input_chunks_free(chunks)
@@ -253,27 +281,17 @@ class ImageChat:
         llama = self._llama
         llama._ctx.kv_cache_seq_rm(-1, llama.n_tokens, -1)
 
-    def _piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
+    def _piece(self, token: int, special: bool) -> bytes:
+        piece = self._pieces.get((token, special))
         if piece is None:
             import llama_cpp
 
             vocab = self._llama._model.vocab
             buf = ctypes.create_string_buffer(64)
-            n = llama_cpp.llama_token_to_piece(vocab, token, buf, 64, 0, False)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buf, 64, 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, False)
+                n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, special)
             piece = buf.raw[:n]
-            self._pieces[token] = piece
+            self._pieces[(token, special)] = piece
         return piece
-
-
-def _check_grammar(llama: Any, gbnf: str) -> None:
-    """A grammar llama.cpp rejects would crash the sampler chain; refuse it first."""
-    import llama_cpp
-
-    sampler = llama_cpp.llama_sampler_init_grammar(llama._model.vocab, gbnf.encode(), b"root")
-    if not sampler:
-        raise BadRequest("the requested output format could not be turned into a grammar")
-    llama_cpp.llama_sampler_free(sampler)

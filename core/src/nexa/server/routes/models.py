@@ -11,10 +11,11 @@ from litestar.params import FromPath
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import nexa
+from nexa.manager import LoadedModel
 from nexa.server import schemas as wire
 from nexa.server.deps import Manager, MetricsDep, Plugins, Registry, Store
 from nexa.server.errors import GUARDED, error_responses
-from nexa.types import Manifest, Task
+from nexa.types import ContextPlan, Manifest, Task
 
 
 def served_tasks(manifest: Manifest) -> list[str]:
@@ -27,6 +28,7 @@ def served_tasks(manifest: Manifest) -> list[str]:
 
 def model_card(manager: Manager, manifest: Manifest) -> wire.ModelCard:
     loaded = {e.manifest.name for e in manager.loaded()}
+    plan = next((p for e in manager.loaded() if e.manifest.name == manifest.name and (p := _context_plan(e))), None)
     owner = manifest.name.split("/", 1)[0] if "/" in manifest.name else "local"
     created = 0
     if manifest.root is not None:
@@ -41,7 +43,17 @@ def model_card(manager: Manager, manifest: Manifest) -> wire.ModelCard:
         size=manifest.size,
         quant=manifest.quant,
         loaded=manifest.name in loaded,
+        context_length=plan.length if plan else None,
+        context_reason=plan.reason if plan else None,
     )
+
+
+def _context_plan(entry: LoadedModel) -> ContextPlan | None:
+    """A ready model's context plan (made at its load)."""
+    ready = entry.ready
+    if not ready.done() or ready.cancelled() or ready.exception() is not None:
+        return None
+    return entry.backend.context_plan()
 
 
 class ModelsController(Controller):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from nexa.types import Sampling
+from nexa.types import Sampling, TokenLogprob
 
 if TYPE_CHECKING:
     from nexa_llama_cpp.engine.sampler import Sampler
@@ -51,6 +51,13 @@ class GenerationRequest:
     after free text."""
     render_special: bool = False
     """Emit the text of control tokens (``<|im_start|>``, ``<think>``...) instead of dropping it."""
+    logprobs: int | None = None
+    """None, or n: each generated token's log-probability record with its n most likely
+    alternatives (``TextPiece.logprobs``; ``engine.sampler`` says which numbers)."""
+    steer: Callable[[int], Sequence[int]] | None = attrs.field(default=None, eq=False)
+    """Called on the engine thread with each generated token; returns tokens the engine
+    must generate next instead of sampling (a thinking budget forcing the thought's close
+    marker). They count as generated tokens."""
 
 
 @attrs.frozen
@@ -60,6 +67,8 @@ class TextPiece:
     text: str
     n_tokens: int = 1
     """Generated tokens since the previous piece (a character can span several tokens)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Those tokens' log-probability records, when the request asked for them."""
 
 
 @attrs.frozen

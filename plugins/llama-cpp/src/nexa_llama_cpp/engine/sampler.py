@@ -1,21 +1,35 @@
-"""How one sequence of the batching engine picks its next token.
+"""How one sequence of the batching engine picks its next token, and what it reports about it.
 
 ``Sampler`` is llama.cpp's sampler chain built from core's ``nexa.types.Sampling``
-(penalties, then greedy or top-k / top-p / min-p / temperature / a seeded draw), plus an
-optional grammar sampler (GBNF, lazy when it has trigger patterns). Each sequence owns
-one, so requests batched together never share sampling state or random numbers.
+(the logit bias, penalties, then greedy or top-k / top-p / min-p / temperature / a seeded
+draw), plus an optional grammar sampler (GBNF, lazy when it has trigger patterns). Each
+sequence owns one, so requests batched together never share sampling state or random
+numbers. The image path (``vision``) samples with it too.
+
+Beyond sampling it can:
+
+- report each token's log-probability and the most likely alternatives
+  (``nexa.types.TokenLogprob``): the log-softmax of the logits after the logit bias and
+  the penalties, before temperature and the top-k/top-p/min-p cuts (as MLX's, and
+  OpenAI's, whose logprobs move with ``logit_bias``); a grammar's masking is not applied
+  to them. A separate chain of the same bias and penalties computes them, so asking for
+  logprobs never changes the text;
+- force tokens instead of sampling: ``steer`` is told each chosen token and returns the
+  tokens that must come next (a thinking budget forcing the close of the thought). Forced
+  tokens go through the chain's history (penalties) as if sampled.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from nexa.errors import BadRequest
-from nexa.types import Sampling
+from nexa.types import Sampling, TokenLogprob
 
 PENALTY_LAST_N = 64
 """Recent tokens the repetition, frequency and presence penalties look at (llama.cpp's
@@ -23,7 +37,13 @@ default ``repeat_last_n``)."""
 
 
 class Sampler:
-    """One sequence's sampler chain and grammar sampler (owned C objects; ``free`` them)."""
+    """One sequence's sampler chain and grammar sampler (owned C objects; ``free`` them).
+
+    ``logprobs``: None, or how many alternatives each token's record lists (0..20); the
+    records then need ``token_bytes`` (a token's text as the consumer shows it) and are
+    collected by ``take_logprobs``. ``steer``: called with every chosen token (forced ones
+    too); returns the tokens to force next (usually none).
+    """
 
     def __init__(
         self,
@@ -33,26 +53,31 @@ class Sampler:
         sampling: Sampling,
         grammar: str | None = None,
         grammar_triggers: Sequence[str] = (),
+        *,
+        logprobs: int | None = None,
+        token_bytes: Callable[[int], bytes] | None = None,
+        steer: Callable[[int], Sequence[int]] | None = None,
     ) -> None:
         self._lib = lib
         self.n_vocab = n_vocab
         self.chain = None
         self.grammar = None
+        self.adjust = None
+        """The bias and penalties alone, for the logprobs' view of the logits (None: the raw logits)."""
+        self.logprobs = logprobs
+        self._token_bytes = token_bytes
+        self._steer = steer
+        self._forced: collections.deque[int] = collections.deque()
+        self._records: list[TokenLogprob] = []
         L = lib
+        bias = check_logit_bias(sampling, n_vocab)
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         self.chain = chain
+        self._add_adjustments(chain, sampling, bias)
+        if logprobs is not None and (bias or _penalised(sampling)):
+            self.adjust = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+            self._add_adjustments(self.adjust, sampling, bias)
         s = sampling
-        if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
-            L.llama_sampler_chain_add(
-                chain,
-                L.llama_sampler_init_penalties(
-                    n_vocab,
-                    PENALTY_LAST_N,
-                    float(s.repeat_penalty),
-                    float(s.frequency_penalty),
-                    float(s.presence_penalty),
-                ),
-            )
         if s.greedy:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
             self.seed = None
@@ -82,11 +107,96 @@ class Sampler:
                 self.free()
                 raise BadRequest("the grammar for this request could not be parsed", param="grammar")
 
-    def sample(self, ctx: Any, idx: int, scratch: Scratch) -> int:
-        """The next token from the logits of batch row ``idx`` (accepted into the chain)."""
-        if self.grammar is None:
-            return self._lib.llama_sampler_sample(self.chain, ctx, idx)
-        return self._sample_grammar(ctx, idx, scratch)
+    def _add_adjustments(self, chain: Any, s: Sampling, bias: list[tuple[int, float]]) -> None:
+        """The logit bias, then the penalties: what changes the logits before any choice."""
+        L = self._lib
+        if bias:
+            entries = (L.llama_logit_bias * len(bias))(*(L.llama_logit_bias(token=t, bias=b) for t, b in bias))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(self.n_vocab, len(bias), entries))
+        if _penalised(s):
+            L.llama_sampler_chain_add(
+                chain,
+                L.llama_sampler_init_penalties(
+                    self.n_vocab,
+                    PENALTY_LAST_N,
+                    float(s.repeat_penalty),
+                    float(s.frequency_penalty),
+                    float(s.presence_penalty),
+                ),
+            )
+
+    def sample(self, ctx: Any, idx: int, scratch: Scratch | None) -> int:
+        """The next token from the logits of batch row ``idx`` (accepted into the chain): a
+        forced one when ``steer`` asked for it, else sampled. Its logprob record, when asked
+        for, waits in ``take_logprobs``."""
+        if self.logprobs is not None:
+            view = self._logprob_view(ctx, idx, scratch)
+        if self._forced:
+            token = self._forced.popleft()
+            self._lib.llama_sampler_accept(self.chain, token)
+            if self.grammar is not None:
+                self._lib.llama_sampler_accept(self.grammar, token)
+        elif self.grammar is None:
+            token = self._lib.llama_sampler_sample(self.chain, ctx, idx)
+        else:
+            assert scratch is not None
+            token = self._sample_grammar(ctx, idx, scratch)
+        if self.logprobs is not None:
+            if self.adjust is not None:
+                self._lib.llama_sampler_accept(self.adjust, token)
+            self._records.append(self._record(view, token))
+        if self._steer is not None:
+            self._forced.extend(self._steer(token))
+        return token
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The records of the tokens sampled since the last call."""
+        records, self._records = tuple(self._records), []
+        return records
+
+    # --- log-probabilities ----------------------------------------------------------------
+
+    def _logprob_view(self, ctx: Any, idx: int, scratch: Scratch | None) -> Any:
+        """Log-softmax over the vocabulary of row ``idx``'s logits after bias and penalties."""
+        import numpy as np
+
+        L, nv = self._lib, self.n_vocab
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(nv,))
+        if self.adjust is not None:
+            assert scratch is not None
+            cand = scratch.candidates
+            cand["id"] = scratch.ids
+            cand["logit"] = logits
+            arr = L.llama_token_data_array(
+                data=cand.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=nv, selected=-1, sorted=False
+            )
+            # Bias and penalties change logits in place and keep the vocabulary's order.
+            L.llama_sampler_apply(self.adjust, ctypes.byref(arr))
+            logits = cand["logit"]
+        values = logits.astype(np.float64)
+        top = float(values.max())
+        return values - (top + math.log(float(np.exp(values - top).sum())))
+
+    def _record(self, view: Any, token: int) -> TokenLogprob:
+        import numpy as np
+
+        top: tuple[tuple[str, float], ...] = ()
+        n = min(self.logprobs or 0, self.n_vocab)
+        if n:
+            best = np.argpartition(-view, n - 1)[:n]
+            best = best[np.argsort(-view[best], kind="stable")]
+            top = tuple((self._text(int(t))[0], _finite(view[t])) for t in best)
+        text, raw = self._text(token)
+        return TokenLogprob(text, _finite(view[token]), top, raw)
+
+    def _text(self, token: int) -> tuple[str, bytes | None]:
+        """A token's text, and its bytes when they are not whole UTF-8 on their own."""
+        assert self._token_bytes is not None, "logprobs need token_bytes"
+        raw = self._token_bytes(token)
+        try:
+            return raw.decode("utf-8"), None
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", "replace"), raw
 
     def _sample_grammar(self, ctx: Any, idx: int, scratch: Scratch) -> int:
         """Sample, then check the token against the grammar; only when it is rejected run
@@ -124,12 +234,37 @@ class Sampler:
         return token
 
     def free(self) -> None:
-        if self.chain:
-            self._lib.llama_sampler_free(self.chain)
-            self.chain = None
-        if self.grammar:
-            self._lib.llama_sampler_free(self.grammar)
-            self.grammar = None
+        for name in ("chain", "grammar", "adjust"):
+            sampler = getattr(self, name)
+            if sampler:
+                self._lib.llama_sampler_free(sampler)
+                setattr(self, name, None)
+
+    @property
+    def needs_scratch(self) -> bool:
+        """Whether ``sample`` works on a candidate array (``Scratch``) over the vocabulary."""
+        return self.grammar is not None or self.adjust is not None
+
+
+LOGPROB_FLOOR = -9999.0
+"""JSON has no -inf: a token ruled out (a bias of -inf) gets OpenAI's floor instead."""
+
+
+def _finite(value: float) -> float:
+    return float(value) if math.isfinite(value) else LOGPROB_FLOOR
+
+
+def _penalised(s: Sampling) -> bool:
+    return s.repeat_penalty != 1.0 or bool(s.frequency_penalty) or bool(s.presence_penalty)
+
+
+def check_logit_bias(sampling: Sampling, n_vocab: int) -> list[tuple[int, float]]:
+    """``sampling.logit_bias`` as (token, bias) pairs; a token outside the vocabulary is a 400."""
+    bad = [t for t in sampling.logit_bias if not 0 <= t < n_vocab]
+    if bad:
+        raise BadRequest(f"logit_bias names token {bad[0]}; this model's tokens are 0..{n_vocab - 1}",
+                         param="logit_bias")
+    return [(int(t), float(b)) for t, b in sampling.logit_bias.items()]
 
 
 class Scratch:

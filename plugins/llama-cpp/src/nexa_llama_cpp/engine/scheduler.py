@@ -207,7 +207,11 @@ class BatchEngine:
             raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in a context of {self.n_ctx}")
         wanted = request.sampling.max_tokens
         max_new = room if wanted is None else min(wanted, room)
-        sampler = Sampler(c.L, c.vocab, self.n_vocab, request.sampling, request.grammar, request.grammar_triggers)
+        sampler = Sampler(
+            c.L, c.vocab, self.n_vocab, request.sampling, request.grammar, request.grammar_triggers,
+            logprobs=request.logprobs, steer=request.steer,
+            token_bytes=lambda t: c.token_bytes(t, special=request.render_special),
+        )
         job = Job(request=request, sampler=sampler, sink=sink, control=control, max_new=max_new)
         with self._cv:
             if self._closing:
@@ -534,9 +538,9 @@ class BatchEngine:
     def _sample_and_emit(self, seq: Running) -> None:
         c, job = self._c, seq.job
         assert c is not None
-        if self._scratch is None and job.sampler.grammar is not None:
+        if self._scratch is None and job.sampler.needs_scratch:
             self._scratch = Scratch(c.L, self.n_vocab)
-        token = job.sampler.sample(c.ctx, seq.i_batch, self._scratch)  # type: ignore[arg-type]
+        token = job.sampler.sample(c.ctx, seq.i_batch, self._scratch)
         if c.is_eog(token):
             self._finish(seq, "stop")
             return
@@ -544,8 +548,9 @@ class BatchEngine:
         seq.n_unreported += 1
         self._counters["tokens_generated"] += 1
         text = seq.decoder.decode(c.token_bytes(token, special=job.request.render_special))
-        if text:
-            self._emit(job, TextPiece(text, seq.n_unreported))
+        if text or job.request.logprobs is not None and seq.n_generated >= job.max_new:
+            # With logprobs, the records of a character cut short by the length go too.
+            self._emit(job, TextPiece(text, seq.n_unreported, job.sampler.take_logprobs()))
             seq.n_unreported = 0
         if seq.n_generated >= job.max_new:
             self._finish(seq, "length")
