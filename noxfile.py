@@ -38,6 +38,7 @@ nox.options.sessions = [
     "diffusers",
     "mlx_cpu" if not IS_APPLE_SILICON else "mlx_metal",
     "e2e",
+    "browser",
     "ray",
 ]
 if HAS_CUDA:
@@ -167,7 +168,22 @@ def e2e(session: nox.Session) -> None:
     session.install("-r", str(ROOT / "tests" / "requirements.txt"))
     # One decode thread: with every core decoding, any other process stalls llama.cpp's
     # spinning thread pool for whole scheduler slices (measured 6x slower under load).
-    _pytest(session, "tests", env={"NEXA_LOAD_THREADS": "1"})
+    _pytest(session, "tests", "--ignore=tests/browser", env={"NEXA_LOAD_THREADS": "1"})
+
+
+@nox.session
+def browser(session: nox.Session) -> None:
+    """The web page at `/` in headless Chromium (Debian's `chromium`, driven by Playwright)
+    against a real `nexa serve`; screenshots land in test-artifacts/browser/."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        message = "no chromium on the PATH (Debian: `apt-get install chromium`; .ci/run installs it)"
+        if os.environ.get("CI") or os.environ.get("NEXA_BROWSER_REQUIRED"):
+            session.error(message)
+        session.skip(message)
+    _install(session, "llama-cpp", "sentence-transformers", "diffusers", llama="cpu", torch=True)
+    session.install("-r", str(ROOT / "tests" / "browser" / "requirements.txt"))
+    _pytest(session, "tests/browser", env={"NEXA_LOAD_THREADS": "1", "NEXA_CHROMIUM": chromium})
 
 
 @nox.session

@@ -38,6 +38,7 @@ from nexa.types import (
     Manifest,
     RerankRequest,
     RerankResult,
+    ResidentInfo,
     Task,
     TranscribeRequest,
     Transcript,
@@ -116,6 +117,9 @@ class Backend:
     """The optional ``LoadOptions`` fields this backend honours (``draft``,
     ``cache_type_k``, ``cache_type_v``); the server drops the others, with a warning, before
     they reach it."""
+    honours_context_length: ClassVar[bool] = False
+    """True when the backend sizes its context from ``LoadOptions.context_length``
+    (``nexa serve --ctx``, a load's ``context``); a load asking others for a context is refused."""
     stops_natively: ClassVar[bool] = False
     """True when ``chat`` itself ends the answer at ``request.sampling.stop`` strings (with
     ``nexa.text.StopHoldBack``), stopping generation at once and counting tokens exactly.
@@ -224,6 +228,16 @@ class Backend:
         already at hand, never block. The server already counts requests, tokens and
         latency for every backend; report only what only the backend knows."""
         return []
+
+    def resident_info(self) -> ResidentInfo:
+        """What this loaded model holds in memory, for ``GET /v1/admin/models``. Called on
+        the event loop: return figures at hand, never block. The default knows the files'
+        size and the context asked for; a backend that holds a KV cache says how big."""
+        return ResidentInfo(
+            device=self.device.kind,
+            weights_bytes=self.manifest.size,
+            context=(self.honours_context_length and self.options.context_length) or self.manifest.context_length,
+        )
 
     # --- the async interface the server uses -----------------------------------------
 

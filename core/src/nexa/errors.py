@@ -76,6 +76,22 @@ class Forbidden(NexaError):
     code = "forbidden"
 
 
+class ModelNotLoaded(NexaError):
+    """The model is in the store but not resident (management of loaded models)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_loaded"
+
+
+class Conflict(NexaError):
+    """The request contradicts the server's current state (a model resident with other settings)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class UnsupportedMediaType(NexaError):
     """The body's ``Content-Type`` is not the one the route takes."""
 
@@ -104,6 +120,15 @@ class Busy(NexaError):
         self.retry_after = retry_after
 
 
+class ModelUnloaded(NexaError):
+    """The model was unloaded on request (``/v1/admin/models/unload``, mode ``cancel``)
+    while this request waited for it or ran on it."""
+
+    status = 503
+    type = "server_error"
+    code = "model_unloaded"
+
+
 class NoBackend(NexaError):
     """No installed backend can serve this model on this device; the message says why."""
 
@@ -126,6 +151,13 @@ class StoreError(NexaError):
     status = 400
     type = "invalid_request_error"
     code = "store_error"
+
+
+class RepoNotFound(StoreError):
+    """The hub has no such repo (or hides it: private or gated without a token)."""
+
+    status = 404
+    code = "repo_not_found"
 
 
 class Cancelled(Exception):

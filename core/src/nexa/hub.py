@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from nexa.backend import CancelToken
-from nexa.errors import StoreError
+from nexa.errors import RepoNotFound, StoreError
 from nexa.progress import ProgressCallback, PullTracker
 from nexa.repofiles import (
     MMPROJ_PREFERENCE,
@@ -294,6 +294,7 @@ def _hub_call(fn: Any, repo: str, endpoint: str) -> Any:
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         OfflineModeIsEnabled,
         RemoteEntryNotFoundError,
         RepositoryNotFoundError,
@@ -307,12 +308,15 @@ def _hub_call(fn: Any, repo: str, endpoint: str) -> Any:
             f"{repo} is gated: accept its terms on the hub, then set HF_TOKEN", param="model"
         ) from exc
     except RepositoryNotFoundError as exc:
-        raise StoreError(
+        raise RepoNotFound(
             f"no model repo {repo!r} on {endpoint} (if it is private or gated, set HF_TOKEN)",
             param="model",
         ) from exc
     except (RevisionNotFoundError, RemoteEntryNotFoundError) as exc:
         raise StoreError(f"{repo}: {_describe(exc)}", param="model") from exc
+    except HFValidationError as exc:
+        # Names the store allows but the Hub does not ("a-", "x--y"): the client's mistake.
+        raise StoreError(f"{repo!r} is not a valid Hub repo id: {exc}", param="model") from exc
     except OfflineModeIsEnabled as exc:
         raise StoreError("HF_HUB_OFFLINE is set: pulling from the hub is disabled") from exc
     except HfHubHTTPError as exc:

@@ -65,6 +65,10 @@ class Metrics:
             "nexa_model_evictions", "Models unloaded", ["model", "reason"], registry=r
         )
         self.resident = Gauge("nexa_models_resident", "Models loaded now", registry=r)
+        self.pulls = Counter(
+            "nexa_pulls", "Pulls through POST /v1/admin/pull, by how they ended (done, cancelled, failed)",
+            ["outcome"], registry=r,
+        )
 
 
 _METRIC_NAME = re.compile(r"[a-z][a-z0-9_]*")

@@ -171,6 +171,21 @@ class BackendMetric:
     several places (an engine's replicas) reports one figure per ``replica`` and ``node``."""
 
 
+@attrs.frozen
+class ResidentInfo:
+    """What one loaded model holds, as only its backend knows it (``Backend.resident_info``);
+    listed by ``GET /v1/admin/models`` and ``nexa ps``."""
+
+    device: str
+    """Where the weights live: ``cpu``, ``cuda``, ``metal``..."""
+    weights_bytes: int
+    """Memory held by the weights (the model files' size when the backend cannot tell better)."""
+    kv_cache_bytes: int | None = None
+    """Memory held by the KV cache of every slot together; None when the backend has none or
+    cannot tell."""
+    context: int | None = None
+    """Tokens one request's prompt and answer may span; None when not a text model or unknown."""
+
 
 @attrs.frozen
 class ContextPlan:
@@ -182,6 +197,7 @@ class ContextPlan:
     reason: str
     """Why this length, for people (the trained length, ``--ctx``, the memory its KV
     cache takes for the sequences run at once...)."""
+
 
 # --- chat ---------------------------------------------------------------------------
 

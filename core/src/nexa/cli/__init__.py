@@ -6,6 +6,7 @@
 - ``store``: ``pull``, ``list``, ``show``, ``remove``, ``clean``.
 - ``serve``: ``serve`` and ``run`` (the engine in a server or in the terminal).
 - ``plugins``: ``plugins``.
+- ``admin``: ``ps``, ``load``, ``unload`` (a running server's management API over HTTP).
 - ``progress``: the pull's tqdm bars; ``common``: what several commands share.
 
 Only the standard library is imported at start-up so ``nexa --help`` stays fast; each

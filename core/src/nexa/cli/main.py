@@ -12,7 +12,7 @@ import os
 import sys
 
 from nexa import __version__
-from nexa.cli import plugins, serve, store
+from nexa.cli import admin, plugins, serve, store
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_commands(sub)
     plugins.add_commands(sub)
     serve.add_commands(sub)
+    admin.add_commands(sub)
     return parser
 
 

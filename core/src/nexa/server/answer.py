@@ -87,21 +87,34 @@ async def open_answer(manager: ModelManager, chat: ChatRequest, model: str) -> A
     """Start ``chat`` on a slot of ``model`` and wait for its first chunk."""
     task = Task.VLM if chat.has_images else Task.CHAT
     stack = contextlib.AsyncExitStack()
+    lease = manager.acquire(model, task)
     try:
-        backend = await stack.enter_async_context(manager.acquire(model, task))
+        backend = await stack.enter_async_context(lease)
         started = time.monotonic()
         chunks = whole_tool_calls(backend.stream_answer(chat))
         stack.push_async_callback(chunks.aclose)
         first = await anext(chunks, None)
-    except BaseException:
+    except BaseException as exc:
         await stack.aclose()
+        # The model was unloaded under this request (mode cancel): say so to the client.
+        if isinstance(exc, asyncio.CancelledError) and (unloaded := lease.take_revocation()) is not None:
+            raise unloaded from None
         raise
 
     async def pieces() -> AsyncIterator[ChatChunk]:
-        if first is not None:
-            yield first
-        async for chunk in chunks:
-            yield chunk
+        # Whichever task reads the answer (a stream's own task) is what an unload cancels;
+        # the cancellation then reaches the reader as ModelUnloaded, an error like any other.
+        lease.adopt()
+        try:
+            if first is not None:
+                yield first
+            async for chunk in chunks:
+                yield chunk
+        except asyncio.CancelledError:
+            unloaded = lease.take_revocation()
+            if unloaded is None:
+                raise
+            raise unloaded from None
 
     return Answer(pieces(), started, model, stack)
 

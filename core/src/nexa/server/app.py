@@ -33,6 +33,7 @@ from nexa.server.body import NexaRequest
 from nexa.server.errors import EXCEPTION_HANDLERS
 from nexa.server.images import ImageFiles
 from nexa.server.middleware import metrics_middleware
+from nexa.server.openapi import ClosedBodies
 from nexa.server.responses_store import ResponseStore
 from nexa.server.routes import ROUTES
 from nexa.server.security import bind_is_loopback, make_guard
@@ -116,6 +117,7 @@ def create_app(
         exception_handlers=with_anthropic_shape(EXCEPTION_HANDLERS),
         cors_config=cors,
         middleware=[metrics_middleware(metrics)],
+        plugins=[ClosedBodies()],
         request_max_body_size=config.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="nexa",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 import struct
 from collections.abc import Sequence
 
@@ -30,6 +31,34 @@ from nexa.types import (
     TextPart,
     ToolCall,
 )
+
+_DURATION_PART = r"(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h)"
+_DURATION = re.compile(rf"(?:{_DURATION_PART})+")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: float | str | None, param: str = "keep_alive") -> float | None:
+    """Ollama's ``keep_alive`` in seconds: a number of seconds, or a Go duration string
+    (``"5m"``, ``"1h30m"``, ``"-1s"``); negative keeps the model loaded for good, 0 unloads
+    it after the request. None when the field is absent."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text[1:] if text[:1] in "+-" else text
+        if re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", body):
+            return sign * float(body)
+        if not _DURATION.fullmatch(body):
+            raise BadRequest(
+                f"{param} must be seconds or a duration such as \"5m\" or \"1h30m\", not {value[:40]!r}",
+                param=param,
+            )
+        parts = re.findall(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)", body)
+        return sign * sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+    if not math.isfinite(value):
+        raise BadRequest(f"{param} must be a finite number of seconds", param=param)
+    return float(value)
 
 
 def chat_request(body: wire.ChatCompletionRequest, config: ServerConfig) -> ChatRequest:

@@ -22,7 +22,8 @@ from nexa.server.schemas import ErrorResponse
 log = logging.getLogger("nexa.server")
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
+          413: "invalid_request_error",
           415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
 _CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
           415: "unsupported_media_type", 429: "rate_limit_exceeded"}
@@ -120,11 +121,13 @@ _DESCRIPTIONS = {
     401: "Missing or wrong API key (only when the server has one)",
     403: "Host header not a loopback name on a loopback-bound server (DNS rebinding), or a cross-site "
          "request from a browser (an origin not allowed by --origins)",
-    404: "No such model or resource",
+    404: "No such model or resource (or, for management, the model is not loaded)",
+    409: "The model is already loaded with other settings",
     413: "Request body, image or input larger than the server allows",
     415: "The body is not in the endpoint's media type (application/json, or multipart/form-data where stated)",
     500: "The model could not be loaded, or an unexpected error (no paths or tracebacks are shown)",
-    503: "The model's queue is full; retry after the Retry-After header's seconds",
+    503: "The model's queue is full (retry after the Retry-After header's seconds), or the model was "
+         "unloaded while the request used it",
     504: "The request ran past the server's request timeout",
 }
 

@@ -29,6 +29,7 @@ ENDPOINTS = (
     "/v1/audio/translations",
     "/v1/models",
     "/v1/plugins",
+    "/v1/admin",
     "/health",
     "/metrics",
 )

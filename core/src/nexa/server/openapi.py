@@ -3,8 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import msgspec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Reference, Schema
+from litestar.plugins import OpenAPISchemaPlugin
+from litestar.typing import FieldDefinition
+
+# OpenAPI 3.1: the schema of an event stream describes one event.
+EVENT = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["data"],
+    properties={"data": Schema(type=OpenAPIType.STRING)},
+    description="Each event's data is one chunk (or an error) as JSON; the last is `[DONE]`",
+)
+
+
+@dataclasses.dataclass
+class EventStreamOperation(Operation):
+    """A 200 answer that is always an event stream (Litestar documents a ``Stream`` as JSON)."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if ok is not None:
+            ok.content = {"text/event-stream": OpenAPIMediaType(schema=EVENT)}
 
 
 @dataclasses.dataclass
@@ -68,3 +90,21 @@ class TranscriptionOperation(Operation):
                 )
             ),
         }
+
+
+class ClosedBodies(OpenAPISchemaPlugin):
+    """A body that refuses unknown fields (a Struct with ``forbid_unknown_fields``, the
+    management calls) says so with ``additionalProperties: false``; Litestar's own Struct
+    schema leaves it out, so the document would allow what the server refuses."""
+
+    def is_plugin_supported_field(self, field_definition: FieldDefinition) -> bool:
+        return (not field_definition.is_union and field_definition.is_subclass_of(msgspec.Struct)
+                and field_definition.type_.__struct_config__.forbid_unknown_fields)
+
+    def to_openapi_schema(self, field_definition: FieldDefinition, schema_creator: Any) -> Schema:
+        # The schema Litestar would make (the next plugin that takes Structs), closed.
+        plugin = next(p for p in schema_creator.plugins
+                      if p is not self and schema_creator.plugin_supports_field(p, field_definition))
+        schema = plugin.to_openapi_schema(field_definition, schema_creator)
+        schema.additional_properties = False
+        return schema

@@ -18,6 +18,7 @@ from litestar.params import KwargDefinition
 from msgspec import UNSET, Meta, UnsetType
 
 from nexa.config import ServerConfig
+from nexa.store import TAG_PART
 
 # The server's default caps are part of the document (and enforced at decoding), so a
 # client or fuzzer reading it knows the limits; a ServerConfig may only lower them
@@ -58,6 +59,29 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 MaxTokens = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0), MIN0]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+# Seconds as a string, or a Go-style duration ("5m", "1h30m", "-1s"), as Ollama takes.
+DURATION_RE = rf"^[+-]?(?:{_NUMBER}|(?:{_NUMBER}(?:ns|us|µs|μs|ms|s|m|h))+)$"
+_KEEP_ALIVE_TEXT = (
+    "nexa extension (Ollama's field): how long the model stays loaded after this request, "
+    "in seconds or as a duration (\"5m\", \"1h\"); 0 unloads it after the request, "
+    "a negative value keeps it loaded"
+)
+# Litestar drops a string's constraints inside a union: the document states both shapes.
+_KEEP_ALIVE_SCHEMA = KwargDefinition(
+    schema_extra=_SchemaExtra(
+        one_of=[
+            Schema(type=OpenAPIType.NUMBER),
+            Schema(type=OpenAPIType.STRING, max_length=64, pattern=DURATION_RE),
+        ],
+        type=None,
+    ),
+)
+KeepAlive = Annotated[
+    float | Annotated[str, Meta(max_length=64, pattern=DURATION_RE)],
+    _KEEP_ALIVE_SCHEMA,
+    Meta(description=_KEEP_ALIVE_TEXT),
+]
 # A model name is looked up in the store and echoed back: no control characters (C0, DEL,
 # C1), and no space at either end (``"name\n"`` is refused, not quietly served as
 # ``name``). Explicit ranges, not ``\s``: Python's and ECMAScript's differ (U+0085); and
@@ -220,6 +244,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     web_search_options: Annotated[None, Meta(description="web search is not supported (null only)")] = None
     # Accepted and ignored.
     user: Annotated[ShortText, Meta(description="Accepted for compatibility; not stored")] | None = None
+    keep_alive: KeepAlive | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -384,6 +409,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
     best_of: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] | None = None
     user: str | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class CompletionLogprobs(msgspec.Struct, kw_only=True):
@@ -446,6 +472,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
     user: Annotated[ShortText, Meta(description="Accepted for compatibility; not stored")] | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class EmbeddingData(msgspec.Struct, kw_only=True):
@@ -493,6 +520,7 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True):
     style: Annotated[str, Meta(max_length=64, description=(
         "Accepted for compatibility with OpenAI's clients; ignored"))] | None = None
     user: Annotated[ShortText, Meta(description="Accepted for compatibility; not stored")] | None = None
+    keep_alive: KeepAlive | None = None
 
 
 class ImageData(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -713,3 +741,69 @@ class PluginsReport(msgspec.Struct, kw_only=True):
     failed: list[PluginFailureWire]
     disabled: list[str]
     backends: list[BackendWire]
+
+
+# --- management (/v1/admin) ----------------------------------------------------------
+# Request bodies refuse unknown fields: a management call that silently ignored a
+# misspelt setting would load or unload something else than asked.
+
+
+class ResidentModel(msgspec.Struct, kw_only=True):
+    model: str
+    backend: str
+    device: str
+    state: Literal["loading", "ready", "unloading"]
+    weights_bytes: int
+    kv_cache_bytes: int | None = None
+    context: int | None = None
+    slots_busy: int
+    slots_total: int
+    queued: int
+    keep_alive: float | None = None
+    """Seconds the model stays loaded when idle; null: for good."""
+    expires_in: float | None = None
+    """Seconds until keep-alive unloads it; null while it will not (pinned, in use, kept for good)."""
+    pinned: bool
+
+
+class ResidentList(msgspec.Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[ResidentModel]
+
+
+class LoadModelRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: ModelName
+    context: Annotated[int, Meta(ge=16, le=1 << 20)] | None = None
+    parallel: Annotated[int, Meta(ge=1, le=256)] | None = None
+    keep_alive: KeepAlive | None = None
+
+
+class UnloadModelRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: ModelName
+    mode: Literal["wait", "cancel"] = "wait"
+    """``wait``: let in-flight requests finish; ``cancel``: stop them (their clients get an error)."""
+
+
+class UnloadResult(msgspec.Struct, kw_only=True):
+    model: str
+    unloaded: bool
+    cancelled: int
+    """Requests cancelled (mode ``cancel``)."""
+
+
+class PinModelRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: ModelName
+    pinned: bool = True
+
+
+# A repo id the Hub takes (huggingface_hub's ``validate_repo_id``: each part starts and
+# ends with a letter, digit or "_", at most 96 characters, no "--", no "..", no ".git" at
+# the end), ASCII only as the store names it, then an optional ``:QUANT``. Refused here,
+# with the field named, rather than by the pull; ``$(?!\n)`` as in ``MODEL_NAME_RE``.
+HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+PULL_RE = rf"^(?!.*\.\.)(?![^:]*--)(?![^:]*\.git(?::|$)){HUB_PART}(?:/{HUB_PART})?(?::{TAG_PART})?$(?!\n)"
+
+
+class PullRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: Annotated[str, Meta(min_length=1, max_length=300, pattern=PULL_RE)]
+    """``ORG/REPO`` or ``ORG/REPO:QUANT`` on the Hub."""

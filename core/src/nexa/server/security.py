@@ -5,7 +5,8 @@ guards of routers and controllers, so a route added later can't skip it). In ord
 
 1. **Host** (DNS rebinding): on a loopback-bound server the ``Host`` header must be a
    loopback name.
-2. **API key**: when one is set, every route but ``/health`` needs
+2. **API key**: when one is set, every route but ``/health`` and the web page's own
+   files (``/``, ``/ui/*``: no data; the page asks for the key) needs
    ``Authorization: Bearer KEY`` (OpenAI's clients) or ``x-api-key: KEY`` (Anthropic's).
    The scheme is matched case-insensitively (``bearer``), scheme and key are separated by
    one or more spaces, and whitespace around the header and the key (spaces, tabs) is
@@ -35,8 +36,10 @@ from nexa.config import ServerConfig
 from nexa.errors import Forbidden, Unauthorized, UnsupportedMediaType
 from nexa.server.body import declared_body
 
-OPEN_PATHS = ("/health",)
-"""Routes that need no API key (liveness probes)."""
+OPEN_PATHS = ("/health", "/")
+"""Routes that need no API key: liveness probes, and the web page (which asks for the key)."""
+OPEN_PREFIXES = ("/ui/",)
+"""The web page's own files (HTML, CSS, JavaScript; no data)."""
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 """Methods that change nothing: never refused as cross-site, and carry no body we read."""
 JSON = "application/json"
@@ -139,7 +142,8 @@ def make_guard(config: ServerConfig):
             host = connection.headers.get("host", "")
             if host and not is_loopback_host(host):
                 raise Forbidden("requests to this loopback server must use a loopback Host name")
-        if key is not None and connection.url.path not in OPEN_PATHS and method != "OPTIONS":
+        path = connection.url.path
+        if key is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES) and method != "OPTIONS":
             if not presented_key_matches(connection, key):
                 raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key> or x-api-key: <key>)")
         if method not in SAFE_METHODS:

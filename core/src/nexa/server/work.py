@@ -81,11 +81,13 @@ async def run_on_model(
     model: str,
     task: Task,
     call: Callable[[Backend], Awaitable[T]],
+    *,
+    keep_alive: float | None = None,
 ) -> T:
     """One non-streaming request on a slot of ``model``, cancelled on disconnect or timeout."""
 
     async def work() -> T:
-        async with manager.acquire(model, task) as backend:
+        async with manager.acquire(model, task, keep_alive=keep_alive) as backend:
             return await call(backend)
 
     return await until_disconnected(request, asyncio.wait_for(work(), config.request_timeout))

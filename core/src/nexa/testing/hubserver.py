@@ -20,7 +20,8 @@ Repos are built from a dict ``{repo_id: {path: bytes}}``. Knobs for tests (all k
 (the connection dies when the file offset reaches N, on every request, until cleared),
 ``drop_once_at`` (the same, for one request only: a blip), ``stall_at`` (send up to offset
 N, set ``stalled``, then hang until ``release()``, which lets every stall go on from then:
-for killing a client mid-download), ``fail_status`` (answer that HTTP status). Counters: ``requests``,
+for killing a client mid-download), ``fail_status`` (answer that HTTP status), ``chunk_delay``
+(seconds before each 64 KiB chunk: a slow link, so progress can be watched). Counters: ``requests``,
 ``bytes_served`` and ``range_starts`` per file, to prove what a client fetched.
 """
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -131,6 +133,7 @@ class HubServer:
         self.drop_once_at: dict[tuple[str, str], int] = {}
         self.stall_at: dict[tuple[str, str], int] = {}
         self.fail_status: dict[tuple[str, str], int] = {}
+        self.chunk_delay: dict[tuple[str, str], float] = {}
         self.stalled = threading.Event()
         self._release = threading.Event()
         self._lock = threading.Lock()
@@ -462,8 +465,11 @@ class _Handler(BaseHTTPRequestHandler):
                 once = None
         drop_at = hub.drop_at.get(key)
         stall_at = hub.stall_at.get(key)
+        delay = hub.chunk_delay.get(key, 0.0)
         offset = start
         while offset <= end:
+            if delay:
+                time.sleep(delay)
             limit = end + 1
             for cut in (drop_at, once, stall_at):
                 if cut is not None and offset <= cut < limit:

@@ -18,7 +18,7 @@ import attrs
 
 from nexa.backend import Backend, LoadOptions
 from nexa.errors import ModelLoadError
-from nexa.types import Device, Manifest
+from nexa.types import Device, Manifest, ResidentInfo
 
 if TYPE_CHECKING:
     import llama_cpp
@@ -80,6 +80,7 @@ class GgufBackend(Backend):
     full trained context (32k-128k) would cost gigabytes for requests that rarely need it."""
     fallback_context: ClassVar[int] = 4096
     """n_ctx of a model whose trained context is unknown."""
+    honours_context_length: ClassVar[bool] = True
 
     @classmethod
     def supports(cls, manifest: Manifest, device: Device) -> str | None:
@@ -93,6 +94,27 @@ class GgufBackend(Backend):
             return int(self.options.context_length)
         trained = self.manifest.context_length or 0
         return min(trained, self.default_context) if trained > 0 else self.fallback_context
+
+    def resident_info(self) -> ResidentInfo:
+        """The KV cache from the model's shape: cells of this model's llama.cpp contexts (its
+        ``Llama``'s, and a batching engine's) x layers x (key + value width of the KV heads)
+        x 2 bytes (f16, the cache type used)."""
+        info = super().resident_info()
+        llama: Any = getattr(self, "_llama", None)
+        if llama is None:
+            return info
+        import llama_cpp
+
+        model, meta = llama._model.model, llama.metadata
+        arch = meta.get("general.architecture", "")
+        head_dim = llama_cpp.llama_model_n_embd(model) // max(1, llama_cpp.llama_model_n_head(model))
+        width = llama_cpp.llama_model_n_head_kv(model) * (
+            int(meta.get(f"{arch}.attention.key_length", head_dim)) + int(meta.get(f"{arch}.attention.value_length", head_dim)))
+        engine = getattr(self, "_engine", None)
+        # Encoders (BERT-like embedders) have no KV memory at all.
+        cells = (llama.n_ctx() if llama_cpp.llama_get_memory(llama._ctx.ctx) else 0) + (engine.kv_size if engine else 0)
+        return attrs.evolve(info, kv_cache_bytes=cells * llama_cpp.llama_model_n_layer(model) * width * 2,
+                            context=self.context_length())
 
     @property
     def threads(self) -> int:

@@ -108,6 +108,8 @@ class MlxBackend(Backend):
     parallel = 1
     # AnswerParser ends the answer at stop strings inside the generation loop.
     stops_natively = True
+    # Prompts beyond `context_length` (the override, else the trained one) are refused.
+    honours_context_length = True
     capabilities: ClassVar[frozenset[str]] = frozenset({"reasoning", "logprobs", "logit_bias"})
     # The backend made for MLX models: wins over any generic backend that also accepts
     # the format (e.g. a transformers backend reading safetensors).

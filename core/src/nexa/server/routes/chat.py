@@ -21,6 +21,7 @@ from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
 from nexa.errors import NexaError
+from nexa.manager import Lease
 from nexa.metrics import Metrics
 from nexa.server import chat_options, convert
 from nexa.server import schemas as wire
@@ -90,10 +91,11 @@ class ChatController(Controller):
         else:
             chat = convert.chat_request(data, config)
         task = Task.VLM if chat.has_images else Task.CHAT
+        lease = manager.acquire(data.model, task, keep_alive=convert.keep_alive_seconds(data.keep_alive))
         stack: contextlib.AsyncExitStack | None = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
-            backend = await until_disconnected(request, stack.enter_async_context(manager.acquire(data.model, task)))
+            backend = await until_disconnected(request, stack.enter_async_context(lease))
             chat_options.refuse_for_backend(data, backend.name, backend.capabilities)
             started = time.monotonic()
             chunks = backend.stream_answer(chat)
@@ -103,7 +105,7 @@ class ChatController(Controller):
                 # (context overflow, bad template) are real HTTP errors, not stream events.
                 first = await until_disconnected(request, anext(chunks, None))
                 include_usage = bool(data.stream_options and data.stream_options.include_usage)
-                stream = ChatStream(data.model, include_usage, config.request_timeout, metrics,
+                stream = ChatStream(data.model, include_usage, config.request_timeout, metrics, lease,
                                     legacy_functions=data.functions is not None, logprobs=chat.logprobs is not None)
                 body = stream.frames(chunks, first, stack, started)
                 stack = None  # the stream owns it now
@@ -111,6 +113,12 @@ class ChatController(Controller):
             collected = _collect(metrics, data.model, chunks, started, legacy_functions=data.functions is not None,
                                  logprobs=chat.logprobs is not None)
             return await until_disconnected(request, asyncio.wait_for(collected, config.request_timeout))
+        except asyncio.CancelledError:
+            # The model was unloaded under this request (mode cancel): say so to the client.
+            error = lease.take_revocation()
+            if error is not None:
+                raise error from None
+            raise
         finally:
             if stack is not None:
                 await stack.aclose()
@@ -174,12 +182,13 @@ async def _collect(metrics: Metrics, model: str, chunks: AsyncIterator[ChatChunk
 class ChatStream:
     """The SSE frames of one streamed answer (``chat.completion.chunk`` events)."""
 
-    def __init__(self, model: str, include_usage: bool, timeout: float, metrics: Metrics, *,
+    def __init__(self, model: str, include_usage: bool, timeout: float, metrics: Metrics, lease: Lease, *,
                  legacy_functions: bool = False, logprobs: bool = False) -> None:
         self.model = model
         self.include_usage = include_usage
         self.timeout = timeout
         self.metrics = metrics
+        self.lease = lease
         self.legacy_functions = legacy_functions
         self.logprobs = logprobs
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -237,6 +246,7 @@ class ChatStream:
         stack: contextlib.AsyncExitStack,
         started: float,
     ) -> AsyncIterator[bytes]:
+        self.lease.adopt()  # this body runs in the response's own task
         usage = None
         first_at = None
         # The role frame leaves in one write with the first piece of the answer (already
@@ -272,6 +282,11 @@ class ChatStream:
             tail.append(SSE_DONE)
             yield b"".join(tail)
             record_generation(self.metrics, self.model, usage, started, first_at)
+        except asyncio.CancelledError:
+            unloaded = self.lease.take_revocation()
+            if unloaded is None:
+                raise
+            yield head + sse(error_payload(unloaded))
         except (NexaError, TimeoutError) as exc:
             # Headers are gone already: the error travels as a stream event, as OpenAI does.
             if isinstance(exc, TimeoutError):

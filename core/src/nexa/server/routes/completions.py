@@ -20,6 +20,7 @@ from litestar.params import JSONBody
 
 from nexa.backend import Backend
 from nexa.errors import NexaError
+from nexa.manager import Lease
 from nexa.metrics import Metrics
 from nexa.server import convert
 from nexa.server import schemas as wire
@@ -68,11 +69,12 @@ class CompletionsController(Controller):
         metrics: MetricsDep,
     ) -> wire.TextCompletion | EventStream:
         tasks = convert.completion_requests(data, config)
+        lease = manager.acquire(data.model, Task.CHAT, keep_alive=convert.keep_alive_seconds(data.keep_alive))
         stack: contextlib.AsyncExitStack | None = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
-            backend = await until_disconnected(request, stack.enter_async_context(manager.acquire(data.model, Task.CHAT)))
-            completion = _Completion(data, backend, metrics)
+            backend = await until_disconnected(request, stack.enter_async_context(lease))
+            completion = _Completion(data, backend, metrics, lease)
             if data.stream:
                 frames = completion.frames(tasks)
                 stack.push_async_callback(frames.aclose)
@@ -83,14 +85,21 @@ class CompletionsController(Controller):
                 stack = None  # the stream owns it now
                 return EventStream(body, headers=SSE_HEADERS)
             return await until_disconnected(request, asyncio.wait_for(completion.whole(tasks), config.request_timeout))
+        except asyncio.CancelledError:
+            # The model was unloaded under this request (mode cancel): say so to the client.
+            error = lease.take_revocation()
+            if error is not None:
+                raise error from None
+            raise
         finally:
             if stack is not None:
                 await stack.aclose()
 
 
 class _Completion:
-    def __init__(self, body: wire.CompletionRequest, backend: Backend, metrics: Metrics) -> None:
+    def __init__(self, body: wire.CompletionRequest, backend: Backend, metrics: Metrics, lease: Lease) -> None:
         self.body = body
+        self.lease = lease
         self.backend = backend
         self.metrics = metrics
         self.id = f"cmpl-{uuid.uuid4().hex}"
@@ -163,11 +172,17 @@ class _Completion:
 
     async def stream(self, first: bytes, frames: AsyncIterator[bytes], stack: contextlib.AsyncExitStack,
                      timeout: float) -> AsyncIterator[bytes]:
+        self.lease.adopt()  # this body runs in the response's own task: an unload cancels it
         try:
             yield first
             async with asyncio.timeout(timeout):
                 async for frame in frames:
                     yield frame
+        except asyncio.CancelledError:
+            unloaded = self.lease.take_revocation()
+            if unloaded is None:
+                raise
+            yield sse(error_payload(unloaded))
         except (NexaError, TimeoutError) as exc:
             if isinstance(exc, TimeoutError):
                 exc = NexaError("the request ran past the server's request timeout", code="timeout")

@@ -24,7 +24,8 @@ class EmbeddingsController(Controller):
     ) -> wire.EmbeddingResponse:
         embed = convert.embed_request(data, config)
         result = await run_on_model(
-            request, manager, config, data.model, Task.EMBED, lambda backend: backend.run_embed(embed)
+            request, manager, config, data.model, Task.EMBED, lambda backend: backend.run_embed(embed),
+            keep_alive=convert.keep_alive_seconds(data.keep_alive),
         )
         if len(result.vectors) != len(embed.inputs):
             raise NexaError("the backend returned a wrong number of vectors")

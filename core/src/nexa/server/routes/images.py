@@ -34,7 +34,8 @@ class ImagesController(Controller):
     ) -> wire.ImagesResponse:
         spec = convert.image_request(data, config)
         result = await run_on_model(
-            request, manager, config, data.model, Task.IMAGE, lambda backend: backend.run_images(spec)
+            request, manager, config, data.model, Task.IMAGE, lambda backend: backend.run_images(spec),
+            keep_alive=convert.keep_alive_seconds(data.keep_alive),
         )
         out = []
         for png in result.images:
