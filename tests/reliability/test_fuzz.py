@@ -28,6 +28,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from schemathesis.config import SchemathesisConfig
 
 import relkit
 from nexa.config import ServerConfig
@@ -51,7 +52,14 @@ def _app_document() -> dict:
 
 
 DOCUMENT = _app_document()
-schema = schemathesis.openapi.from_dict(DOCUMENT)
+# schemathesis stops reading an event stream after 20 events by default (and says so only
+# in ``response.stream_cut_short``): a long echoed stream was then checked as if it had
+# ended there, without its terminator. Every stream is read to its end (the request
+# timeout still bounds one that never ends), so "every stream must be complete" is
+# checked on whole streams.
+STREAM_EVENTS_READ = 1_000_000
+schema = schemathesis.openapi.from_dict(
+    DOCUMENT, config=SchemathesisConfig.from_dict({"max-stream-events": STREAM_EVENTS_READ}))
 COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
 
@@ -262,6 +270,10 @@ def openai_errors(ctx, response, case) -> None:
         assert content_type.startswith("application/json"), f"error with content-type {content_type!r}"
         relkit.check_error_body_for(case.operation.path, response.json(), case.operation.schema.location)
     elif content_type.startswith("text/event-stream"):
+        limit = case.operation.schema.config.max_stream_events_for(operation=case.operation)
+        assert not response.stream_cut_short, (
+            f"schemathesis stopped reading this stream before its end (at the request timeout or {limit} "
+            "events), so it can't be checked whole: a stream that never ends, or one longer than expected")
         relkit.parse_event_stream(case.operation.path, response.text)
 
 
@@ -438,6 +450,34 @@ def test_fuzz_json_schema_without_a_schema_is_accepted(fuzz_server, http, path, 
         response = case.call_and_validate(base_url=fuzz_server.base_url, session=http,
                                           additional_checks=[openai_errors], timeout=60)
         assert response.status_code == 200, response.text
+
+    run()
+
+
+_LONG = " ".join(f"word{i}" for i in range(60))
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/messages", {"model": MODEL, "max_tokens": 4096, "stream": True,
+                      "messages": [{"role": "user", "content": _LONG}]}),
+    ("/v1/completions", {"model": MODEL, "max_tokens": 4096, "stream": True, "prompt": [_LONG, _LONG, _LONG]}),
+])
+def test_fuzz_checks_a_long_stream_to_its_end(fuzz_server, http, path, body):
+    """A stream of far more events than schemathesis reads by default (20) is read whole,
+    passes the completeness check and reaches its terminator (the fuzz run used to check
+    such streams cut at event 20, and fail when the cases it drew had one)."""
+    operation = schema[path]["POST"]
+
+    @given(case=operation.as_strategy(body=body))
+    @settings(max_examples=1, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              phases=[Phase.generate])
+    def run(case):
+        assert case.body == body
+        response = case.call_and_validate(base_url=fuzz_server.base_url, session=http,
+                                          additional_checks=[openai_errors], timeout=60)
+        assert response.status_code == 200, response.text
+        events = relkit.parse_event_stream(path, response.text)
+        assert len(events) > 60, len(events)  # one event per echoed word at least
 
     run()
 
