@@ -425,6 +425,23 @@ def test_fuzz_hostile_bodies(fuzz_server, http, fuzz_home, path, hostile):
     COUNTS[f"hostile {path}"][r.status_code] += 1
 
 
+def _validate_one(fuzz_server, http, path: str, body: dict):
+    """``body`` sent once to ``path`` as a schemathesis case, through all its checks and
+    ours; the response."""
+    responses = []
+
+    @given(case=schema[path]["POST"].as_strategy(body=body))
+    @settings(max_examples=1, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              phases=[Phase.generate])
+    def run(case):
+        assert case.body == body
+        responses.append(case.call_and_validate(base_url=fuzz_server.base_url, session=http,
+                                                additional_checks=[openai_errors], timeout=60))
+
+    run()
+    return responses[-1]
+
+
 @pytest.mark.parametrize(("path", "body"), [
     *(("/v1/chat/completions", {**_CHAT, "response_format": fmt}) for fmt in (
         {"type": "json_schema", "json_schema": None},
@@ -440,18 +457,8 @@ def test_fuzz_hostile_bodies(fuzz_server, http, fuzz_home, path, hostile):
 def test_fuzz_json_schema_without_a_schema_is_accepted(fuzz_server, http, path, body):
     """The document calls these valid (any JSON object is asked for): schemathesis'
     positive-data check, with all its other checks, on each."""
-    operation = schema[path]["POST"]
-
-    @given(case=operation.as_strategy(body=body))
-    @settings(max_examples=1, deadline=None, database=None, suppress_health_check=list(HealthCheck),
-              phases=[Phase.generate])
-    def run(case):
-        assert case.body == body
-        response = case.call_and_validate(base_url=fuzz_server.base_url, session=http,
-                                          additional_checks=[openai_errors], timeout=60)
-        assert response.status_code == 200, response.text
-
-    run()
+    response = _validate_one(fuzz_server, http, path, body)
+    assert response.status_code == 200, response.text
 
 
 _LONG = " ".join(f"word{i}" for i in range(60))
@@ -466,20 +473,10 @@ def test_fuzz_checks_a_long_stream_to_its_end(fuzz_server, http, path, body):
     """A stream of far more events than schemathesis reads by default (20) is read whole,
     passes the completeness check and reaches its terminator (the fuzz run used to check
     such streams cut at event 20, and fail when the cases it drew had one)."""
-    operation = schema[path]["POST"]
-
-    @given(case=operation.as_strategy(body=body))
-    @settings(max_examples=1, deadline=None, database=None, suppress_health_check=list(HealthCheck),
-              phases=[Phase.generate])
-    def run(case):
-        assert case.body == body
-        response = case.call_and_validate(base_url=fuzz_server.base_url, session=http,
-                                          additional_checks=[openai_errors], timeout=60)
-        assert response.status_code == 200, response.text
-        events = relkit.parse_event_stream(path, response.text)
-        assert len(events) > 60, len(events)  # one event per echoed word at least
-
-    run()
+    response = _validate_one(fuzz_server, http, path, body)
+    assert response.status_code == 200, response.text
+    events = relkit.parse_event_stream(path, response.text)
+    assert len(events) > 60, len(events)  # one event per echoed word at least
 
 
 def test_fuzz_document_is_the_served_one(fuzz_server):
