@@ -259,6 +259,20 @@ def test_completions_on_a_backend_without_them_is_a_400(server):
         == "best_of"
 
 
+def test_at_most_16_prompts_but_a_token_array_of_any_length(server):
+    """The document caps lists of prompts at 16 and leaves one token array unbounded, as
+    OpenAI does: a 40-token prompt is one prompt (it was refused as 40 prompts)."""
+    tokens = list(range(1, 41))
+    done = post(server, {"model": "test/echo", "prompt": tokens, "max_tokens": 1}, "/v1/completions")
+    assert done.status_code == 200, done.text
+    assert len(done.json()["choices"]) == 1
+    assert len(post(server, {"model": "test/echo", "prompt": ["a"] * 16, "max_tokens": 1},
+                    "/v1/completions").json()["choices"]) == 16
+    for prompts in (["a"] * 17, [[1, 2]] * 17):
+        error = error_of(post(server, {"model": "test/echo", "prompt": prompts}, "/v1/completions"))
+        assert (error["param"], error["code"]) == ("prompt", "too_many_items"), error
+
+
 def test_the_document_describes_the_new_fields(server):
     doc = httpx.get(server.base_url + "/schema/openapi.json").json()
     schemas = doc["components"]["schemas"]

@@ -28,6 +28,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from schemathesis.config import SchemathesisConfig
 
 import relkit
 from nexa.config import ServerConfig
@@ -52,7 +53,14 @@ def _app_document() -> dict:
 
 
 DOCUMENT = _app_document()
-schema = schemathesis.openapi.from_dict(DOCUMENT)
+# schemathesis stops reading an event stream after 20 events by default (and says so only
+# in ``response.stream_cut_short``): a long echoed stream was then checked as if it had
+# ended there, without its terminator. Every stream is read to its end (the request
+# timeout still bounds one that never ends), so "every stream must be complete" is
+# checked on whole streams.
+STREAM_EVENTS_READ = 1_000_000
+schema = schemathesis.openapi.from_dict(
+    DOCUMENT, config=SchemathesisConfig.from_dict({"max-stream-events": STREAM_EVENTS_READ}))
 COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
 
@@ -269,6 +277,10 @@ def openai_errors(ctx, response, case) -> None:
         assert content_type.startswith("application/json"), f"error with content-type {content_type!r}"
         relkit.check_error_body_for(case.operation.path, response.json(), case.operation.schema.location)
     elif content_type.startswith("text/event-stream"):
+        limit = case.operation.schema.config.max_stream_events_for(operation=case.operation)
+        assert not response.stream_cut_short, (
+            f"schemathesis stopped reading this stream before its end (at the request timeout or {limit} "
+            "events), so it can't be checked whole: a stream that never ends, or one longer than expected")
         relkit.parse_event_stream(case.operation.path, response.text)
 
 
@@ -420,6 +432,23 @@ def test_fuzz_hostile_bodies(fuzz_server, http, fuzz_home, path, hostile):
     COUNTS[f"hostile {path}"][r.status_code] += 1
 
 
+def _validate_one(fuzz_server, http, path: str, body: dict):
+    """``body`` sent once to ``path`` as a schemathesis case, through all its checks and
+    ours; the response."""
+    responses = []
+
+    @given(case=schema[path]["POST"].as_strategy(body=body))
+    @settings(max_examples=1, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              phases=[Phase.generate])
+    def run(case):
+        assert case.body == body
+        responses.append(case.call_and_validate(base_url=fuzz_server.base_url, session=http,
+                                                additional_checks=[openai_errors], timeout=60))
+
+    run()
+    return responses[-1]
+
+
 @pytest.mark.parametrize(("path", "body"), [
     *(("/v1/chat/completions", {**_CHAT, "response_format": fmt}) for fmt in (
         {"type": "json_schema", "json_schema": None},
@@ -435,18 +464,26 @@ def test_fuzz_hostile_bodies(fuzz_server, http, fuzz_home, path, hostile):
 def test_fuzz_json_schema_without_a_schema_is_accepted(fuzz_server, http, path, body):
     """The document calls these valid (any JSON object is asked for): schemathesis'
     positive-data check, with all its other checks, on each."""
-    operation = schema[path]["POST"]
+    response = _validate_one(fuzz_server, http, path, body)
+    assert response.status_code == 200, response.text
 
-    @given(case=operation.as_strategy(body=body))
-    @settings(max_examples=1, deadline=None, database=None, suppress_health_check=list(HealthCheck),
-              phases=[Phase.generate])
-    def run(case):
-        assert case.body == body
-        response = case.call_and_validate(base_url=fuzz_server.base_url, session=http,
-                                          additional_checks=[openai_errors], timeout=60)
-        assert response.status_code == 200, response.text
 
-    run()
+_LONG = " ".join(f"word{i}" for i in range(60))
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/messages", {"model": MODEL, "max_tokens": 4096, "stream": True,
+                      "messages": [{"role": "user", "content": _LONG}]}),
+    ("/v1/completions", {"model": MODEL, "max_tokens": 4096, "stream": True, "prompt": [_LONG, _LONG, _LONG]}),
+])
+def test_fuzz_checks_a_long_stream_to_its_end(fuzz_server, http, path, body):
+    """A stream of far more events than schemathesis reads by default (20) is read whole,
+    passes the completeness check and reaches its terminator (the fuzz run used to check
+    such streams cut at event 20, and fail when the cases it drew had one)."""
+    response = _validate_one(fuzz_server, http, path, body)
+    assert response.status_code == 200, response.text
+    events = relkit.parse_event_stream(path, response.text)
+    assert len(events) > 60, len(events)  # one event per echoed word at least
 
 
 def test_fuzz_document_is_the_served_one(fuzz_server):

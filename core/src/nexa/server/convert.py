@@ -179,6 +179,9 @@ def completion_requests(body: wire.CompletionRequest, config: ServerConfig) -> l
     if body.echo and body.suffix is not None:
         raise BadRequest("echo with suffix is not supported", param="echo")
     prompts = texts_or_tokens(body.prompt, "prompt")
+    if len(prompts) > wire.MAX_PROMPTS:
+        raise BadRequest(f"prompt has {len(prompts)} prompts; at most {wire.MAX_PROMPTS} in one request",
+                         param="prompt", code="too_many_items")
     # Each prompt is a generation of its own: as many as messages in a chat, at most.
     check_count(prompts, config.max_messages, "prompt", "prompts", "max_messages")
     if body.suffix is not None and any(not isinstance(p, str) for p in prompts):

@@ -369,14 +369,18 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
 _EXCLUSIVE0 = KwargDefinition(schema_extra=_SchemaExtra(exclusive_minimum=0))
 CompletionPromptItem = str | Annotated[int, Meta(ge=0), MIN0] | Annotated[list[Annotated[int, Meta(ge=0)]], Meta(min_length=1)]
 # As for embeddings' input: the four real shapes, stated for the document.
+MAX_PROMPTS = 16
+"""Prompts in one legacy completion body (a list of strings or of token arrays; one token
+array is one prompt of any length). Checked by ``convert.completion_requests``: the one
+list type msgspec decodes can't tell a token array from a list of prompts."""
 _PROMPT_TOKENS = Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.INTEGER, minimum=0), min_items=1)
 _PROMPT = KwargDefinition(
     schema_extra={
         "one_of": [
             Schema(type=OpenAPIType.STRING),
-            Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.STRING), min_items=1, max_items=16),
+            Schema(type=OpenAPIType.ARRAY, items=Schema(type=OpenAPIType.STRING), min_items=1, max_items=MAX_PROMPTS),
             _PROMPT_TOKENS,
-            Schema(type=OpenAPIType.ARRAY, items=_PROMPT_TOKENS, min_items=1, max_items=16),
+            Schema(type=OpenAPIType.ARRAY, items=_PROMPT_TOKENS, min_items=1, max_items=MAX_PROMPTS),
         ],
         "type": None,
     }
@@ -387,7 +391,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     model: Annotated[str, Meta(min_length=1, max_length=256)]
     # A string, a list of strings, a token array, or a list of token arrays (``convert``
     # refuses mixed lists: msgspec allows one array type per union).
-    prompt: Annotated[str | Annotated[list[CompletionPromptItem], Meta(min_length=1, max_length=16)], _PROMPT]
+    prompt: Annotated[str | Annotated[list[CompletionPromptItem], Meta(min_length=1)], _PROMPT]
     suffix: str | None = None
     max_tokens: MaxTokens | None = 16
     temperature: Temperature | None = None
