@@ -35,7 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench_single import free_port, machine, run_server
+from bench_single import run_server
+from common import free_port, machine
 
 
 def start_cluster(threads: int):  # noqa: ANN201

