@@ -54,9 +54,8 @@ def main() -> None:
             proc, base = start_nexa(name, home / version, threads=args.threads, ctx=args.ctx, gpu=None,
                                     parallel=args.clients, log_name=version, python=python)
             client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
-            model = client.models.list().data[0].id
-            run_server(client, model, 0, 8)  # warm up
-            servers[version] = (proc, base, client, model)
+            servers[version] = (proc, base, client, name)  # stopped in `finally` whatever happens next
+            run_server(client, name, 0, 8)  # warm up
         rows: dict[str, list[tuple[float, float, float]]] = {"before": [], "after": []}
         for r in range(args.rounds):
             order = ("before", "after") if r % 2 == 0 else ("after", "before")

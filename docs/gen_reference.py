@@ -43,6 +43,9 @@ SECTIONS = (
     ("nexa.types", "Value types (`nexa.types`)",
      "Frozen attrs values: build variants with `attrs.evolve`, never mutate. Requests arrive "
      "already validated at the HTTP edge (`nexa.server.convert`)."),
+    ("nexa.task_types", "Values of the other tasks (`nexa.task_types`, re-exported by `nexa.types`)",
+     "Embeddings, images, rerank and speech to text: frozen like the values above, and importable "
+     "from `nexa.types` too."),
     ("nexa.backend", "The backend contract (`nexa.backend`)", ""),
     ("nexa.errors", "Errors (`nexa.errors`)",
      "The client receives `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}` with the "
