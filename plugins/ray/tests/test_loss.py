@@ -176,10 +176,17 @@ def test_node_loss_mid_run(ray_cluster, namespace, tmp_path):
             assert nodes == {doomed.node_id, ray_cluster.worker.node_id}, "one replica on each worker node"
             victim = next(r for r in proxy.replicas() if r.node_id == doomed.node_id)
 
+            def in_flight() -> int:
+                return next((r.in_flight for r in proxy.replicas() if r.name == victim.name), 0)
+
             def lose() -> int:
-                now = busy(proxy, victim.name)
+                # The proxy's count of requests routed to the victim, read again around the
+                # removal: a request the client started before the watcher woke can reach the
+                # proxy (and the victim) after the first reading; it counts as in flight too.
+                before = busy(proxy, victim.name).in_flight
+                just_before = in_flight()
                 ray_cluster.remove(doomed)
-                return now.in_flight
+                return max(before, just_before, in_flight())
 
             results, loss = run_with_loss(server.base_url, lose)
             check_guarantees(results, loss)
