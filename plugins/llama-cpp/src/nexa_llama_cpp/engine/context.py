@@ -18,6 +18,25 @@ from nexa_llama_cpp.engine.kv_types import DEFAULT_KV_TYPE, KV_TYPES, KvType, ch
 from nexa_llama_cpp.native import PrefillAbort, route_native_logs
 
 
+def context_params(
+    L: Any, *, n_ctx: int, n_batch: int, n_seq: int, n_threads: int, n_threads_batch: int,
+    kv_unified: bool, op_offload: bool, flash_attn: bool,
+) -> Any:
+    """llama.cpp context parameters as the engine's contexts use them (the target's and a
+    draft model's): ``n_ctx`` cells for ``n_seq`` sequences, one micro-batch per batch."""
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = n_batch
+    cparams.n_ubatch = n_batch
+    cparams.n_seq_max = n_seq
+    cparams.n_threads = n_threads
+    cparams.n_threads_batch = n_threads_batch
+    cparams.kv_unified = kv_unified
+    cparams.op_offload = op_offload
+    cparams.no_perf = True
+    cparams.flash_attn_type = 1 if flash_attn else 0
+    return cparams
+
 class EngineContext:
     """A llama model (loaded from ``model_path``, or ``model`` loaded elsewhere and not
     freed here) and one context of ``kv_size`` cells for ``n_seq`` sequences."""
@@ -69,17 +88,9 @@ class EngineContext:
             type_v = type_v or KV_TYPES[DEFAULT_KV_TYPE]
             check_head_sizes(L, self.model, type_k, type_v)
 
-            cparams = L.llama_context_default_params()
-            cparams.n_ctx = kv_size
-            cparams.n_batch = n_batch
-            cparams.n_ubatch = n_batch
-            cparams.n_seq_max = n_seq
-            cparams.n_threads = n_threads
-            cparams.n_threads_batch = n_threads_batch
-            cparams.kv_unified = kv_unified
-            cparams.op_offload = op_offload
-            cparams.no_perf = True
-            cparams.flash_attn_type = 1 if flash_attn else 0
+            cparams = context_params(L, n_ctx=kv_size, n_batch=n_batch, n_seq=n_seq, n_threads=n_threads,
+                                     n_threads_batch=n_threads_batch, kv_unified=kv_unified,
+                                     op_offload=op_offload, flash_attn=flash_attn)
             cparams.type_k = type_k.ggml_type
             cparams.type_v = type_v.ggml_type
             self.ctx = L.llama_init_from_model(self.model, cparams)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from nexa.errors import ModelLoadError
+from nexa_llama_cpp.engine.context import context_params
 from nexa_llama_cpp.engine.records import common_prefix
 
 if TYPE_CHECKING:
@@ -66,17 +67,9 @@ class DraftModel:
             why = vocab_mismatch(L, target_vocab, self.vocab)
             if why:
                 raise ModelLoadError(f"the draft model {os.path.basename(path)} cannot draft for this model: {why}")
-            cparams = L.llama_context_default_params()
-            cparams.n_ctx = n_ctx * n_seq
-            cparams.n_batch = n_batch
-            cparams.n_ubatch = n_batch
-            cparams.n_seq_max = n_seq
-            cparams.n_threads = n_threads
-            cparams.n_threads_batch = n_threads
-            cparams.kv_unified = False
-            cparams.op_offload = op_offload
-            cparams.no_perf = True
-            cparams.flash_attn_type = 1 if flash_attn else 0
+            cparams = context_params(L, n_ctx=n_ctx * n_seq, n_batch=n_batch, n_seq=n_seq, n_threads=n_threads,
+                                     n_threads_batch=n_threads, kv_unified=False, op_offload=op_offload,
+                                     flash_attn=flash_attn)
             self.ctx = L.llama_init_from_model(self.model, cparams)
             if not self.ctx:
                 raise ModelLoadError("llama.cpp could not create the draft model's context (out of memory?)")
