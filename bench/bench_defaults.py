@@ -3,7 +3,9 @@
 Both servers run the same GGUF as their users start them (nexa: its adaptive thread count,
 prompt-lookup drafting, 4 sequences; llama-server: its own defaults), read by the same
 openai client. Everything is interleaved (nexa, llama-server, nexa, ...) so that a change
-in machine load hits both alike. Reported as medians with a 95% confidence interval
+in machine load hits both alike, and before each request both servers are left to go idle
+(``common.settle``: llama-server works on after each response, which would otherwise land on
+the next request, whichever server it goes to). Reported as medians with a 95% confidence interval
 (order statistics) and, per interleaved pair, the nexa / llama-server ratio:
 
 - single stream: time to first token and decode tokens/s (--rounds requests each, distinct
@@ -42,6 +44,7 @@ from common import (
     machine,
     median_ci,
     resolve_model,
+    settle,
     start_llama_server_default,
     start_nexa_default,
     stop,
@@ -95,12 +98,16 @@ class Servers:
             stop(proc)
 
 
-def interleaved(rounds: int, run) -> dict[str, list]:
-    """``run(server, i)`` for each round, the servers in alternating order."""
+def interleaved(rounds: int, run, procs: list | None = None) -> dict[str, list]:
+    """``run(server, i)`` for each round, the servers in alternating order; before each
+    run, ``procs`` (the servers) are left to finish what the last request left them
+    (``common.settle``)."""
     out: dict[str, list] = {s: [] for s in SERVERS}
     for i in range(rounds):
         order = SERVERS if i % 2 == 0 else SERVERS[::-1]
         for server in order:
+            if procs:
+                settle(procs)
             out[server].append(run(server, i))
     return out
 
@@ -182,18 +189,21 @@ def main() -> None:
     first = first_requests(args, path, name, home)
     servers = Servers(args, path, name, home)
     try:
-        quiet = interleaved(args.rounds, lambda s, i: servers.one(s, question(1 + i), args.tokens))
-        quiet8 = interleaved(args.rounds8, lambda s, i: asyncio.run(servers.many(s, 8, args.tokens, 100 + i)))
+        quiet = interleaved(args.rounds, lambda s, i: servers.one(s, question(1 + i), args.tokens), servers.procs)
+        quiet8 = interleaved(args.rounds8, lambda s, i: asyncio.run(servers.many(s, 8, args.tokens, 100 + i)),
+                             servers.procs)
         hit_prompt = sized(270, 5000)
         for s in SERVERS:
             servers.one(s, hit_prompt, 1)  # cached from now on
-        hits = interleaved(args.hits, lambda s, i: servers.one(s, hit_prompt, 1)["ttft"])
-        long = interleaved(args.long, lambda s, i: servers.one(s, sized(2700, 9000 + i), 1))
+        hits = interleaved(args.hits, lambda s, i: servers.one(s, hit_prompt, 1)["ttft"], servers.procs)
+        long = interleaved(args.long, lambda s, i: servers.one(s, sized(2700, 9000 + i), 1), servers.procs)
         busy = busy8 = None
         if not args.no_contention:
             with CpuHog():
-                busy = interleaved(args.rounds, lambda s, i: servers.one(s, question(2000 + i), args.tokens))
-                busy8 = interleaved(args.rounds8, lambda s, i: asyncio.run(servers.many(s, 8, args.tokens, 300 + i)))
+                busy = interleaved(args.rounds, lambda s, i: servers.one(s, question(2000 + i), args.tokens),
+                                   servers.procs)
+                busy8 = interleaved(args.rounds8, lambda s, i: asyncio.run(servers.many(s, 8, args.tokens, 300 + i)),
+                                    servers.procs)
     finally:
         servers.close()
 

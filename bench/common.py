@@ -282,6 +282,41 @@ def start_llama_server_default(binary: str, path: Path, home: Path, *, gpu: str 
     return proc, base
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (all threads) a process has used so far, from Linux's per-thread schedstat
+    (nanoseconds; 0.0 where it cannot be read)."""
+    import glob
+
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9
+
+
+def settle(procs: list[subprocess.Popen], *, window: float = 0.05, busy: float = 0.05, limit: float = 5.0) -> float:
+    """Wait until none of ``procs`` uses more than ``busy`` of a core over ``window`` seconds
+    (at most ``limit`` seconds); returns the seconds waited.
+
+    An interleaved comparison must not charge one server for the other's leftovers:
+    llama-server keeps working for a while after each response (on SmolLM2, 115-145 ms of
+    CPU in the second after it; its idle-slot prompt cache), and that work lands on
+    whichever request follows. Both servers get the same wait, so each is measured on a
+    quiet machine, its own after-work included only where its next request would meet it.
+    """
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        before = [cpu_seconds(p.pid) for p in procs]
+        time.sleep(window)
+        used = [cpu_seconds(p.pid) - b for p, b in zip(procs, before, strict=True)]
+        if max(used, default=0.0) <= busy * window:
+            break
+    return time.monotonic() - started
+
+
 class CpuHog:
     """One CPU-bound process beside the servers (a busy loop), for the contention runs."""
 
