@@ -232,9 +232,43 @@ class Slot:
 
     seq_id: int
     tokens: list[int] = attrs.field(factory=list)
-    """Tokens whose KV entries the cache holds for this sequence id, positions 0..n-1."""
+    """Tokens whose KV entries the cache holds for this sequence id, positions 0..n-1.
+    Changed only through ``cut``, ``forget`` and appending."""
     active: Running | None = None
     last_used: float = 0.0
+    logits: Any = None
+    """The logits computed after the first ``logits_for`` tokens (a prompt's last row, as
+    its first token was sampled from them; a float32 array over the vocabulary), kept so
+    that the same prompt again is answered without computing anything (``SlotTable.place``)."""
+    logits_for: int = 0
+    """How many of ``tokens`` those logits follow; 0: none kept."""
+
+    def cut(self, n: int) -> None:
+        """Keep the first ``n`` tokens (the caller removes the cells after them)."""
+        del self.tokens[n:]
+        if n < self.logits_for:
+            self.logits_for = 0
+
+    def forget(self) -> None:
+        """Hold nothing (the caller removes the cells)."""
+        self.tokens = []
+        self.logits_for = 0
+
+    def keep_logits(self, row: Any) -> None:
+        """Keep ``row`` (the logits just computed after all of ``tokens``), copied."""
+        import numpy as np
+
+        if self.logits is None or self.logits.shape != row.shape:
+            self.logits = np.empty(row.shape, dtype=np.float32)
+        np.copyto(self.logits, row)
+        self.logits_for = len(self.tokens)
+
+    def take_over(self, other: Slot) -> None:
+        """Hold what ``other`` held (its cells were moved here); ``other`` holds nothing."""
+        self.tokens, other.tokens = other.tokens, []
+        self.logits, other.logits = other.logits, self.logits
+        self.logits_for, other.logits_for = other.logits_for, 0
+        self.last_used = other.last_used
 
 
 @attrs.define(eq=False)

@@ -125,22 +125,23 @@ class Sampler:
                 ),
             )
 
-    def sample(self, ctx: Any, idx: int, scratch: Scratch | None) -> int:
-        """The next token from the logits of batch row ``idx`` (accepted into the chain): a
-        forced one when ``steer`` asked for it, else sampled. Its logprob record, when asked
-        for, waits in ``take_logprobs``."""
+    def sample(self, ctx: Any, idx: int, scratch: Scratch | None, logits: Any = None) -> int:
+        """The next token from the logits of batch row ``idx`` (or the float32 array
+        ``logits``, kept from an earlier decode; then ``scratch`` is needed), accepted into
+        the chain: a forced one when ``steer`` asked for it, else sampled. Its logprob
+        record, when asked for, waits in ``take_logprobs``."""
         if self.logprobs is not None:
-            view = self._logprob_view(ctx, idx, scratch)
+            view = self._logprob_view(self._logits(ctx, idx, logits), scratch)
         if self._forced:
             token = self._forced.popleft()
             self._lib.llama_sampler_accept(self.chain, token)
             if self.grammar is not None:
                 self._lib.llama_sampler_accept(self.grammar, token)
-        elif self.grammar is None:
+        elif self.grammar is None and logits is None:
             token = self._lib.llama_sampler_sample(self.chain, ctx, idx)
         else:
             assert scratch is not None
-            token = self._sample_grammar(ctx, idx, scratch)
+            token = self._sample_candidates(self._logits(ctx, idx, logits), scratch)
         if self.logprobs is not None:
             if self.adjust is not None:
                 self._lib.llama_sampler_accept(self.adjust, token)
@@ -156,12 +157,19 @@ class Sampler:
 
     # --- log-probabilities ----------------------------------------------------------------
 
-    def _logprob_view(self, ctx: Any, idx: int, scratch: Scratch | None) -> Any:
-        """Log-softmax over the vocabulary of row ``idx``'s logits after bias and penalties."""
+    def _logits(self, ctx: Any, idx: int, kept: Any) -> Any:
+        """The logits sampled from: ``kept``, else batch row ``idx``'s (a view)."""
+        import numpy as np
+
+        if kept is not None:
+            return kept
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
+
+    def _logprob_view(self, logits: Any, scratch: Scratch | None) -> Any:
+        """Log-softmax over the vocabulary of ``logits`` after bias and penalties."""
         import numpy as np
 
         L, nv = self._lib, self.n_vocab
-        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(nv,))
         if self.adjust is not None:
             assert scratch is not None
             cand = scratch.candidates
@@ -198,14 +206,13 @@ class Sampler:
         except UnicodeDecodeError:
             return raw.decode("utf-8", "replace"), raw
 
-    def _sample_grammar(self, ctx: Any, idx: int, scratch: Scratch) -> int:
-        """Sample, then check the token against the grammar; only when it is rejected run
-        the grammar over the whole vocabulary (llama.cpp's common_sampler does the same:
-        the full pass costs milliseconds per token on a large vocabulary)."""
-        import numpy as np
-
+    def _sample_candidates(self, logits: Any, scratch: Scratch) -> int:
+        """Sample from ``logits`` through a candidate array, as ``llama_sampler_sample`` does
+        from a batch row (apply the chain, accept its choice). With a grammar: sample, then
+        check the token against it; only when it is rejected run the grammar over the whole
+        vocabulary (llama.cpp's common_sampler does the same: the full pass costs
+        milliseconds per token on a large vocabulary)."""
         L, nv = self._lib, self.n_vocab
-        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(nv,))
         cand = scratch.candidates
 
         def run(with_grammar: bool) -> int:
@@ -224,6 +231,9 @@ class Sampler:
             return int(arr.data[arr.selected].id)
 
         token = run(False)
+        if self.grammar is None:
+            L.llama_sampler_accept(self.chain, token)
+            return token
         one = L.llama_token_data(id=token, logit=1.0, p=0.0)
         one_arr = L.llama_token_data_array(data=ctypes.pointer(one), size=1, selected=-1, sorted=False)
         L.llama_sampler_apply(self.grammar, ctypes.byref(one_arr))

@@ -74,7 +74,8 @@ class BatchEngine(Decoding, EmbeddingJobs):
     start like a cached or running sequence keeps (or copies) that prefix and computes
     only the rest. Requests that arrive together with a shared prefix (a system prompt)
     are admitted one after the other: the second waits until the first has computed the
-    shared part, then copies it.
+    shared part, then copies it. A finished sequence also keeps the logits that followed
+    its prompt: the same prompt again starts from them with nothing to compute.
 
     Threads: ``n_threads`` (default: the physical cores) is the most the engine decodes
     with; with ``adaptive_threads`` (default: when no count is given and no layer is on a
@@ -524,6 +525,9 @@ class BatchEngine(Decoding, EmbeddingJobs):
                 )
             self._counters["requests_started"] += 1
             self._counters["prompt_tokens_reused"] += n_reuse
+            if n_reuse == len(prompt):  # the slot kept the logits that follow this prompt
+                assert slot.active is not None
+                self._start_from_kept_logits(slot.active)
 
     def _fail_all_running(self, exc: BaseException) -> None:
         assert self._kv is not None

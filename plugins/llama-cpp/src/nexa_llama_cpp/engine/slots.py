@@ -59,7 +59,9 @@ class SlotTable:
     def place(self, job: Job) -> tuple[Slot, int] | None:
         """The slot ``job`` runs in and how many prompt tokens it finds cached there (the
         cells are made to hold exactly those), or None: it must wait (no free id, no KV
-        room for its worst case, or its prefix is being computed by a running request)."""
+        room for its worst case, or its prefix is being computed by a running request).
+        The whole prompt is cached only when the slot also holds the logits that follow it
+        (``Slot.logits``): its first token is sampled from them."""
         free = [s for s in self.slots if s.active is None]
         if not free:
             return None
@@ -77,7 +79,13 @@ class SlotTable:
                 best, best_key = slot, key
         # At least one prompt token must be computed to get logits to sample from, and two
         # when there are two: a lone last row gets different numbers (BatchEngine._step).
+        # Unless an idle sequence kept the logits that follow exactly this prompt: then
+        # nothing is computed, and the first token comes from the very numbers an uncached
+        # run samples it from (the same prompt again: a retry, a regenerate, n choices).
         n_reuse = min(best_key[0], len(prompt) - min(2, len(prompt)))
+        if (best is not None and best.active is None and best_key[0] == len(prompt) == best.logits_for
+                and best.logits is not None):
+            n_reuse = len(prompt)
         if best is not None and self._L.llama_memory_seq_pos_min(self._mem, best.seq_id) > 0:
             n_reuse = 0  # a sliding-window cache has dropped the start of that sequence
         if best is not None and best.active is not None and not self.kv_unified and n_reuse < self.min_copy:
@@ -105,7 +113,7 @@ class SlotTable:
         L, mem = self._L, self._mem
         if target is best and n_reuse > 0:
             if L.llama_memory_seq_rm(mem, target.seq_id, n_reuse, -1):
-                del target.tokens[n_reuse:]
+                target.cut(n_reuse)
             else:  # this memory cannot cut a sequence (recurrent models)
                 self.clear(target)
                 n_reuse = 0
@@ -147,7 +155,7 @@ class SlotTable:
 
     def clear(self, slot: Slot) -> None:
         self._L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-        slot.tokens = []
+        slot.forget()
 
     def clear_idle(self) -> None:
         """Drop every idle prefix cache (the cache is full after all)."""
@@ -158,7 +166,7 @@ class SlotTable:
     def wipe(self) -> None:
         """Forget every cell (after a failed decode, whose cache state is unknown)."""
         for slot in self.slots:
-            slot.tokens = []
+            slot.forget()
         self._L.llama_memory_clear(self._mem, True)
 
     def _copy_cells(self, src: int, dst: int) -> None:
@@ -212,7 +220,6 @@ class SlotTable:
             assert seq is not None
             with self._lock:
                 low.active, high.active = seq, None
-            low.tokens, high.tokens = high.tokens, []
-            low.last_used = high.last_used
+            low.take_over(high)
             seq.slot = low
             moved += 1
