@@ -24,6 +24,7 @@ from nexa_llama_cpp import plugin
 from nexa_llama_cpp import testing as tiny
 from nexa_llama_cpp.backend import LlamaCppBackend
 from nexa_llama_cpp.context_size import AGENT_CONTEXT, KvBudget, KvShape, choose_context
+from nexa_llama_cpp.engine.kv_types import KV_TYPES
 
 GIB = 1 << 30
 CELL_METADATA = 12
@@ -69,6 +70,8 @@ def test_kv_bytes_per_token_from_the_gguf_header_are_what_llama_cpp_stores(store
         assert shape.bytes_per_token() == kv_bytes_llama_cpp_stores(path), path.name
     if smollm2 is not None:
         assert KvShape.from_gguf(read_gguf_metadata(paths[1])).bytes_per_token() == 30 * 3 * 64 * 2 * 2
+        q8_0 = KV_TYPES["q8_0"]  # blocks of 32 values in 34 bytes
+        assert KvShape.from_gguf(read_gguf_metadata(paths[1])).bytes_per_token(q8_0, q8_0) == 30 * 3 * 2 * 2 * 34
 
 
 def test_a_long_trained_model_gets_its_whole_length_per_sequence(long_model, device, tiny_options, caplog):
@@ -125,6 +128,26 @@ def test_sequences_share_one_pool_when_their_own_contexts_do_not_fit(long_model,
 
 def budget(memory: int, weights: int = 0) -> KvBudget:
     return KvBudget.of(Device("cpu", "", memory), weights)
+
+
+def test_the_context_default_counts_the_cache_types(long_model, tiny_options):
+    """The same 16 MiB budget holds one pool of 64k tokens of f16 cache (256 B a token),
+    and of 32k tokens of f32 (512 B: the tiny model's 16-value heads take no quantized
+    type); the bytes per token the choice used are what the loaded engine's cache takes."""
+    small = Device("cpu", "small", 64 << 20)
+    options = attrs.evolve(tiny_options, parallel=4)
+    f16 = LlamaCppBackend(long_model, small, options).layout()
+    wide = LlamaCppBackend(long_model, small, attrs.evolve(options, cache_type_k="f32", cache_type_v="f32"))
+    f32 = wide.layout()
+    assert (f16.unified, f16.kv_cells) == (True, 2 * LONG)
+    assert (f32.unified, f32.kv_cells, f32.n_ctx) == (True, LONG, LONG)
+    assert f32.bytes_per_token == 2 * f16.bytes_per_token
+    wide.load()
+    try:
+        assert wide.engine_stats().kv_size == LONG
+        assert wide.kv_bytes_per_token() == f32.bytes_per_token
+    finally:
+        wide.close()
 
 
 def test_a_context_too_large_for_memory_is_capped_but_holds_an_agents_prompt():

@@ -126,7 +126,7 @@ class LlamaCppBackend(GgufBackend):
                 trained=self.manifest.context_length,
                 override=self.options.context_length,
                 parallel=self.parallel,
-                bytes_per_token=shape.bytes_per_token() if shape is not None else None,
+                bytes_per_token=shape.bytes_per_token(*self._kv_types()) if shape is not None else None,
                 budget=KvBudget.of(self.device, self.manifest.size),
                 extra_contexts=1 if self.manifest.has_role("mmproj") else 0,
             )
@@ -221,12 +221,12 @@ class LlamaCppBackend(GgufBackend):
 
         if self._llama is None:
             raise ModelLoadError(f"model {self.manifest.name!r} is not loaded")
-        return kv_types.bytes_per_token(
-            llama_cpp,
-            self._llama._model.model,
-            kv_types.kv_type(self.options.cache_type_k, flag="--cache-type-k"),
-            kv_types.kv_type(self.options.cache_type_v, flag="--cache-type-v"),
-        )
+        return kv_types.bytes_per_token(llama_cpp, self._llama._model.model, *self._kv_types())
+
+    def _kv_types(self) -> tuple[kv_types.KvType, kv_types.KvType]:
+        """The KV cache's K and V types (``--cache-type-k/-v``; a bad name is a load error)."""
+        return (kv_types.kv_type(self.options.cache_type_k, flag="--cache-type-k"),
+                kv_types.kv_type(self.options.cache_type_v, flag="--cache-type-v"))
 
     def _draft_setting(self) -> str:
         """The engine's ``draft``: ``lookup`` unless told otherwise (``--draft``, or the

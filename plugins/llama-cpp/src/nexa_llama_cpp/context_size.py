@@ -16,7 +16,8 @@ in memory for the sequences the engine runs at once (``--parallel``):
 
 A token's KV bytes come from the GGUF header (``nexa.formats.read_gguf_metadata``):
 every layer keeps ``head_count_kv`` heads of ``key_length`` (K) and ``value_length`` (V)
-values per token, at the cache type's size (f16 by default: 2 bytes). That is an upper
+values per token, at the cache types' sizes (``--cache-type-k/-v``; f16 by default: 2 bytes,
+q8_0 34 bytes per 32 values). That is an upper
 bound for sliding-window and recurrent layers, which keep less. ``nexa serve --ctx``
 fixes the length; the layout is then still chosen by the same budget.
 
@@ -32,6 +33,7 @@ import attrs
 
 from nexa.errors import ContextLengthExceeded
 from nexa.types import ContextPlan, Device
+from nexa_llama_cpp.engine.kv_types import DEFAULT_KV_TYPE, KV_TYPES, KvType
 
 AGENT_CONTEXT = 16384
 """The least context a model trained for at least this long gets by default: a coding
@@ -45,7 +47,6 @@ MEMORY_CEILING = 0.75
 ``AGENT_CONTEXT`` (the rest: the system, other models, compute buffers)."""
 ASSUMED_MEMORY = 8 << 30
 """The memory assumed when the device does not say (as the server's model budget does)."""
-F16_BYTES = 2.0
 TRAINED = "the length the model was trained for"
 CELL_STEP = 256
 """Pools and capped contexts are whole multiples of this (llama.cpp pads to it)."""
@@ -81,11 +82,14 @@ class KvShape:
         # llama.cpp uses head_count: the bound is then the largest.
         return cls(n_layer, number("attention.head_count_kv") or n_head, key_length, value_length)
 
-    def bytes_per_token(self, type_k_bytes: float = F16_BYTES, type_v_bytes: float = F16_BYTES) -> int:
-        """K and V bytes of one token over all layers, at the cache types' bytes per value
-        (f16: 2; q8_0: 34/32)."""
-        per_layer = self.n_head_kv * (self.key_length * type_k_bytes + self.value_length * type_v_bytes)
-        return int(self.n_layer * per_layer)
+    def bytes_per_token(self, type_k: KvType | None = None, type_v: KvType | None = None) -> int:
+        """K and V bytes of one token over all layers in caches of these types (default
+        f16), stored in rows of whole type blocks as llama.cpp sizes them."""
+        type_k = type_k or KV_TYPES[DEFAULT_KV_TYPE]
+        type_v = type_v or KV_TYPES[DEFAULT_KV_TYPE]
+        per_layer = type_k.row_bytes(self.n_head_kv * self.key_length) + type_v.row_bytes(
+            self.n_head_kv * self.value_length)
+        return self.n_layer * per_layer
 
 
 @attrs.frozen
