@@ -34,6 +34,7 @@ from common import (
     load_average,
     machine,
     resolve_model,
+    settle,
     start_llama_server_default,
     start_nexa_default,
     stop,
@@ -175,6 +176,7 @@ def main() -> None:
                 turn = order[i % len(order):] + order[: i % len(order)]
                 for target in turn:
                     client, served = targets[target]
+                    settle(procs)  # what the last request left a server doing is not charged to this one
                     r = stream_chat(client, served, workload(kind, i), args.tokens)
                     rows.setdefault((target, kind), []).append(r)
                 print(f"  round {i + 1} {kind:5s}: " + " | ".join(
