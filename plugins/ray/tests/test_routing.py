@@ -88,6 +88,9 @@ def test_requests_spread_over_replicas_on_both_nodes(ray_cluster, namespace, tmp
                             "both replicas to have served")
         assert len({r.node_id for r in replicas}) == 2, "replicas of a model spread over the nodes"
         assert all(r.resources.get("CPU") == 1.0 for r in replicas)
+        # Replicas run at normal priority, not at the nice 15 Ray gives its workers (the
+        # cluster is on this machine: the replicas' processes are visible here).
+        assert [os.getpriority(os.PRIO_PROCESS, r.pid) for r in replicas] == [0, 0]
         # /metrics: every replica's figures, labelled by replica and node.
         metrics = httpx.get(server.base_url + "/metrics").text
         for r in replicas:

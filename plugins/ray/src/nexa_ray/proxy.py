@@ -53,12 +53,34 @@ REATTACH_TIMEOUT = 30.0
 ACTOR_CONCURRENCY = 1000
 """Calls an actor takes at once: requests wait in the backend's own queue, and status
 polls must never wait behind them."""
+REPLICA_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+"""Ray starts its workers at nice 15 so they yield to its own daemons. A replica is the
+node's main work, the process the model's compute threads run in (as the server's own
+process is in-process): at nice 15 every other process on the node (the server, Ray's
+daemons, anything else) gets ~28 times its CPU share, and llama.cpp's threads, which
+wait for each other at every step, stall whenever one is preempted. Ray's own job
+supervisor runs at 0 the same way (the worker applies the setting to itself: no
+privilege needed)."""
 
 
 @functools.cache
 def _actor_class() -> Any:
     """``Replica`` as a Ray actor class, made once (each one is exported to the cluster)."""
     return ray.remote(Replica)
+
+
+async def _value(ref: Any) -> Any:
+    """The value of a streamed item the generator handed out.
+
+    The generator hands an item out once it is ready here (it waited for it), so a
+    non-blocking read takes it from this process's memory: ``await ref`` would fetch it
+    again through Ray's I/O thread and wake the event loop once more, per item. An item
+    not here yet (a large one kept in a remote object store) is awaited as usual.
+    """
+    try:
+        return ray.get(ref, timeout=0)
+    except GetTimeoutError:
+        return await ref
 
 
 class ReplicaLost(Busy):
@@ -246,6 +268,7 @@ class RayBackend(Backend):
             max_restarts=-1,
             max_task_retries=0,  # a retried stream would re-run from its start: splice
             max_concurrency=ACTOR_CONCURRENCY,
+            runtime_env=REPLICA_RUNTIME_ENV,
             **self._actor_options(),
         ).remote(spec)
 
@@ -404,7 +427,7 @@ class RayBackend(Backend):
             sent = finished = False
             try:
                 async for ref in stream:
-                    chunks, error = await ref
+                    chunks, error = await _value(ref)
                     for chunk in chunks:
                         sent = True
                         yield chunk
