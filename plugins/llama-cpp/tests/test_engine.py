@@ -302,7 +302,7 @@ def test_prefix_reuse_skips_the_shared_prompt(tiny_gguf):
         assert after.prompt_tokens_evaluated - mid.prompt_tokens_evaluated == len(second.prompt_tokens) - shared
 
         # The same prompt again computes nothing: its slot kept the logits that follow it
-        # (tests/test_kept_logits.py).
+        # (test_kept_logits.py).
         again, fin_again = collect(engine, second)
         assert fin_again.cached_tokens == len(second.prompt_tokens)
         assert again == text
