@@ -143,12 +143,5 @@ class EngineContext:
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", "replace")
 
-    def logits_row(self, i: int, n_vocab: int) -> Any:
-        """Batch row ``i``'s logits as a float32 array over the vocabulary (a view into
-        llama.cpp's buffer: valid until the next decode)."""
-        import numpy as np
-
-        return np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(n_vocab,))
-
     def is_eog(self, token: int) -> bool:
         return bool(self.L.llama_vocab_is_eog(self.vocab, token))

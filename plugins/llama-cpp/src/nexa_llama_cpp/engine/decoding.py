@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nexa_llama_cpp.engine.records import Finished, Job, Running, TextPiece
-from nexa_llama_cpp.engine.sampler import Scratch
+from nexa_llama_cpp.engine.sampler import Scratch, logits_view
 from nexa_llama_cpp.engine.threads import generation_shape, prompt_shape
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class Decoding:
             if seq.i_batch >= 0:
                 # Kept for the same prompt again (SlotTable.place): ~0.2-0.6 MB copied once
                 # per prompt, against a decode step saved on every repeat.
-                seq.slot.keep_logits(c.logits_row(seq.i_batch, self.n_vocab))
+                seq.slot.keep_logits(logits_view(c.L, c.ctx, seq.i_batch, self.n_vocab))
                 token = self._sample_and_emit(seq)
                 if token is not None:
                     seq.pending.append(token)

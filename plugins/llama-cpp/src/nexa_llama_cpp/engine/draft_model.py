@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from nexa.errors import ModelLoadError
 from nexa_llama_cpp.engine.context import context_params
 from nexa_llama_cpp.engine.records import common_prefix
+from nexa_llama_cpp.engine.sampler import logits_view
 
 if TYPE_CHECKING:
     from nexa_llama_cpp.engine.records import Running
@@ -176,10 +177,7 @@ class DraftModel:
         return rows
 
     def _argmax(self, row: int) -> int:
-        import numpy as np
-
-        logits = np.ctypeslib.as_array(self._L.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
-        return int(logits.argmax())
+        return int(logits_view(self._L, self.ctx, row, self.n_vocab).argmax())
 
 
 def vocab_mismatch(lib: Any, target: Any, draft: Any) -> str | None:

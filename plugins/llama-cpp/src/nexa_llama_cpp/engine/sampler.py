@@ -159,11 +159,7 @@ class Sampler:
 
     def _logits(self, ctx: Any, idx: int, kept: Any) -> Any:
         """The logits sampled from: ``kept``, else batch row ``idx``'s (a view)."""
-        import numpy as np
-
-        if kept is not None:
-            return kept
-        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
+        return kept if kept is not None else logits_view(self._lib, ctx, idx, self.n_vocab)
 
     def _logprob_view(self, logits: Any, scratch: Scratch | None) -> Any:
         """Log-softmax over the vocabulary of ``logits`` after bias and penalties."""
@@ -254,6 +250,14 @@ class Sampler:
     def needs_scratch(self) -> bool:
         """Whether ``sample`` works on a candidate array (``Scratch``) over the vocabulary."""
         return self.grammar is not None or self.adjust is not None
+
+
+def logits_view(lib: Any, ctx: Any, idx: int, n_vocab: int) -> Any:
+    """Batch row ``idx``'s logits as a float32 array over the vocabulary: a view into
+    llama.cpp's buffer, valid until the context's next decode."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, idx), shape=(n_vocab,))
 
 
 LOGPROB_FLOOR = -9999.0
