@@ -46,11 +46,37 @@ def speculator(drafter=None, **kw) -> Speculator:
 
 
 def test_prompt_lookup_continues_the_latest_longest_match():
-    stats = DraftStats(history=np.array(REPEATING + [0] * 8, dtype="int32"), length=len(REPEATING))
+    stats = DraftStats(history=list(REPEATING))
     assert PromptLookup().lookup(stats, 3) == [5, 6, 7]
     assert PromptLookup().lookup(stats, 100) == [5, 6, 7, 8, 9, 20, 21, 1, 2, 3, 4]  # never past the end
-    unseen = DraftStats(history=np.array([1, 2, 3, 4, 5], dtype="int32"), length=5)
+    unseen = DraftStats(history=[1, 2, 3, 4, 5])
     assert PromptLookup().lookup(unseen, 4) == []
+
+
+def scan(history: list[int], n: int, sizes=(4, 3, 2)) -> list[int]:
+    """The lookup by brute force: the latest earlier occurrence of the longest tail n-gram."""
+    for size in sizes:
+        if len(history) <= size:
+            continue
+        tail = history[-size:]
+        for start in range(len(history) - size - 1, -1, -1):
+            if history[start : start + size] == tail:
+                return history[start + size : start + size + n]
+    return []
+
+
+def test_prompt_lookup_index_kept_as_tokens_come_equals_a_full_scan():
+    # The index is brought up to date at each lookup, by one token or by many at once
+    # (guesses accepted, or steps without a lookup); small alphabets make many repeats.
+    rng = np.random.default_rng(7)
+    lookup = PromptLookup()
+    for alphabet in (3, 6, 50):
+        stats = DraftStats(history=[int(t) for t in rng.integers(0, alphabet, 40)])
+        for _ in range(200):
+            n = int(rng.integers(0, 9))
+            assert lookup.lookup(stats, n) == scan(stats.history, n)
+            for t in rng.integers(0, alphabet, int(rng.choice([1, 1, 1, 5]))):
+                stats.append(int(t))
 
 
 def test_step_costs_interpolate_extrapolate_and_fall_back():

@@ -139,7 +139,7 @@ class DraftModel:
         L, mem = self._L, self.memory
         lasts = []
         for seq_id, stats in seqs:
-            target = stats.history[: stats.length].tolist()
+            target = list(stats.history)
             have = self.tokens[seq_id]
             keep = min(common_prefix(have, target), len(target) - 1)
             if keep < len(have):

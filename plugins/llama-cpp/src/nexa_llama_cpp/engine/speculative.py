@@ -24,8 +24,9 @@ one sequence's row alone in one of them, where its numbers differ (``BatchEngine
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
@@ -60,9 +61,8 @@ class Drafter(Protocol):
 class DraftStats:
     """One sequence's drafting record: its tokens so far and how its guesses fared."""
 
-    history: Any
-    """numpy int32 buffer: prompt and generated tokens, ``length`` of them valid."""
-    length: int
+    history: list[int]
+    """Prompt and generated tokens, in order."""
     hits: float = 1.0
     misses: float = 1.0
     """Recent right and wrong guesses (decayed; start at one each: p = 0.5)."""
@@ -72,8 +72,17 @@ class DraftStats:
     accepted: int = 0
     trial_after: int = 0
     """For costly drafters: the generated count after which drafting is tried again."""
+    ngrams: dict[int, dict[tuple[int, ...], int]] = attrs.field(factory=dict)
+    """``PromptLookup``'s index: by n-gram size, each n-gram of ``history`` and where its
+    latest occurrence ends, for the n-grams that end before ``history``'s last token."""
+    indexed: int = 0
+    """The ``history`` length up to which ``ngrams`` is current."""
 
     DECAY = 0.9
+
+    @property
+    def length(self) -> int:
+        return len(self.history)
 
     @property
     def p(self) -> float:
@@ -87,12 +96,7 @@ class DraftStats:
             self.misses = self.misses * self.DECAY + (not right)
 
     def append(self, token: int) -> None:
-        if self.length >= len(self.history):
-            import numpy as np
-
-            self.history = np.concatenate([self.history, np.zeros_like(self.history)])
-        self.history[self.length] = token
-        self.length += 1
+        self.history.append(token)
         if self.shadow:
             if token == self.shadow[0]:
                 self.shadow.pop(0)
@@ -119,11 +123,17 @@ class StepCosts:
 
     def __init__(self) -> None:
         self._best: dict[tuple[int, int, int], float] = {}
+        self._curves: dict[tuple[int, int], tuple[list[int], list[float]]] = {}
+        """By (threads, sequences): the measured row counts, ascending, and the fastest time
+        of each (from ``_best``; rebuilt only when a new fastest time comes, as the policy
+        reads it every step)."""
 
     def observe(self, threads: int, n_seq: int, rows: int, seconds: float) -> None:
         key = (threads, n_seq, rows)
         if seconds < self._best.get(key, float("inf")):
             self._best[key] = seconds
+            points = sorted((r, t) for (th, n, r), t in self._best.items() if th == threads and n == n_seq)
+            self._curves[(threads, n_seq)] = ([r for r, _t in points], [t for _r, t in points])
 
     def seconds(self, threads: int, n_seq: int, rows: int) -> float | None:
         return self._best.get((threads, n_seq, rows))
@@ -132,7 +142,7 @@ class StepCosts:
         """Time of a step with ``rows`` rows per sequence over one with one row (>= 1)."""
         if rows <= 1:
             return 1.0
-        counts = sorted({th for th, n, _r in self._best if n == n_seq}, key=lambda th: (abs(th - threads), th))
+        counts = sorted((th for th, n in self._curves if n == n_seq), key=lambda th: (abs(th - threads), th))
         for th in counts:
             found = self._ratio_at(th, n_seq, rows)
             if found is not None:
@@ -140,20 +150,17 @@ class StepCosts:
         return 1.0 + self.PRIOR_ROW_COST * (rows - 1)
 
     def _ratio_at(self, threads: int, n_seq: int, rows: int) -> float | None:
-        known = dict(sorted((r, t) for (th, n, r), t in self._best.items() if th == threads and n == n_seq))
-        base = known.get(1)
-        if base is None or len(known) < 2:
+        rs, ts = self._curves.get((threads, n_seq), ((), ()))
+        if len(rs) < 2 or rs[0] != 1:
             return None
-        if rows in known:
-            return known[rows] / base
-        points = sorted(known.items())
-        below = [p for p in points if p[0] < rows]
-        above = [p for p in points if p[0] > rows]
-        if below and above:
-            (r0, t0), (r1, t1) = below[-1], above[0]
-            return (t0 + (t1 - t0) * (rows - r0) / (r1 - r0)) / base
-        (r0, t0), (r1, t1) = below[-2], below[-1]
-        return (t1 + max(0.0, (t1 - t0) / (r1 - r0)) * (rows - r1)) / base
+        i = bisect.bisect_left(rs, rows)  # >= 1: rows > 1 = rs[0]
+        if i < len(rs) and rs[i] == rows:
+            return ts[i] / ts[0]
+        if i < len(rs):  # between two measured row counts
+            r0, t0, r1, t1 = rs[i - 1], ts[i - 1], rs[i], ts[i]
+            return (t0 + (t1 - t0) * (rows - r0) / (r1 - r0)) / ts[0]
+        r0, t0, r1, t1 = rs[-2], ts[-2], rs[-1], ts[-1]  # beyond them: the last two's slope
+        return (t1 + max(0.0, (t1 - t0) / (r1 - r0)) * (rows - r1)) / ts[0]
 
 
 class PromptLookup:
@@ -170,24 +177,39 @@ class PromptLookup:
 
     def lookup(self, stats: DraftStats, n: int) -> list[int]:
         """What followed the most recent earlier occurrence of the longest n-gram ending the tokens."""
-        import numpy as np
-
-        h, length = stats.history, stats.length
         if n <= 0:
             return []
+        h = stats.history
+        length = len(h)
+        self._index(stats)
         for size in self.ngram_sizes:
             if length <= size:
                 continue
-            tail = h[length - size : length]
-            span = length - size  # candidate starts 0 .. span-1 (not the tail itself)
-            hit = h[:span] == tail[0]
-            for j in range(1, size):
-                hit &= h[j : span + j] == tail[j]
-            starts = np.flatnonzero(hit)
-            if starts.size:
-                start = int(starts[-1]) + size
-                return [int(t) for t in h[start : min(start + n, length)]]
+            end = stats.ngrams[size].get(tuple(h[length - size :]))
+            if end is not None:
+                return h[end : min(end + n, length)]
         return []
+
+    def _index(self, stats: DraftStats) -> None:
+        """Bring ``stats.ngrams`` up to date: every n-gram ending before the last token, mapped
+        to where its latest occurrence ends. Kept as the tokens come (a dictionary lookup a
+        step) rather than scanning the whole history each step, which cost ~0.2 ms a token
+        on a short prompt and grows with the prompt."""
+        h = stats.history
+        last = len(h) - 1  # n-grams ending at positions up to here (exclusive end)
+        first = stats.indexed
+        if last <= first:
+            return
+        for size in self.ngram_sizes:
+            table = stats.ngrams.setdefault(size, {})
+            lo = max(first + 1, size)  # ends lo..last; an end below size has no n-gram
+            if lo > last:
+                continue
+            window = h[lo - size : last]
+            grams = zip(*(window[j:] for j in range(size)), strict=False)
+            # Later occurrences overwrite earlier ones: the latest wins.
+            table.update(zip(grams, range(lo, last + 1), strict=False))
+        stats.indexed = last
 
     def moved(self, src: int, dst: int) -> None:
         pass
@@ -229,12 +251,7 @@ class Speculator:
     def stats(self, seq: Running) -> DraftStats:
         """``seq``'s drafting record, made from its tokens when it first generates."""
         if seq.drafts is None:
-            import numpy as np
-
-            tokens = list(seq.slot.tokens) + list(seq.pending)
-            buf = np.zeros(max(64, 2 * len(tokens)), dtype=np.int32)
-            buf[: len(tokens)] = tokens
-            seq.drafts = DraftStats(history=buf, length=len(tokens))
+            seq.drafts = DraftStats(history=[*seq.slot.tokens, *seq.pending])
         return seq.drafts
 
     def emitted(self, seq: Running, token: int) -> None:
