@@ -139,7 +139,7 @@ class DraftModel:
         L, mem = self._L, self.memory
         lasts = []
         for seq_id, stats in seqs:
-            target = list(stats.history)
+            target = stats.history  # read only: no copy of the whole history a step
             have = self.tokens[seq_id]
             keep = min(common_prefix(have, target), len(target) - 1)
             if keep < len(have):

@@ -81,10 +81,6 @@ class DraftStats:
     DECAY = 0.9
 
     @property
-    def length(self) -> int:
-        return len(self.history)
-
-    @property
     def p(self) -> float:
         """Estimated chance that a guessed token is right (given the ones before it were)."""
         return self.hits / (self.hits + self.misses)
