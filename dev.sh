@@ -87,7 +87,9 @@ cmd=${1:-help}
 shift || true
 case "$cmd" in
   serve) setup; log "serving on http://127.0.0.1:18181"; exec .venv/bin/nexa serve "$@" ;;
-  test) run_nox "$@" ;;
+  # Each session's virtualenv goes when it ends (NEXA_DROP_VENVS=0 keeps them): a fresh
+  # machine's disk need only hold the largest one (~2 GB), not all eleven (~15 GB).
+  test) NEXA_DROP_VENVS=${NEXA_DROP_VENVS:-1} run_nox "$@" ;;
   setup) setup ;;
   wheels) wheels ;;
   nox) run_nox "$@" ;;

@@ -8,9 +8,11 @@ default `-march=native` build crashes on some CPUs); sessions install that wheel
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import nox
@@ -47,6 +49,22 @@ if IS_APPLE_SILICON:
     nox.options.sessions.append("llama_cpp_metal")
 
 
+def session(fn: Callable[[nox.Session], None]) -> Callable[[nox.Session], None]:
+    """``nox.session``, and with NEXA_DROP_VENVS=1 (``./dev.sh test`` sets it) the session's
+    virtualenv is deleted when it ends, pass or fail: the torch sessions take ~2 GB each,
+    and eleven of them at once (~15 GB) filled a CI machine's disk."""
+
+    @functools.wraps(fn)
+    def run(session: nox.Session) -> None:
+        try:
+            fn(session)
+        finally:
+            if os.environ.get("NEXA_DROP_VENVS") == "1":
+                shutil.rmtree(session.virtualenv.location, ignore_errors=True)
+
+    return nox.session(run)
+
+
 def _llama_wheel(flavour: str) -> str:
     found = sorted((WHEELS / flavour).glob(f"llama_cpp_python-{LLAMA_VERSION}-*.whl"))
     if not found:
@@ -76,13 +94,13 @@ def _pytest(session: nox.Session, *paths: str, env: dict[str, str] | None = None
     )
 
 
-@nox.session
+@session
 def lint(session: nox.Session) -> None:
     session.install("ruff==0.17.6")
     session.run("ruff", "check", "core", "plugins", "tests", "bench", "docs", "noxfile.py")
 
 
-@nox.session
+@session
 def core(session: nox.Session) -> None:
     _install(session)
     # A real GGUF (data only) for the docs' manifest example and the format readers.
@@ -90,13 +108,13 @@ def core(session: nox.Session) -> None:
     _pytest(session, "core/tests")
 
 
-@nox.session
+@session
 def llama_cpp_cpu(session: nox.Session) -> None:
     _install(session, "llama-cpp", llama="cpu")
     _pytest(session, "plugins/llama-cpp/tests", "-m", "not slow_quality and not cuda")
 
 
-@nox.session
+@session
 def llama_cpp_quality(session: nox.Session) -> None:
     """Answer quality on Qwen2.5-Coder-0.5B (assembled from PyPI parts); slower."""
     _install(session, "llama-cpp", llama="cpu")
@@ -112,24 +130,24 @@ def _llama_on_gpu(session: nox.Session, kind: str, present: bool, why_not: str) 
     _pytest(session, "plugins/llama-cpp/tests", "-m", markers, env={"NEXA_DEVICE": kind})
 
 
-@nox.session
+@session
 def llama_cpp_cuda(session: nox.Session) -> None:
     _llama_on_gpu(session, "cuda", HAS_CUDA, "no CUDA GPU here (nvidia-smi not found)")
 
 
-@nox.session
+@session
 def llama_cpp_metal(session: nox.Session) -> None:
     _llama_on_gpu(session, "metal", IS_APPLE_SILICON, "not an Apple Silicon Mac")
 
 
-@nox.session
+@session
 def sentence_transformers(session: nox.Session) -> None:
     _install(session, "sentence-transformers", torch=True)
     # Models come from packages and test folders; nothing may reach for a hub.
     _pytest(session, "plugins/sentence-transformers/tests", env={"HF_HUB_OFFLINE": "1"})
 
 
-@nox.session
+@session
 def faster_whisper(session: nox.Session) -> None:
     """Speech to text: Whisper base (from PyPI) on espeak-ng speech, and a tiny random
     Whisper written with transformers (hence torch) for the mechanics."""
@@ -139,20 +157,20 @@ def faster_whisper(session: nox.Session) -> None:
     _pytest(session, "plugins/faster-whisper/tests")
 
 
-@nox.session
+@session
 def diffusers(session: nox.Session) -> None:
     _install(session, "diffusers", torch=True)
     _pytest(session, "plugins/diffusers/tests", env={"HF_HUB_OFFLINE": "1"})
 
 
-@nox.session
+@session
 def mlx_cpu(session: nox.Session) -> None:
     """MLX on Linux runs on the CPU (mlx-lm[cpu]); the backend is really exercised here."""
     _install(session, "mlx")
     _pytest(session, "plugins/mlx/tests")
 
 
-@nox.session
+@session
 def mlx_metal(session: nox.Session) -> None:
     if not IS_APPLE_SILICON:
         session.skip("not an Apple Silicon Mac")
@@ -160,7 +178,7 @@ def mlx_metal(session: nox.Session) -> None:
     _pytest(session, "plugins/mlx/tests", env={"NEXA_DEVICE": "metal"})
 
 
-@nox.session
+@session
 def e2e(session: nox.Session) -> None:
     """Cross-package tests: the CLI, real models over HTTP, reliability and security."""
     flavour = "cuda" if HAS_CUDA and os.environ.get("NEXA_DEVICE") == "cuda" else "cpu"
@@ -171,7 +189,7 @@ def e2e(session: nox.Session) -> None:
     _pytest(session, "tests", "--ignore=tests/browser", env={"NEXA_LOAD_THREADS": "1"})
 
 
-@nox.session
+@session
 def browser(session: nox.Session) -> None:
     """The web page at `/` in headless Chromium (Debian's `chromium`, driven by Playwright)
     against a real `nexa serve`; screenshots land in test-artifacts/browser/."""
@@ -186,7 +204,7 @@ def browser(session: nox.Session) -> None:
     _pytest(session, "tests/browser", env={"NEXA_LOAD_THREADS": "1", "NEXA_CHROMIUM": chromium})
 
 
-@nox.session
+@session
 def fuzz(session: nox.Session) -> None:
     """The full property-based fuzz run (>=1000 cases per endpoint)."""
     _install(session)
@@ -194,7 +212,7 @@ def fuzz(session: nox.Session) -> None:
     _pytest(session, "tests/reliability", "-m", "fuzz", env={"NEXA_FUZZ_CASES": "1000"})
 
 
-@nox.session
+@session
 def load(session: nox.Session) -> None:
     """The full overload run: 16 clients x 200 mixed requests on the real SmolLM2."""
     _install(session, "llama-cpp", "sentence-transformers", llama="cpu", torch=True)
@@ -202,7 +220,7 @@ def load(session: nox.Session) -> None:
     _pytest(session, "tests/reliability", "-m", "load", env={"NEXA_LOAD_REQUESTS": "200", "NEXA_LOAD_THREADS": "1"})
 
 
-@nox.session
+@session
 def ray(session: nox.Session) -> None:
     """The Ray engine on a two-node cluster on loopback started by the tests: real SmolLM2
     and MiniLM replicas, the conformance kit, replica and node loss, restart (marker
