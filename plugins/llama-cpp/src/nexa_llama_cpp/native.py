@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -185,6 +186,34 @@ class _PoolParams(ctypes.Structure):
     ]
 
 
+@functools.cache
+def _pool_libraries() -> tuple[Any, Any, Any] | None:
+    """libllama, libggml-base and libggml-cpu with the pool functions' signatures set
+    (once per process), or None where they are not found."""
+    try:
+        import llama_cpp.llama_cpp as L
+
+        libdir = os.path.join(os.path.dirname(L.__file__), "lib")
+        base = ctypes.CDLL(os.path.join(libdir, "libggml-base.so"))
+        cpu = ctypes.CDLL(os.path.join(libdir, "libggml-cpu.so"))
+        base.ggml_threadpool_params_default.restype = _PoolParams
+        base.ggml_threadpool_params_default.argtypes = [ctypes.c_int]
+        cpu.ggml_threadpool_new.restype = ctypes.c_void_p
+        cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(_PoolParams)]
+        for name in ("ggml_threadpool_free", "ggml_threadpool_pause", "ggml_threadpool_resume"):
+            getattr(cpu, name).argtypes = [ctypes.c_void_p]
+            getattr(cpu, name).restype = None
+        llama = L._lib
+        llama.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        llama.llama_attach_threadpool.restype = None
+        llama.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
+        llama.llama_detach_threadpool.restype = None
+        return llama, base, cpu
+    except (OSError, AttributeError) as exc:
+        log.debug("no persistent ggml thread pool: %s", exc)
+        return None
+
+
 class ThreadPool:
     """A persistent ggml thread pool of ``n_threads`` for one context, attached while the
     context decodes with all of them (``use``).
@@ -215,26 +244,12 @@ class ThreadPool:
 
     @classmethod
     def open(cls, ctx: Any, n_threads: int) -> ThreadPool | None:
+        libs = _pool_libraries()
+        if libs is None:
+            return None
         try:
-            import llama_cpp.llama_cpp as L
-
-            libdir = os.path.join(os.path.dirname(L.__file__), "lib")
-            base = ctypes.CDLL(os.path.join(libdir, "libggml-base.so"))
-            cpu = ctypes.CDLL(os.path.join(libdir, "libggml-cpu.so"))
-            base.ggml_threadpool_params_default.restype = _PoolParams
-            base.ggml_threadpool_params_default.argtypes = [ctypes.c_int]
-            cpu.ggml_threadpool_new.restype = ctypes.c_void_p
-            cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(_PoolParams)]
-            for name in ("ggml_threadpool_free", "ggml_threadpool_pause", "ggml_threadpool_resume"):
-                getattr(cpu, name).argtypes = [ctypes.c_void_p]
-                getattr(cpu, name).restype = None
-            llama = L._lib
-            llama.llama_attach_threadpool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-            llama.llama_attach_threadpool.restype = None
-            llama.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
-            llama.llama_detach_threadpool.restype = None
-            return cls(llama, base, cpu, ctx, n_threads)
-        except (OSError, AttributeError) as exc:
+            return cls(*libs, ctx, n_threads)
+        except OSError as exc:  # ggml could not start the pool's threads
             log.debug("no persistent ggml thread pool: %s", exc)
             return None
 
