@@ -160,6 +160,33 @@ def test_cancel_mid_draft_frees_the_sequence_and_leaves_a_clean_cache(target, dr
         assert text == texts[1]
 
 
+def test_a_guessed_steps_tokens_reach_the_consumer_together(target, drafters, reference):
+    import threading
+
+    from nexa_llama_cpp.engine.records import Control, Finished, TextPiece
+
+    prompts, texts, _seeded = reference
+    with engine_with(target, drafters["self"]) as engine:
+        batches: list = []
+        done = threading.Event()
+
+        def sink(events):
+            batches.append(list(events))
+            if any(isinstance(e, (Finished, BaseException)) for e in events):
+                done.set()
+
+        engine._submit(greedy(prompts[0]), sink, Control())
+        assert done.wait(120)
+        stats = engine.stats()
+    got = [e for batch in batches for e in batch]
+    assert "".join(e.text for e in got if isinstance(e, TextPiece)) == texts[0]
+    assert isinstance(got[-1], Finished) and sum(isinstance(e, Finished) for e in got) == 1
+    # One hand-over per step (the prompt's step included), several tokens in a guessed one.
+    assert len(batches) <= stats.decode_steps
+    assert max(sum(isinstance(e, TextPiece) for e in batch) for batch in batches) > 1
+    assert sum(e.n_tokens for e in got if isinstance(e, TextPiece)) == got[-1].completion_tokens
+
+
 def test_a_draft_model_with_another_vocabulary_is_refused(target):
     from nexa.errors import ModelLoadError
     from nexa_llama_cpp import plugin
@@ -205,6 +232,23 @@ def test_stop_strings_cut_the_same_text(backends, device):
     if device.kind == "cpu":  # on a GPU the texts may drift apart (conftest.assert_same_answer)
         assert got_last.finish_reason == want_last.finish_reason == "stop"
         assert got_last.usage.completion_tokens == want_last.usage.completion_tokens
+
+
+def test_a_guessed_steps_text_streams_as_one_chunk(backends, device):
+    plain, drafted = backends
+    want = list(plain.chat(ChatRequest.create([ChatMessage("user", "hello the cat")], max_tokens=40, temperature=0),
+                           CancelToken()))
+    got = list(drafted.chat(ChatRequest.create([ChatMessage("user", "hello the cat")], max_tokens=40, temperature=0),
+                            CancelToken()))
+    texts = [c.content for c in got if c.content]
+    assert_same_answer("".join(texts), "".join(c.content for c in want), device.kind)
+    # Without guesses about a chunk a token; with four guessed a step, far fewer chunks.
+    n, n_plain = got[-1].usage.completion_tokens, want[-1].usage.completion_tokens
+    assert n > 10
+    if device.kind == "cpu":  # on a GPU the texts may drift apart (conftest.assert_same_answer)
+        assert n == n_plain
+    assert len([c for c in want if c.content]) > n_plain * 3 // 4
+    assert len(texts) <= n // 2
 
 
 def test_grammar_constrained_answers_are_the_same(backends, device):

@@ -324,7 +324,7 @@ class LlamaCppBackend(GgufBackend):
         events = self._running_engine().generate(job, cancel)
         try:
             for event in events:
-                yield from chunker.take(event)
+                yield from chunker.take_all([event, *events.ready()])
                 if chunker.stopped:
                     events.finish()
                     break
@@ -347,7 +347,8 @@ class LlamaCppBackend(GgufBackend):
         events = self._running_engine().agenerate(job)
         try:
             async for event in events:
-                for chunk in chunker.take(event):
+                # A guessed step's tokens arrive together: they leave as one chunk.
+                for chunk in chunker.take_all([event, *events.ready()]):
                     yield chunk
                 if chunker.stopped:
                     events.finish()

@@ -68,6 +68,23 @@ class AnswerChunker:
         self.n_cached = event.cached_tokens
         return []
 
+    def take_all(self, events: Sequence[Event]) -> list[ChatChunk]:
+        """The chunks of events that arrived together (a guessed step's tokens), with text
+        next to text joined into one chunk, so the client gets one piece, not one per token;
+        none are taken past a stop string."""
+        out: list[ChatChunk] = []
+        for event in events:
+            for chunk in self.take(event):
+                last = out[-1] if out else None
+                if last is not None and _joinable(last, chunk):
+                    out[-1] = ChatChunk(content=last.content + chunk.content, reasoning=last.reasoning + chunk.reasoning,
+                                        logprobs=last.logprobs + chunk.logprobs)
+                else:
+                    out.append(chunk)
+            if self.stopped:
+                break
+        return out
+
     def finish(self) -> list[ChatChunk]:
         """The held-back text, any pending tool call, and the last chunk with finish and usage."""
         out = [] if self.stopped else self._chunks(self._split.finish())
@@ -126,3 +143,9 @@ def _chunk_of(event: str | ToolCall) -> ChatChunk:
     if isinstance(event, ToolCall):
         return ChatChunk(tool_calls=(event,))
     return ChatChunk(content=event)
+
+
+def _joinable(a: ChatChunk, b: ChatChunk) -> bool:
+    """Both are plain text of the same kind (answer or thought), so one can carry both."""
+    plain = all(not c.tool_calls and c.finish_reason is None and c.usage is None for c in (a, b))
+    return plain and ((not a.reasoning and not b.reasoning) or (not a.content and not b.content))

@@ -6,7 +6,10 @@
   when drafting pays; ``_verify`` keeps sampled tokens while they equal the guesses.
 - ``_run_batch``: the ``llama_decode`` itself, at the thread count ``engine.threads``
   picks, timed for it; a prompt decode can be aborted mid-graph.
-- ``_sample_and_emit``/``_finish``: a sequence's sampler on one row, its text to the consumer.
+- ``_sample_and_emit``/``_finish``: a sequence's sampler on one row, its text held for the
+  consumer; ``_deliver`` hands what one sequence made in a step over in one call, so a
+  guessed step's tokens reach the consumer together (one wake-up and one streamed chunk
+  instead of one per token: docs/benchmarks.md, "Sixth pass").
 
 What runs in a step and when is ``engine.scheduler``; this is only how.
 """
@@ -41,7 +44,7 @@ class Decoding:
     _counters: dict[str, int]
     n_vocab: int
 
-    def _emit(self, job: Job, event: Event | BaseException) -> None: ...  # the scheduler's
+    def _emit(self, job: Job, events: Sequence[Event | BaseException]) -> None: ...  # the scheduler's
 
     def _release(self, seq: Running) -> None: ...  # the scheduler's
 
@@ -79,6 +82,7 @@ class Decoding:
                 # per prompt, against a decode step saved on every repeat.
                 seq.slot.keep_logits(logits_view(c.L, c.ctx, seq.i_batch, self.n_vocab))
                 token = self._sample_and_emit(seq)
+                self._deliver(seq)
                 if token is not None:
                     seq.pending.append(token)
         return True
@@ -87,6 +91,7 @@ class Decoding:
         """The first token of a sequence whose whole prompt was cached with the logits that
         follow it (``Slot.logits``): sampled from those, with nothing decoded."""
         token = self._sample_and_emit(seq, logits=seq.slot.logits)
+        self._deliver(seq)
         if token is not None:
             seq.pending.append(token)
 
@@ -135,6 +140,7 @@ class Decoding:
                 continue
             seq.pending.append(token)
             break
+        self._deliver(seq)
         seq.i_batch = -1
         slot = seq.slot
         valid = len(slot.tokens) - len(guesses) + kept
@@ -189,8 +195,9 @@ class Decoding:
         return True
 
     def _sample_and_emit(self, seq: Running, logits: Any = None) -> int | None:
-        """Sample ``seq``'s row ``i_batch`` (or the given ``logits``) and emit the token's
-        text; the token, or None when the sequence finished (end of generation, or its length)."""
+        """Sample ``seq``'s row ``i_batch`` (or the given ``logits``) and hold the token's
+        text for the consumer (``_deliver``); the token, or None when the sequence finished
+        (end of generation, or its length: then it is delivered)."""
         c, job = self._c, seq.job
         assert c is not None
         if self._scratch is None and (logits is not None or job.sampler.needs_scratch):
@@ -205,7 +212,7 @@ class Decoding:
         text = seq.decoder.decode(c.token_bytes(token, special=job.request.render_special))
         if text or job.request.logprobs is not None and seq.n_generated >= job.max_new:
             # With logprobs, the records of a character cut short by the length go too.
-            self._emit(job, TextPiece(text, seq.n_unreported, job.sampler.take_logprobs()))
+            seq.held.append(TextPiece(text, seq.n_unreported, job.sampler.take_logprobs()))
             seq.n_unreported = 0
         if seq.n_generated >= job.max_new:
             self._finish(seq, "length")
@@ -222,12 +229,18 @@ class Decoding:
         seq.decoder.reset()
         self._release(seq)
         self._counters["requests_finished"] += 1
-        self._emit(
-            job,
+        seq.held.append(
             Finished(
                 finish_reason=reason,
                 prompt_tokens=len(job.request.prompt_tokens),
                 completion_tokens=seq.n_generated,
                 cached_tokens=seq.n_reused,
-            ),
+            )
         )
+        self._deliver(seq)
+
+    def _deliver(self, seq: Running) -> None:
+        """Hand ``seq``'s held events to its consumer, in one call."""
+        if seq.held:
+            events, seq.held = seq.held, []
+            self._emit(seq.job, events)

@@ -188,7 +188,8 @@ class Job:
 
     request: GenerationRequest
     sampler: Sampler
-    sink: Callable[[Event | BaseException], None]
+    sink: Callable[[Sequence[Event | BaseException]], None]
+    """Takes the job's next events, in order (a step's together; an exception ends them)."""
     control: Control
     max_new: int
     """Tokens this request may generate (max_tokens within the room its context leaves)."""
@@ -224,6 +225,8 @@ class Running:
     decoder: Any = attrs.field(factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     drafts: Any = None
     """Its speculative-decoding record (``engine.speculative.DraftStats``), once it generates."""
+    held: list[Event] = attrs.field(factory=list)
+    """Events made in this step, not yet handed to the consumer (``Decoding._deliver``)."""
 
 
 @attrs.define(eq=False)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -262,9 +263,41 @@ class Sampler:
 def logits_view(lib: Any, ctx: Any, idx: int, n_vocab: int) -> Any:
     """Batch row ``idx``'s logits as a float32 array over the vocabulary: a view into
     llama.cpp's buffer, valid until the context's next decode."""
+    address = _logits_address(lib)(ctx, idx)
+    if not address:
+        raise RuntimeError(f"llama.cpp has no logits for batch row {idx}")
+    view = _ROW_VIEWS.get((address, n_vocab))
+    if view is None:
+        view = _row_view(address, n_vocab)
+    return view
+
+
+_ROW_VIEWS: dict[tuple[int, int], Any] = {}
+"""Views already made, by (address, n_vocab). A row's address repeats every step (llama.cpp
+keeps its logits buffer), and making a view costs ~50 us of cold Python right after a
+decode (numpy's ``as_array``, measured on the engine thread), per sampled token. A view
+only points: it is read only when llama.cpp returns its address again, so it is valid
+whenever it is used."""
+
+
+def _row_view(address: int, n_vocab: int) -> Any:
     import numpy as np
 
-    return np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, idx), shape=(n_vocab,))
+    if len(_ROW_VIEWS) >= 4096:  # bounded: a context's rows are few, but contexts come and go
+        _ROW_VIEWS.clear()
+    view = np.frombuffer((ctypes.c_float * n_vocab).from_address(address), dtype=np.float32)
+    _ROW_VIEWS[(address, n_vocab)] = view
+    return view
+
+
+@functools.cache
+def _logits_address(lib: Any) -> Any:
+    """``llama_get_logits_ith`` returning the row's address as an int (llama-cpp-python's
+    binding returns a ctypes pointer, which costs more to turn into an array)."""
+    fn = lib._lib["llama_get_logits_ith"]  # a new function object: the binding's stays as it is
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    fn.restype = ctypes.c_void_p
+    return fn
 
 
 LOGPROB_FLOOR = -9999.0

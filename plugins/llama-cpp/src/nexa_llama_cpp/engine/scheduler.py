@@ -231,7 +231,9 @@ class BatchEngine(Decoding, EmbeddingJobs):
         """Submit ``request``; its events as an async iterator (call inside the event loop)."""
         return AsyncGeneration(self, request, cancel)
 
-    def _submit(self, request: GenerationRequest, sink: Callable[[Event | BaseException], None], control: Control) -> None:
+    def _submit(
+        self, request: GenerationRequest, sink: Callable[[Sequence[Event | BaseException]], None], control: Control
+    ) -> None:
         c = self._open()
         prompt = request.prompt_tokens
         if not prompt:
@@ -417,16 +419,16 @@ class BatchEngine(Decoding, EmbeddingJobs):
                 seq.slot.active = None
         for job in jobs:
             job.sampler.free()
-            self._emit(job, Cancelled())
+            self._emit(job, [Cancelled()])
         for e in embeds:
             e.done(Cancelled())
         self._free()
 
     # --- one step ------------------------------------------------------------------------
 
-    def _emit(self, job: Job, event: Event | BaseException) -> None:
+    def _emit(self, job: Job, events: Sequence[Event | BaseException]) -> None:
         try:
-            job.sink(event)
+            job.sink(events)
         except RuntimeError:  # the consumer's event loop is gone: treat as cancelled
             job.dead = True
 
@@ -482,7 +484,7 @@ class BatchEngine(Decoding, EmbeddingJobs):
         for job in dropped:
             job.sampler.free()
             self._counters["requests_cancelled"] += 1
-            self._emit(job, Cancelled())
+            self._emit(job, [Cancelled()])
 
     def _end_early(self, seq: Running) -> None:
         """Retire a sequence its consumer is done with: ended as finished (``finish()``, a
@@ -493,7 +495,7 @@ class BatchEngine(Decoding, EmbeddingJobs):
             self._counters["requests_finished"] += 1
         else:
             self._counters["requests_cancelled"] += 1
-            self._emit(job, Cancelled())
+            self._emit(job, [Cancelled()])
 
     def _release(self, seq: Running) -> None:
         seq.job.sampler.free()
@@ -533,5 +535,5 @@ class BatchEngine(Decoding, EmbeddingJobs):
         assert self._kv is not None
         for seq in self._kv.running():
             self._release(seq)
-            self._emit(seq.job, exc)
+            self._emit(seq.job, [exc])
         self._kv.wipe()

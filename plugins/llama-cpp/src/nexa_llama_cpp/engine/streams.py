@@ -7,12 +7,16 @@ token). Both are submitted when made, so a bad request raises at once. Iterating
 stream, or the caller's cancel token) cancels the generation: the engine frees its
 sequence at its next step and the consumer gets ``nexa.errors.Cancelled``. ``finish()``
 ends it early as finished: the consumer has what it wants (it found a stop string).
+``ready()`` returns the events that came with the last one (a guessed step's tokens arrive
+together), so a consumer can send them on as one piece.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from nexa.errors import Cancelled
@@ -26,6 +30,8 @@ class _Stream:
     def __init__(self, cancel: Any) -> None:
         self._control = Control(cancel)
         self._done = False
+        self._buffer: collections.deque[Event | BaseException] = collections.deque()
+        """Events received and not yet taken (the rest of the last batch)."""
 
     def finish(self) -> None:
         """End the generation now as finished (not cancelled); no more events come."""
@@ -48,13 +54,33 @@ class _Stream:
             self._done = True
         return event
 
+    def _more(self) -> Sequence[Event | BaseException] | None:
+        """A batch that arrived already, without waiting; None when none has."""
+        raise NotImplementedError
+
+    def ready(self) -> list[Event]:
+        """The events that arrived already, taken without waiting (an error stays for the
+        next ``__next__``, which raises it)."""
+        out: list[Event] = []
+        while not self._done and not self._control.token_cancelled:
+            if not self._buffer:
+                batch = self._more()
+                if batch is None:
+                    break
+                self._buffer.extend(batch)
+                continue
+            if isinstance(self._buffer[0], BaseException):
+                break
+            out.append(self._take(self._buffer.popleft()))
+        return out
+
 
 class Generation(_Stream):
     """A generation's events for a blocking consumer; ``cancel`` is checked at each event."""
 
     def __init__(self, engine: BatchEngine, request: GenerationRequest, cancel: Any = None) -> None:
         super().__init__(cancel)
-        self._events: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[Sequence[Event | BaseException]] = queue.SimpleQueue()
         # Only the queue and the control are handed over, so a dropped stream is
         # collected (and cancelled in __del__) even while its generation runs.
         engine._submit(request, self._events.put, self._control)
@@ -69,7 +95,15 @@ class Generation(_Stream):
         if self._control.token_cancelled:
             self.close()
             raise Cancelled()
-        return self._take(self._events.get())
+        if not self._buffer:
+            self._buffer.extend(self._events.get())
+        return self._take(self._buffer.popleft())
+
+    def _more(self) -> Sequence[Event | BaseException] | None:
+        try:
+            return self._events.get_nowait()
+        except queue.Empty:
+            return None
 
 
 class AsyncGeneration(_Stream):
@@ -78,12 +112,12 @@ class AsyncGeneration(_Stream):
     def __init__(self, engine: BatchEngine, request: GenerationRequest, cancel: Any = None) -> None:
         super().__init__(cancel)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        events: asyncio.Queue[Sequence[Event | BaseException]] = asyncio.Queue()
         self._events = events
 
-        def sink(event: Event | BaseException) -> None:
+        def sink(batch: Sequence[Event | BaseException]) -> None:
             # Raises RuntimeError once the loop is closed: the engine then drops the job.
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            loop.call_soon_threadsafe(events.put_nowait, batch)
 
         engine._submit(request, sink, self._control)
 
@@ -96,7 +130,15 @@ class AsyncGeneration(_Stream):
         if self._control.token_cancelled:
             self.close()
             raise Cancelled()
-        return self._take(await self._events.get())
+        if not self._buffer:
+            self._buffer.extend(await self._events.get())
+        return self._take(self._buffer.popleft())
+
+    def _more(self) -> Sequence[Event | BaseException] | None:
+        try:
+            return self._events.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
 
     async def aclose(self) -> None:
         self.close()
