@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from nexa_llama_cpp.engine.speculative import (
+    EXPLORE_EVERY,
     DraftStats,
     PromptLookup,
     Speculator,
@@ -90,6 +91,33 @@ def test_step_costs_interpolate_extrapolate_and_fall_back():
     assert costs.ratio(2, 1, 8) == pytest.approx(2.4)  # the last two points' slope
     assert costs.ratio(1, 1, 4) == pytest.approx(1.6)  # another thread count's measurements
     assert costs.ratio(2, 1, 1) == 1.0
+
+
+def test_rows_are_priced_against_one_row_steps_of_their_own_context():
+    costs = StepCosts()
+    costs.observe(2, 1, 1, 0.010, context=100)  # short answers: cheap one-row steps
+    costs.observe(2, 1, 1, 0.020, context=1000)  # an answer copying a long prompt
+    costs.observe(2, 1, 4, 0.040, context=1000)
+    assert costs.ratio(2, 1, 4, context=1000) == pytest.approx(2.0)  # not 0.040 / 0.010
+    assert costs.ratio(2, 1, 4, context=1100) == pytest.approx(2.0)  # the same class (1024-2047)
+    # A class without a row curve of its own borrows the nearest one's ratio.
+    assert costs.ratio(2, 1, 4, context=100) == pytest.approx(2.0)
+    assert costs.seconds(2, 1, 1, context=100) == pytest.approx(0.010)
+    assert costs.seconds(2, 1, 1, context=1500) == pytest.approx(0.020)
+
+
+def test_a_length_shorter_than_the_guesses_is_tried_longer_now_and_then():
+    spec = speculator()
+    # Two rows measured cheap; four or more once, on a bad moment: costly ever since.
+    for rows, seconds in ((1, 0.010), (2, 0.011), (4, 0.040), (8, 0.080)):
+        spec.costs.observe(1, 1, rows, seconds)
+    seq = sequence(REPEATING)
+    spec.stats(seq).hits, spec.stats(seq).misses = 99.0, 1.0
+    lengths = [len(plan[0]) for plan in (spec.plan([seq]) for _ in range(EXPLORE_EVERY)) if plan]
+    assert lengths[:-1] == [1] * (EXPLORE_EVERY - 1)
+    assert lengths[-1] >= 3  # measured again: a quiet figure replaces the bad one
+    spec.costs.observe(1, 1, 4, 0.013)
+    assert len(spec.plan([seq])[0]) >= 3
 
 
 def test_expected_tokens_is_the_geometric_sum():

@@ -112,11 +112,11 @@ class Decoding:
                 n += 1
         c.batch.n_tokens = n
         rows = len(feeds[0])
-        context = max(len(seq.slot.tokens) for seq in generating) + rows
+        cached = max(len(seq.slot.tokens) for seq in generating)
         started = time.perf_counter()
-        self._run_batch(generation_shape(len(generating), rows, context), 1, generating, None)
+        self._run_batch(generation_shape(len(generating), rows, cached + rows), 1, generating, None)
         if self._spec is not None:
-            self._spec.observe_step(len(generating), rows, time.perf_counter() - started)
+            self._spec.observe_step(len(generating), rows, time.perf_counter() - started, cached)
         for seq, feed in zip(generating, feeds, strict=True):
             seq.slot.tokens.extend(feed)
             seq.pending.clear()

@@ -30,14 +30,19 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
+from nexa_llama_cpp.engine.threads import context_class
+
 if TYPE_CHECKING:
     from nexa_llama_cpp.engine.records import Running
 
 MAX_DRAFT = 16
 """Most tokens one sequence guesses in a step."""
 EXPLORE_EVERY = 32
-"""A step with good guesses that the costs say to skip is taken anyway this often, so that
-a cost measured on a bad moment (another process took the core) is measured again."""
+"""A step with good guesses that the costs say to skip, or to take shorter than the
+guesses go, is taken anyway (longer) this often, so that a cost measured on a bad moment
+(another process took the core), or one measured only a few times, is measured again: the
+fastest of few measurements overstates a step, and a length never tried again would keep
+that figure for good."""
 
 
 class Drafter(Protocol):
@@ -108,45 +113,55 @@ def expected_tokens(p: float, d: int) -> float:
 
 
 class StepCosts:
-    """The fastest measured time of a generation step by (threads, sequences, rows per
-    sequence). A step with more rows is priced from the measurements at the thread count
-    in use (interpolated, or extrapolated from the last two), else from those at another
-    count, else from ``PRIOR_ROW_COST``: the first guessed steps then measure it."""
+    """The fastest measured time of a generation step by (threads, sequences, context
+    class, rows per sequence). A step with more rows is priced against a one-row step of
+    the same context class (a long context makes every row dearer: a ratio of a long
+    context's rows to a short context's one row would overprice drafting where answers
+    copy a long prompt), from the measurements at the thread count in use (interpolated,
+    or extrapolated from the last two), else at the nearest other class or count, else
+    from ``PRIOR_ROW_COST``: the first guessed steps then measure it."""
 
     PRIOR_ROW_COST = 0.4
     """What one more row adds to a one-row step before anything was measured (an extra
     row costs more on small models, whose steps are compute-bound, than on large ones)."""
 
     def __init__(self) -> None:
-        self._best: dict[tuple[int, int, int], float] = {}
-        self._curves: dict[tuple[int, int], tuple[list[int], list[float]]] = {}
-        """By (threads, sequences): the measured row counts, ascending, and the fastest time
-        of each (from ``_best``; rebuilt only when a new fastest time comes, as the policy
-        reads it every step)."""
+        self._best: dict[tuple[int, int, int, int], float] = {}
+        self._curves: dict[tuple[int, int, int], tuple[list[int], list[float]]] = {}
+        """By (threads, sequences, context class): the measured row counts, ascending, and
+        the fastest time of each (from ``_best``; rebuilt only when a new fastest time
+        comes, as the policy reads it every step)."""
 
-    def observe(self, threads: int, n_seq: int, rows: int, seconds: float) -> None:
-        key = (threads, n_seq, rows)
+    def observe(self, threads: int, n_seq: int, rows: int, seconds: float, context: int = 0) -> None:
+        """A step of ``rows`` rows per sequence over ``context`` cached tokens took ``seconds``."""
+        cls = context_class(context)
+        key = (threads, n_seq, cls, rows)
         if seconds < self._best.get(key, float("inf")):
             self._best[key] = seconds
-            points = sorted((r, t) for (th, n, r), t in self._best.items() if th == threads and n == n_seq)
-            self._curves[(threads, n_seq)] = ([r for r, _t in points], [t for _r, t in points])
+            points = sorted((r, t) for (th, n, c, r), t in self._best.items() if (th, n, c) == (threads, n_seq, cls))
+            self._curves[(threads, n_seq, cls)] = ([r for r, _t in points], [t for _r, t in points])
 
-    def seconds(self, threads: int, n_seq: int, rows: int) -> float | None:
-        return self._best.get((threads, n_seq, rows))
+    def seconds(self, threads: int, n_seq: int, rows: int, context: int = 0) -> float | None:
+        """The fastest such step at the nearest context class measured, None if none."""
+        cls = context_class(context)
+        found = [(abs(c - cls), t) for (th, n, c, r), t in self._best.items() if (th, n, r) == (threads, n_seq, rows)]
+        return min(found)[1] if found else None
 
-    def ratio(self, threads: int, n_seq: int, rows: int) -> float:
+    def ratio(self, threads: int, n_seq: int, rows: int, context: int = 0) -> float:
         """Time of a step with ``rows`` rows per sequence over one with one row (>= 1)."""
         if rows <= 1:
             return 1.0
-        counts = sorted((th for th, n in self._curves if n == n_seq), key=lambda th: (abs(th - threads), th))
-        for th in counts:
-            found = self._ratio_at(th, n_seq, rows)
+        cls = context_class(context)
+        curves = sorted((k for k in self._curves if k[1] == n_seq),
+                        key=lambda k: (abs(k[2] - cls), abs(k[0] - threads), k[0], k[2]))
+        for key in curves:
+            found = self._ratio_at(key, rows)
             if found is not None:
                 return max(1.0, found)
         return 1.0 + self.PRIOR_ROW_COST * (rows - 1)
 
-    def _ratio_at(self, threads: int, n_seq: int, rows: int) -> float | None:
-        rs, ts = self._curves.get((threads, n_seq), ((), ()))
+    def _ratio_at(self, key: tuple[int, int, int], rows: int) -> float | None:
+        rs, ts = self._curves.get(key, ((), ()))
         if len(rs) < 2 or rs[0] != 1:
             return None
         i = bisect.bisect_left(rs, rows)  # >= 1: rows > 1 = rs[0]
@@ -240,7 +255,7 @@ class Speculator:
         benchmarks); None: as many as pay."""
         self.drafted = 0
         self.accepted = 0
-        self._declined = 0
+        self._held_back = 0
 
     # --- per sequence -----------------------------------------------------------------
 
@@ -273,14 +288,15 @@ class Speculator:
                 return None
             wanted.append((seq, stats, cap))
         ps = [stats.p for _seq, stats, _cap in wanted]
+        context = max(len(seq.slot.tokens) for seq in generating)
         if self.drafter.free_to_check:
             guesses = self.drafter.propose(wanted)
             longest = min(len(g) for g in guesses)
-            d = self._best_length(n, ps, longest)
-            if d == 0 and longest >= 2 and min(ps) >= 0.5:
-                self._declined += 1
-                if self._declined % EXPLORE_EVERY == 0:
-                    d = min(longest, 4)
+            d = self._best_length(n, ps, longest, context)
+            if d < longest and longest >= 2 and min(ps) >= 0.5 and self.fixed is None:
+                self._held_back += 1
+                if self._held_back % EXPLORE_EVERY == 0:
+                    d = min(longest, max(4, 2 * d + 1))
             if d == 0:
                 for (_seq, stats, _cap), guess in zip(wanted, guesses, strict=True):
                     stats.shadow = guess[:]  # checked against the tokens that do come
@@ -288,7 +304,7 @@ class Speculator:
         else:
             # Guesses cost decodes here: decide how many first, and skip them when they
             # would not pay; try again after a while (the chances may have changed).
-            d = self._best_length(n, ps, min(cap for _seq, _stats, cap in wanted))
+            d = self._best_length(n, ps, min(cap for _seq, _stats, cap in wanted), context)
             if d == 0:
                 for seq, stats, _cap in wanted:
                     stats.trial_after = seq.n_generated + 16 + stats.drafted // 4
@@ -299,16 +315,16 @@ class Speculator:
                 return None
         return [g[:d] for g in guesses]
 
-    def _best_length(self, n_seq: int, ps: Sequence[float], longest: int) -> int:
+    def _best_length(self, n_seq: int, ps: Sequence[float], longest: int, context: int = 0) -> int:
         """The guesses per sequence that give the most tokens per unit of time (0: none)."""
         if self.fixed is not None:
             return min(self.fixed, longest)
         threads = self._threads()
-        step = self.costs.seconds(threads, n_seq, 1)
+        step = self.costs.seconds(threads, n_seq, 1, context)
         guess = self.drafter.guess_seconds / step if step else 0.0
         best_d, best_rate = 0, float(n_seq)
         for d in range(1, longest + 1):
-            cost = self.costs.ratio(threads, n_seq, 1 + d) + d * guess
+            cost = self.costs.ratio(threads, n_seq, 1 + d, context) + d * guess
             rate = sum(expected_tokens(p, d) for p in ps) / cost
             if rate > best_rate * 1.02:  # a clear gain only
                 best_d, best_rate = d, rate
@@ -325,8 +341,8 @@ class Speculator:
         self.drafted += drafted
         self.accepted += accepted
 
-    def observe_step(self, n_seq: int, rows: int, seconds: float) -> None:
-        self.costs.observe(self._threads(), n_seq, rows, seconds)
+    def observe_step(self, n_seq: int, rows: int, seconds: float, context: int = 0) -> None:
+        self.costs.observe(self._threads(), n_seq, rows, seconds, context)
 
     def moved(self, src: int, dst: int) -> None:
         self.drafter.moved(src, dst)

@@ -26,18 +26,18 @@ StepShape = Hashable
 the size class of the context it attends to."""
 
 
-def _context_class(context: int) -> int:
+def context_class(context: int) -> int:
     # 0: under 512 cached tokens, 1: under 1024, 2: under 2048...
     return (max(0, context) // 512).bit_length()
 
 
 def generation_shape(n_sequences: int, rows_per_sequence: int, context: int) -> StepShape:
-    return ("gen", n_sequences, rows_per_sequence, _context_class(context))
+    return ("gen", n_sequences, rows_per_sequence, context_class(context))
 
 
 def prompt_shape(n_tokens: int, context: int) -> StepShape:
     # Prompt chunks are compared per token within a power-of-two size class.
-    return ("prompt", max(1, n_tokens).bit_length(), _context_class(context))
+    return ("prompt", max(1, n_tokens).bit_length(), context_class(context))
 
 
 @attrs.define(eq=False)
