@@ -54,9 +54,17 @@ class _Stream:
             self._done = True
         return event
 
+    _events: Any
+    """The subclass's queue of batches (``queue.SimpleQueue`` or ``asyncio.Queue``)."""
+    _empty: type[Exception]
+    """What its ``get_nowait`` raises when nothing has arrived."""
+
     def _more(self) -> Sequence[Event | BaseException] | None:
         """A batch that arrived already, without waiting; None when none has."""
-        raise NotImplementedError
+        try:
+            return self._events.get_nowait()
+        except self._empty:
+            return None
 
     def ready(self) -> list[Event]:
         """The events that arrived already, taken without waiting (an error stays for the
@@ -81,6 +89,7 @@ class Generation(_Stream):
     def __init__(self, engine: BatchEngine, request: GenerationRequest, cancel: Any = None) -> None:
         super().__init__(cancel)
         self._events: queue.SimpleQueue[Sequence[Event | BaseException]] = queue.SimpleQueue()
+        self._empty = queue.Empty
         # Only the queue and the control are handed over, so a dropped stream is
         # collected (and cancelled in __del__) even while its generation runs.
         engine._submit(request, self._events.put, self._control)
@@ -99,12 +108,6 @@ class Generation(_Stream):
             self._buffer.extend(self._events.get())
         return self._take(self._buffer.popleft())
 
-    def _more(self) -> Sequence[Event | BaseException] | None:
-        try:
-            return self._events.get_nowait()
-        except queue.Empty:
-            return None
-
 
 class AsyncGeneration(_Stream):
     """A generation's events for an event loop (made inside the loop that consumes it)."""
@@ -114,6 +117,7 @@ class AsyncGeneration(_Stream):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Sequence[Event | BaseException]] = asyncio.Queue()
         self._events = events
+        self._empty = asyncio.QueueEmpty
 
         def sink(batch: Sequence[Event | BaseException]) -> None:
             # Raises RuntimeError once the loop is closed: the engine then drops the job.
@@ -133,12 +137,6 @@ class AsyncGeneration(_Stream):
         if not self._buffer:
             self._buffer.extend(await self._events.get())
         return self._take(self._buffer.popleft())
-
-    def _more(self) -> Sequence[Event | BaseException] | None:
-        try:
-            return self._events.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
 
     async def aclose(self) -> None:
         self.close()
