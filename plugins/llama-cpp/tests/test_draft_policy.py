@@ -54,6 +54,24 @@ def test_prompt_lookup_continues_the_latest_longest_match():
     assert PromptLookup().lookup(unseen, 4) == []
 
 
+def test_prompt_lookup_keeps_copying_from_the_place_it_copies():
+    # Two methods that start alike ("7 8 9 10"), then differ ("deposit" 11 / "withdraw" 12).
+    # The answer copies the first method: at the shared tail the latest occurrence would
+    # guess the second one's 12; the place being copied says 11.
+    prompt = [1, 7, 8, 9, 10, 11, 2, 7, 8, 9, 10, 12, 3]
+    stats = DraftStats(history=[*prompt, 1, 7])
+    lookup = PromptLookup()
+    assert lookup.lookup(stats, 3) == [8, 9, 10]  # the copy starts at the first method
+    for token in (8, 9, 10):
+        stats.append(token)
+    assert lookup.lookup(stats, 2) == [11, 2]
+    assert scan(stats.history, 2) == [12, 3]  # what the latest occurrence alone guesses
+    # Once the answer leaves the copied place, the latest occurrence decides again.
+    for token in (12, 3, 7, 8, 9, 10):
+        stats.append(token)
+    assert lookup.lookup(stats, 1) == [12]
+
+
 def scan(history: list[int], n: int, sizes=(4, 3, 2)) -> list[int]:
     """The lookup by brute force: the latest earlier occurrence of the longest tail n-gram."""
     for size in sizes:
@@ -75,6 +93,7 @@ def test_prompt_lookup_index_kept_as_tokens_come_equals_a_full_scan():
         stats = DraftStats(history=[int(t) for t in rng.integers(0, alphabet, 40)])
         for _ in range(200):
             n = int(rng.integers(0, 9))
+            stats.source = -1  # the index alone, not the place the last guess came from
             assert lookup.lookup(stats, n) == scan(stats.history, n)
             for t in rng.integers(0, alphabet, int(rng.choice([1, 1, 1, 5]))):
                 stats.append(int(t))

@@ -8,8 +8,9 @@ random draw per emitted token: seeded answers stay the same), and rejected rows 
 from the cache (``llama_memory_seq_rm``).
 
 - ``PromptLookup``: guesses from the sequence's own tokens (prompt and answer so far): the
-  longest recent n-gram that ends the sequence and occurred before, and what followed it.
-  No second model; pays when answers repeat their prompt (editing code, quoting).
+  longest recent n-gram that ends the sequence and occurred before, and what followed it;
+  once copying, it keeps to the place it copies from. No second model; pays when answers
+  repeat their prompt (editing code, quoting).
 - ``DraftModel`` (``engine.draft_model``): a smaller model with the same vocabulary.
 - ``Speculator``: the engine's hooks. Per sequence it estimates how often guesses are right
   (``DraftStats``, kept current even while not drafting: prompt-lookup guesses cost nothing
@@ -82,6 +83,10 @@ class DraftStats:
     latest occurrence ends, for the n-grams that end before ``history``'s last token."""
     indexed: int = 0
     """The ``history`` length up to which ``ngrams`` is current."""
+    source: int = -1
+    """``PromptLookup``: where in ``history`` its last guess was copied from (-1: none), as
+    of ``history`` being ``source_at`` long."""
+    source_at: int = 0
 
     DECAY = 0.9
 
@@ -187,18 +192,31 @@ class PromptLookup:
         return [self.lookup(stats, n) for _seq, stats, n in wanted]
 
     def lookup(self, stats: DraftStats, n: int) -> list[int]:
-        """What followed the most recent earlier occurrence of the longest n-gram ending the tokens."""
+        """What follows the place the last guess came from, while the tokens since agree with
+        it; else what followed the most recent earlier occurrence of the longest n-gram
+        ending the tokens."""
         if n <= 0:
             return []
         h = stats.history
         length = len(h)
+        if stats.source >= 0:
+            # Code repeats its lines (two methods that raise alike): the latest occurrence of
+            # the tail would jump to the other one, a wrong guess wherever the answer copies
+            # the earlier place.
+            at = stats.source + length - stats.source_at
+            size = max(self.ngram_sizes)
+            if size <= at < length and h[at - size : at] == h[length - size :]:
+                stats.source, stats.source_at = at, length
+                return h[at : min(at + n, length)]
         self._index(stats)
         for size in self.ngram_sizes:
             if length <= size:
                 continue
             end = stats.ngrams[size].get(tuple(h[length - size :]))
             if end is not None:
+                stats.source, stats.source_at = end, length
                 return h[end : min(end + n, length)]
+        stats.source = -1
         return []
 
     def _index(self, stats: DraftStats) -> None:
