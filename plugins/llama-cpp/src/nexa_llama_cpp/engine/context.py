@@ -15,7 +15,7 @@ from typing import Any
 
 from nexa.errors import ModelLoadError
 from nexa_llama_cpp.engine.kv_types import DEFAULT_KV_TYPE, KV_TYPES, KvType, check_head_sizes
-from nexa_llama_cpp.native import PrefillAbort, route_native_logs
+from nexa_llama_cpp.native import PrefillAbort, ThreadPool, route_native_logs
 
 
 def context_params(
@@ -67,6 +67,8 @@ class EngineContext:
         self.ctx: Any = None
         self.batch: Any = None
         self.abort: PrefillAbort | None = None
+        self.pool: ThreadPool | None = None
+        """The persistent thread pool of a CPU context with several threads (``set_threads``)."""
         self._pieces: dict[tuple[int, bool], bytes] = {}
         self._eog: dict[int, bool] = {}
         try:
@@ -101,12 +103,25 @@ class EngineContext:
             self.memory = L.llama_get_memory(self.ctx)
             self.abort = PrefillAbort(L, self.ctx)
             self.batch = L.llama_batch_init(n_batch, 0, 1)
+            if n_gpu_layers == 0 and n_threads > 1 and n_threads_batch == n_threads:
+                self.pool = ThreadPool.open(self.ctx, n_threads)
+                if self.pool is not None:
+                    self.pool.use(n_threads)
         except BaseException:
             self.free()
             raise
 
+    def set_threads(self, n: int) -> None:
+        """Decode with ``n`` threads from the next decode on (prompts too)."""
+        self.L.llama_set_n_threads(self.ctx, n, n)
+        if self.pool is not None:
+            self.pool.use(n)
+
     def free(self) -> None:
         L = self.L
+        if self.pool is not None:
+            self.pool.close()  # before the context it is attached to goes
+            self.pool = None
         if self.batch is not None:
             L.llama_batch_free(self.batch)
             self.batch = None

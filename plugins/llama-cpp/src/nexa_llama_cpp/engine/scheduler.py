@@ -391,7 +391,7 @@ class BatchEngine(Decoding, EmbeddingJobs):
     def _set_threads(self, n: int) -> None:
         c = self._c
         assert c is not None
-        c.L.llama_set_n_threads(c.ctx, n, n)
+        c.set_threads(n)
         drafter = self._spec.drafter if self._spec is not None else None
         if drafter is not None and hasattr(drafter, "set_threads"):
             drafter.set_threads(n)

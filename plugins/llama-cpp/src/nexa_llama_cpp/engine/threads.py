@@ -8,7 +8,9 @@ with every physical core while steps take their usual time, gives one thread bac
 soon as steps take several times their usual time (or longer than with one thread fewer),
 and tries one more thread again at growing intervals, keeping it only when that step
 beats the step just before it. Only the count changes, between two decodes
-(``llama_set_n_threads``); ggml makes its pool per graph, so a change costs nothing.
+(``llama_set_n_threads``): with every core the engine's context decodes on a persistent
+pool whose workers poll for the next graph, with fewer ggml makes its threads per graph
+and the pool sleeps (``nexa_llama_cpp.native.ThreadPool``), so a change costs nothing.
 
 A step's usual time is the fastest seen for its shape (``StepShape``) at that thread
 count: contention only ever makes a step slower, so the minimum is the quiet figure.
